@@ -1,0 +1,135 @@
+//! `shardrecv`: the receiving daemon of verified QUIC tree transfers.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
+use transfer::identity::{AllowList, Identity};
+use transfer::recv::{Receiver, ServeConfig};
+use transfer::Error;
+
+#[derive(Parser)]
+#[command(
+    name = "shardrecv",
+    version,
+    about = "Receive repositories sent by shardsend, verify them and install them atomically",
+    after_help = EXIT_CODES_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new identity key (prints the fingerprint senders pin with --peer)
+    Keygen {
+        /// Where to write the private key (mode 0600; never overwritten)
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the fingerprint of an existing identity key
+    Fingerprint {
+        #[arg(long)]
+        identity: PathBuf,
+    },
+    /// Accept transfers into ROOT until interrupted (SIGINT/SIGTERM)
+    #[command(long_about = "Accept transfers into ROOT until interrupted (SIGINT/SIGTERM).\n\n\
+        Each transfer is staged under ROOT/.shardrecv/, verified chunk by chunk (BLAKE3), fsynced and \
+        renamed into place as ROOT/DEST; an existing DEST is moved aside to DEST.replaced-<unix-time>. \
+        Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
+        per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready.")]
+    Serve {
+        /// UDP address to listen on, e.g. 0.0.0.0:7400 (port 0 picks a free port)
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory that receives the trees
+        #[arg(long)]
+        root: PathBuf,
+        /// Our identity key (made by `shardrecv keygen`)
+        #[arg(long)]
+        identity: PathBuf,
+        /// Allow-list of sender fingerprints
+        #[arg(long)]
+        allow: PathBuf,
+        /// Transfers served at once; more are refused as busy
+        #[arg(long, default_value_t = 32)]
+        max_transfers: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging("info");
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => report_error(&e, false),
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Keygen { out } => {
+            let id = Identity::generate(&out)?;
+            eprintln!("wrote {}; senders pin this fingerprint with --peer:", out.display());
+            println!("{}", id.fingerprint);
+            Ok(())
+        }
+        Command::Fingerprint { identity } => {
+            println!("{}", Identity::load(&identity)?.fingerprint);
+            Ok(())
+        }
+        Command::Serve {
+            listen,
+            root,
+            identity,
+            allow,
+            max_transfers,
+        } => {
+            let identity = Identity::load(&identity)?;
+            let allow = AllowList::load(&allow)?;
+            if allow.is_empty() {
+                tracing::warn!(file = %allow.source.display(), "the allow-list is empty: every sender will be refused");
+            }
+            let fingerprint = identity.fingerprint;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
+            rt.block_on(async move {
+                let receiver = Receiver::bind(ServeConfig {
+                    listen,
+                    root,
+                    identity,
+                    allow,
+                    max_transfers,
+                })?;
+                let addr = receiver.local_addr()?;
+                println!("listening {addr} fingerprint {fingerprint}");
+                let _ = std::io::stdout().flush();
+                tracing::info!(%addr, %fingerprint, "shardrecv ready");
+                receiver.run(shutdown_signal()).await;
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
+}

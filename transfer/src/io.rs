@@ -1,0 +1,116 @@
+//! Thin async glue between quinn streams and the sans-io [`crate::wire`] codec, plus the
+//! send-rate limiter. Nothing here interprets messages.
+
+use std::time::{Duration, Instant};
+
+use quinn::{ReadExactError, RecvStream, SendStream};
+
+use crate::error::Error;
+use crate::wire::{control_frame_len, ChunkHeader, ControlMsg};
+
+fn lost(e: impl std::fmt::Display) -> Error {
+    Error::Interrupted(e.to_string())
+}
+
+/// Reads one control message; `Ok(None)` when the peer finished the stream cleanly.
+pub async fn read_control(recv: &mut RecvStream) -> Result<Option<ControlMsg>, Error> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(n)) => {
+            return Err(Error::Wire(crate::wire::WireError::Truncated {
+                needed: (4 - n) as u64,
+            }))
+        }
+        Err(ReadExactError::ReadError(e)) => return Err(lost(e)),
+    }
+    let len = control_frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        ReadExactError::FinishedEarly(n) => Error::Wire(crate::wire::WireError::Truncated {
+            needed: (len - n) as u64,
+        }),
+        ReadExactError::ReadError(e) => lost(e),
+    })?;
+    Ok(Some(ControlMsg::decode_body(&body)?))
+}
+
+/// Writes one control message.
+pub async fn write_control(send: &mut SendStream, msg: &ControlMsg) -> Result<(), Error> {
+    let mut buf = Vec::with_capacity(64);
+    msg.encode_frame(&mut buf);
+    send.write_all(&buf).await.map_err(lost)
+}
+
+/// Writes several control messages in one buffer (the manifest: many small frames).
+pub async fn write_controls<'a>(
+    send: &mut SendStream,
+    msgs: impl IntoIterator<Item = &'a ControlMsg>,
+) -> Result<(), Error> {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    for m in msgs {
+        m.encode_frame(&mut buf);
+        if buf.len() >= 60 * 1024 {
+            send.write_all(&buf).await.map_err(lost)?;
+            buf.clear();
+        }
+    }
+    send.write_all(&buf).await.map_err(lost)
+}
+
+/// Reads one chunk frame header; `Ok(None)` at a clean end of stream.
+pub async fn read_chunk_header(recv: &mut RecvStream) -> Result<Option<ChunkHeader>, Error> {
+    let mut buf = [0u8; ChunkHeader::LEN];
+    match recv.read_exact(&mut buf).await {
+        Ok(()) => Ok(Some(ChunkHeader::decode(&buf)?)),
+        Err(ReadExactError::FinishedEarly(0)) => Ok(None),
+        Err(ReadExactError::FinishedEarly(n)) => {
+            Err(Error::Wire(crate::wire::WireError::Truncated {
+                needed: (ChunkHeader::LEN - n) as u64,
+            }))
+        }
+        Err(ReadExactError::ReadError(e)) => Err(lost(e)),
+    }
+}
+
+/// Reads exactly `buf.len()` payload bytes.
+pub async fn read_payload(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), Error> {
+    let len = buf.len();
+    recv.read_exact(buf).await.map_err(|e| match e {
+        ReadExactError::FinishedEarly(n) => Error::Wire(crate::wire::WireError::Truncated {
+            needed: (len - n) as u64,
+        }),
+        ReadExactError::ReadError(e) => lost(e),
+    })
+}
+
+/// Paces writes to at most `rate` bytes/s (`--bwlimit`), shared by all data streams.
+///
+/// A virtual clock: each reservation pushes `next_free` forward by `bytes / rate`; a caller
+/// sleeps until its slot. At most one chunk of burst, so the average over any second stays at
+/// the limit.
+pub struct RateLimiter {
+    rate: u64,
+    next_free: tokio::sync::Mutex<Instant>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: u64) -> Self {
+        RateLimiter {
+            rate: rate.max(1),
+            next_free: tokio::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    pub async fn reserve(&self, bytes: u64) {
+        let slot = {
+            let mut next = self.next_free.lock().await;
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+            start
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+}

@@ -1,0 +1,791 @@
+//! The `shardxfer/1` wire format: control messages and chunk frame headers.
+//!
+//! Everything here is sans-io: encoding appends to a `Vec<u8>`, decoding reads from a byte
+//! slice and never panics on hostile input (property-tested in this module). The async
+//! driver ([`crate::io`]) only moves whole frames between these functions and quinn streams.
+//!
+//! Layout, all integers little-endian:
+//! - control frame: `u32 len` then `len` bytes = `u8 type` + body. `len` is capped at
+//!   [`MAX_CONTROL_FRAME`] so a peer cannot make us allocate without bound;
+//! - chunk frame on a data stream: a fixed [`ChunkHeader::LEN`]-byte header then
+//!   `payload_len` payload bytes;
+//! - variable byte strings: `u32 len` + bytes (paths are raw bytes: Unix file names need not
+//!   be UTF-8).
+//!
+//! The protocol version travels in [`Hello`]; an unknown version is refused with a message.
+
+use thiserror::Error;
+
+/// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
+pub const ALPN: &[u8] = b"shardxfer/1";
+/// Version carried in [`Hello`]; bumped on any incompatible change of this module.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest control frame accepted (type byte + body).
+pub const MAX_CONTROL_FRAME: u32 = 1 << 20;
+/// Most chunk hashes carried by one [`ControlMsg::Have`] frame (keeps it under the cap).
+pub const MAX_HAVE_PER_FRAME: usize = 16_384;
+/// Magic at the start of every chunk header: catches desynchronised streams early.
+pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"SXC1");
+
+/// A BLAKE3 digest.
+pub type Hash = [u8; 32];
+
+/// Errors from decoding bytes that came off the network.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame truncated: needed {needed} more bytes")]
+    Truncated { needed: u64 },
+    #[error("control frame of {0} bytes exceeds the {MAX_CONTROL_FRAME}-byte limit")]
+    FrameTooLarge(u64),
+    #[error("empty control frame")]
+    EmptyFrame,
+    #[error("unknown control message type {0}")]
+    UnknownType(u8),
+    #[error("invalid value {value} for {field}")]
+    InvalidValue { field: &'static str, value: u64 },
+    #[error("{0} trailing bytes after message")]
+    TrailingBytes(u64),
+    #[error("bad chunk frame magic {0:#010x} (stream out of sync)")]
+    BadMagic(u32),
+    #[error("string field {field} is not valid UTF-8")]
+    BadUtf8 { field: &'static str },
+}
+
+/// What the root of a transfer is: a directory tree or a single file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootKind {
+    Dir,
+    File,
+}
+
+/// Kind of one manifest entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One file, directory or symlink of the tree being sent.
+///
+/// `ino`, `ctime_*` identify the source version: a resume keeps verified chunks of a file only
+/// when all of size, mtime, inode and ctime are unchanged, so a rewritten source is re-sent
+/// whole and never spliced from two versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Path relative to the transfer root, `/`-separated, raw bytes; empty for a file root.
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// File size in bytes; 0 for directories and symlinks.
+    pub size: u64,
+    /// Symlink target (raw bytes); empty otherwise.
+    pub link_target: Vec<u8>,
+    pub ino: u64,
+    pub ctime_sec: i64,
+    pub ctime_nsec: u32,
+}
+
+impl Entry {
+    /// True when `other` describes the same source version of the same path.
+    pub fn same_version(&self, other: &Entry) -> bool {
+        self.path == other.path
+            && self.kind == other.kind
+            && self.size == other.size
+            && self.mtime_sec == other.mtime_sec
+            && self.mtime_nsec == other.mtime_nsec
+            && self.ino == other.ino
+            && self.ctime_sec == other.ctime_sec
+            && self.ctime_nsec == other.ctime_nsec
+            && self.link_target == other.link_target
+    }
+}
+
+/// First message of a transfer, sender to receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// Destination name under the receiver's root (relative, validated by the receiver).
+    pub dest: Vec<u8>,
+    pub root_kind: RootKind,
+    pub chunk_size: u64,
+    pub entry_count: u64,
+    pub total_bytes: u64,
+    /// Ask the receiver to keep what it already verified for this destination.
+    pub resume: bool,
+    /// Free text for the receiver's logs (tool version, compression policy).
+    pub sender_info: String,
+}
+
+/// Why a receiver refused or failed a transfer; lets the sender map it to an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailCode {
+    /// Bad request: invalid manifest, path, protocol violation.
+    BadRequest = 1,
+    /// Another transfer holds the destination.
+    Busy = 2,
+    /// Not enough space on the receiver.
+    NoSpace = 3,
+    /// A chunk kept failing verification, or the root hash differs.
+    Verification = 4,
+    /// Local I/O failure on the receiver.
+    Io = 5,
+    /// The sender aborted.
+    Aborted = 6,
+}
+
+impl FailCode {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        Ok(match v {
+            1 => FailCode::BadRequest,
+            2 => FailCode::Busy,
+            3 => FailCode::NoSpace,
+            4 => FailCode::Verification,
+            5 => FailCode::Io,
+            6 => FailCode::Aborted,
+            other => {
+                return Err(WireError::InvalidValue {
+                    field: "fail code",
+                    value: u64::from(other),
+                })
+            }
+        })
+    }
+}
+
+/// Messages of the control stream (one bidirectional stream opened by the sender).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMsg {
+    /// S->R: start of a transfer; followed by `entry_count` [`ControlMsg::Entry`].
+    Hello(Hello),
+    /// S->R: one manifest entry.
+    Entry(Entry),
+    /// S->R: end of manifest, with the hash of all encoded entries.
+    ManifestEnd { manifest_hash: Hash },
+    /// R->S: chunks of `file` already verified in staging (resume), with their hashes.
+    Have { file: u64, chunks: Vec<(u64, Hash)> },
+    /// R->S: the receiver accepted the manifest; all `Have` frames were sent before it.
+    Accept { verified_bytes: u64 },
+    /// R->S: progress: chunks and raw bytes verified so far, wire bytes received.
+    Progress { verified_chunks: u64, verified_bytes: u64, wire_bytes: u64 },
+    /// R->S: this chunk failed verification; send it again.
+    Retry { file: u64, chunk: u64, reason: String },
+    /// S->R: every chunk was sent; the sender's root hash.
+    Done { root_hash: Hash },
+    /// R->S: the tree is fsynced and installed.
+    Installed { root_hash: Hash, path: Vec<u8>, replaced: Option<Vec<u8>> },
+    /// Either way: the transfer cannot go on.
+    Fail { code: FailCode, message: String },
+}
+
+const T_HELLO: u8 = 1;
+const T_ENTRY: u8 = 2;
+const T_MANIFEST_END: u8 = 3;
+const T_HAVE: u8 = 4;
+const T_ACCEPT: u8 = 5;
+const T_PROGRESS: u8 = 6;
+const T_RETRY: u8 = 7;
+const T_DONE: u8 = 8;
+const T_INSTALLED: u8 = 9;
+const T_FAIL: u8 = 10;
+
+/// How a chunk's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+    /// All zero bytes (a hole in a sparse file); empty payload.
+    Zero = 2,
+}
+
+impl Codec {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        match v {
+            0 => Ok(Codec::Raw),
+            1 => Ok(Codec::Zstd),
+            2 => Ok(Codec::Zero),
+            other => Err(WireError::InvalidValue {
+                field: "codec",
+                value: u64::from(other),
+            }),
+        }
+    }
+}
+
+/// Header of a chunk frame on a data stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// Index of the file in the manifest.
+    pub file: u64,
+    /// Index of the chunk in the file.
+    pub chunk: u64,
+    /// Byte offset in the file; must equal `chunk * chunk_size`.
+    pub offset: u64,
+    /// Length of the chunk once decoded.
+    pub raw_len: u64,
+    pub codec: Codec,
+    pub payload_len: u64,
+    /// BLAKE3 of the raw (decoded) bytes, computed by the sender from what it read.
+    pub hash: Hash,
+}
+
+impl ChunkHeader {
+    /// Encoded size of a header.
+    pub const LEN: usize = 4 + 8 * 5 + 1 + 32;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        let mut w = &mut out[..];
+        put(&mut w, &CHUNK_MAGIC.to_le_bytes());
+        put(&mut w, &self.file.to_le_bytes());
+        put(&mut w, &self.chunk.to_le_bytes());
+        put(&mut w, &self.offset.to_le_bytes());
+        put(&mut w, &self.raw_len.to_le_bytes());
+        put(&mut w, &[self.codec as u8]);
+        put(&mut w, &self.payload_len.to_le_bytes());
+        put(&mut w, &self.hash);
+        out
+    }
+
+    pub fn decode(buf: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let mut r = Reader { buf: &buf[..] };
+        let magic = r.u32()?;
+        if magic != CHUNK_MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        Ok(ChunkHeader {
+            file: r.u64()?,
+            chunk: r.u64()?,
+            offset: r.u64()?,
+            raw_len: r.u64()?,
+            codec: Codec::from_u8(r.u8()?)?,
+            payload_len: r.u64()?,
+            hash: r.hash()?,
+        })
+    }
+}
+
+fn put(w: &mut &mut [u8], bytes: &[u8]) {
+    let (head, tail) = std::mem::take(w).split_at_mut(bytes.len());
+    head.copy_from_slice(bytes);
+    *w = tail;
+}
+
+impl ControlMsg {
+    /// Appends this message as one length-prefixed frame to `out`.
+    pub fn encode_frame(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; 4]);
+        self.encode_body(out);
+        // A body never exceeds u32: the largest (`Have`) is bounded by MAX_HAVE_PER_FRAME.
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Encodes type byte + body (what `len` counts). Also the input of the manifest hash.
+    pub fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            ControlMsg::Hello(h) => {
+                out.push(T_HELLO);
+                out.extend_from_slice(&h.version.to_le_bytes());
+                put_bytes(out, &h.dest);
+                out.push(match h.root_kind {
+                    RootKind::Dir => 0,
+                    RootKind::File => 1,
+                });
+                put_u64(out, h.chunk_size);
+                put_u64(out, h.entry_count);
+                put_u64(out, h.total_bytes);
+                out.push(u8::from(h.resume));
+                put_bytes(out, h.sender_info.as_bytes());
+            }
+            ControlMsg::Entry(e) => {
+                out.push(T_ENTRY);
+                put_bytes(out, &e.path);
+                out.push(match e.kind {
+                    EntryKind::File => 0,
+                    EntryKind::Dir => 1,
+                    EntryKind::Symlink => 2,
+                });
+                out.extend_from_slice(&e.mode.to_le_bytes());
+                out.extend_from_slice(&e.mtime_sec.to_le_bytes());
+                out.extend_from_slice(&e.mtime_nsec.to_le_bytes());
+                put_u64(out, e.size);
+                put_bytes(out, &e.link_target);
+                put_u64(out, e.ino);
+                out.extend_from_slice(&e.ctime_sec.to_le_bytes());
+                out.extend_from_slice(&e.ctime_nsec.to_le_bytes());
+            }
+            ControlMsg::ManifestEnd { manifest_hash } => {
+                out.push(T_MANIFEST_END);
+                out.extend_from_slice(manifest_hash);
+            }
+            ControlMsg::Have { file, chunks } => {
+                out.push(T_HAVE);
+                put_u64(out, *file);
+                out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+                for (chunk, hash) in chunks {
+                    put_u64(out, *chunk);
+                    out.extend_from_slice(hash);
+                }
+            }
+            ControlMsg::Accept { verified_bytes } => {
+                out.push(T_ACCEPT);
+                put_u64(out, *verified_bytes);
+            }
+            ControlMsg::Progress {
+                verified_chunks,
+                verified_bytes,
+                wire_bytes,
+            } => {
+                out.push(T_PROGRESS);
+                put_u64(out, *verified_chunks);
+                put_u64(out, *verified_bytes);
+                put_u64(out, *wire_bytes);
+            }
+            ControlMsg::Retry {
+                file,
+                chunk,
+                reason,
+            } => {
+                out.push(T_RETRY);
+                put_u64(out, *file);
+                put_u64(out, *chunk);
+                put_bytes(out, reason.as_bytes());
+            }
+            ControlMsg::Done { root_hash } => {
+                out.push(T_DONE);
+                out.extend_from_slice(root_hash);
+            }
+            ControlMsg::Installed {
+                root_hash,
+                path,
+                replaced,
+            } => {
+                out.push(T_INSTALLED);
+                out.extend_from_slice(root_hash);
+                put_bytes(out, path);
+                match replaced {
+                    None => out.push(0),
+                    Some(p) => {
+                        out.push(1);
+                        put_bytes(out, p);
+                    }
+                }
+            }
+            ControlMsg::Fail { code, message } => {
+                out.push(T_FAIL);
+                out.push(*code as u8);
+                put_bytes(out, message.as_bytes());
+            }
+        }
+    }
+
+    /// Decodes a frame body (type byte + body, without the length prefix).
+    pub fn decode_body(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader { buf };
+        let ty = r.u8().map_err(|_| WireError::EmptyFrame)?;
+        let msg = match ty {
+            T_HELLO => ControlMsg::Hello(Hello {
+                version: r.u16()?,
+                dest: r.bytes()?,
+                root_kind: match r.u8()? {
+                    0 => RootKind::Dir,
+                    1 => RootKind::File,
+                    v => {
+                        return Err(WireError::InvalidValue {
+                            field: "root kind",
+                            value: u64::from(v),
+                        })
+                    }
+                },
+                chunk_size: r.u64()?,
+                entry_count: r.u64()?,
+                total_bytes: r.u64()?,
+                resume: r.bool("resume")?,
+                sender_info: r.string("sender info")?,
+            }),
+            T_ENTRY => ControlMsg::Entry(Entry {
+                path: r.bytes()?,
+                kind: match r.u8()? {
+                    0 => EntryKind::File,
+                    1 => EntryKind::Dir,
+                    2 => EntryKind::Symlink,
+                    v => {
+                        return Err(WireError::InvalidValue {
+                            field: "entry kind",
+                            value: u64::from(v),
+                        })
+                    }
+                },
+                mode: r.u32()?,
+                mtime_sec: r.i64()?,
+                mtime_nsec: r.u32()?,
+                size: r.u64()?,
+                link_target: r.bytes()?,
+                ino: r.u64()?,
+                ctime_sec: r.i64()?,
+                ctime_nsec: r.u32()?,
+            }),
+            T_MANIFEST_END => ControlMsg::ManifestEnd {
+                manifest_hash: r.hash()?,
+            },
+            T_HAVE => {
+                let file = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > MAX_HAVE_PER_FRAME {
+                    return Err(WireError::InvalidValue {
+                        field: "have count",
+                        value: n as u64,
+                    });
+                }
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push((r.u64()?, r.hash()?));
+                }
+                ControlMsg::Have { file, chunks }
+            }
+            T_ACCEPT => ControlMsg::Accept {
+                verified_bytes: r.u64()?,
+            },
+            T_PROGRESS => ControlMsg::Progress {
+                verified_chunks: r.u64()?,
+                verified_bytes: r.u64()?,
+                wire_bytes: r.u64()?,
+            },
+            T_RETRY => ControlMsg::Retry {
+                file: r.u64()?,
+                chunk: r.u64()?,
+                reason: r.string("retry reason")?,
+            },
+            T_DONE => ControlMsg::Done {
+                root_hash: r.hash()?,
+            },
+            T_INSTALLED => ControlMsg::Installed {
+                root_hash: r.hash()?,
+                path: r.bytes()?,
+                replaced: match r.u8()? {
+                    0 => None,
+                    1 => Some(r.bytes()?),
+                    v => {
+                        return Err(WireError::InvalidValue {
+                            field: "replaced flag",
+                            value: u64::from(v),
+                        })
+                    }
+                },
+            },
+            T_FAIL => ControlMsg::Fail {
+                code: FailCode::from_u8(r.u8()?)?,
+                message: r.string("fail message")?,
+            },
+            other => return Err(WireError::UnknownType(other)),
+        };
+        if !r.buf.is_empty() {
+            return Err(WireError::TrailingBytes(r.buf.len() as u64));
+        }
+        Ok(msg)
+    }
+}
+
+/// Checks a control frame's length prefix before its body is read.
+pub fn control_frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(prefix);
+    if len == 0 {
+        return Err(WireError::EmptyFrame);
+    }
+    if len > MAX_CONTROL_FRAME {
+        return Err(WireError::FrameTooLarge(u64::from(len)));
+    }
+    Ok(len as usize)
+}
+
+/// Hash over the manifest entries, in order, as both sides encode them.
+#[derive(Default)]
+pub struct ManifestHasher(blake3::Hasher);
+
+impl ManifestHasher {
+    pub fn new() -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"shardxfer/1 manifest");
+        ManifestHasher(h)
+    }
+    pub fn add(&mut self, entry: &Entry) {
+        let mut body = Vec::with_capacity(64 + entry.path.len());
+        ControlMsg::Entry(entry.clone()).encode_body(&mut body);
+        self.0.update(&(body.len() as u64).to_le_bytes());
+        self.0.update(&body);
+    }
+    pub fn finish(&self) -> Hash {
+        *self.0.finalize().as_bytes()
+    }
+}
+
+/// Root hash of a transfer: the manifest hash, then every chunk hash in manifest order.
+/// Both sides compute it independently; equality means every byte and every entry matched.
+pub struct RootHasher(blake3::Hasher);
+
+impl RootHasher {
+    pub fn new(manifest_hash: &Hash) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"shardxfer/1 root");
+        h.update(manifest_hash);
+        RootHasher(h)
+    }
+    pub fn add_chunk(&mut self, chunk_hash: &Hash) {
+        self.0.update(chunk_hash);
+    }
+    pub fn finish(&self) -> Hash {
+        *self.0.finalize().as_bytes()
+    }
+}
+
+/// Lowercase hex of a hash, for logs and summaries.
+pub fn hex(hash: &Hash) -> String {
+    blake3::Hash::from_bytes(*hash).to_hex().to_string()
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated {
+                needed: (n - self.buf.len()) as u64,
+            });
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn i64(&mut self) -> Result<i64, WireError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+    fn hash(&mut self) -> Result<Hash, WireError> {
+        self.array()
+    }
+    fn bool(&mut self, field: &'static str) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(WireError::InvalidValue {
+                field,
+                value: u64::from(v),
+            }),
+        }
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn string(&mut self, field: &'static str) -> Result<String, WireError> {
+        String::from_utf8(self.bytes()?).map_err(|_| WireError::BadUtf8 { field })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_hash() -> impl Strategy<Value = Hash> {
+        any::<[u8; 32]>()
+    }
+
+    fn arb_entry() -> impl Strategy<Value = Entry> {
+        (
+            proptest::collection::vec(any::<u8>(), 0..64),
+            prop_oneof![
+                Just(EntryKind::File),
+                Just(EntryKind::Dir),
+                Just(EntryKind::Symlink)
+            ],
+            any::<u32>(),
+            any::<i64>(),
+            any::<u32>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..32),
+            any::<u64>(),
+            any::<i64>(),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(path, kind, mode, ms, mn, size, link_target, ino, cs, cn)| Entry {
+                    path,
+                    kind,
+                    mode,
+                    mtime_sec: ms,
+                    mtime_nsec: mn,
+                    size,
+                    link_target,
+                    ino,
+                    ctime_sec: cs,
+                    ctime_nsec: cn,
+                },
+            )
+    }
+
+    fn arb_msg() -> impl Strategy<Value = ControlMsg> {
+        prop_oneof![
+            (
+                any::<u16>(),
+                proptest::collection::vec(any::<u8>(), 0..40),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+                ".{0,20}"
+            )
+                .prop_map(|(version, dest, file, cs, ec, tb, resume, info)| {
+                    ControlMsg::Hello(Hello {
+                        version,
+                        dest,
+                        root_kind: if file { RootKind::File } else { RootKind::Dir },
+                        chunk_size: cs,
+                        entry_count: ec,
+                        total_bytes: tb,
+                        resume,
+                        sender_info: info,
+                    })
+                }),
+            arb_entry().prop_map(ControlMsg::Entry),
+            arb_hash().prop_map(|h| ControlMsg::ManifestEnd { manifest_hash: h }),
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u64>(), arb_hash()), 0..20)
+            )
+                .prop_map(|(file, chunks)| ControlMsg::Have { file, chunks }),
+            any::<u64>().prop_map(|v| ControlMsg::Accept { verified_bytes: v }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| {
+                ControlMsg::Progress {
+                    verified_chunks: a,
+                    verified_bytes: b,
+                    wire_bytes: c,
+                }
+            }),
+            (any::<u64>(), any::<u64>(), ".{0,30}").prop_map(|(file, chunk, reason)| {
+                ControlMsg::Retry {
+                    file,
+                    chunk,
+                    reason,
+                }
+            }),
+            arb_hash().prop_map(|h| ControlMsg::Done { root_hash: h }),
+            (
+                arb_hash(),
+                proptest::collection::vec(any::<u8>(), 0..30),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..30))
+            )
+                .prop_map(|(root_hash, path, replaced)| ControlMsg::Installed {
+                    root_hash,
+                    path,
+                    replaced
+                }),
+            (1u8..=6, ".{0,30}").prop_map(|(c, message)| ControlMsg::Fail {
+                code: FailCode::from_u8(c).expect("valid code"),
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn control_round_trip(msg in arb_msg()) {
+            let mut frame = Vec::new();
+            msg.encode_frame(&mut frame);
+            let len = control_frame_len(frame[..4].try_into().unwrap()).unwrap();
+            prop_assert_eq!(len, frame.len() - 4);
+            prop_assert_eq!(ControlMsg::decode_body(&frame[4..]).unwrap(), msg);
+        }
+
+        #[test]
+        fn control_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ControlMsg::decode_body(&bytes);
+        }
+
+        #[test]
+        fn truncated_control_is_an_error(msg in arb_msg(), cut in any::<prop::sample::Index>()) {
+            let mut body = Vec::new();
+            msg.encode_body(&mut body);
+            let cut = cut.index(body.len());
+            prop_assert!(ControlMsg::decode_body(&body[..cut]).is_err());
+        }
+
+        #[test]
+        fn chunk_header_round_trip(
+            file in any::<u64>(), chunk in any::<u64>(), offset in any::<u64>(),
+            raw_len in any::<u64>(), codec in 0u8..3, payload_len in any::<u64>(), hash in arb_hash()
+        ) {
+            let h = ChunkHeader { file, chunk, offset, raw_len, codec: Codec::from_u8(codec).unwrap(), payload_len, hash };
+            prop_assert_eq!(ChunkHeader::decode(&h.encode()).unwrap(), h);
+        }
+
+        #[test]
+        fn chunk_header_decode_never_panics(bytes in any::<[u8; ChunkHeader::LEN]>()) {
+            let _ = ChunkHeader::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn frame_length_limits() {
+        assert_eq!(control_frame_len([0; 4]), Err(WireError::EmptyFrame));
+        assert!(matches!(
+            control_frame_len((MAX_CONTROL_FRAME + 1).to_le_bytes()),
+            Err(WireError::FrameTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut body = Vec::new();
+        ControlMsg::Accept { verified_bytes: 1 }.encode_body(&mut body);
+        body.push(0);
+        assert_eq!(
+            ControlMsg::decode_body(&body),
+            Err(WireError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn largest_have_frame_fits_the_cap() {
+        let msg = ControlMsg::Have {
+            file: u64::MAX,
+            chunks: vec![(u64::MAX, [0xff; 32]); MAX_HAVE_PER_FRAME],
+        };
+        let mut frame = Vec::new();
+        msg.encode_frame(&mut frame);
+        assert!(frame.len() - 4 <= MAX_CONTROL_FRAME as usize);
+    }
+}
