@@ -20,16 +20,16 @@ pub fn report_error(err: &Error, json: bool) -> i32 {
     let code = err.exit_code();
     eprintln!("error: {err}");
     if json {
-        println!(
-            "{}",
-            serde_json::json!({ "ok": false, "error": err.to_string(), "exit_code": code })
-        );
+        use std::io::Write;
+        let obj = serde_json::json!({ "ok": false, "error": err.to_string(), "exit_code": code });
+        let _ = writeln!(std::io::stdout(), "{obj}");
     }
     code
 }
 
 /// Text for `--help`: exit codes of both binaries.
-pub const EXIT_CODES_HELP: &str = "Exit codes: 0 success (installed and verified), 1 unexpected failure, \
+pub const EXIT_CODES_HELP: &str =
+    "Exit codes: 0 success (installed and verified), 1 unexpected failure, \
 2 bad input (arguments, source, identity), 3 cannot connect or peer key mismatch/not allowed, \
 4 refused by the receiver (busy destination, no space, bad request), 5 verification failed, \
 6 interrupted (connection lost or source kept changing: run again with --resume).";

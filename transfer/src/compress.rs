@@ -10,6 +10,7 @@
 //! - the link: wire bytes the receiver reports per second, best window seen so far (a
 //!   compressing, CPU-bound phase must not make the link look slow), capped by `--bwlimit`,
 //!   which *is* the link's speed from our point of view.
+//!
 //! It compresses only while `link < breakpoint`. Independently, any chunk whose compressed
 //! form is not smaller goes raw. The decision and its figures end up in the `--json` summary.
 //!
@@ -137,7 +138,7 @@ impl AutoDecider {
     /// Whether the `n`-th chunk this sender encodes should be sampled (compressed and
     /// decompressed to measure). Only `auto` samples.
     pub fn should_sample(&self, n: u64) -> bool {
-        self.policy == CompressPolicy::Auto && (n < SAMPLE_FIRST || n % SAMPLE_EVERY == 0)
+        self.policy == CompressPolicy::Auto && (n < SAMPLE_FIRST || n.is_multiple_of(SAMPLE_EVERY))
     }
 
     pub fn add_sample(&mut self, s: CodecSample) {

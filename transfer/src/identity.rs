@@ -41,7 +41,11 @@ impl Fingerprint {
     pub fn parse(text: &str) -> Result<Self, Error> {
         let t = text.trim();
         let t = t.strip_prefix("b3:").unwrap_or(t);
-        let bad = || Error::Input(format!("invalid fingerprint {text:?}: expected 64 hex digits"));
+        let bad = || {
+            Error::Input(format!(
+                "invalid fingerprint {text:?}: expected 64 hex digits"
+            ))
+        };
         if t.len() != 64 {
             return Err(bad());
         }
@@ -112,7 +116,10 @@ impl Identity {
     pub fn load(path: &Path) -> Result<Identity, Error> {
         let pem = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| {
-            Error::Identity(format!("{} is not a valid identity key: {e}", path.display()))
+            Error::Identity(format!(
+                "{} is not a valid identity key: {e}",
+                path.display()
+            ))
         })?;
         Identity::from_key(key)
     }
@@ -321,7 +328,10 @@ impl ClientCertVerifier for AllowListClientVerifier {
 }
 
 /// rustls client config for a sender: presents `identity`, pins the receiver's key.
-pub fn client_crypto(identity: &Identity, peer: Fingerprint) -> Result<rustls::ClientConfig, Error> {
+pub fn client_crypto(
+    identity: &Identity,
+    peer: Fingerprint,
+) -> Result<rustls::ClientConfig, Error> {
     let provider = provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -338,7 +348,10 @@ pub fn client_crypto(identity: &Identity, peer: Fingerprint) -> Result<rustls::C
 }
 
 /// rustls server config for a receiver: presents `identity`, requires an allowed client key.
-pub fn server_crypto(identity: &Identity, allow: Arc<AllowList>) -> Result<rustls::ServerConfig, Error> {
+pub fn server_crypto(
+    identity: &Identity,
+    allow: Arc<AllowList>,
+) -> Result<rustls::ServerConfig, Error> {
     let provider = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

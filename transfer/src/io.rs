@@ -8,8 +8,49 @@ use quinn::{ReadExactError, RecvStream, SendStream};
 use crate::error::Error;
 use crate::wire::{control_frame_len, ChunkHeader, ControlMsg};
 
-fn lost(e: impl std::fmt::Display) -> Error {
+/// Maps a lost connection to an error; a TLS alert means the peer refused our key.
+pub fn connection_error(e: &quinn::ConnectionError) -> Error {
+    if let quinn::ConnectionError::ConnectionClosed(close) = e {
+        let code = u64::from(close.error_code);
+        if (0x100..0x200).contains(&code) {
+            return Error::Connect {
+                addr: "the receiver".into(),
+                reason: format!(
+                    "it refused our key (TLS alert {}): is our fingerprint in its allow-list? \
+                     `shardsend fingerprint --identity KEY` prints it",
+                    code - 0x100
+                ),
+            };
+        }
+    }
     Error::Interrupted(e.to_string())
+}
+
+fn lost(e: impl Into<LostError>) -> Error {
+    match e.into() {
+        LostError::Read(quinn::ReadError::ConnectionLost(c))
+        | LostError::Write(quinn::WriteError::ConnectionLost(c)) => connection_error(&c),
+        LostError::Read(e) => Error::Interrupted(e.to_string()),
+        LostError::Write(e) => Error::Interrupted(e.to_string()),
+    }
+}
+
+/// The stream errors that end a transfer.
+pub enum LostError {
+    Read(quinn::ReadError),
+    Write(quinn::WriteError),
+}
+
+impl From<quinn::ReadError> for LostError {
+    fn from(e: quinn::ReadError) -> Self {
+        LostError::Read(e)
+    }
+}
+
+impl From<quinn::WriteError> for LostError {
+    fn from(e: quinn::WriteError) -> Self {
+        LostError::Write(e)
+    }
 }
 
 /// Reads one control message; `Ok(None)` when the peer finished the stream cleanly.

@@ -54,6 +54,8 @@ pub enum ManifestError {
     ByteCount { announced: u64, sent: u64 },
     #[error("a single-file transfer must have exactly one file entry with an empty path")]
     FileRoot,
+    #[error("the first entry of a tree must be its root directory, with an empty path")]
+    RootEntry,
     #[error("{kind} {path:?} must have size 0")]
     NonZeroSize { kind: &'static str, path: String },
     #[error("manifest hash mismatch: entries were altered in transit")]
@@ -250,17 +252,23 @@ impl ManifestBuilder {
                     return Err(ManifestError::FileRoot);
                 }
             }
+            // Entry 0 of a tree is its root directory, with an empty path.
+            RootKind::Dir if self.entries.is_empty() => {
+                if !entry.path.is_empty() || entry.kind != EntryKind::Dir {
+                    return Err(ManifestError::RootEntry);
+                }
+            }
             RootKind::Dir => {
-                check_relative_path(&entry.path).map_err(|reason| ManifestError::Path {
-                    path: lossy(&entry.path),
-                    reason,
-                })?;
                 if entry.path.is_empty() {
                     return Err(ManifestError::Path {
                         path: String::new(),
                         reason: "empty path",
                     });
                 }
+                check_relative_path(&entry.path).map_err(|reason| ManifestError::Path {
+                    path: lossy(&entry.path),
+                    reason,
+                })?;
                 if let Some(pos) = entry.path.iter().rposition(|b| *b == b'/') {
                     if !self.dirs.contains(&entry.path[..pos]) {
                         return Err(ManifestError::MissingParent(lossy(&entry.path)));
@@ -283,9 +291,10 @@ impl ManifestBuilder {
                     path: lossy(&entry.path),
                 })
             }
-            EntryKind::Dir => {
+            EntryKind::Dir if !entry.path.is_empty() => {
                 self.dirs.insert(entry.path.clone());
             }
+            EntryKind::Dir => {}
             EntryKind::Symlink => {
                 if !symlink_stays_inside(&entry.path, &entry.link_target) {
                     return Err(ManifestError::EscapingSymlink {
@@ -372,6 +381,13 @@ mod tests {
         }
     }
 
+    /// A builder that already took the root entry.
+    fn builder(entries: u64, bytes: u64) -> ManifestBuilder {
+        let mut b = ManifestBuilder::new(&hello(entries + 1, bytes)).unwrap();
+        b.push(entry("", EntryKind::Dir, 0)).unwrap();
+        b
+    }
+
     fn link(path: &str, target: &str) -> Entry {
         let mut e = entry(path, EntryKind::Symlink, 0);
         e.link_target = target.as_bytes().to_vec();
@@ -381,6 +397,7 @@ mod tests {
     #[test]
     fn accepts_a_normal_tree_and_checks_the_hash() {
         let entries = vec![
+            entry("", EntryKind::Dir, 0),
             entry("objects", EntryKind::Dir, 0),
             entry("objects/pack", EntryKind::Dir, 0),
             entry("objects/pack/p.pack", EntryKind::File, 3_000_000),
@@ -388,23 +405,31 @@ mod tests {
             link("objects/alias", "pack/p.pack"),
         ];
         let scanned = Manifest::from_scan(RootKind::Dir, 1 << 20, entries.clone());
-        let mut b = ManifestBuilder::new(&hello(5, 3_000_023)).unwrap();
+        let mut b = ManifestBuilder::new(&hello(6, 3_000_023)).unwrap();
         for e in entries {
             b.push(e).unwrap();
         }
         let m = b.finish(&scanned.manifest_hash).unwrap();
         assert_eq!(m, scanned);
-        assert_eq!(m.chunk_count(2), 3);
-        assert_eq!(m.chunk_len(2, 2), Some(3_000_000 - 2 * (1 << 20)));
-        assert_eq!(m.chunk_len(2, 3), None);
+        assert_eq!(m.chunk_count(3), 3);
+        assert_eq!(m.chunk_len(3, 2), Some(3_000_000 - 2 * (1 << 20)));
+        assert_eq!(m.chunk_len(3, 3), None);
         assert_eq!(m.chunk_len(0, 0), None);
         assert_eq!(m.total_chunks(), 4);
     }
 
     #[test]
     fn refuses_hostile_paths() {
-        for bad in ["/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/", "a\0b"] {
-            let mut b = ManifestBuilder::new(&hello(1, 0)).unwrap();
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a/",
+            "a\0b",
+        ] {
+            let mut b = builder(1, 0);
             let err = b.push(entry(bad, EntryKind::File, 0)).unwrap_err();
             assert!(
                 matches!(err, ManifestError::Path { .. }),
@@ -416,6 +441,11 @@ mod tests {
     #[test]
     fn refuses_undeclared_parent_duplicate_and_escaping_symlink() {
         let mut b = ManifestBuilder::new(&hello(3, 0)).unwrap();
+        assert_eq!(
+            b.push(entry("a", EntryKind::Dir, 0)),
+            Err(ManifestError::RootEntry)
+        );
+        let mut b = builder(3, 0);
         assert!(matches!(
             b.push(entry("a/b", EntryKind::File, 0)),
             Err(ManifestError::MissingParent(_))
@@ -442,7 +472,7 @@ mod tests {
 
     #[test]
     fn refuses_lying_sizes_and_counts() {
-        let mut b = ManifestBuilder::new(&hello(2, 10)).unwrap();
+        let mut b = builder(2, 10);
         assert_eq!(
             b.push(entry("f", EntryKind::File, 11)),
             Err(ManifestError::TooManyBytes(10))
@@ -452,19 +482,19 @@ mod tests {
         assert_eq!(
             b.finish(&m.manifest_hash),
             Err(ManifestError::EntryCount {
-                announced: 2,
-                sent: 1
+                announced: 3,
+                sent: 2
             })
         );
 
-        let mut b = ManifestBuilder::new(&hello(1, 10)).unwrap();
+        let mut b = builder(1, 10);
         b.push(entry("f", EntryKind::File, 4)).unwrap();
         assert!(matches!(
             b.finish(&[0; 32]),
             Err(ManifestError::ByteCount { .. })
         ));
 
-        let mut b = ManifestBuilder::new(&hello(1, 10)).unwrap();
+        let mut b = builder(1, 10);
         assert!(b.push(entry("d", EntryKind::Dir, 10)).is_err());
         b.push(entry("f", EntryKind::File, 10)).unwrap();
         assert!(b.push(entry("g", EntryKind::File, 0)).is_err());

@@ -175,6 +175,7 @@ pub fn server_endpoint(
 pub async fn connect(
     addr: SocketAddr,
     crypto: rustls::ClientConfig,
+    timeout: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
     let quic = QuicClientConfig::try_from(crypto).map_err(|e| Error::Identity(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
@@ -193,12 +194,14 @@ pub async fn connect(
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
-    let conn = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+    let conn = match tokio::time::timeout(timeout, connecting).await {
         Err(_) => {
             return Err(Error::Connect {
                 addr: addr.to_string(),
-                reason: "no answer within 15 s (is shardrecv running and the UDP port open?)"
-                    .into(),
+                reason: format!(
+                    "no answer within {} s (is shardrecv running and the UDP port open?)",
+                    timeout.as_secs_f64()
+                ),
             })
         }
         Ok(Err(e)) => {
@@ -217,8 +220,7 @@ pub fn explain_handshake_error(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
     if text.contains("not the pinned") {
         format!("the receiver's key is not the one given with --peer ({text})")
-    } else if text.contains("certificate") || text.contains("alert") || text.contains("handshake")
-    {
+    } else if text.contains("certificate") || text.contains("alert") || text.contains("handshake") {
         format!(
             "the TLS handshake failed, most likely because our key is not in the receiver's \
              allow-list ({text})"

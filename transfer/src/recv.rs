@@ -54,8 +54,14 @@ pub struct Receiver {
 struct Shared {
     root: PathBuf,
     max_transfers: usize,
-    /// Destinations being received now, with the sender holding each.
-    active: Mutex<HashMap<Vec<u8>, (Fingerprint, Instant)>>,
+    /// Destinations being received now, with the sender and connection holding each.
+    active: Mutex<HashMap<Vec<u8>, ActiveTransfer>>,
+}
+
+struct ActiveTransfer {
+    sender: Fingerprint,
+    since: Instant,
+    conn: quinn::Connection,
 }
 
 impl Receiver {
@@ -108,6 +114,8 @@ impl Receiver {
                 if let Err(e) = handle_connection(shared, conn.clone(), peer).await {
                     tracing::warn!(%remote, error = %e, "transfer ended with an error");
                 }
+                // The destination is released; let the sender read our last frame and close.
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
             });
         }
         self.endpoint.close(0u32.into(), b"receiver shutting down");
@@ -139,11 +147,80 @@ impl Drop for Claim {
 
 async fn fail(send: &mut quinn::SendStream, code: FailCode, message: String) -> Error {
     tracing::warn!(?code, %message, "refusing transfer");
-    let _ = write_control(send, &ControlMsg::Fail { code, message: message.clone() }).await;
+    let _ = write_control(
+        send,
+        &ControlMsg::Fail {
+            code,
+            message: message.clone(),
+        },
+    )
+    .await;
     let _ = send.finish();
-    // Give the frame a moment to leave before the connection is dropped.
-    tokio::time::sleep(Duration::from_millis(100)).await;
     Error::Refused { code, message }
+}
+
+/// How long a resumed attempt waits for the attempt it supersedes to let go.
+const SUPERSEDE_WAIT: Duration = Duration::from_secs(10);
+
+/// Claims `dest` for this connection. A sender that comes back with `--resume` while its
+/// previous attempt still holds the destination (a killed process leaves a QUIC connection
+/// that only times out later) supersedes that attempt: same key, so same operator. Anyone
+/// else is refused as busy.
+async fn claim(
+    shared: &Arc<Shared>,
+    dest: &[u8],
+    peer: Fingerprint,
+    resume: bool,
+    conn: &quinn::Connection,
+) -> Result<Claim, String> {
+    let dest_text = String::from_utf8_lossy(dest).into_owned();
+    let deadline = Instant::now() + SUPERSEDE_WAIT;
+    loop {
+        {
+            let mut active = shared
+                .active
+                .lock()
+                .map_err(|_| "internal error: lock poisoned".to_string())?;
+            match active.get(dest) {
+                None if active.len() >= shared.max_transfers => {
+                    return Err(format!(
+                        "receiver is running {} transfers, its limit; retry later",
+                        active.len()
+                    ))
+                }
+                None => {
+                    active.insert(
+                        dest.to_vec(),
+                        ActiveTransfer {
+                            sender: peer,
+                            since: Instant::now(),
+                            conn: conn.clone(),
+                        },
+                    );
+                    return Ok(Claim {
+                        shared: shared.clone(),
+                        dest: dest.to_vec(),
+                    });
+                }
+                Some(t) if t.sender == peer && resume && Instant::now() < deadline => {
+                    if t.conn.close_reason().is_none() {
+                        tracing::info!(dest = %dest_text, "a resumed attempt supersedes the previous one");
+                        t.conn
+                            .close(1u32.into(), b"superseded by a resumed attempt of this transfer");
+                    }
+                }
+                Some(t) => {
+                    return Err(format!(
+                        "destination {dest_text:?} is already being received (from sender {}, for {} s); \
+                         retry when that transfer ends",
+                        t.sender,
+                        t.since.elapsed().as_secs()
+                    ))
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn handle_connection(
@@ -178,33 +255,9 @@ async fn handle_connection(
     };
 
     // Claim the destination before reading a possibly long manifest.
-    let refusal = {
-        let mut active = shared
-            .active
-            .lock()
-            .map_err(|_| Error::Other("lock poisoned".into()))?;
-        if let Some((holder, since)) = active.get(&hello.dest) {
-            Some(format!(
-                "destination {dest_text:?} is already being received (from sender {holder}, for {} s); \
-                 retry when that transfer ends",
-                since.elapsed().as_secs()
-            ))
-        } else if active.len() >= shared.max_transfers {
-            Some(format!(
-                "receiver is running {} transfers, its limit; retry later",
-                active.len()
-            ))
-        } else {
-            active.insert(hello.dest.clone(), (peer, Instant::now()));
-            None
-        }
-    };
-    if let Some(msg) = refusal {
-        return Err(fail(&mut send, FailCode::Busy, msg).await);
-    }
-    let _claim = Claim {
-        shared: shared.clone(),
-        dest: hello.dest.clone(),
+    let _claim = match claim(&shared, &hello.dest, peer, hello.resume, &conn).await {
+        Ok(c) => c,
+        Err(msg) => return Err(fail(&mut send, FailCode::Busy, msg).await),
     };
 
     let manifest = loop {
@@ -235,11 +288,10 @@ async fn handle_connection(
     let root = shared.root.clone();
     let dest = hello.dest.clone();
     let m2 = manifest.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        Staging::prepare(&root, &dest, &m2, hello.resume)
-    })
-    .await
-    .map_err(|e| Error::Other(e.to_string()))?;
+    let prepared =
+        tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m2, hello.resume))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))?;
     let (staging, tracker) = match prepared {
         Ok(x) => x,
         Err(PrepareError::Busy) => {
@@ -300,7 +352,11 @@ async fn handle_connection(
         if let Some(f) = state.failure.lock().ok().and_then(|f| f.clone()) {
             break Err(f);
         }
-        let complete = state.tracker.lock().map(|t| t.is_complete()).unwrap_or(false);
+        let complete = state
+            .tracker
+            .lock()
+            .map(|t| t.is_complete())
+            .unwrap_or(false);
         if complete {
             if let Some(root_hash) = sender_root {
                 break check_root(&state, &root_hash);
@@ -375,8 +431,6 @@ async fn handle_connection(
     let _ = send.finish();
     tracing::info!(dest = %dest_text, path = %path.display(), replaced = ?replaced,
         root = %hex(&root_hash), "installed");
-    // Wait for the sender to read `Installed` and close, but not forever.
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     Ok(())
 }
 
@@ -457,7 +511,7 @@ async fn receive_stream(
             .tracker
             .lock()
             .map_err(|_| ())
-            .and_then(|t| Ok(t.check_header(&header)));
+            .map(|t| t.check_header(&header));
         let chunk_state = match check {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return state.set_failure(FailCode::BadRequest, e.to_string()),
@@ -476,7 +530,9 @@ async fn receive_stream(
         }
         seen.insert((header.file, header.chunk));
         let path = {
-            let Ok(staging) = state.staging.lock() else { return };
+            let Ok(staging) = state.staging.lock() else {
+                return;
+            };
             match staging.as_ref() {
                 Some(s) => s.entry_path(&state.manifest, header.file as usize),
                 None => return,
@@ -499,11 +555,10 @@ async fn receive_stream(
         decoded = d;
         match outcome {
             ChunkOutcome::Verified(hash) => {
-                let journaled = state
-                    .staging
-                    .lock()
-                    .ok()
-                    .and_then(|mut s| s.as_mut().map(|s| s.journal_append(header.file, header.chunk, &hash)));
+                let journaled = state.staging.lock().ok().and_then(|mut s| {
+                    s.as_mut()
+                        .map(|s| s.journal_append(header.file, header.chunk, &hash))
+                });
                 if let Some(Err(e)) = journaled {
                     return state.set_failure(FailCode::Io, format!("journal write failed: {e}"));
                 }
@@ -514,12 +569,16 @@ async fn receive_stream(
             }
             ChunkOutcome::Mismatch(reason) => {
                 let attempts = {
-                    let Ok(mut a) = state.attempts.lock() else { return };
+                    let Ok(mut a) = state.attempts.lock() else {
+                        return;
+                    };
                     let n = a.entry((header.file, header.chunk)).or_insert(0);
                     *n += 1;
                     *n
                 };
-                let path = String::from_utf8_lossy(&state.manifest.entries[header.file as usize].path).into_owned();
+                let path =
+                    String::from_utf8_lossy(&state.manifest.entries[header.file as usize].path)
+                        .into_owned();
                 tracing::warn!(file = %path, chunk = header.chunk, attempts, %reason, "chunk failed verification");
                 if attempts >= MAX_CHUNK_ATTEMPTS {
                     return state.set_failure(
@@ -585,8 +644,9 @@ fn verify_and_write(
                     *d = zstd::bulk::Decompressor::new().ok();
                 }
                 match d.as_mut() {
-                    Some(dec) => decompress_into(dec, payload, h.raw_len, decoded)
-                        .map_err(|e| e.to_string()),
+                    Some(dec) => {
+                        decompress_into(dec, payload, h.raw_len, decoded).map_err(|e| e.to_string())
+                    }
                     None => Err("cannot create a zstd decompressor".into()),
                 }
             });

@@ -81,8 +81,9 @@ pub fn scan(src: &Path, chunk_size: u64) -> Result<Scan, Error> {
             src.display()
         )));
     }
-    let mut entries = Vec::new();
-    let mut sources = Vec::new();
+    // The root directory itself is entry 0 (empty path): its mode and mtime travel too.
+    let mut entries = vec![entry_from_metadata(Vec::new(), &meta, Vec::new())];
+    let mut sources = vec![src.to_path_buf()];
     let mut skipped = Vec::new();
     walk(src, Vec::new(), &mut entries, &mut sources, &mut skipped)?;
     Ok(Scan {
@@ -142,10 +143,7 @@ fn walk(
             sources.push(path);
         } else {
             tracing::warn!(path = %path.display(), "skipping a special file (socket, FIFO or device)");
-            skipped.push(format!(
-                "{}: special file",
-                String::from_utf8_lossy(&rel)
-            ));
+            skipped.push(format!("{}: special file", String::from_utf8_lossy(&rel)));
         }
     }
     Ok(())

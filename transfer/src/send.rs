@@ -83,6 +83,8 @@ pub struct SendConfig {
     pub chunk_size: u64,
     pub progress: bool,
     pub fault: Option<Fault>,
+    /// How long to wait for the receiver to answer the handshake.
+    pub connect_timeout: Duration,
 }
 
 /// The `--json` summary.
@@ -244,6 +246,9 @@ impl WorkQueue {
     }
 }
 
+/// What the receiver reported on success: its root hash, installed path, replaced path.
+type Installed = (Hash, Vec<u8>, Option<Vec<u8>>);
+
 /// State shared by the workers and the control loop of one attempt.
 struct Shared {
     scan: Scan,
@@ -262,10 +267,12 @@ struct Shared {
 }
 
 async fn resolve(addr: &str) -> Result<std::net::SocketAddr, Error> {
-    let mut addrs = tokio::net::lookup_host(addr).await.map_err(|e| Error::Connect {
-        addr: addr.to_string(),
-        reason: format!("cannot resolve: {e} (expected HOST:PORT)"),
-    })?;
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::Connect {
+            addr: addr.to_string(),
+            reason: format!("cannot resolve: {e} (expected HOST:PORT)"),
+        })?;
     addrs.next().ok_or_else(|| Error::Connect {
         addr: addr.to_string(),
         reason: "resolves to no address".into(),
@@ -285,11 +292,11 @@ async fn attempt_once(
     let manifest = &scanned.manifest;
     let addr = resolve(&cfg.addr).await?;
     let crypto = client_crypto(&cfg.identity, cfg.peer)?;
-    let (endpoint, conn) = crate::quic::connect(addr, crypto).await?;
+    let (endpoint, conn) = crate::quic::connect(addr, crypto, cfg.connect_timeout).await?;
     let (mut ctl_send, mut ctl_recv) = conn
         .open_bi()
         .await
-        .map_err(|e| Error::Interrupted(e.to_string()))?;
+        .map_err(|e| crate::io::connection_error(&e))?;
 
     // Manifest.
     let mut msgs = Vec::with_capacity(manifest.entries.len() + 2);
@@ -339,7 +346,11 @@ async fn attempt_once(
                     "unexpected answer from the receiver: {other:?}"
                 )))
             }
-            None => return Err(Error::Interrupted("receiver closed the control stream".into())),
+            None => {
+                return Err(Error::Interrupted(
+                    "receiver closed the control stream".into(),
+                ))
+            }
         }
     };
     let mut plan = Vec::new();
@@ -387,7 +398,7 @@ async fn attempt_once(
     let mut done_sent = false;
     let mut chunks_retried = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let result: Result<(Hash, Vec<u8>, Option<Vec<u8>>), Error> = loop {
+    let result: Result<Installed, Error> = loop {
         if !done_sent && shared.queue.is_drained() {
             let s2 = shared.clone();
             let changed = tokio::task::spawn_blocking(move || changed_since_scan(&s2.scan))
@@ -552,16 +563,16 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
     let mut stream = conn
         .open_uni()
         .await
-        .map_err(|e| Error::Interrupted(e.to_string()))?;
+        .map_err(|e| crate::io::connection_error(&e))?;
     let mut bufs = Buffers {
         read: Vec::new(),
         compressed: Vec::new(),
     };
     while let Some((file, chunk)) = shared.queue.next().await {
         let m = &shared.scan.manifest;
-        let len = m.chunk_len(file as usize, chunk).ok_or_else(|| {
-            Error::Other(format!("chunk {chunk} of entry {file} does not exist"))
-        })?;
+        let len = m
+            .chunk_len(file as usize, chunk)
+            .ok_or_else(|| Error::Other(format!("chunk {chunk} of entry {file} does not exist")))?;
         let offset = chunk * m.chunk_size;
         let path = shared.scan.sources[file as usize].clone();
         let n = shared.encoded.fetch_add(1, Ordering::Relaxed);
@@ -597,7 +608,9 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
             payload_len: payload.len() as u64,
             hash: encoded.hash,
         };
-        if shared.fault.is_some() && shared.fault_target == Some((file, chunk)) && !payload.is_empty()
+        if shared.fault.is_some()
+            && shared.fault_target == Some((file, chunk))
+            && !payload.is_empty()
         {
             let first = !shared.fault_fired.swap(true, Ordering::Relaxed);
             if first || shared.fault == Some(Fault::CorruptAlways) {
@@ -609,11 +622,17 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
         if let Some(l) = &shared.limiter {
             l.reserve(wire).await;
         }
-        let lost = |e: quinn::WriteError| Error::Interrupted(e.to_string());
+        let lost = |e: quinn::WriteError| match e {
+            quinn::WriteError::ConnectionLost(c) => crate::io::connection_error(&c),
+            other => Error::Interrupted(other.to_string()),
+        };
         stream.write_all(&header.encode()).await.map_err(lost)?;
         stream.write_all(payload).await.map_err(lost)?;
         if let Ok(mut h) = shared.hashes.lock() {
-            if let Some(slot) = h.get_mut(file as usize).and_then(|v| v.get_mut(chunk as usize)) {
+            if let Some(slot) = h
+                .get_mut(file as usize)
+                .and_then(|v| v.get_mut(chunk as usize))
+            {
                 *slot = Some(encoded.hash);
             }
         }
@@ -629,7 +648,8 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
 /// True when `[offset, offset + len)` of `file` is entirely a hole (sparse file).
 fn is_hole(file: &File, offset: u64, len: u64) -> bool {
     // SAFETY: lseek on a valid fd; an error (ENXIO past the last data) is handled below.
-    let next_data = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    let next_data =
+        unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
     if next_data < 0 {
         // ENXIO: no data at or after offset. Anything else: be safe, read it.
         return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
@@ -707,7 +727,9 @@ fn encode_chunk(
         if c.as_ref().map(|(l, _)| *l) != Some(level) {
             *c = Some((level, zstd::bulk::Compressor::new(level)?));
         }
-        let (_, comp) = c.as_mut().ok_or_else(|| io::Error::other("no compressor"))?;
+        let (_, comp) = c
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no compressor"))?;
         comp.compress_to_buffer(raw, &mut bufs.compressed)?;
         Ok(())
     })?;
@@ -720,7 +742,9 @@ fn encode_chunk(
             if d.is_none() {
                 *d = Some(zstd::bulk::Decompressor::new()?);
             }
-            let dec = d.as_mut().ok_or_else(|| io::Error::other("no decompressor"))?;
+            let dec = d
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no decompressor"))?;
             let out = dec.decompress(&bufs.compressed, raw.len())?;
             if out.len() != raw.len() {
                 return Err(io::Error::other("zstd round trip changed the length"));

@@ -49,7 +49,10 @@ pub enum PrepareError {
     /// Another process holds the destination's lock.
     Busy,
     /// Not enough free space.
-    NoSpace { needed: u64, available: u64 },
+    NoSpace {
+        needed: u64,
+        available: u64,
+    },
     Io(Error),
 }
 
@@ -81,6 +84,7 @@ pub fn available_bytes(path: &Path) -> io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled the struct.
     let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
@@ -121,7 +125,7 @@ impl Staging {
         }
         let tree = dir.join("tree");
         // What an earlier attempt verified, by path, if it may be reused.
-        let carried: HashMap<Vec<u8>, (Entry, Vec<(u64, Hash)>)> = if resume {
+        let carried: Carried = if resume {
             load_previous(&dir, manifest.chunk_size).unwrap_or_else(|e| {
                 tracing::info!(error = %e, "no usable earlier attempt; starting afresh");
                 HashMap::new()
@@ -134,7 +138,11 @@ impl Staging {
             .entries
             .iter()
             .filter(|e| e.kind == EntryKind::File)
-            .filter(|e| carried.get(&e.path).is_some_and(|(old, _)| old.same_version(e)))
+            .filter(|e| {
+                carried
+                    .get(&e.path)
+                    .is_some_and(|(old, _)| old.same_version(e))
+            })
             .map(|e| e.size)
             .sum();
         // Space: what is not already staged must fit. Checked before any allocation sized
@@ -169,9 +177,7 @@ impl Staging {
                 }
                 EntryKind::Symlink => {} // made at install time
                 EntryKind::File => {
-                    let reuse = carried
-                        .get(&e.path)
-                        .filter(|(old, _)| old.same_version(e));
+                    let reuse = carried.get(&e.path).filter(|(old, _)| old.same_version(e));
                     let src = if manifest.root_kind == RootKind::File {
                         tree.clone()
                     } else {
@@ -289,8 +295,7 @@ impl Staging {
             match e.kind {
                 EntryKind::Symlink => {
                     remove_any(&p)?;
-                    symlink(std::ffi::OsStr::from_bytes(&e.link_target), &p)
-                        .map_err(io_err(&p))?;
+                    symlink(std::ffi::OsStr::from_bytes(&e.link_target), &p).map_err(io_err(&p))?;
                     set_symlink_mtime(&p, e).map_err(io_err(&p))?;
                 }
                 EntryKind::File => {
@@ -457,6 +462,7 @@ fn encode_state(m: &Manifest) -> Vec<u8> {
     out
 }
 
+/// Per path: the earlier attempt's entry and the chunks it verified.
 type Carried = HashMap<Vec<u8>, (Entry, Vec<(u64, Hash)>)>;
 
 /// Reads the previous attempt's manifest and journal: verified chunks per path.

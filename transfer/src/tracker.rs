@@ -246,7 +246,10 @@ mod tests {
     fn refuses_frames_that_do_not_fit_the_manifest() {
         let t = ChunkTracker::new(&manifest());
         assert_eq!(t.total_chunks(), 2);
-        assert_eq!(t.check_header(&header(1, 0, 1 << 16)), Ok(ChunkState::Missing));
+        assert_eq!(
+            t.check_header(&header(1, 0, 1 << 16)),
+            Ok(ChunkState::Missing)
+        );
         assert_eq!(t.check_header(&header(1, 1, 10)), Ok(ChunkState::Missing));
         assert!(matches!(
             t.check_header(&header(1, 2, 10)),
@@ -256,18 +259,30 @@ mod tests {
             t.check_header(&header(2, 0, 0)),
             Err(HeaderError::PastEnd { .. })
         ));
-        assert_eq!(t.check_header(&header(0, 0, 1)), Err(HeaderError::NotAFile(0)));
-        assert_eq!(t.check_header(&header(9, 0, 1)), Err(HeaderError::NoSuchFile(9)));
+        assert_eq!(
+            t.check_header(&header(0, 0, 1)),
+            Err(HeaderError::NotAFile(0))
+        );
+        assert_eq!(
+            t.check_header(&header(9, 0, 1)),
+            Err(HeaderError::NoSuchFile(9))
+        );
         assert!(matches!(
             t.check_header(&header(1, 1, 11)),
             Err(HeaderError::Length { .. })
         ));
         let mut h = header(1, 1, 10);
         h.offset = 5;
-        assert!(matches!(t.check_header(&h), Err(HeaderError::Offset { .. })));
+        assert!(matches!(
+            t.check_header(&h),
+            Err(HeaderError::Offset { .. })
+        ));
         let mut h = header(1, 1, 10);
         h.payload_len = 11;
-        assert!(matches!(t.check_header(&h), Err(HeaderError::Payload { .. })));
+        assert!(matches!(
+            t.check_header(&h),
+            Err(HeaderError::Payload { .. })
+        ));
         h.codec = Codec::Zstd;
         assert!(t.check_header(&h).is_err(), "zstd payload must be smaller");
         h.codec = Codec::Zero;
@@ -286,7 +301,10 @@ mod tests {
         assert!(!t.mark_verified(1, 1, [2; 32]));
         assert!(!t.mark_verified(1, 7, [2; 32]));
         assert_eq!(t.root_hash(&m.manifest_hash), None);
-        assert_eq!(t.check_header(&header(1, 1, 10)), Ok(ChunkState::AlreadyVerified));
+        assert_eq!(
+            t.check_header(&header(1, 1, 10)),
+            Ok(ChunkState::AlreadyVerified)
+        );
         assert!(t.mark_verified(1, 0, [1; 32]));
         assert!(t.is_complete());
         assert_eq!(t.verified_bytes(), (1 << 16) + 10);

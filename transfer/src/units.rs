@@ -18,15 +18,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("invalid size {text:?}: unknown unit {c:?} (use K, M, G or T)")),
+                _ => {
+                    return Err(format!(
+                        "invalid size {text:?}: unknown unit {c:?} (use K, M, G or T)"
+                    ))
+                }
             };
             (&t[..i], mult)
         }
         _ => (t, 1),
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid size {text:?}: expected a number with an optional K/M/G/T suffix")
+    })?;
     if !value.is_finite() || value <= 0.0 {
         return Err(format!("invalid size {text:?}: must be positive"));
     }

@@ -170,13 +170,25 @@ pub enum ControlMsg {
     /// R->S: the receiver accepted the manifest; all `Have` frames were sent before it.
     Accept { verified_bytes: u64 },
     /// R->S: progress: chunks and raw bytes verified so far, wire bytes received.
-    Progress { verified_chunks: u64, verified_bytes: u64, wire_bytes: u64 },
+    Progress {
+        verified_chunks: u64,
+        verified_bytes: u64,
+        wire_bytes: u64,
+    },
     /// R->S: this chunk failed verification; send it again.
-    Retry { file: u64, chunk: u64, reason: String },
+    Retry {
+        file: u64,
+        chunk: u64,
+        reason: String,
+    },
     /// S->R: every chunk was sent; the sender's root hash.
     Done { root_hash: Hash },
     /// R->S: the tree is fsynced and installed.
-    Installed { root_hash: Hash, path: Vec<u8>, replaced: Option<Vec<u8>> },
+    Installed {
+        root_hash: Hash,
+        path: Vec<u8>,
+        replaced: Option<Vec<u8>>,
+    },
     /// Either way: the transfer cannot go on.
     Fail { code: FailCode, message: String },
 }

@@ -36,11 +36,13 @@ enum Command {
         identity: PathBuf,
     },
     /// Accept transfers into ROOT until interrupted (SIGINT/SIGTERM)
-    #[command(long_about = "Accept transfers into ROOT until interrupted (SIGINT/SIGTERM).\n\n\
+    #[command(
+        long_about = "Accept transfers into ROOT until interrupted (SIGINT/SIGTERM).\n\n\
         Each transfer is staged under ROOT/.shardrecv/, verified chunk by chunk (BLAKE3), fsynced and \
         renamed into place as ROOT/DEST; an existing DEST is moved aside to DEST.replaced-<unix-time>. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
-        per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready.")]
+        per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready."
+    )]
     Serve {
         /// UDP address to listen on, e.g. 0.0.0.0:7400 (port 0 picks a free port)
         #[arg(long)]
@@ -74,7 +76,10 @@ fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Keygen { out } => {
             let id = Identity::generate(&out)?;
-            eprintln!("wrote {}; senders pin this fingerprint with --peer:", out.display());
+            eprintln!(
+                "wrote {}; senders pin this fingerprint with --peer:",
+                out.display()
+            );
             println!("{}", id.fingerprint);
             Ok(())
         }

@@ -90,6 +90,9 @@ struct SendArgs {
     /// Never draw a progress bar (it is drawn only when stderr is a terminal)
     #[arg(long)]
     no_progress: bool,
+    /// Seconds to wait for the receiver to answer before giving up
+    #[arg(long, default_value_t = 15.0)]
+    connect_timeout: f64,
     /// Test-only fault injection: corrupt-once | corrupt-always
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
@@ -110,7 +113,10 @@ fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Some(Command::Keygen { out }) => {
             let id = Identity::generate(&out)?;
-            eprintln!("wrote {}; add this fingerprint to the receiver's allow-list:", out.display());
+            eprintln!(
+                "wrote {}; add this fingerprint to the receiver's allow-list:",
+                out.display()
+            );
             println!("{}", id.fingerprint);
             Ok(())
         }
@@ -127,7 +133,9 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
     if !(transfer::manifest::MIN_CHUNK_SIZE..=transfer::manifest::MAX_CHUNK_SIZE)
         .contains(&a.chunk_size)
     {
-        return Err(Error::Input("--chunk-size must be between 64K and 64M".into()));
+        return Err(Error::Input(
+            "--chunk-size must be between 64K and 64M".into(),
+        ));
     }
     let identity = Identity::load(&a.identity.ok_or_else(|| missing("--identity"))?)?;
     let cfg = SendConfig {
@@ -143,19 +151,24 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         chunk_size: a.chunk_size,
         progress: !a.no_progress && std::io::stderr().is_terminal(),
         fault: a.inject_fault,
+        connect_timeout: std::time::Duration::try_from_secs_f64(a.connect_timeout)
+            .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
     let summary = rt.block_on(send(&cfg))?;
+    // A closed stdout (the caller went away) must not turn success into a panic.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).map_err(|e| Error::Other(e.to_string()))?
-        );
+        let text =
+            serde_json::to_string_pretty(&summary).map_err(|e| Error::Other(e.to_string()))?;
+        let _ = writeln!(out, "{text}");
     } else {
-        println!(
+        let _ = writeln!(
+            out,
             "sent {} ({} bytes, {} resumed) to {}:{} in {:.2} s, {:.1} MB/s, {} streams",
             summary.source,
             summary.bytes,
@@ -166,14 +179,14 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
             summary.mb_per_s,
             summary.streams
         );
-        println!("compression: {}", summary.compression.reason);
+        let _ = writeln!(out, "compression: {}", summary.compression.reason);
         if let Some(r) = &summary.replaced {
-            println!("previous copy moved aside to {r}");
+            let _ = writeln!(out, "previous copy moved aside to {r}");
         }
         for s in &summary.skipped {
-            println!("skipped {s}");
+            let _ = writeln!(out, "skipped {s}");
         }
-        println!("root hash {}", summary.root_hash);
+        let _ = writeln!(out, "root hash {}", summary.root_hash);
     }
     Ok(())
 }

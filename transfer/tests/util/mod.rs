@@ -1,0 +1,291 @@
+//! Helpers for the end-to-end tests: keys, a real `shardrecv` daemon on loopback, running
+//! `shardsend`, comparing trees, and a raw protocol client for hostile-input tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use transfer::identity::{Fingerprint, Identity};
+
+pub fn shardsend() -> &'static str {
+    env!("CARGO_BIN_EXE_shardsend")
+}
+
+pub fn shardrecv() -> &'static str {
+    env!("CARGO_BIN_EXE_shardrecv")
+}
+
+/// A scratch directory with a receiver key, a sender key and an allow-list.
+pub struct Keys {
+    pub dir: tempfile::TempDir,
+    pub recv_key: PathBuf,
+    pub send_key: PathBuf,
+    pub allow: PathBuf,
+    pub recv_fp: Fingerprint,
+    pub send_fp: Fingerprint,
+}
+
+impl Keys {
+    pub fn new() -> Keys {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let recv_key = dir.path().join("recv.key");
+        let send_key = dir.path().join("send.key");
+        let recv_fp = Identity::generate(&recv_key).expect("recv key").fingerprint;
+        let send_fp = Identity::generate(&send_key).expect("send key").fingerprint;
+        let allow = dir.path().join("allow.txt");
+        std::fs::write(&allow, format!("# test senders\n{send_fp}  # the sender\n")).unwrap();
+        Keys {
+            dir,
+            recv_key,
+            send_key,
+            allow,
+            recv_fp,
+            send_fp,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A running `shardrecv serve` on 127.0.0.1; killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    pub root: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(keys: &Keys, root: &Path) -> Daemon {
+        Daemon::start_on(keys, root, "127.0.0.1:0")
+    }
+
+    pub fn start_on(keys: &Keys, root: &Path, listen: &str) -> Daemon {
+        std::fs::create_dir_all(root).unwrap();
+        let log = root
+            .parent()
+            .unwrap()
+            .join(format!("recv-{}.log", std::process::id()));
+        let mut child = Command::new(shardrecv())
+            .args(["serve", "--listen", listen, "--root"])
+            .arg(root)
+            .arg("--identity")
+            .arg(&keys.recv_key)
+            .arg("--allow")
+            .arg(&keys.allow)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("spawn shardrecv");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("shardrecv did not report its address: {line:?}"))
+            .to_string();
+        Daemon {
+            child,
+            addr,
+            root: root.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `shardsend SRC ADDR DEST --identity --peer --json --no-progress EXTRA...` as a command.
+pub fn send_cmd(keys: &Keys, src: &Path, addr: &str, dest: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(shardsend());
+    c.arg(src)
+        .arg(addr)
+        .arg(dest)
+        .arg("--identity")
+        .arg(&keys.send_key)
+        .arg("--peer")
+        .arg(keys.recv_fp.to_string())
+        .args(["--json", "--no-progress"])
+        .args(extra);
+    c
+}
+
+pub fn send(keys: &Keys, src: &Path, addr: &str, dest: &str, extra: &[&str]) -> Output {
+    send_cmd(keys, src, addr, dest, extra)
+        .output()
+        .expect("run shardsend")
+}
+
+/// The JSON summary (or error object) shardsend printed.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+pub fn assert_ok(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "shardsend failed ({:?}): {}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    json(out)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible enough for tests.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_random(path: &Path, len: usize, seed: u64) {
+    std::fs::write(path, random_bytes(len, seed)).unwrap();
+}
+
+/// Asserts two trees are identical: names, kinds, bytes, permissions, mtimes, link targets.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let ma = std::fs::symlink_metadata(a).unwrap();
+    let mb =
+        std::fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{} missing: {e}", b.display()));
+    assert_eq!(
+        ma.file_type().is_dir(),
+        mb.file_type().is_dir(),
+        "{}",
+        b.display()
+    );
+    assert_eq!(
+        ma.file_type().is_symlink(),
+        mb.file_type().is_symlink(),
+        "{}",
+        b.display()
+    );
+    if ma.file_type().is_symlink() {
+        assert_eq!(
+            std::fs::read_link(a).unwrap(),
+            std::fs::read_link(b).unwrap()
+        );
+        assert_eq!(ma.mtime(), mb.mtime(), "symlink mtime of {}", b.display());
+        return;
+    }
+    assert_eq!(
+        ma.mode() & 0o7777,
+        mb.mode() & 0o7777,
+        "mode of {}",
+        b.display()
+    );
+    assert_eq!(
+        (ma.mtime(), ma.mtime_nsec()),
+        (mb.mtime(), mb.mtime_nsec()),
+        "mtime of {}",
+        b.display()
+    );
+    if ma.is_dir() {
+        let names = |p: &Path| {
+            let mut v: Vec<_> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let (na, nb) = (names(a), names(b));
+        assert_eq!(na, nb, "entries of {}", b.display());
+        for n in na {
+            assert_same_tree(&a.join(&n), &b.join(&n));
+        }
+    } else {
+        assert_eq!(ma.len(), mb.len(), "size of {}", b.display());
+        assert_eq!(file_hash(a), file_hash(b), "content of {}", b.display());
+    }
+}
+
+pub fn file_hash(p: &Path) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize()
+}
+
+/// Everything under `root` except the staging directory.
+pub fn visible_entries(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n != ".shardrecv")
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits until `cond` holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Bytes of verified-chunk records in the journal of `dest` under `root`.
+pub fn journal_records(root: &Path, dest: &str) -> u64 {
+    let dir = transfer::staging::staging_dir(root, dest.as_bytes());
+    std::fs::metadata(dir.join("journal"))
+        .map(|m| m.len().saturating_sub(40) / 48)
+        .unwrap_or(0)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
