@@ -36,7 +36,7 @@ pub const CONNECTION_WINDOW: u64 = 32 << 20;
 /// Per-stream receive window: a few data streams share the connection window.
 pub const STREAM_WINDOW: u64 = 16 << 20;
 /// UDP socket buffer size requested from the kernel.
-pub const SOCKET_BUFFER: usize = 8 << 20;
+pub const SOCKET_BUFFER: usize = 32 << 20;
 /// Most concurrent data streams a receiver allows per connection.
 pub const MAX_DATA_STREAMS: u32 = 64;
 
@@ -152,6 +152,16 @@ fn raise_buffer(sock: &socket2::Socket, dir: Direction) {
     }
 }
 
+/// Endpoint settings: accept datagrams up to the UDP maximum. quinn's default (1472) is
+/// advertised to the peer as `max_udp_payload_size`, which silently caps the datagram size
+/// at Ethernet's even on loopback, whatever `initial_mtu` says.
+fn endpoint_config() -> EndpointConfig {
+    let mut cfg = EndpointConfig::default();
+    cfg.max_udp_payload_size(65_527)
+        .expect("65527 is quinn's documented maximum");
+    cfg
+}
+
 fn runtime() -> Result<Arc<dyn quinn::Runtime>, Error> {
     quinn::default_runtime().ok_or_else(|| Error::Other("no async runtime for quinn".into()))
 }
@@ -167,7 +177,7 @@ pub fn server_endpoint(
         QuicTuning::for_peer(listen.ip()).transport_config(),
     ));
     let socket = bind_udp(listen)?;
-    quinn::Endpoint::new(EndpointConfig::default(), Some(server), socket, runtime()?)
+    quinn::Endpoint::new(endpoint_config(), Some(server), socket, runtime()?)
         .map_err(|e| Error::io(format!("listen {listen}"), e))
 }
 
@@ -186,7 +196,7 @@ pub async fn connect(
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let socket = bind_udp(bind)?;
-    let endpoint = quinn::Endpoint::new(EndpointConfig::default(), None, socket, runtime()?)
+    let endpoint = quinn::Endpoint::new(endpoint_config(), None, socket, runtime()?)
         .map_err(|e| Error::io("udp endpoint", e))?;
     let connecting = endpoint
         .connect_with(client, addr, "shardxfer")

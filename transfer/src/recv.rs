@@ -15,7 +15,7 @@
 //! Memory per transfer is bounded by the data streams (one chunk buffer each, at most
 //! `MAX_CHUNK_SIZE`) plus quinn's receive window ([`crate::quic::CONNECTION_WINDOW`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -492,20 +492,26 @@ enum ChunkOutcome {
     WriteFailed(std::io::Error),
 }
 
+/// Chunks of one data stream being verified at once while the next frame is read: enough to
+/// keep the stream flowing while hashing and writing, few enough to bound memory.
+const CHUNKS_IN_PROCESS_PER_STREAM: usize = 2;
+
 async fn receive_stream(
     mut stream: quinn::RecvStream,
     state: Arc<TransferState>,
     retry_tx: mpsc::UnboundedSender<ControlMsg>,
 ) {
-    let mut payload: Vec<u8> = Vec::new();
-    let mut decoded: Vec<u8> = Vec::new();
-    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(CHUNKS_IN_PROCESS_PER_STREAM));
+    let mut processing = tokio::task::JoinSet::new();
     loop {
         let header = match read_chunk_header(&mut stream).await {
             Ok(Some(h)) => h,
-            Ok(None) => return,
-            Err(Error::Interrupted(_)) => return,
-            Err(e) => return state.set_failure(FailCode::BadRequest, e.to_string()),
+            Ok(None) => break,
+            Err(Error::Interrupted(_)) => break,
+            Err(e) => {
+                state.set_failure(FailCode::BadRequest, e.to_string());
+                break;
+            }
         };
         let check = state
             .tracker
@@ -514,12 +520,18 @@ async fn receive_stream(
             .map(|t| t.check_header(&header));
         let chunk_state = match check {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return state.set_failure(FailCode::BadRequest, e.to_string()),
-            Err(()) => return,
+            Ok(Err(e)) => {
+                state.set_failure(FailCode::BadRequest, e.to_string());
+                break;
+            }
+            Err(()) => break,
         };
-        payload.resize(header.payload_len as usize, 0);
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let mut payload = vec![0u8; header.payload_len as usize];
         if read_payload(&mut stream, &mut payload).await.is_err() {
-            return;
+            break;
         }
         state.wire_bytes.fetch_add(
             ChunkHeader::LEN as u64 + header.payload_len,
@@ -528,110 +540,110 @@ async fn receive_stream(
         if chunk_state == ChunkState::AlreadyVerified {
             continue;
         }
-        seen.insert((header.file, header.chunk));
         let path = {
             let Ok(staging) = state.staging.lock() else {
-                return;
+                break;
             };
             match staging.as_ref() {
                 Some(s) => s.entry_path(&state.manifest, header.file as usize),
-                None => return,
+                None => break,
             }
         };
-        let h = header.clone();
-        let (p, d, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = verify_and_write(&h, &payload, &mut decoded, &path);
-            (payload, decoded, outcome)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            (
-                Vec::new(),
-                Vec::new(),
-                ChunkOutcome::Mismatch(format!("worker panicked: {e}")),
-            )
+        let (state, retry_tx) = (state.clone(), retry_tx.clone());
+        processing.spawn(async move {
+            let h = header.clone();
+            let outcome =
+                tokio::task::spawn_blocking(move || verify_and_write(&h, &payload, &path))
+                    .await
+                    .unwrap_or_else(|e| ChunkOutcome::Mismatch(format!("worker panicked: {e}")));
+            record_outcome(&state, &header, outcome, &retry_tx);
+            drop(permit);
         });
-        payload = p;
-        decoded = d;
-        match outcome {
-            ChunkOutcome::Verified(hash) => {
-                let journaled = state.staging.lock().ok().and_then(|mut s| {
-                    s.as_mut()
-                        .map(|s| s.journal_append(header.file, header.chunk, &hash))
-                });
-                if let Some(Err(e)) = journaled {
-                    return state.set_failure(FailCode::Io, format!("journal write failed: {e}"));
-                }
-                if let Ok(mut t) = state.tracker.lock() {
-                    t.mark_verified(header.file, header.chunk, hash);
-                }
-                state.progress.notify_one();
+        // Reap finished chunks so the set stays small.
+        while processing.try_join_next().is_some() {}
+    }
+    while processing.join_next().await.is_some() {}
+}
+
+/// Journals a verified chunk, or asks for it again, or fails the transfer.
+fn record_outcome(
+    state: &TransferState,
+    header: &ChunkHeader,
+    outcome: ChunkOutcome,
+    retry_tx: &mpsc::UnboundedSender<ControlMsg>,
+) {
+    match outcome {
+        ChunkOutcome::Verified(hash) => {
+            let journaled = state.staging.lock().ok().and_then(|mut s| {
+                s.as_mut()
+                    .map(|s| s.journal_append(header.file, header.chunk, &hash))
+            });
+            if let Some(Err(e)) = journaled {
+                return state.set_failure(FailCode::Io, format!("journal write failed: {e}"));
             }
-            ChunkOutcome::Mismatch(reason) => {
-                let attempts = {
-                    let Ok(mut a) = state.attempts.lock() else {
-                        return;
-                    };
-                    let n = a.entry((header.file, header.chunk)).or_insert(0);
-                    *n += 1;
-                    *n
+            if let Ok(mut t) = state.tracker.lock() {
+                t.mark_verified(header.file, header.chunk, hash);
+            }
+            state.progress.notify_one();
+        }
+        ChunkOutcome::Mismatch(reason) => {
+            let attempts = {
+                let Ok(mut a) = state.attempts.lock() else {
+                    return;
                 };
-                let path =
-                    String::from_utf8_lossy(&state.manifest.entries[header.file as usize].path)
-                        .into_owned();
-                tracing::warn!(file = %path, chunk = header.chunk, attempts, %reason, "chunk failed verification");
-                if attempts >= MAX_CHUNK_ATTEMPTS {
-                    return state.set_failure(
-                        FailCode::Verification,
-                        format!(
-                            "chunk {} of {path:?} failed verification {attempts} times ({reason}); \
-                             the path corrupts data persistently",
-                            header.chunk
-                        ),
-                    );
-                }
-                let _ = retry_tx.send(ControlMsg::Retry {
-                    file: header.file,
-                    chunk: header.chunk,
-                    reason,
-                });
+                let n = a.entry((header.file, header.chunk)).or_insert(0);
+                *n += 1;
+                *n
+            };
+            let path = String::from_utf8_lossy(&state.manifest.entries[header.file as usize].path)
+                .into_owned();
+            tracing::warn!(file = %path, chunk = header.chunk, attempts, %reason, "chunk failed verification");
+            if attempts >= MAX_CHUNK_ATTEMPTS {
+                return state.set_failure(
+                    FailCode::Verification,
+                    format!(
+                        "chunk {} of {path:?} failed verification {attempts} times ({reason}); \
+                         the path corrupts data persistently",
+                        header.chunk
+                    ),
+                );
             }
-            ChunkOutcome::WriteFailed(e) => {
-                let (code, msg) = if e.raw_os_error() == Some(libc::ENOSPC) {
-                    let remaining = state
-                        .tracker
-                        .lock()
-                        .map(|t| state.manifest.total_bytes - t.verified_bytes())
-                        .unwrap_or(state.manifest.total_bytes);
-                    (
-                        FailCode::NoSpace,
-                        format!(
-                            "receiver disk full: at least {remaining} more bytes are needed; \
-                             staging removed, target untouched"
-                        ),
-                    )
-                } else {
-                    (FailCode::Io, format!("write failed: {e}"))
-                };
-                return state.set_failure(code, msg);
-            }
+            let _ = retry_tx.send(ControlMsg::Retry {
+                file: header.file,
+                chunk: header.chunk,
+                reason,
+            });
+        }
+        ChunkOutcome::WriteFailed(e) => {
+            let (code, msg) = if e.raw_os_error() == Some(libc::ENOSPC) {
+                let remaining = state
+                    .tracker
+                    .lock()
+                    .map(|t| state.manifest.total_bytes - t.verified_bytes())
+                    .unwrap_or(state.manifest.total_bytes);
+                (
+                    FailCode::NoSpace,
+                    format!(
+                        "receiver disk full: at least {remaining} more bytes are needed; \
+                         staging removed, target untouched"
+                    ),
+                )
+            } else {
+                (FailCode::Io, format!("write failed: {e}"))
+            };
+            state.set_failure(code, msg);
         }
     }
 }
 
 /// Decodes, hashes and compares a chunk, and writes it when it matches.
-fn verify_and_write(
-    h: &ChunkHeader,
-    payload: &[u8],
-    decoded: &mut Vec<u8>,
-    path: &std::path::Path,
-) -> ChunkOutcome {
+fn verify_and_write(h: &ChunkHeader, payload: &[u8], path: &std::path::Path) -> ChunkOutcome {
+    let mut decoded = Vec::new();
     let raw: &[u8] = match h.codec {
         Codec::Raw => payload,
         Codec::Zero => {
-            decoded.clear();
             decoded.resize(h.raw_len as usize, 0);
-            decoded
+            &decoded
         }
         Codec::Zstd => {
             thread_local! {
@@ -644,16 +656,15 @@ fn verify_and_write(
                     *d = zstd::bulk::Decompressor::new().ok();
                 }
                 match d.as_mut() {
-                    Some(dec) => {
-                        decompress_into(dec, payload, h.raw_len, decoded).map_err(|e| e.to_string())
-                    }
+                    Some(dec) => decompress_into(dec, payload, h.raw_len, &mut decoded)
+                        .map_err(|e| e.to_string()),
                     None => Err("cannot create a zstd decompressor".into()),
                 }
             });
             if let Err(e) = r {
                 return ChunkOutcome::Mismatch(format!("undecodable payload: {e}"));
             }
-            decoded
+            &decoded
         }
     };
     let got = *blake3::hash(raw).as_bytes();

@@ -546,7 +546,7 @@ fn make_progress_bar(enabled: bool, total: u64, start: u64) -> indicatif::Progre
     bar
 }
 
-/// Buffers a worker reuses for every chunk.
+/// Buffers an encoder reuses for every chunk.
 struct Buffers {
     read: Vec<u8>,
     compressed: Vec<u8>,
@@ -559,11 +559,57 @@ struct Encoded {
     sample: Option<CodecSample>,
 }
 
+/// A chunk frame ready to be written.
+struct Frame {
+    header: ChunkHeader,
+    payload: bytes::Bytes,
+}
+
+/// One data stream: an encoder task (read, hash, compress on a blocking thread) feeding a
+/// writer (this task) through a one-slot channel, so the next chunk is read while the
+/// current one is written. Payloads move into quinn as `Bytes`, without a copy.
 async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Error> {
     let mut stream = conn
         .open_uni()
         .await
         .map_err(|e| crate::io::connection_error(&e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame>(1);
+    let encoder = tokio::spawn(encoder(shared.clone(), tx));
+    let lost = |e: quinn::WriteError| match e {
+        quinn::WriteError::ConnectionLost(c) => crate::io::connection_error(&c),
+        other => Error::Interrupted(other.to_string()),
+    };
+    while let Some(frame) = rx.recv().await {
+        let h = &frame.header;
+        let wire = ChunkHeader::LEN as u64 + h.payload_len;
+        if let Some(l) = &shared.limiter {
+            l.reserve(wire).await;
+        }
+        let mut parts = [
+            bytes::Bytes::copy_from_slice(&h.encode()),
+            frame.payload.clone(),
+        ];
+        stream.write_all_chunks(&mut parts).await.map_err(lost)?;
+        if let Ok(mut hashes) = shared.hashes.lock() {
+            if let Some(slot) = hashes
+                .get_mut(h.file as usize)
+                .and_then(|v| v.get_mut(h.chunk as usize))
+            {
+                *slot = Some(h.hash);
+            }
+        }
+        shared.sent_bytes.fetch_add(h.raw_len, Ordering::Relaxed);
+        shared.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        shared.queue.complete();
+    }
+    let _ = stream.finish();
+    encoder
+        .await
+        .map_err(|e| Error::Other(format!("encoder task failed: {e}")))?
+}
+
+async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> Result<(), Error> {
     let mut bufs = Buffers {
         read: Vec::new(),
         compressed: Vec::new(),
@@ -594,19 +640,15 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
         if let (Some(s), Ok(mut d)) = (encoded.sample, shared.decider.lock()) {
             d.add_sample(s);
         }
-        let payload: &mut [u8] = match encoded.codec {
-            Codec::Raw => &mut bufs.read[..len as usize],
-            Codec::Zstd => &mut bufs.compressed[..],
-            Codec::Zero => &mut [],
-        };
-        let header = ChunkHeader {
-            file,
-            chunk,
-            offset,
-            raw_len: len,
-            codec: encoded.codec,
-            payload_len: payload.len() as u64,
-            hash: encoded.hash,
+        // The payload leaves with the frame; the next chunk gets a fresh buffer.
+        let mut payload: Vec<u8> = match encoded.codec {
+            Codec::Raw => {
+                let mut v = std::mem::take(&mut bufs.read);
+                v.truncate(len as usize);
+                v
+            }
+            Codec::Zstd => std::mem::take(&mut bufs.compressed),
+            Codec::Zero => Vec::new(),
         };
         if shared.fault.is_some()
             && shared.fault_target == Some((file, chunk))
@@ -618,30 +660,23 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
                 payload[0] ^= 0xff;
             }
         }
-        let wire = ChunkHeader::LEN as u64 + payload.len() as u64;
-        if let Some(l) = &shared.limiter {
-            l.reserve(wire).await;
-        }
-        let lost = |e: quinn::WriteError| match e {
-            quinn::WriteError::ConnectionLost(c) => crate::io::connection_error(&c),
-            other => Error::Interrupted(other.to_string()),
+        let header = ChunkHeader {
+            file,
+            chunk,
+            offset,
+            raw_len: len,
+            codec: encoded.codec,
+            payload_len: payload.len() as u64,
+            hash: encoded.hash,
         };
-        stream.write_all(&header.encode()).await.map_err(lost)?;
-        stream.write_all(payload).await.map_err(lost)?;
-        if let Ok(mut h) = shared.hashes.lock() {
-            if let Some(slot) = h
-                .get_mut(file as usize)
-                .and_then(|v| v.get_mut(chunk as usize))
-            {
-                *slot = Some(encoded.hash);
-            }
+        let frame = Frame {
+            header,
+            payload: bytes::Bytes::from(payload),
+        };
+        if tx.send(frame).await.is_err() {
+            break; // the writer stopped: its error is the one reported
         }
-        shared.sent_bytes.fetch_add(len, Ordering::Relaxed);
-        shared.wire_bytes.fetch_add(wire, Ordering::Relaxed);
-        shared.chunks_sent.fetch_add(1, Ordering::Relaxed);
-        shared.queue.complete();
     }
-    let _ = stream.finish();
     Ok(())
 }
 

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Loopback benchmark: shardsend vs a raw TCP pipe (socat), scp and rsync over ssh, in one run.
+#
+#   scripts/bench-peers.sh [--size 2G] [--runs 3] [--repo PATH] [--out bench/RESULTS.md] [--no-write]
+#
+# For each payload (SIZE of random data, and the tree of a bare repository if --repo is given or
+# `mkfixture` can make one) every tool copies the payload from one directory to another on this
+# machine, best of RUNS. Each copy ends durable: the destination is synced (shardrecv syncfs's
+# before install; the peers get a `sync` of the destination inside the timed command), so all
+# tools pay the same disk cost. Peak RSS of both ends comes from /usr/bin/time -v; the far ends
+# of scp (sftp-server) and rsync are wrapped through sshd's Subsystem line and --rsync-path.
+# sshd runs on a loopback port with throwaway keys; nothing leaves 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=2G
+runs=3
+repo=""
+out=bench/RESULTS.md
+write=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) size=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    --repo) repo=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --no-write) write=0; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+scripts/install-deps.sh >/dev/null
+cargo build --release -q -p transfer -p fixtures
+bin=$PWD/target/release
+work=$(mktemp -d /var/tmp/bench-peers.XXXXXX)
+sshd_pid=""
+cleanup() {
+  [ -n "$sshd_pid" ] && kill "$sshd_pid" 2>/dev/null || true
+  pkill -f "shardrecv serve --listen 127.0.0.1:0 --root $work" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# --- payloads -------------------------------------------------------------------------------
+mkdir -p "$work/src"
+echo "making $size of random data..." >&2
+head -c "$(numfmt --from=iec "$size")" /dev/urandom > "$work/src/random.bin"
+payloads=("random.bin")
+if [ -z "$repo" ] && [ -x "$bin/mkfixture" ]; then
+  echo "making a 200M bare repository fixture..." >&2
+  if "$bin/mkfixture" bare --size 200M --out "$work/src/fixture.git" --seed 1 >/dev/null 2>&1; then
+    payloads+=("fixture.git")
+  fi
+elif [ -n "$repo" ]; then
+  cp -a "$repo" "$work/src/repo.git"
+  payloads+=("repo.git")
+fi
+
+# --- sshd on loopback -------------------------------------------------------------------------
+ssh_dir=$work/ssh
+mkdir -p "$ssh_dir" /run/sshd
+ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host" >/dev/null
+ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/user" >/dev/null
+cp "$ssh_dir/user.pub" "$ssh_dir/authorized_keys"
+chmod 600 "$ssh_dir/authorized_keys"
+ssh_port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+far_rss=$work/far-rss.txt
+/usr/sbin/sshd -f /dev/null -p "$ssh_port" -o ListenAddress=127.0.0.1 -o HostKey="$ssh_dir/host" \
+  -o AuthorizedKeysFile="$ssh_dir/authorized_keys" -o StrictModes=no -o PermitRootLogin=yes \
+  -o PidFile="$ssh_dir/sshd.pid" \
+  -o "Subsystem=sftp /usr/bin/time -v -o $far_rss /usr/lib/openssh/sftp-server" -D &
+sshd_pid=$!
+ssh_opts=(-i "$ssh_dir/user" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes)
+for _ in $(seq 50); do ssh "${ssh_opts[@]}" -p "$ssh_port" root@127.0.0.1 true 2>/dev/null && break; sleep 0.1; done
+
+# --- shardsend keys ---------------------------------------------------------------------------
+"$bin/shardrecv" keygen --out "$work/recv.key" > "$work/recv.fp" 2>/dev/null
+"$bin/shardsend" keygen --out "$work/send.key" > "$work/allow" 2>/dev/null
+
+rss_of() { awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
+now() { date +%s.%N; }
+
+# Runs one copy; prints "seconds near_rss_mib far_rss_mib".
+run_one() {
+  local tool=$1 name=$2 dst=$work/dst
+  rm -rf "$dst" "$work/near.txt" "$far_rss"; mkdir -p "$dst"
+  sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  # Warm the source back into the page cache so every tool reads from memory.
+  cat "$work/src/$name" > /dev/null 2>&1 || tar -C "$work/src" -cf - "$name" > /dev/null
+  local t0 t1
+  case $tool in
+    shardsend)
+      /usr/bin/time -v -o "$far_rss" "$bin/shardrecv" serve --listen 127.0.0.1:0 --root "$dst" \
+        --identity "$work/recv.key" --allow "$work/allow" > "$work/recv.out" 2> "$work/recv.log" &
+      local rpid=$!
+      for _ in $(seq 100); do [ -s "$work/recv.out" ] && break; sleep 0.05; done
+      local addr; addr=$(awk '{print $2}' "$work/recv.out")
+      t0=$(now)
+      /usr/bin/time -v -o "$work/near.txt" "$bin/shardsend" "$work/src/$name" "$addr" "$name" \
+        --identity "$work/send.key" --peer "$(cat "$work/recv.fp")" --no-progress --json > "$work/send.json"
+      t1=$(now)
+      kill -TERM "$rpid"; wait "$rpid" 2>/dev/null || true
+      ;;
+    socat)
+      local port; port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+      if [ -d "$work/src/$name" ]; then
+        (cd "$dst" && /usr/bin/time -v -o "$far_rss" socat -b 4194304 -u TCP-LISTEN:"$port",bind=127.0.0.1,reuseaddr STDOUT | tar -xf -) &
+      else
+        /usr/bin/time -v -o "$far_rss" socat -b 4194304 -u TCP-LISTEN:"$port",bind=127.0.0.1,reuseaddr CREATE:"$dst/$name" &
+      fi
+      local lpid=$!
+      for _ in $(seq 100); do ss -ltn | grep -q ":$port " && break; sleep 0.02; done
+      t0=$(now)
+      if [ -d "$work/src/$name" ]; then
+        tar -C "$work/src" -cf - "$name" | /usr/bin/time -v -o "$work/near.txt" socat -b 4194304 -u STDIN TCP:127.0.0.1:"$port"
+      else
+        /usr/bin/time -v -o "$work/near.txt" socat -b 4194304 -u OPEN:"$work/src/$name" TCP:127.0.0.1:"$port"
+      fi
+      wait "$lpid"; sync "$dst"/* 2>/dev/null || sync
+      t1=$(now)
+      ;;
+    scp)
+      t0=$(now)
+      /usr/bin/time -v -o "$work/near.txt" scp -q -r "${ssh_opts[@]}" -P "$ssh_port" "$work/src/$name" root@127.0.0.1:"$dst/"
+      sync "$dst"/* 2>/dev/null || sync
+      t1=$(now)
+      ;;
+    rsync)
+      t0=$(now)
+      /usr/bin/time -v -o "$work/near.txt" rsync -a --whole-file -e "ssh ${ssh_opts[*]} -p $ssh_port" \
+        --rsync-path="/usr/bin/time -v -o $far_rss rsync" "$work/src/$name" root@127.0.0.1:"$dst/"
+      sync "$dst"/* 2>/dev/null || sync
+      t1=$(now)
+      ;;
+  esac
+  # Every tool must have produced an identical copy.
+  if ! diff -rq "$work/src/$name" "$dst/$name" > /dev/null; then
+    echo "ERROR: $tool produced a different copy of $name" >&2; exit 1
+  fi
+  echo "$(echo "$t1 - $t0" | bc -l) $(rss_of "$work/near.txt") $(rss_of "$far_rss" 2>/dev/null || echo '?')"
+}
+
+tools=(shardsend socat scp rsync)
+declare -A best near far
+table=""
+for name in "${payloads[@]}"; do
+  bytes=$(du -sb "$work/src/$name" | cut -f1)
+  for tool in "${tools[@]}"; do
+    best[$tool]=""
+    for r in $(seq "$runs"); do
+      read -r secs n f < <(run_one "$tool" "$name")
+      echo "$name $tool run $r: ${secs}s near ${n}MiB far ${f}MiB" >&2
+      if [ -z "${best[$tool]}" ] || (( $(echo "$secs < ${best[$tool]}" | bc -l) )); then
+        best[$tool]=$secs; near[$tool]=$n; far[$tool]=$f
+      fi
+    done
+  done
+  table+=$'\n'"**$name** ($bytes bytes, best of $runs)"$'\n\n'
+  table+="| tool | seconds | MB/s | x scp | x rsync | peak RSS sender (MiB) | peak RSS receiver (MiB) |"$'\n'
+  table+="|---|---|---|---|---|---|---|"$'\n'
+  for tool in "${tools[@]}"; do
+    s=${best[$tool]}
+    table+=$(printf "| %s | %.2f | %.0f | %.2f | %.2f | %s | %s |" "$tool" "$s" \
+      "$(echo "$bytes / $s / 1000000" | bc -l)" \
+      "$(echo "${best[scp]} / $s" | bc -l)" "$(echo "${best[rsync]} / $s" | bc -l)" \
+      "${near[$tool]}" "${far[$tool]}")$'\n'
+  done
+done
+
+machine="$(nproc) cores, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}'), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r)"
+section="## Loopback peers (issue 3): shardsend vs socat, scp, rsync
+
+- date: $(date -u +%Y-%m-%dT%H:%MZ)
+- machine: $machine
+- command: \`scripts/bench-peers.sh --size $size --runs $runs\`
+- every copy is durable (destination synced inside the timing) and checked identical with \`diff -r\`;
+  shardsend: auto compression, 4 streams, BLAKE3-verified, staged then installed.
+$table"
+echo "$section"
+if [ "$write" = 1 ]; then
+  mkdir -p "$(dirname "$out")"
+  [ -f "$out" ] || printf '# Benchmark results\n\nEach section: machine, date, command, and the peers measured in the same run.\n' > "$out"
+  python3 - "$out" "$section" <<'EOF'
+import re, sys
+path, section = sys.argv[1], sys.argv[2]
+text = open(path).read()
+head = "## Loopback peers (issue 3)"
+pattern = re.compile(r"^" + re.escape(head) + r".*?(?=^## |\Z)", re.S | re.M)
+text = pattern.sub(lambda m: section.rstrip() + "\n\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section.rstrip() + "\n"
+open(path, "w").write(text)
+EOF
+  echo "written to $out" >&2
+fi
