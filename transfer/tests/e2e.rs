@@ -366,7 +366,7 @@ fn resume_after_kill(kill_receiver: bool) {
     // Let the receiver finish what it had already received before looking at the journal.
     std::thread::sleep(Duration::from_millis(500));
     let verified = journal_records(&root, "r.git");
-    assert!(verified >= 8 && verified < 24, "verified {verified}");
+    assert!((8..24).contains(&verified), "verified {verified}");
 
     let mut resume_args = args.to_vec();
     resume_args.retain(|a| *a != "--bwlimit" && *a != "6M");
