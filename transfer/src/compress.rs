@@ -212,7 +212,9 @@ impl AutoDecider {
                     d.reason = "zstd saved nothing on the sampled chunks: sending raw".into()
                 }
                 (None, Some(_)) => {
-                    d.reason = "measuring: sending raw until the link is measured".into()
+                    d.reason = format!(
+                        "link not measured yet (it takes {LINK_WINDOW_SECS} s of transfer): sending raw"
+                    )
                 }
                 (Some(l), Some(b)) => {
                     d.compress = l < b;
