@@ -149,7 +149,7 @@ pub fn markdown(results: &[RepoResult]) -> String {
 /// breakpoints in bytes/s (empty: never pays).
 pub fn csv(results: &[RepoResult]) -> String {
     let mut s = String::from(
-        "repo,variant,codec,tar_bytes,wire_bytes,tar_secs,compress_secs,decompress_secs,breakpoint_bps,breakpoint_compress_only_bps,extrapolated\n",
+        "repo,variant,codec,tar_bytes,wire_bytes,tar_secs,compress_secs,decompress_secs,breakpoint_bps,breakpoint_compress_only_bps,extrapolated,note\n",
     );
     let bp = |v: Option<f64>| match v {
         Some(v) if v.is_finite() => format!("{v:.0}"),
@@ -160,7 +160,7 @@ pub fn csv(results: &[RepoResult]) -> String {
         for m in &r.measurements {
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{:.4},{:.4},{:.4},{},{},{}",
+                "{},{},{},{},{},{:.4},{:.4},{:.4},{},{},{},{}",
                 r.repo,
                 r.variant,
                 m.codec,
@@ -171,11 +171,69 @@ pub fn csv(results: &[RepoResult]) -> String {
                 m.decompress_secs,
                 bp(m.breakpoint()),
                 bp(m.breakpoint_compress_only()),
-                m.extrapolated
+                m.extrapolated,
+                r.note.replace(',', ";")
             );
         }
     }
     s
+}
+
+/// Parse a codec name as printed by its `Display` (`tar`, `gzip-6`, `zstd-3-mt2`, ...).
+pub fn parse_codec(s: &str) -> Option<Codec> {
+    if s == "tar" {
+        return Some(Codec::None);
+    }
+    if s == "shardsend" {
+        return Some(Codec::Shardsend);
+    }
+    if let Some(l) = s.strip_prefix("gzip-") {
+        return l.parse().ok().map(Codec::Gzip);
+    }
+    let z = s.strip_prefix("zstd-")?;
+    match z.split_once("-mt") {
+        Some((l, n)) => Some(Codec::ZstdMt(l.parse().ok()?, n.parse().ok()?)),
+        None => z.parse().ok().map(Codec::Zstd),
+    }
+}
+
+/// Read back what [`csv`] wrote (to re-render tables and charts without measuring again).
+pub fn parse_csv(text: &str) -> Result<Vec<RepoResult>, String> {
+    let mut out: Vec<RepoResult> = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 11 {
+            return Err(format!(
+                "line {}: {} fields, expected 11 or 12",
+                i + 1,
+                f.len()
+            ));
+        }
+        let bad = |what: &str| format!("line {}: bad {what}", i + 1);
+        let m = Measurement {
+            codec: parse_codec(f[2]).ok_or_else(|| bad("codec"))?,
+            input_bytes: f[3].parse().map_err(|_| bad("tar_bytes"))?,
+            output_bytes: f[4].parse().map_err(|_| bad("wire_bytes"))?,
+            tar_secs: f[5].parse().map_err(|_| bad("tar_secs"))?,
+            compress_secs: f[6].parse().map_err(|_| bad("compress_secs"))?,
+            decompress_secs: f[7].parse().map_err(|_| bad("decompress_secs"))?,
+            extrapolated: f[10] == "true",
+        };
+        let note = f.get(11).copied().unwrap_or("").to_string();
+        match out.last_mut() {
+            Some(r) if r.repo == f[0] && r.variant == f[1] => r.measurements.push(m),
+            _ => out.push(RepoResult {
+                repo: f[0].to_string(),
+                variant: f[1].to_string(),
+                note,
+                measurements: vec![m],
+            }),
+        }
+    }
+    Ok(out)
 }
 
 const COLORS: &[&str] = &[
@@ -213,8 +271,17 @@ pub fn svg_chart(r: &RepoResult) -> String {
         ymax.log10().ceil().max(ymin.log10().floor() + 1.0),
     );
     let y1 = |t: f64| top1 + h1 - (t.max(1e-3).log10() - ylo) / (yhi - ylo) * h1;
-    // Panel 2: relative to tar, linear 0.5..2.0 (clipped).
-    let (rlo, rhi) = (0.5f64, 2.0f64);
+    // Panel 2: relative to tar, linear, zoomed on the best codec's gain (clipped above).
+    let mut min_rel = 1.0f64;
+    if let Some(b) = base {
+        for m in &r.measurements {
+            for &l in &links {
+                min_rel = min_rel.min(m.effective_secs(l) / b.effective_secs(l));
+            }
+        }
+    }
+    let rlo = (((min_rel - 0.02) / 0.05).floor() * 0.05).clamp(0.0, 0.95);
+    let rhi = 1.0 + (1.0 - rlo) * 1.5;
     let y2 = |v: f64| top2 + h2 - (v.clamp(rlo, rhi) - rlo) / (rhi - rlo) * h2;
 
     let mut s = String::new();
@@ -291,9 +358,14 @@ pub fn svg_chart(r: &RepoResult) -> String {
         );
         e += 1;
     }
-    for v in [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0] {
+    let ticks: Vec<f64> = (0..=5)
+        .map(|i| rlo + (rhi - rlo) * i as f64 / 5.0)
+        .chain(std::iter::once(1.0))
+        .collect();
+    for v in ticks {
         let yy = y2(v);
         let stroke = if v == 1.0 { "#333" } else { "#ddd" };
+        let v = (v * 1000.0).round() / 1000.0;
         let _ = writeln!(
             s,
             r#"<line x1="{left}" y1="{yy:.1}" x2="{}" y2="{yy:.1}" stroke="{stroke}"/><text x="{}" y="{:.1}" text-anchor="end">{v}</text>"#,
@@ -341,6 +413,17 @@ pub fn svg_chart(r: &RepoResult) -> String {
             m.codec,
             if m.extrapolated { " *" } else { "" }
         );
+        if let Some(bp) = m
+            .breakpoint()
+            .filter(|b| b.is_finite() && *b >= 1e5 && *b <= 1e10)
+        {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"/>"#,
+                x(bp),
+                y2(1.0)
+            );
+        }
         if m.codec != Codec::None {
             let _ = writeln!(
                 s,
@@ -406,6 +489,14 @@ mod tests {
         let svg = svg_chart(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(markdown(std::slice::from_ref(&r)).contains("| t | as-is | zstd-3 |"));
-        assert_eq!(csv(&[r]).lines().count(), 4);
+        let text = csv(std::slice::from_ref(&r));
+        assert_eq!(text.lines().count(), 4);
+        let back = parse_csv(&text).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].measurements.len(), 3);
+        assert_eq!(back[0].measurements[1].codec, Codec::Zstd(3));
+        for c in crate::codecs::DEFAULT_CODECS {
+            assert_eq!(parse_codec(&c.to_string()), Some(*c));
+        }
     }
 }

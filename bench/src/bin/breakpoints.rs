@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bench::codecs::{measure, measure_tar, Codec, DEFAULT_CODECS};
-use bench::report::{csv, markdown, svg_chart, RepoResult};
+use bench::report::{csv, markdown, parse_csv, svg_chart, RepoResult};
 use clap::Parser;
 
 /// Measure tar, gzip -6, zstd -1/-3/-9/-19, multithreaded zstd and shardsend's chunked zstd
@@ -28,8 +28,12 @@ use clap::Parser;
 #[command(name = "breakpoints", verbatim_doc_comment)]
 struct Cli {
     /// Repositories (bare or with a working copy) or any directories to measure
-    #[arg(required = true, value_name = "REPO")]
+    #[arg(required_unless_present = "from_csv", value_name = "REPO")]
     repos: Vec<PathBuf>,
+
+    /// Measure nothing: re-render results.md and the charts from a results.csv written earlier
+    #[arg(long, value_name = "CSV", conflicts_with = "repos")]
+    from_csv: Option<PathBuf>,
 
     /// Directory for results.md, results.csv and chart-*.svg
     #[arg(long, default_value = "bench/out")]
@@ -171,6 +175,16 @@ fn main() -> Result<()> {
         }
     }
     fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    if let Some(csv_path) = &cli.from_csv {
+        let text = fs::read_to_string(csv_path)
+            .with_context(|| format!("reading {}", csv_path.display()))?;
+        let results = parse_csv(&text)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("parsing {}", csv_path.display()))?;
+        write_outputs(&cli.out, &results)?;
+        println!("{}", markdown(&results));
+        return Ok(());
+    }
     let mut results = Vec::new();
     for (i, repo) in cli.repos.iter().enumerate() {
         let label = cli.labels.get(i).cloned().unwrap_or_else(|| label_of(repo));
