@@ -155,3 +155,64 @@ impl RateLimiter {
         tokio::time::sleep_until(slot.into()).await;
     }
 }
+
+/// A small pool of chunk-sized buffers, so steady-state transfers allocate (and page-fault)
+/// nothing per chunk. Bounded: buffers beyond `max` are freed instead of kept.
+#[derive(Clone)]
+pub struct BufferPool {
+    free: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    max: usize,
+}
+
+impl BufferPool {
+    pub fn new(max: usize) -> Self {
+        BufferPool {
+            free: Default::default(),
+            max,
+        }
+    }
+
+    /// A buffer from the pool (or a new empty one). Its length is what the previous user
+    /// left, so callers `resize` or `clear` it as they need.
+    pub fn take(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default()
+    }
+
+    pub fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < self.max {
+                f.push(buf);
+            }
+        }
+    }
+
+    /// Wraps `buf` as `Bytes` that return the buffer to this pool when quinn drops them
+    /// (after the peer acknowledged the data).
+    pub fn into_bytes(&self, buf: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(PooledBuf {
+            buf,
+            pool: self.clone(),
+        })
+    }
+}
+
+struct PooledBuf {
+    buf: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}

@@ -73,6 +73,7 @@ impl QuicTuning {
             .initial_mtu(self.initial_mtu)
             .min_mtu(self.initial_mtu.min(1200))
             .enable_segmentation_offload(true)
+            .send_fairness(false)
             .max_concurrent_uni_streams(VarInt::from_u32(MAX_DATA_STREAMS))
             .max_concurrent_bidi_streams(VarInt::from_u32(4))
             // A cut link is noticed within the idle timeout; keep-alives stop a quiet

@@ -502,6 +502,7 @@ async fn receive_stream(
     retry_tx: mpsc::UnboundedSender<ControlMsg>,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(CHUNKS_IN_PROCESS_PER_STREAM));
+    let pool = crate::io::BufferPool::new(CHUNKS_IN_PROCESS_PER_STREAM + 1);
     let mut processing = tokio::task::JoinSet::new();
     loop {
         let header = match read_chunk_header(&mut stream).await {
@@ -529,7 +530,10 @@ async fn receive_stream(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let mut payload = vec![0u8; header.payload_len as usize];
+        // Pooled buffers keep their initialised length: resizing to the usual chunk size
+        // zero-fills nothing after the first use.
+        let mut payload = pool.take();
+        payload.resize(header.payload_len as usize, 0);
         if read_payload(&mut stream, &mut payload).await.is_err() {
             break;
         }
@@ -538,6 +542,7 @@ async fn receive_stream(
             std::sync::atomic::Ordering::Relaxed,
         );
         if chunk_state == ChunkState::AlreadyVerified {
+            pool.give(payload);
             continue;
         }
         let path = {
@@ -549,13 +554,16 @@ async fn receive_stream(
                 None => break,
             }
         };
-        let (state, retry_tx) = (state.clone(), retry_tx.clone());
+        let (state, retry_tx, pool) = (state.clone(), retry_tx.clone(), pool.clone());
         processing.spawn(async move {
             let h = header.clone();
-            let outcome =
-                tokio::task::spawn_blocking(move || verify_and_write(&h, &payload, &path))
-                    .await
-                    .unwrap_or_else(|e| ChunkOutcome::Mismatch(format!("worker panicked: {e}")));
+            let outcome = tokio::task::spawn_blocking(move || {
+                let outcome = verify_and_write(&h, &payload, &path);
+                pool.give(payload);
+                outcome
+            })
+            .await
+            .unwrap_or_else(|e| ChunkOutcome::Mismatch(format!("worker panicked: {e}")));
             record_outcome(&state, &header, outcome, &retry_tx);
             drop(permit);
         });

@@ -20,7 +20,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,6 +118,33 @@ pub struct SendSummary {
     pub root_hash: String,
     pub attempts: u32,
     pub skipped: Vec<String>,
+    /// QUIC path statistics of the last attempt, for diagnosing slow links.
+    pub quic: QuicStats,
+}
+
+/// What quinn saw of the path.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuicStats {
+    pub mtu: u16,
+    pub rtt_ms: f64,
+    pub cwnd: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+}
+
+impl QuicStats {
+    fn of(conn: &quinn::Connection) -> Self {
+        let p = conn.stats().path;
+        QuicStats {
+            mtu: p.current_mtu,
+            rtt_ms: p.rtt.as_secs_f64() * 1e3,
+            cwnd: p.cwnd,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            congestion_events: p.congestion_events,
+        }
+    }
 }
 
 /// Sends `cfg.src`, retrying (with resume) when the source changes during the send.
@@ -471,6 +497,8 @@ async fn attempt_once(
         }
         Ok((ours, path, replaced))
     });
+    let quic = QuicStats::of(&conn);
+    tracing::debug!(?quic, "path statistics");
     conn.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     while workers.join_next().await.is_some() {}
@@ -510,6 +538,7 @@ async fn attempt_once(
         root_hash: hex(&root),
         attempts: 1,
         skipped: shared.scan.skipped.clone(),
+        quic,
     })
 }
 
@@ -610,9 +639,11 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
 }
 
 async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> Result<(), Error> {
+    // Payloads stay alive in quinn until acknowledged; the pool gets them back then.
+    let pool = crate::io::BufferPool::new(8);
     let mut bufs = Buffers {
-        read: Vec::new(),
-        compressed: Vec::new(),
+        read: pool.take(),
+        compressed: pool.take(),
     };
     while let Some((file, chunk)) = shared.queue.next().await {
         let m = &shared.scan.manifest;
@@ -640,14 +671,14 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
         if let (Some(s), Ok(mut d)) = (encoded.sample, shared.decider.lock()) {
             d.add_sample(s);
         }
-        // The payload leaves with the frame; the next chunk gets a fresh buffer.
+        // The payload leaves with the frame; the next chunk takes a buffer from the pool.
         let mut payload: Vec<u8> = match encoded.codec {
             Codec::Raw => {
-                let mut v = std::mem::take(&mut bufs.read);
+                let mut v = std::mem::replace(&mut bufs.read, pool.take());
                 v.truncate(len as usize);
                 v
             }
-            Codec::Zstd => std::mem::take(&mut bufs.compressed),
+            Codec::Zstd => std::mem::replace(&mut bufs.compressed, pool.take()),
             Codec::Zero => Vec::new(),
         };
         if shared.fault.is_some()
@@ -671,7 +702,7 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
         };
         let frame = Frame {
             header,
-            payload: bytes::Bytes::from(payload),
+            payload: pool.into_bytes(payload),
         };
         if tx.send(frame).await.is_err() {
             break; // the writer stopped: its error is the one reported
@@ -704,6 +735,41 @@ fn zero_hash(len: u64) -> Hash {
     *h.finalize().as_bytes()
 }
 
+/// Reads exactly `len` bytes at `offset` into `buf` (cleared first) without zero-filling it:
+/// `pread` writes straight into the spare capacity.
+fn read_exact_at_uninit(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+    buf.clear();
+    buf.reserve(len);
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the destination is within buf's reserved capacity (len - done bytes from
+        // done); pread writes at most that many bytes and we only extend the length by what
+        // it reports as written.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        done += n as usize;
+        // SAFETY: pread initialised bytes [0, done).
+        unsafe { buf.set_len(done) };
+    }
+    Ok(())
+}
+
 thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
@@ -729,8 +795,7 @@ fn encode_chunk(
             sample: None,
         });
     }
-    bufs.read.resize(len as usize, 0);
-    file.read_exact_at(&mut bufs.read, offset).map_err(|e| {
+    read_exact_at_uninit(&file, &mut bufs.read, len as usize, offset).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             io::Error::other("file shrank while being read (source changed)")
         } else {
