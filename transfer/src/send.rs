@@ -40,7 +40,7 @@ use crate::wire::{
 
 /// Default chunk size: large enough to amortise per-frame cost, small enough that a resume
 /// re-sends little (at most `streams` chunks were in flight).
-pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+pub const DEFAULT_CHUNK_SIZE: u64 = 2 << 20;
 /// Default number of parallel data streams.
 pub const DEFAULT_STREAMS: usize = 4;
 /// Attempts made when the source keeps changing under us.
@@ -290,6 +290,8 @@ struct Shared {
     fault_target: Option<(u64, u64)>,
     fault_fired: std::sync::atomic::AtomicBool,
     started: Instant,
+    /// Chunk buffers shared by the encoders; at most one spare per stream is kept.
+    pool: crate::io::BufferPool,
 }
 
 async fn resolve(addr: &str) -> Result<std::net::SocketAddr, Error> {
@@ -413,6 +415,7 @@ async fn attempt_once(
         fault_target,
         fault_fired: std::sync::atomic::AtomicBool::new(false),
         started: Instant::now(),
+        pool: crate::io::BufferPool::new(cfg.streams),
         scan: scanned,
     });
     let mut workers = tokio::task::JoinSet::new();
@@ -575,10 +578,15 @@ fn make_progress_bar(enabled: bool, total: u64, start: u64) -> indicatif::Progre
     bar
 }
 
-/// Buffers an encoder reuses for every chunk.
+/// Buffers and codec contexts an encoder reuses for every chunk (one set per stream, rather
+/// than per blocking thread: they are the bulk of the sender's memory).
 struct Buffers {
     read: Vec<u8>,
     compressed: Vec<u8>,
+    /// Decompression target when sampling (measuring) the codec.
+    scratch: Vec<u8>,
+    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 /// What the blocking encoder decided for one chunk.
@@ -639,11 +647,14 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
 }
 
 async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> Result<(), Error> {
-    // Payloads stay alive in quinn until acknowledged; the pool gets them back then.
-    let pool = crate::io::BufferPool::new(8);
+    // Payloads stay alive in quinn until acknowledged; the shared pool gets them back then.
+    let pool = shared.pool.clone();
     let mut bufs = Buffers {
         read: pool.take(),
-        compressed: pool.take(),
+        compressed: Vec::new(),
+        scratch: Vec::new(),
+        compressor: None,
+        decompressor: None,
     };
     while let Some((file, chunk)) = shared.queue.next().await {
         let m = &shared.scan.manifest;
@@ -678,9 +689,12 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
                 v.truncate(len as usize);
                 v
             }
-            Codec::Zstd => std::mem::replace(&mut bufs.compressed, pool.take()),
+            Codec::Zstd => std::mem::take(&mut bufs.compressed),
             Codec::Zero => Vec::new(),
         };
+        if !sample && bufs.scratch.capacity() > 0 {
+            bufs.scratch = Vec::new(); // sampling is over for now: give the memory back
+        }
         if shared.fault.is_some()
             && shared.fault_target == Some((file, chunk))
             && !payload.is_empty()
@@ -770,13 +784,6 @@ fn read_exact_at_uninit(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64)
     Ok(())
 }
 
-thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
 /// Reads, hashes and (maybe) compresses one chunk into `bufs`. Runs on a blocking thread.
 fn encode_chunk(
     path: &Path,
@@ -822,35 +829,27 @@ fn encode_chunk(
     let bound = zstd::zstd_safe::compress_bound(raw.len());
     bufs.compressed.clear();
     bufs.compressed.reserve(bound);
-    COMPRESSOR.with(|c| -> io::Result<()> {
-        let mut c = c.borrow_mut();
-        if c.as_ref().map(|(l, _)| *l) != Some(level) {
-            *c = Some((level, zstd::bulk::Compressor::new(level)?));
-        }
-        let (_, comp) = c
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no compressor"))?;
-        comp.compress_to_buffer(raw, &mut bufs.compressed)?;
-        Ok(())
-    })?;
+    if bufs.compressor.as_ref().map(|(l, _)| *l) != Some(level) {
+        bufs.compressor = Some((level, zstd::bulk::Compressor::new(level)?));
+    }
+    let (_, comp) = bufs
+        .compressor
+        .as_mut()
+        .ok_or_else(|| io::Error::other("no compressor"))?;
+    comp.compress_to_buffer(raw, &mut bufs.compressed)?;
     let compress_secs = t0.elapsed().as_secs_f64();
     let mut sample_out = None;
     if sample {
         let t1 = Instant::now();
-        DECOMPRESSOR.with(|d| -> io::Result<()> {
-            let mut d = d.borrow_mut();
-            if d.is_none() {
-                *d = Some(zstd::bulk::Decompressor::new()?);
-            }
-            let dec = d
-                .as_mut()
-                .ok_or_else(|| io::Error::other("no decompressor"))?;
-            let out = dec.decompress(&bufs.compressed, raw.len())?;
-            if out.len() != raw.len() {
-                return Err(io::Error::other("zstd round trip changed the length"));
-            }
-            Ok(())
-        })?;
+        if bufs.decompressor.is_none() {
+            bufs.decompressor = Some(zstd::bulk::Decompressor::new()?);
+        }
+        let dec = bufs
+            .decompressor
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no decompressor"))?;
+        crate::compress::decompress_into(dec, &bufs.compressed, len, &mut bufs.scratch)
+            .map_err(|e| io::Error::other(format!("zstd round trip failed: {e}")))?;
         sample_out = Some(CodecSample {
             raw_bytes: len,
             compressed_bytes: (bufs.compressed.len() as u64).min(len),
