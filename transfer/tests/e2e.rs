@@ -736,3 +736,43 @@ fn hostile_manifests_and_frames_are_refused_and_write_nothing_outside_staging() 
     assert!(!Path::new("/etc/x").exists());
     let _ = Arc::new(());
 }
+
+#[test]
+fn source_changed_during_the_send_is_detected_and_resent_whole() {
+    let keys = Keys::new();
+    let root = keys.path("root");
+    let d = Daemon::start(&keys, &root);
+    let src = keys.path("src");
+    std::fs::create_dir(&src).unwrap();
+    write_random(&src.join("pack"), 12 << 20, 1);
+    write_random(&src.join("other"), 1 << 20, 2);
+    let child = send_cmd(
+        &keys,
+        &src,
+        &d.addr,
+        "r.git",
+        &["--bwlimit", "8M", "--chunk-size", "1M", "--compress", "off"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || journal_records(
+        &root, "r.git"
+    ) >= 2));
+    // Rewrite the file in place while it is being sent.
+    let mut data = std::fs::read(src.join("pack")).unwrap();
+    data[5 << 20] ^= 0xff;
+    std::fs::write(src.join("pack"), &data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let j = assert_ok(&out);
+    assert_eq!(j["attempts"], 2, "{j}");
+    assert!(
+        stderr(&out).contains("changed during the send"),
+        "{}",
+        stderr(&out)
+    );
+    // The changed file went again whole; the unchanged one was kept from the first attempt.
+    assert_eq!(j["resumed_bytes"], 1 << 20, "{j}");
+    assert_same_tree(&src, &root.join("r.git"));
+}
