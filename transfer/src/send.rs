@@ -594,7 +594,12 @@ struct Encoded {
     codec: Codec,
     hash: Hash,
     sample: Option<CodecSample>,
+    /// The raw bytes, when they were mapped rather than read into `Buffers::read`.
+    mapped: Option<memmap2::Mmap>,
 }
+
+/// Files at least this large are read through a memory mapping (see `encode_chunk`).
+const MMAP_MIN_FILE_SIZE: u64 = 16 << 20;
 
 /// A chunk frame ready to be written.
 struct Frame {
@@ -683,6 +688,31 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
             d.add_sample(s);
         }
         // The payload leaves with the frame; the next chunk takes a buffer from the pool.
+        let mut encoded = encoded;
+        if let Some(m) = encoded.mapped.take() {
+            let frame = Frame {
+                header: ChunkHeader {
+                    file,
+                    chunk,
+                    offset,
+                    raw_len: len,
+                    codec: Codec::Raw,
+                    payload_len: len,
+                    hash: encoded.hash,
+                },
+                payload: bytes::Bytes::from_owner(m),
+            };
+            if shared.fault.is_none() {
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            // Fault injection needs a mutable copy of the payload.
+            bufs.read.clear();
+            bufs.read.extend_from_slice(&frame.payload);
+            encoded.codec = Codec::Raw;
+        }
         let mut payload: Vec<u8> = match encoded.codec {
             Codec::Raw => {
                 let mut v = std::mem::replace(&mut bufs.read, pool.take());
@@ -795,27 +825,54 @@ fn encode_chunk(
     bufs: &mut Buffers,
 ) -> io::Result<Encoded> {
     let file = File::open(path)?;
+    let shrank = || io::Error::other("file shrank while being read (source changed)");
     if is_hole(&file, offset, len) {
         return Ok(Encoded {
             codec: Codec::Zero,
             hash: zero_hash(len),
             sample: None,
+            mapped: None,
         });
     }
-    read_exact_at_uninit(&file, &mut bufs.read, len as usize, offset).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::other("file shrank while being read (source changed)")
-        } else {
-            e
-        }
-    })?;
-    let raw = &bufs.read[..];
+    let size = file.metadata()?.len();
+    if size < offset + len {
+        return Err(shrank());
+    }
+    // Large files (packs) are mapped: hashing and quinn read the page cache directly, saving
+    // the pread copy (~15% of the sender's CPU, measured with perf). Git never truncates a
+    // pack in place; a file truncated under the mapping would kill us with SIGBUS, which is
+    // why small, mutable files (refs, config, index) are read with pread instead.
+    let mapped = if size >= MMAP_MIN_FILE_SIZE {
+        // SAFETY: see above; the length was checked against the file size just before.
+        let m = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len as usize)
+                .populate()
+                .map(&file)?
+        };
+        Some(m)
+    } else {
+        read_exact_at_uninit(&file, &mut bufs.read, len as usize, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                shrank()
+            } else {
+                e
+            }
+        })?;
+        None
+    };
+    let raw: &[u8] = match &mapped {
+        Some(m) => m,
+        None => &bufs.read[..],
+    };
     let hash = *blake3::hash(raw).as_bytes();
     if raw.iter().all(|b| *b == 0) {
         return Ok(Encoded {
             codec: Codec::Zero,
             hash,
             sample: None,
+            mapped: None,
         });
     }
     if !compress && !sample {
@@ -823,6 +880,7 @@ fn encode_chunk(
             codec: Codec::Raw,
             hash,
             sample: None,
+            mapped,
         });
     }
     let t0 = Instant::now();
@@ -866,5 +924,6 @@ fn encode_chunk(
         codec,
         hash,
         sample: sample_out,
+        mapped: mapped.filter(|_| codec == Codec::Raw),
     })
 }
