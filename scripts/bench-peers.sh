@@ -99,9 +99,16 @@ run_one() {
       /usr/bin/time -v -o "$far_rss" "$bin/shardrecv" serve --listen 127.0.0.1:0 --root "$dst" \
         --identity "$work/recv.key" --allow "$work/allow" > "$work/recv.out" 2> "$work/recv.log" &
       local rpid=$!
-      for _ in $(seq 100); do [ -s "$work/recv.out" ] && break; sleep 0.05; done
+      for _ in $(seq 600); do [ -s "$work/recv.out" ] && break; sleep 0.05; done
       local addr; addr=$(awk '{print $2}' "$work/recv.out")
-      [ -n "$addr" ] || { echo "shardrecv did not start:" >&2; cat "$work/recv.log" >&2; exit 1; }
+      if [ -z "$addr" ]; then
+        echo "shardrecv did not start:" >&2; cat "$work/recv.log" >&2
+        for p in $(pgrep -P "$rpid"); do
+          for t in /proc/$p/task/*; do echo "  thread $(cat "$t/comm") wchan=$(cat "$t/wchan") state=$(awk '{print $3}' "$t/stat")" >&2; done
+          cat "/proc/$p/stack" >&2 2>/dev/null || true
+        done
+        exit 1
+      fi
       t0=$(now)
       /usr/bin/time -v -o "$work/near.txt" "$bin/shardsend" "$work/src/$name" "$addr" "$name" \
         --identity "$work/send.key" --peer "$(cat "$work/recv.fp")" --no-progress --json > "$work/send.json"
