@@ -190,7 +190,7 @@ section="## Loopback peers (issue 3): shardsend vs socat, scp, rsync
 - command: \`scripts/bench-peers.sh --size $size --runs $runs\`
 - source in the page cache, destination on tmpfs (the VM disk's ~340 MB/s durable write speed
   would cap every tool alike); every copy checked identical with \`diff -r\`;
-- shardsend: defaults (auto compression, 4 streams, 4 MiB chunks), BLAKE3-verified on both sides,
+- shardsend: defaults (auto compression, 4 streams, 2 MiB chunks), BLAKE3-verified on both sides,
   staged then installed; scp and rsync: OpenSSH defaults over a loopback sshd; socat: \`-b 4194304\`.
 $table"
 echo "$section"
