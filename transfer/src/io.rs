@@ -128,9 +128,10 @@ pub async fn read_payload(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), E
 
 /// Paces writes to at most `rate` bytes/s (`--bwlimit`), shared by all data streams.
 ///
-/// A virtual clock: each reservation pushes `next_free` forward by `bytes / rate`; a caller
-/// sleeps until its slot. At most one chunk of burst, so the average over any second stays at
-/// the limit.
+/// A virtual clock: each reservation pushes `next_free` forward by `bytes / rate` and the
+/// caller sleeps until the *end* of its slot, so after any number of writes the elapsed time
+/// is at least `bytes written / rate` (a token bucket that starts empty). Callers reserve in
+/// pieces of at most [`RateLimiter::PIECE`] bytes, which keeps bursts short.
 pub struct RateLimiter {
     rate: u64,
     next_free: tokio::sync::Mutex<Instant>,
@@ -144,15 +145,17 @@ impl RateLimiter {
         }
     }
 
+    /// Largest write paced as one unit.
+    pub const PIECE: usize = 256 * 1024;
+
     pub async fn reserve(&self, bytes: u64) {
-        let slot = {
+        let slot_end = {
             let mut next = self.next_free.lock().await;
-            let now = Instant::now();
-            let start = (*next).max(now);
+            let start = (*next).max(Instant::now());
             *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
-            start
+            *next
         };
-        tokio::time::sleep_until(slot.into()).await;
+        tokio::time::sleep_until(slot_end.into()).await;
     }
 }
 

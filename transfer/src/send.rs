@@ -624,14 +624,28 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
     while let Some(frame) = rx.recv().await {
         let h = &frame.header;
         let wire = ChunkHeader::LEN as u64 + h.payload_len;
-        if let Some(l) = &shared.limiter {
-            l.reserve(wire).await;
+        let header = bytes::Bytes::copy_from_slice(&h.encode());
+        match &shared.limiter {
+            None => {
+                let mut parts = [header, frame.payload.clone()];
+                stream.write_all_chunks(&mut parts).await.map_err(lost)?;
+            }
+            Some(limiter) => {
+                // Paced in small pieces (zero-copy slices) so a capped send has no bursts.
+                stream.write_all(&header).await.map_err(lost)?;
+                limiter.reserve(header.len() as u64).await;
+                let mut at = 0;
+                while at < frame.payload.len() {
+                    let end = (at + RateLimiter::PIECE).min(frame.payload.len());
+                    limiter.reserve((end - at) as u64).await;
+                    stream
+                        .write_chunk(frame.payload.slice(at..end))
+                        .await
+                        .map_err(lost)?;
+                    at = end;
+                }
+            }
         }
-        let mut parts = [
-            bytes::Bytes::copy_from_slice(&h.encode()),
-            frame.payload.clone(),
-        ];
-        stream.write_all_chunks(&mut parts).await.map_err(lost)?;
         if let Ok(mut hashes) = shared.hashes.lock() {
             if let Some(slot) = hashes
                 .get_mut(h.file as usize)
