@@ -76,9 +76,62 @@ pub fn winner(ms: &[Measurement], link: f64) -> Option<&Measurement> {
     })
 }
 
-/// Markdown: one table of all codecs per result, then the winners by link speed.
+/// Compact markdown, one row per result (the runbook's table, extended): for each codec
+/// `saved% · breakpoint (compress+decompress)`.
+pub fn summary(results: &[RepoResult]) -> String {
+    let mut codecs: Vec<Codec> = Vec::new();
+    for r in results {
+        for m in &r.measurements {
+            if m.codec != Codec::None && !codecs.contains(&m.codec) {
+                codecs.push(m.codec);
+            }
+        }
+    }
+    let mut s = String::from("| repository | variant | tar size | tar time |");
+    for c in &codecs {
+        let _ = write!(s, " {c} |");
+    }
+    s.push_str("\n|---|---|---:|---:|");
+    for _ in &codecs {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for r in results {
+        let Some(base) = r.measurements.iter().find(|m| m.codec == Codec::None) else {
+            continue;
+        };
+        let _ = write!(
+            s,
+            "| {} | {} | {} | {:.0} ms |",
+            r.repo,
+            r.variant,
+            fmt_mb(base.input_bytes),
+            base.tar_secs * 1000.0
+        );
+        for c in &codecs {
+            match r.measurements.iter().find(|m| m.codec == *c) {
+                Some(m) => {
+                    let saved = 100.0 * m.saved_bytes() as f64 / m.input_bytes.max(1) as f64;
+                    let _ = write!(
+                        s,
+                        " {saved:.1}% · {}{} |",
+                        fmt_rate(m.breakpoint()),
+                        if m.extrapolated { "*" } else { "" }
+                    );
+                }
+                None => s.push_str(" - |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Markdown: the summary, one table of all codecs per result, then the winners by link speed.
 pub fn markdown(results: &[RepoResult]) -> String {
-    let mut s = String::new();
+    let mut s = String::from("Saved bytes · breakpoint (compress + decompress) per codec:\n\n");
+    s.push_str(&summary(results));
+    s.push_str("\nAll figures:\n\n");
     s.push_str("| repository | variant | codec | tar size | wire size | saved | compress | decompress | breakpoint (c+d) | breakpoint (c only) |\n");
     s.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in results {
