@@ -1,0 +1,780 @@
+//! `shardmove`: the operator's command line over the `orchestrate` library. It only parses
+//! arguments, calls one library function per command, prints the result (text, or JSON with
+//! `--json`) and maps errors to the documented exit codes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use orchestrate::daemons::{self, RestartConfig, WorkerConfig};
+use orchestrate::error::exit_code;
+use orchestrate::registry::{NewDevice, Repository};
+use orchestrate::repos::{Thaw, DEFAULT_PUSH_WAIT};
+use orchestrate::Registry;
+use serde::Serialize;
+
+const AFTER_HELP: &str = "\
+Registry: --db PATH (SQLite file, created if missing; default ./shardmove.db), --db sqlite:URL,
+or --db postgres://USER:PASS@HOST:PORT/DB; also from SHARDMOVE_DB.
+
+Exit codes:
+  0  success
+  1  internal error
+  2  invalid input (arguments, names, urls, property values)
+  3  unknown service, device, instance, binding or repository
+  4  already exists
+  5  refused in the current state (the message says why; often --force lifts it)
+  6  maintenance not started: pushes still in flight after --wait
+  7  a command on a shard host failed
+  8  registry database error";
+
+/// Control plane for moving git repositories between storage shards: registry, maintenance
+/// mode, allocation, clusterize/thaw, daemons. Each runbook step is one command.
+#[derive(Debug, Parser)]
+#[command(name = "shardmove", version, after_help = AFTER_HELP, propagate_version = true)]
+struct Cli {
+    /// Registry database: a SQLite file path, a sqlite: URL or a postgres:// URL.
+    #[arg(
+        long,
+        global = true,
+        env = "SHARDMOVE_DB",
+        default_value = "shardmove.db"
+    )]
+    db: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Who is acting, recorded in events (default: $USER).
+    #[arg(long, global = true, env = "SHARDMOVE_ACTOR")]
+    actor: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Storage pools (services).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Hosts holding a service's working copies (devices).
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Tenants (instances).
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+    /// Which services an instance may use, and their flags (closed, no-daemons).
+    #[command(subcommand)]
+    Binding(BindingCmd),
+    /// Copy the central service definitions (flags included) to the instances' views.
+    Sync {
+        /// Only this instance.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Repositories: create, maintenance, observe, clusterize, thaw.
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// Daemons per (instance, service): plan and restart.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// One observation pass, or with --daemon the observation worker that `host restart` starts.
+    Observe(ObserveArgs),
+    /// Repositories in maintenance, with their message and since when.
+    Status,
+    /// The audit log (who changed what, when).
+    Events {
+        /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
+        #[arg(long)]
+        subject: Option<String>,
+        /// At most this many, the most recent.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCmd {
+    /// Add a service.
+    Add { name: String },
+    /// List services.
+    List,
+    /// Show one service.
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCmd {
+    /// Add a device to a service.
+    Add {
+        name: String,
+        #[arg(long)]
+        service: String,
+        /// Host the device is on (`localhost` runs steps locally).
+        #[arg(long)]
+        host: String,
+        /// Transfer address of its `shardrecv`, HOST:PORT.
+        #[arg(long)]
+        transfer: String,
+        /// Absolute directory holding the working copies.
+        #[arg(long)]
+        root: String,
+        /// Key fingerprint of its `shardrecv`.
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// List devices.
+    List,
+    /// Show one device.
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum InstanceCmd {
+    /// Add an instance.
+    Add { name: String },
+    /// List instances.
+    List,
+    /// Show one instance.
+    Show { name: String },
+}
+
+#[derive(Debug, Args)]
+struct BindingRef {
+    #[arg(long)]
+    instance: String,
+    #[arg(long)]
+    service: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum BindingCmd {
+    /// Bind an instance to a service (open, with daemons).
+    Add(BindingRef),
+    /// List bindings.
+    List {
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Show one binding: central properties and the instance's synced view.
+    Show(BindingRef),
+    /// Set a central property: `closed` / `no-daemons` (true|false) or a free-form key.
+    /// "Open but no-daemons" is refused without --force: repositories would be allocated
+    /// where nothing observes them.
+    SetProperty {
+        #[command(flatten)]
+        binding: BindingRef,
+        key: String,
+        value: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RepoCmd {
+    /// Create a bare repository on a service chosen at random among the instance's open bindings.
+    Create {
+        #[arg(long)]
+        instance: String,
+        name: String,
+        /// Upstream URL of an observed repository (fetched by observation passes).
+        #[arg(long)]
+        upstream: Option<String>,
+    },
+    /// List repositories.
+    List {
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Show one repository (REPO is INSTANCE/NAME, or NAME when unique).
+    Show { repo: String },
+    /// Start or stop maintenance: pushes refused with MESSAGE, reads keep working,
+    /// observation skips it. --start returns once pushes in flight have finished.
+    Maintenance {
+        repo: String,
+        #[arg(
+            long,
+            value_name = "MESSAGE",
+            conflicts_with = "stop",
+            required_unless_present = "stop"
+        )]
+        start: Option<String>,
+        #[arg(long)]
+        stop: bool,
+        /// Seconds to wait for pushes in flight before giving up (and lifting maintenance).
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_PUSH_WAIT.as_secs())]
+        wait: u64,
+    },
+    /// One observation pass: git fetch from each observed repository's upstream.
+    Observe {
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Move a repository to another service of its instance, in one transaction.
+    Clusterize {
+        repo: String,
+        #[arg(long)]
+        service: String,
+    },
+    /// Declare a device's copy authoritative (--promote) or stale (--demote).
+    Thaw {
+        repo: String,
+        #[arg(
+            long,
+            value_name = "DEVICE",
+            conflicts_with = "demote",
+            required_unless_present = "demote"
+        )]
+        promote: Option<String>,
+        #[arg(long, value_name = "DEVICE")]
+        demote: Option<String>,
+        /// Promote even when another copy is newer / demote the newest copy.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCmd {
+    /// Which (instance, service) pairs should run daemons, and why.
+    Plan {
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Stop daemons and start them again where the plan allows (never where no-daemons is set).
+    Restart {
+        #[arg(long)]
+        instance: Option<String>,
+        /// Directory of pid and log files.
+        #[arg(long, env = "SHARDMOVE_RUN_DIR", default_value = "shardmove-run")]
+        run_dir: PathBuf,
+        /// Per-device command (run by `sh -c`); placeholders: {exe} {db} {instance} {service}
+        /// {device} {host} {root} {pid_file} {interval}. Default: the bundled worker.
+        #[arg(long, env = "SHARDMOVE_DAEMON_TEMPLATE", default_value = daemons::DEFAULT_TEMPLATE)]
+        template: String,
+        /// Seconds between observation passes ({interval}).
+        #[arg(long, default_value_t = 60)]
+        interval: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ObserveArgs {
+    /// Run as a daemon: passes every --interval seconds until SIGTERM.
+    #[arg(long, requires_all = ["instance", "service", "pid_file"])]
+    daemon: bool,
+    #[arg(long)]
+    instance: Option<String>,
+    #[arg(long)]
+    service: Option<String>,
+    /// Only fetch into copies on this device.
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 60)]
+    interval: u64,
+    /// Stop after this many passes.
+    #[arg(long)]
+    passes: Option<u64>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("shardmove: error: starting runtime: {err}");
+            std::process::exit(exit_code::INTERNAL);
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
+        Ok(()) => exit_code::OK,
+        Err(err) => {
+            eprintln!("shardmove: error: {err:#}");
+            err.downcast_ref::<orchestrate::Error>()
+                .map_or(exit_code::INTERNAL, orchestrate::Error::exit_code)
+        }
+    };
+    std::process::exit(code);
+}
+
+fn print<T: Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).context("serialising output")?
+        );
+    } else {
+        let text = text(value);
+        if !text.is_empty() {
+            println!("{}", text.trim_end());
+        }
+    }
+    Ok(())
+}
+
+fn yes_no(flag: bool) -> &'static str {
+    if flag {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn repo_text(repo: &Repository) -> String {
+    let mut out = format!(
+        "repository {}\n  service: {}\n  path: {}\n",
+        repo.full_name(),
+        repo.service,
+        repo.path
+    );
+    if let Some(url) = &repo.upstream_url {
+        out += &format!("  upstream: {url}\n");
+    }
+    if repo.maintenance {
+        out += &format!(
+            "  maintenance: since {} (unix), message: {}\n",
+            repo.maintenance_since.unwrap_or(0),
+            repo.maintenance_message.as_deref().unwrap_or("")
+        );
+    } else {
+        out += "  maintenance: no\n";
+    }
+    for copy in &repo.copies {
+        out += &format!(
+            "  copy on {} ({}): version {}\n",
+            copy.device, copy.service, copy.version
+        );
+    }
+    out
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let actor = cli
+        .actor
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "operator".to_string());
+    let registry = Registry::open(&cli.db, &actor).await?;
+    let json = cli.json;
+    let result = dispatch(&registry, &cli, json).await;
+    registry.close().await;
+    result
+}
+
+async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Service(cmd) => match cmd {
+            ServiceCmd::Add { name } => print(json, &registry.add_service(name).await?, |s| {
+                format!("added service {}", s.name)
+            }),
+            ServiceCmd::List => print(json, &registry.services().await?, |all| {
+                all.iter()
+                    .map(|s| format!("{}\tdevices: {}\n", s.name, s.devices.join(",")))
+                    .collect()
+            }),
+            ServiceCmd::Show { name } => print(json, &registry.service(name).await?, |s| {
+                format!(
+                    "service {}\n  created: {} (unix)\n  devices: {}",
+                    s.name,
+                    s.created_at,
+                    s.devices.join(", ")
+                )
+            }),
+        },
+        Command::Device(cmd) => match cmd {
+            DeviceCmd::Add {
+                name,
+                service,
+                host,
+                transfer,
+                root,
+                fingerprint,
+            } => {
+                let new = NewDevice {
+                    name: name.clone(),
+                    service: service.clone(),
+                    host: host.clone(),
+                    transfer_addr: transfer.clone(),
+                    root_path: root.clone(),
+                    fingerprint: fingerprint.clone(),
+                };
+                print(json, &registry.add_device(&new).await?, |d| {
+                    format!("added device {} to service {}", d.name, d.service)
+                })
+            }
+            DeviceCmd::List => print(json, &registry.devices().await?, |all| {
+                all.iter()
+                    .map(|d| {
+                        format!(
+                            "{}\tservice: {}\thost: {}\ttransfer: {}\troot: {}\n",
+                            d.name, d.service, d.host, d.transfer_addr, d.root_path
+                        )
+                    })
+                    .collect()
+            }),
+            DeviceCmd::Show { name } => print(json, &registry.device(name).await?, |d| {
+                format!(
+                    "device {}\n  service: {}\n  host: {}\n  transfer: {}\n  root: {}\n  fingerprint: {}",
+                    d.name,
+                    d.service,
+                    d.host,
+                    d.transfer_addr,
+                    d.root_path,
+                    d.fingerprint.as_deref().unwrap_or("(none)")
+                )
+            }),
+        },
+        Command::Instance(cmd) => match cmd {
+            InstanceCmd::Add { name } => print(json, &registry.add_instance(name).await?, |i| {
+                format!("added instance {}", i.name)
+            }),
+            InstanceCmd::List => print(json, &registry.instances().await?, |all| {
+                all.iter().map(|i| format!("{}\n", i.name)).collect()
+            }),
+            InstanceCmd::Show { name } => print(json, &registry.instance(name).await?, |i| {
+                format!("instance {}\n  created: {} (unix)", i.name, i.created_at)
+            }),
+        },
+        Command::Binding(cmd) => {
+            let binding_text = |b: &orchestrate::registry::Binding| {
+                let props: Vec<String> = b
+                    .properties
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let view = match &b.view {
+                    Some(v) => format!(
+                        "synced at {} (unix), {}",
+                        v.synced_at,
+                        if v.in_sync {
+                            "in sync"
+                        } else {
+                            "out of date: run sync"
+                        }
+                    ),
+                    None => "never synced".to_string(),
+                };
+                format!(
+                    "{}/{}\tclosed: {}\tno-daemons: {}\tproperties: {}\tview: {view}\n",
+                    b.instance,
+                    b.service,
+                    yes_no(b.closed),
+                    yes_no(b.no_daemons),
+                    if props.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        props.join(" ")
+                    }
+                )
+            };
+            match cmd {
+                BindingCmd::Add(b) => print(
+                    json,
+                    &registry.add_binding(&b.instance, &b.service).await?,
+                    |b| format!("added binding {}/{}", b.instance, b.service),
+                ),
+                BindingCmd::List { instance } => print(
+                    json,
+                    &registry.bindings(instance.as_deref()).await?,
+                    |all| all.iter().map(binding_text).collect(),
+                ),
+                BindingCmd::Show(b) => print(
+                    json,
+                    &registry.binding(&b.instance, &b.service).await?,
+                    binding_text,
+                ),
+                BindingCmd::SetProperty {
+                    binding,
+                    key,
+                    value,
+                    force,
+                } => print(
+                    json,
+                    &registry
+                        .set_binding_property(
+                            &binding.instance,
+                            &binding.service,
+                            key,
+                            value,
+                            *force,
+                        )
+                        .await?,
+                    binding_text,
+                ),
+            }
+        }
+        Command::Sync { instance } => print(
+            json,
+            &registry.sync(instance.as_deref()).await?,
+            |changes| {
+                changes
+                    .iter()
+                    .map(|c| {
+                        let what = if c.changed.is_empty() {
+                            "unchanged".to_string()
+                        } else {
+                            format!("updated {}", c.changed.join(", "))
+                        };
+                        format!("synced {}/{}: {what}\n", c.instance, c.service)
+                    })
+                    .collect()
+            },
+        ),
+        Command::Repo(cmd) => repo_command(registry, cmd, json).await,
+        Command::Host(cmd) => match cmd {
+            HostCmd::Plan { instance } => print(
+                json,
+                &daemons::plan(registry, instance.as_deref()).await?,
+                |plan| {
+                    plan.iter()
+                        .map(|e| {
+                            format!(
+                                "{}/{}\t{}\t({}; devices: {})\n",
+                                e.instance,
+                                e.service,
+                                if e.run_daemons {
+                                    "run daemons"
+                                } else {
+                                    "no daemons"
+                                },
+                                e.reason,
+                                if e.devices.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    e.devices.join(",")
+                                }
+                            )
+                        })
+                        .collect()
+                },
+            ),
+            HostCmd::Restart {
+                instance,
+                run_dir,
+                template,
+                interval,
+            } => {
+                let exe = std::env::current_exe().context("finding the shardmove binary")?;
+                let config = RestartConfig {
+                    run_dir: std::path::absolute(run_dir).context("resolving --run-dir")?,
+                    template: template.clone(),
+                    exe,
+                    db: cli.db.clone(),
+                    interval_secs: *interval,
+                    settle: Duration::from_secs(10),
+                };
+                print(
+                    json,
+                    &daemons::restart(registry, &config, instance.as_deref()).await?,
+                    |outcomes| {
+                        outcomes
+                            .iter()
+                            .map(|o| {
+                                let stopped = o
+                                    .stopped
+                                    .map(|pid| format!("stopped pid {pid}; "))
+                                    .unwrap_or_default();
+                                format!(
+                                    "{}/{} on {}: {stopped}{}\n",
+                                    o.instance, o.service, o.device, o.detail
+                                )
+                            })
+                            .collect()
+                    },
+                )
+            }
+        },
+        Command::Observe(args) => {
+            if args.daemon {
+                let (Some(instance), Some(service), Some(pid_file)) =
+                    (&args.instance, &args.service, &args.pid_file)
+                else {
+                    anyhow::bail!("--daemon needs --instance, --service and --pid-file");
+                };
+                let config = WorkerConfig {
+                    instance: instance.clone(),
+                    service: service.clone(),
+                    device: args.device.clone(),
+                    pid_file: pid_file.clone(),
+                    interval: Duration::from_secs(args.interval),
+                    max_passes: args.passes,
+                };
+                daemons::run_worker(registry, &config, |outcomes| {
+                    for o in outcomes {
+                        println!("{}: {} ({})", o.repository, o.outcome, o.detail);
+                    }
+                })
+                .await?;
+                Ok(())
+            } else {
+                observe(
+                    registry,
+                    args.instance.as_deref(),
+                    args.service.as_deref(),
+                    args.device.as_deref(),
+                    json,
+                )
+                .await
+            }
+        }
+        Command::Status => print(json, &registry.in_maintenance().await?, |repos| {
+            if repos.is_empty() {
+                return "no repository in maintenance".to_string();
+            }
+            repos
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}\tin maintenance since {} (unix): {}\n",
+                        r.full_name(),
+                        r.maintenance_since.unwrap_or(0),
+                        r.maintenance_message.as_deref().unwrap_or("")
+                    )
+                })
+                .collect()
+        }),
+        Command::Events { subject, limit } => print(
+            json,
+            &registry.events(subject.as_deref(), *limit).await?,
+            |events| {
+                events
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}\t{}\t{}\t{}\t{}\n",
+                            e.at, e.actor, e.action, e.subject, e.detail
+                        )
+                    })
+                    .collect()
+            },
+        ),
+    }
+}
+
+async fn observe(
+    registry: &Registry,
+    instance: Option<&str>,
+    service: Option<&str>,
+    device: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let outcomes = registry.observe_pass(instance, service, device).await?;
+    print(json, &outcomes, |all| {
+        if all.is_empty() {
+            return "no observed repository".to_string();
+        }
+        all.iter()
+            .map(|o| format!("{}: {} ({})\n", o.repository, o.outcome, o.detail))
+            .collect()
+    })
+}
+
+async fn repo_command(registry: &Registry, cmd: &RepoCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        RepoCmd::Create {
+            instance,
+            name,
+            upstream,
+        } => print(
+            json,
+            &registry
+                .create_repository(instance, name, upstream.as_deref())
+                .await?,
+            |r| {
+                format!(
+                    "created {} on service {} ({})",
+                    r.full_name(),
+                    r.service,
+                    r.copies
+                        .iter()
+                        .map(|c| c.device.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        ),
+        RepoCmd::List { instance } => print(
+            json,
+            &registry.repositories(instance.as_deref()).await?,
+            |all| {
+                all.iter()
+                    .map(|r| {
+                        let state = if r.maintenance {
+                            format!(
+                                "maintenance: {}",
+                                r.maintenance_message.as_deref().unwrap_or("")
+                            )
+                        } else {
+                            "live".to_string()
+                        };
+                        format!("{}\tservice: {}\t{state}\n", r.full_name(), r.service)
+                    })
+                    .collect()
+            },
+        ),
+        RepoCmd::Show { repo } => print(json, &registry.repository(repo).await?, repo_text),
+        RepoCmd::Maintenance {
+            repo,
+            start,
+            stop,
+            wait,
+        } => {
+            match (start, stop) {
+                (Some(message), false) => {
+                    print(
+                        json,
+                        &registry
+                            .start_maintenance(repo, message, Duration::from_secs(*wait))
+                            .await?,
+                        |r| {
+                            format!("{} is in maintenance: pushes are refused with {:?}; no push in flight", r.full_name(), message)
+                        },
+                    )
+                }
+                (None, true) => print(json, &registry.stop_maintenance(repo).await?, |r| {
+                    format!("{} is out of maintenance", r.full_name())
+                }),
+                _ => anyhow::bail!("pass exactly one of --start MESSAGE and --stop"),
+            }
+        }
+        RepoCmd::Observe { instance } => {
+            observe(registry, instance.as_deref(), None, None, json).await
+        }
+        RepoCmd::Clusterize { repo, service } => {
+            print(json, &registry.clusterize(repo, service).await?, |c| {
+                if c.changed {
+                    format!("{} moved from service {} to {}", c.repository, c.from, c.to)
+                } else {
+                    format!("{} already on service {}", c.repository, c.to)
+                }
+            })
+        }
+        RepoCmd::Thaw {
+            repo,
+            promote,
+            demote,
+            force,
+        } => {
+            let (device, direction) = match (promote, demote) {
+                (Some(d), None) => (d, Thaw::Promote),
+                (None, Some(d)) => (d, Thaw::Demote),
+                _ => anyhow::bail!("pass exactly one of --promote DEVICE and --demote DEVICE"),
+            };
+            print(
+                json,
+                &registry.thaw(repo, device, direction, *force).await?,
+                repo_text,
+            )
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! `orchestrate`: the control plane of shardmove, as a library the `shardmove` binary (and
+//! later the batch `migrate` driver) calls.
+//!
+//! - [`registry`]: the database (SQLite or PostgreSQL) of services, devices, instances,
+//!   bindings, repositories, working-copy versions and events; every change is one
+//!   transaction with its event.
+//! - [`repos`]: the runbook's per-repository steps (create, maintenance, observe,
+//!   clusterize, thaw), each callable on its own.
+//! - [`maintenance`]: the pre-receive hook and the wait for pushes in flight.
+//! - [`daemons`]: daemon plan, restart, and the bundled observation worker.
+//! - [`executor`]: how steps reach a shard host's disk (local processes; ssh next).
+//! - [`names`]: validation of operator input.
+//! - [`error`]: the one error enum and its exit codes.
+
+pub mod daemons;
+pub mod error;
+pub mod executor;
+pub mod maintenance;
+pub mod names;
+pub mod registry;
+pub mod repos;
+
+pub use error::{Error, Result};
+pub use registry::{Backend, Registry};

@@ -1,0 +1,272 @@
+//! Test environment: a registry (SQLite file or a private PostgreSQL schema), shard roots
+//! in a temp dir, and helpers that run the real `shardmove` binary and real `git`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shardmove");
+
+/// One test's world.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub db: String,
+    pub backend: &'static str,
+    pg_cleanup: Option<(String, String)>,
+}
+
+/// What a command printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Env {
+    pub fn sqlite() -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("registry.db").display().to_string();
+        Env {
+            dir,
+            db,
+            backend: "sqlite",
+            pg_cleanup: None,
+        }
+    }
+
+    /// A fresh schema in the database named by `SHARDMOVE_TEST_PG`, or `None` (after saying
+    /// so) when it is not set.
+    pub fn postgres() -> Option<Env> {
+        let Ok(base) = std::env::var("SHARDMOVE_TEST_PG") else {
+            println!("skipped: SHARDMOVE_TEST_PG not set");
+            return None;
+        };
+        let schema = format!("t_{}_{}", std::process::id(), fastrand::u64(..));
+        block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&base)
+                .await
+                .expect("connect to SHARDMOVE_TEST_PG");
+            sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                .execute(&mut conn)
+                .await
+                .expect("create schema");
+        });
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let db = format!("{base}{sep}options[search_path]={schema}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        Some(Env {
+            dir,
+            db,
+            backend: "postgres",
+            pg_cleanup: Some((base, schema)),
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `shardmove ARGS` against this registry.
+    pub fn sm(&self, args: &[&str]) -> Run {
+        let output = self.sm_command(args).output().expect("run shardmove");
+        to_run(output)
+    }
+
+    pub fn sm_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("SHARDMOVE_DB", &self.db)
+            .env("SHARDMOVE_ACTOR", "test")
+            .current_dir(self.dir.path());
+        command
+    }
+
+    /// Runs and expects exit 0; returns stdout.
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> String {
+        let run = self.sm(args);
+        assert_eq!(
+            run.code, 0,
+            "shardmove {args:?} failed: {}{}",
+            run.stdout, run.stderr
+        );
+        run.stdout
+    }
+
+    /// Runs with `--json`, expects exit 0, parses stdout.
+    #[track_caller]
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ok(&all);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("shardmove {args:?}: bad json ({e}): {out}"))
+    }
+
+    /// Runs and expects exit `code`; returns stderr, which must be one clear line.
+    #[track_caller]
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let run = self.sm(args);
+        assert_eq!(
+            run.code, code,
+            "shardmove {args:?}: expected exit {code}: {}{}",
+            run.stdout, run.stderr
+        );
+        assert!(!run.stderr.contains("panicked"), "panic: {}", run.stderr);
+        // Our own errors: one lowercase fragment, no trailing period (clap formats its own).
+        if let Some(message) = run.stderr.strip_prefix("shardmove: error: ") {
+            assert!(
+                !message.trim_end().ends_with('.'),
+                "trailing period: {}",
+                run.stderr
+            );
+            assert!(
+                !message.starts_with(|c: char| c.is_ascii_uppercase()),
+                "capitalised: {}",
+                run.stderr
+            );
+        }
+        run.stderr
+    }
+
+    /// Everything the registry holds, for "changed nothing" checks.
+    pub fn snapshot(&self) -> Value {
+        serde_json::json!({
+            "services": self.json(&["service", "list"]),
+            "devices": self.json(&["device", "list"]),
+            "instances": self.json(&["instance", "list"]),
+            "bindings": self.json(&["binding", "list"]),
+            "repos": self.json(&["repo", "list"]),
+            "events": self.json(&["events", "--limit", "100000"]),
+        })
+    }
+
+    /// Services `a`, `b` (devices `a1`, `b1` with roots `ra`, `rb`) and instance `t` bound
+    /// to both.
+    pub fn two_services(&self) {
+        for (service, device) in [("a", "a1"), ("b", "b1")] {
+            self.ok(&["service", "add", service]);
+            let root = self.path(&format!("r{service}")).display().to_string();
+            self.ok(&[
+                "device",
+                "add",
+                device,
+                "--service",
+                service,
+                "--host",
+                "localhost",
+                "--transfer",
+                "127.0.0.1:7400",
+                "--root",
+                &root,
+            ]);
+        }
+        self.ok(&["instance", "add", "t"]);
+        self.ok(&["binding", "add", "--instance", "t", "--service", "a"]);
+        self.ok(&["binding", "add", "--instance", "t", "--service", "b"]);
+    }
+
+    /// Path of `t/NAME` on device root `rX`.
+    pub fn repo_path(&self, root: &str, name: &str) -> PathBuf {
+        self.path(root).join("t").join(format!("{name}.git"))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some((base, schema)) = self.pg_cleanup.take() {
+            block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&base).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        }
+    }
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
+pub fn to_run(output: Output) -> Run {
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs git in `dir`; returns the outcome.
+pub fn git(dir: &Path, args: &[&str]) -> Run {
+    let output = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.org")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.org")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .expect("run git");
+    to_run(output)
+}
+
+/// Runs git and expects success; returns stdout trimmed.
+#[track_caller]
+pub fn git_ok(dir: &Path, args: &[&str]) -> String {
+    let run = git(dir, args);
+    assert_eq!(
+        run.code,
+        0,
+        "git {args:?} in {}: {}{}",
+        dir.display(),
+        run.stdout,
+        run.stderr
+    );
+    run.stdout.trim().to_string()
+}
+
+/// A working clone of `bare` at `dir` with one new commit; returns its id.
+pub fn clone_and_commit(bare: &Path, dir: &Path, message: &str) -> String {
+    git_ok(
+        bare.parent().expect("parent"),
+        &[
+            "clone",
+            "-q",
+            &bare.display().to_string(),
+            &dir.display().to_string(),
+        ],
+    );
+    commit(dir, message)
+}
+
+pub fn commit(dir: &Path, message: &str) -> String {
+    git_ok(dir, &["commit", "-q", "--allow-empty", "-m", message]);
+    git_ok(dir, &["rev-parse", "HEAD"])
+}
+
+/// Declares each contract test once per backend: `sqlite::NAME` and `postgres::NAME`.
+#[macro_export]
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(&$crate::util::Env::sqlite()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { if let Some(env) = $crate::util::Env::postgres() { super::$name(&env) } } )*
+        }
+    };
+}
