@@ -7,12 +7,21 @@
 //! [`AutoDecider`] measures both sides of that inequality on the live transfer:
 //! - the data: zstd ratio and speed on sampled chunks (the first [`SAMPLE_FIRST`] chunks,
 //!   then one in [`SAMPLE_EVERY`], so a tree that turns from packs to text is noticed);
-//! - the link: wire bytes the receiver reports per second, best window seen so far (a
-//!   compressing, CPU-bound phase must not make the link look slow), capped by `--bwlimit`,
-//!   which *is* the link's speed from our point of view.
+//! - the link: wire bytes the receiver reports per second over windows of
+//!   [`LINK_WINDOW_SECS`]; every window is a lower bound of the link's capacity, so the
+//!   estimate is the best window seen, capped by `--bwlimit`, which *is* the link's speed from
+//!   our point of view.
 //!
-//! It compresses only while `link < breakpoint`. Independently, any chunk whose compressed
-//! form is not smaller goes raw. The decision and its figures end up in the `--json` summary.
+//! It compresses only while `link < breakpoint`. Two refinements keep that honest:
+//! - before the link is measured, data whose breakpoint exceeds [`OPTIMISTIC_LINK`] (source
+//!   text: zstd saves most of it at hundreds of MB/s) is compressed at once: otherwise a
+//!   small transfer over a slow link would be gone, raw, before the first measurement;
+//! - while compressing, a window in which the data streams sat idle (the encoders, not the
+//!   link, were the bottleneck) says compression is what limits us: the next window is sent
+//!   raw ([`PROBE_SECS`]) to measure what the link can really take.
+//!
+//! Independently, any chunk whose compressed form is not smaller goes raw. The decision and
+//! its figures end up in the `--json` summary.
 //!
 //! All of this is sans-io and deterministic given its inputs (times are passed in).
 
@@ -26,7 +35,11 @@ pub const SAMPLE_FIRST: u64 = 4;
 /// After the first samples, one chunk in this many is sampled.
 pub const SAMPLE_EVERY: u64 = 32;
 /// Minimum length of a link-rate measurement window.
-pub const LINK_WINDOW_SECS: f64 = 0.5;
+pub const LINK_WINDOW_SECS: f64 = 0.25;
+/// Before the link is measured, data whose breakpoint is above this is compressed.
+pub const OPTIMISTIC_LINK: f64 = 50e6;
+/// Length of a raw probe after a window in which compression was the bottleneck.
+pub const PROBE_SECS: f64 = 0.5;
 /// zstd level used by `auto` and by a bare `zstd`.
 pub const DEFAULT_LEVEL: i32 = 3;
 
@@ -97,6 +110,8 @@ pub struct Decision {
     pub compress_mb_per_sec: Option<f64>,
     pub decompress_mb_per_sec: Option<f64>,
     pub samples: u64,
+    /// Raw probes made because compression was the bottleneck.
+    pub probes: u64,
 }
 
 /// Measures link and data and decides whether compressing pays. See the module docs.
@@ -111,6 +126,9 @@ pub struct AutoDecider {
     samples: u64,
     window_start: Option<(f64, u64)>,
     best_link: Option<f64>,
+    /// Sending raw until this time, to measure the link (see module docs).
+    probe_until: Option<f64>,
+    probes: u64,
 }
 
 impl AutoDecider {
@@ -125,6 +143,8 @@ impl AutoDecider {
             samples: 0,
             window_start: None,
             best_link: None,
+            probe_until: None,
+            probes: 0,
         }
     }
 
@@ -149,8 +169,10 @@ impl AutoDecider {
         self.samples += 1;
     }
 
-    /// Feeds the receiver's cumulative wire-byte count at time `now_secs`.
-    pub fn observe_wire(&mut self, now_secs: f64, wire_bytes: u64) {
+    /// Feeds the receiver's cumulative wire-byte count at time `now_secs`. `link_bound` says
+    /// whether, since the last call, the data streams spent more time waiting for the link
+    /// (blocked writing) than waiting for the encoders.
+    pub fn observe_wire(&mut self, now_secs: f64, wire_bytes: u64, link_bound: bool) {
         match self.window_start {
             None => self.window_start = Some((now_secs, wire_bytes)),
             Some((t0, b0)) => {
@@ -159,6 +181,15 @@ impl AutoDecider {
                     let rate = wire_bytes.saturating_sub(b0) as f64 / dt;
                     self.best_link = Some(self.best_link.map_or(rate, |b| b.max(rate)));
                     self.window_start = Some((now_secs, wire_bytes));
+                    let probing = self.probe_until.is_some_and(|t| now_secs < t);
+                    if self.policy == CompressPolicy::Auto
+                        && !link_bound
+                        && !probing
+                        && self.decide_at(now_secs).compress
+                    {
+                        self.probe_until = Some(now_secs + PROBE_SECS);
+                        self.probes += 1;
+                    }
                 }
             }
         }
@@ -174,8 +205,8 @@ impl AutoDecider {
         }
     }
 
-    /// Current decision.
-    pub fn decide(&self) -> Decision {
+    /// Decision at time `now_secs` (seconds since the transfer started).
+    pub fn decide_at(&self, now_secs: f64) -> Decision {
         let level = self.level();
         let ratio = (self.raw > 0).then(|| self.compressed as f64 / self.raw as f64);
         let cpu = self.compress_secs + self.decompress_secs;
@@ -194,12 +225,18 @@ impl AutoDecider {
             compress_mb_per_sec: mbps(self.compress_secs),
             decompress_mb_per_sec: mbps(self.decompress_secs),
             samples: self.samples,
+            probes: self.probes,
         };
         match self.policy {
             CompressPolicy::Off => d.reason = "compression off".into(),
             CompressPolicy::Zstd(l) => {
                 d.compress = true;
                 d.reason = format!("zstd level {l} requested");
+            }
+            CompressPolicy::Auto if self.probe_until.is_some_and(|t| now_secs < t) => {
+                d.reason = format!(
+                    "probing the link raw for {PROBE_SECS} s: the encoders, not the link, were the bottleneck"
+                );
             }
             CompressPolicy::Auto => match (link, breakpoint) {
                 (_, None) if self.samples < SAMPLE_FIRST => {
@@ -210,6 +247,15 @@ impl AutoDecider {
                 }
                 (_, Some(b)) if b <= 0.0 => {
                     d.reason = "zstd saved nothing on the sampled chunks: sending raw".into()
+                }
+                (None, Some(b)) if b >= OPTIMISTIC_LINK => {
+                    d.compress = true;
+                    d.reason = format!(
+                        "link not measured yet; zstd:{level} saves {:.1}% (breakpoint {:.0} MB/s), \
+                         so compressing until the link proves faster",
+                        (1.0 - ratio.unwrap_or(1.0)) * 100.0,
+                        b / 1e6
+                    );
                 }
                 (None, Some(_)) => {
                     d.reason = format!(
@@ -294,19 +340,20 @@ mod tests {
         // Text-like: halves the data at 200 MB/s (decompress 800 MB/s):
         // breakpoint = 2 MB saved / (0.02 + 0.005) s = 80 MB/s.
         let mut d = AutoDecider::new(CompressPolicy::Auto, None);
-        assert!(!d.decide().compress);
+        assert!(!d.decide_at(0.0).compress);
         for _ in 0..SAMPLE_FIRST {
             d.add_sample(sample(0.5, 200.0));
         }
-        assert!(!d.decide().compress, "link not measured yet");
-        d.observe_wire(0.0, 0);
-        d.observe_wire(1.0, 10_000_000); // 10 MB/s link
-        let dec = d.decide();
+        // Breakpoint 80 MB/s is above the optimistic threshold: compress before measuring.
+        assert!(d.decide_at(0.0).compress, "optimistic before measurement");
+        d.observe_wire(0.0, 0, true);
+        d.observe_wire(1.0, 10_000_000, true); // 10 MB/s link, streams blocked on it
+        let dec = d.decide_at(1.0);
         assert!(dec.compress, "{dec:?}");
         let bp = dec.breakpoint_bytes_per_sec.unwrap();
         assert!((bp - 80e6).abs() < 1e3, "{bp}");
-        d.observe_wire(2.0, 210_000_000); // a 200 MB/s window
-        assert!(!d.decide().compress);
+        d.observe_wire(2.0, 210_000_000, false); // a 200 MB/s window
+        assert!(!d.decide_at(2.0).compress);
     }
 
     #[test]
@@ -316,18 +363,26 @@ mod tests {
         for _ in 0..SAMPLE_FIRST {
             d.add_sample(sample(0.98, 300.0));
         }
-        d.observe_wire(0.0, 0);
-        d.observe_wire(1.0, 500_000_000);
-        let dec = d.decide();
+        assert!(
+            d.decide_at(0.0).compress,
+            "the --bwlimit cap is the link before measuring"
+        );
+        d.observe_wire(0.0, 0, true);
+        d.observe_wire(1.0, 500_000_000, true);
+        let dec = d.decide_at(1.0);
         assert_eq!(dec.link_bytes_per_sec, Some(1e6));
         assert!(dec.compress, "1 MB/s cap is below the breakpoint: {dec:?}");
         let mut d = AutoDecider::new(CompressPolicy::Auto, None);
         for _ in 0..SAMPLE_FIRST {
             d.add_sample(sample(0.98, 300.0));
         }
-        d.observe_wire(0.0, 0);
-        d.observe_wire(1.0, 500_000_000);
-        assert!(!d.decide().compress);
+        assert!(
+            !d.decide_at(0.0).compress,
+            "breakpoint below the optimistic threshold: raw until measured"
+        );
+        d.observe_wire(0.0, 0, true);
+        d.observe_wire(1.0, 500_000_000, true);
+        assert!(!d.decide_at(1.0).compress);
     }
 
     #[test]
@@ -336,12 +391,40 @@ mod tests {
         for _ in 0..SAMPLE_FIRST {
             d.add_sample(sample(1.0, 300.0));
         }
-        assert!(!d.decide().compress);
+        assert!(!d.decide_at(0.0).compress);
         let d = AutoDecider::new(CompressPolicy::Zstd(5), None);
-        assert!(d.decide().compress);
+        assert!(d.decide_at(0.0).compress);
         assert!(!d.should_sample(0));
         let d = AutoDecider::new(CompressPolicy::Off, Some(1));
-        assert!(!d.decide().compress);
+        assert!(!d.decide_at(0.0).compress);
+    }
+
+    #[test]
+    fn compression_as_the_bottleneck_triggers_a_raw_probe_that_can_end_compression() {
+        // Text at 200 MB/s: breakpoint 80 MB/s. Compressing, the streams sit idle at 30 MB/s
+        // of wire bytes: the encoders are the bottleneck, so probe raw.
+        let mut d = AutoDecider::new(CompressPolicy::Auto, None);
+        for _ in 0..SAMPLE_FIRST {
+            d.add_sample(sample(0.5, 200.0));
+        }
+        d.observe_wire(0.0, 0, false);
+        d.observe_wire(0.3, 9_000_000, false);
+        let dec = d.decide_at(0.31);
+        assert!(!dec.compress && dec.reason.contains("probing"), "{dec:?}");
+        assert_eq!(dec.probes, 1);
+        // The raw probe shows a 400 MB/s link: stay raw after the probe.
+        d.observe_wire(0.6, 129_000_000, false);
+        d.observe_wire(0.9, 249_000_000, false);
+        assert!(!d.decide_at(1.0).compress);
+        // On a slow link the streams block while compressing: no probe, keep compressing.
+        let mut d = AutoDecider::new(CompressPolicy::Auto, None);
+        for _ in 0..SAMPLE_FIRST {
+            d.add_sample(sample(0.5, 200.0));
+        }
+        d.observe_wire(0.0, 0, true);
+        d.observe_wire(0.5, 1_000_000, true);
+        assert!(d.decide_at(0.6).compress);
+        assert_eq!(d.decide_at(0.6).probes, 0);
     }
 
     #[test]

@@ -292,6 +292,10 @@ struct Shared {
     started: Instant,
     /// Chunk buffers shared by the encoders; at most one spare per stream is kept.
     pool: crate::io::BufferPool,
+    /// Time the data streams spent blocked writing (link-bound) and waiting for a frame from
+    /// their encoder (encoder-bound) since the last progress report, for `auto`.
+    write_blocked_ns: AtomicU64,
+    write_idle_ns: AtomicU64,
 }
 
 async fn resolve(addr: &str) -> Result<std::net::SocketAddr, Error> {
@@ -416,6 +420,8 @@ async fn attempt_once(
         fault_fired: std::sync::atomic::AtomicBool::new(false),
         started: Instant::now(),
         pool: crate::io::BufferPool::new(cfg.streams),
+        write_blocked_ns: AtomicU64::new(0),
+        write_idle_ns: AtomicU64::new(0),
         scan: scanned,
     });
     let mut workers = tokio::task::JoinSet::new();
@@ -454,8 +460,10 @@ async fn attempt_once(
             msg = read_control(&mut ctl_recv) => match msg? {
                 Some(ControlMsg::Progress { verified_bytes, wire_bytes, .. }) => {
                     progress.set_position(resumed_bytes + verified_bytes);
+                    let blocked = shared.write_blocked_ns.swap(0, Ordering::Relaxed);
+                    let idle = shared.write_idle_ns.swap(0, Ordering::Relaxed);
                     if let Ok(mut d) = shared.decider.lock() {
-                        d.observe_wire(shared.started.elapsed().as_secs_f64(), wire_bytes);
+                        d.observe_wire(shared.started.elapsed().as_secs_f64(), wire_bytes, blocked > idle);
                     }
                 }
                 Some(ControlMsg::Retry { file, chunk, reason }) => {
@@ -510,7 +518,7 @@ async fn attempt_once(
     let decision = shared
         .decider
         .lock()
-        .map(|d| d.decide())
+        .map(|d| d.decide_at(shared.started.elapsed().as_secs_f64()))
         .map_err(|_| Error::Other("decider lock poisoned".into()))?;
     Ok(SendSummary {
         source: cfg.src.display().to_string(),
@@ -621,7 +629,15 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
         quinn::WriteError::ConnectionLost(c) => crate::io::connection_error(&c),
         other => Error::Interrupted(other.to_string()),
     };
-    while let Some(frame) = rx.recv().await {
+    loop {
+        let waited = Instant::now();
+        let Some(frame) = rx.recv().await else {
+            break;
+        };
+        shared
+            .write_idle_ns
+            .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let writing = Instant::now();
         let h = &frame.header;
         let wire = ChunkHeader::LEN as u64 + h.payload_len;
         let header = bytes::Bytes::copy_from_slice(&h.encode());
@@ -646,6 +662,9 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
                 }
             }
         }
+        shared
+            .write_blocked_ns
+            .fetch_add(writing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Ok(mut hashes) = shared.hashes.lock() {
             if let Some(slot) = hashes
                 .get_mut(h.file as usize)
@@ -688,7 +707,8 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
                 .decider
                 .lock()
                 .map_err(|_| Error::Other("decider lock poisoned".into()))?;
-            (d.decide().compress, d.should_sample(n), d.level())
+            let now = shared.started.elapsed().as_secs_f64();
+            (d.decide_at(now).compress, d.should_sample(n), d.level())
         };
         let (b, encoded) = tokio::task::spawn_blocking(move || {
             let r = encode_chunk(&path, offset, len, compress, sample, level, &mut bufs);

@@ -779,3 +779,87 @@ fn source_changed_during_the_send_is_detected_and_resent_whole() {
     assert_eq!(j["resumed_bytes"], 1 << 20, "{j}");
     assert_same_tree(&src, &root.join("r.git"));
 }
+
+#[test]
+fn auto_compresses_text_over_a_slow_link() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces and tc");
+        return;
+    }
+    let keys = Keys::new();
+    let net = NetnsPair::up("16mbit");
+    let root = keys.path("root");
+    let b = net.exec('b');
+    let wrapper: Vec<&str> = b.iter().map(String::as_str).collect();
+    let d = Daemon::start_in(&keys, &root, &format!("{}.2:0", net.subnet), &wrapper);
+    let src = keys.path("src");
+    std::fs::create_dir(&src).unwrap();
+    let text: String = (0..120_000)
+        .map(|i| {
+            format!(
+                "fn item_{i}(x: u64) -> u64 {{ x.wrapping_mul({}) }}\n",
+                i % 97
+            )
+        })
+        .collect();
+    std::fs::write(src.join("lib.rs"), &text).unwrap();
+    let a = net.exec('a');
+    let out = std::process::Command::new(&a[0])
+        .args(&a[1..])
+        .arg(shardsend())
+        .arg(&src)
+        .arg(&d.addr)
+        .arg("r.git")
+        .arg("--identity")
+        .arg(&keys.send_key)
+        .arg("--peer")
+        .arg(keys.recv_fp.to_string())
+        .args([
+            "--json",
+            "--no-progress",
+            "--compress",
+            "auto",
+            "--chunk-size",
+            "256K",
+        ])
+        .output()
+        .unwrap();
+    let j = assert_ok(&out);
+    let c = &j["compression"];
+    // A 2 MB/s link is far below the breakpoint of source text (hundreds of MB/s): text is
+    // compressed from the first chunks on, before the link is even measured.
+    assert_eq!(c["compress"], true, "{j}");
+    assert!(
+        j["wire_bytes"].as_u64().unwrap() * 10 < j["bytes"].as_u64().unwrap(),
+        "{j}"
+    );
+    assert_same_tree(&src, &root.join("r.git"));
+
+    // Pack-like (incompressible) data over the same link goes raw.
+    let packs = keys.path("packs");
+    std::fs::create_dir(&packs).unwrap();
+    write_random(&packs.join("pack-1.pack"), 2 << 20, 11);
+    let out = std::process::Command::new(&a[0])
+        .args(&a[1..])
+        .arg(shardsend())
+        .arg(&packs)
+        .arg(&d.addr)
+        .arg("p.git")
+        .arg("--identity")
+        .arg(&keys.send_key)
+        .arg("--peer")
+        .arg(keys.recv_fp.to_string())
+        .args([
+            "--json",
+            "--no-progress",
+            "--compress",
+            "auto",
+            "--chunk-size",
+            "256K",
+        ])
+        .output()
+        .unwrap();
+    let j = assert_ok(&out);
+    assert_eq!(j["compression"]["compress"], false, "{j}");
+    assert!(j["wire_bytes"].as_u64().unwrap() >= 2 << 20, "{j}");
+}

@@ -67,12 +67,25 @@ impl Daemon {
     }
 
     pub fn start_on(keys: &Keys, root: &Path, listen: &str) -> Daemon {
+        Daemon::start_in(keys, root, listen, &[])
+    }
+
+    /// Starts the daemon through `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_in(keys: &Keys, root: &Path, listen: &str, wrapper: &[&str]) -> Daemon {
         std::fs::create_dir_all(root).unwrap();
         let log = root
             .parent()
             .unwrap()
             .join(format!("recv-{}.log", std::process::id()));
-        let mut child = Command::new(shardrecv())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(shardrecv());
+                c
+            }
+            None => Command::new(shardrecv()),
+        };
+        let mut child = cmd
             .args(["serve", "--listen", listen, "--root"])
             .arg(root)
             .arg("--identity")
@@ -283,6 +296,45 @@ pub fn journal_records(root: &Path, dest: &str) -> u64 {
     std::fs::metadata(dir.join("journal"))
         .map(|m| m.len().saturating_sub(40) / 48)
         .unwrap_or(0)
+}
+
+/// Two network namespaces joined by a rate-limited veth (scripts/netns.sh); removed on drop.
+pub struct NetnsPair {
+    pub name: String,
+    pub subnet: String,
+}
+
+impl NetnsPair {
+    pub fn up(rate: &str) -> NetnsPair {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = std::process::id() % 10_000;
+        let name = format!("sm{id}x{n}");
+        let subnet = format!("10.231.{}", (id * 7 + n) % 250 + 1);
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/netns.sh");
+        let status = Command::new(script)
+            .args(["up", &name, &subnet, rate])
+            .status()
+            .expect("run scripts/netns.sh");
+        assert!(status.success(), "netns setup failed");
+        NetnsPair { name, subnet }
+    }
+
+    pub fn exec(&self, side: char) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            format!("{}-{side}", self.name),
+        ]
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/netns.sh");
+        let _ = Command::new(script).args(["down", &self.name]).status();
+    }
 }
 
 pub fn is_root() -> bool {
