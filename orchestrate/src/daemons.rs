@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::executor::executor_for;
+use crate::executor::{shell_quote, Executor, LocalExecutor};
 use crate::registry::Registry;
 use crate::repos::Observation;
 
@@ -191,7 +191,9 @@ pub async fn restart(
                 path: log_path.clone(),
                 source,
             })?;
-            let exec = executor_for(&device)?;
+            // Daemons run here, beside the registry; they reach devices through executors
+            // (a custom template may start something on the device itself).
+            let exec = LocalExecutor;
             let mut process = exec.command(&["sh", "-c", &command]);
             // Own process group: the daemon outlives this command and its terminal.
             process
@@ -232,19 +234,6 @@ fn expand(template: &str, values: &BTreeMap<&str, String>) -> String {
         out = out.replace(&format!("{{{name}}}"), &shell_quote(value));
     }
     out
-}
-
-/// Quotes a value for `sh`.
-pub fn shell_quote(value: &str) -> String {
-    if !value.is_empty()
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c))
-    {
-        value.to_string()
-    } else {
-        format!("'{}'", value.replace('\'', r"'\''"))
-    }
 }
 
 fn read_pid(path: &Path) -> Option<i32> {

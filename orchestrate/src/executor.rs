@@ -1,7 +1,10 @@
 //! Running steps on a shard host's disk (git init, hooks, fetch) through one abstraction.
 //!
 //! An [`Executor`] only turns an argument vector into a process: [`LocalExecutor`] runs it
-//! here; an ssh executor (next issue) will run `ssh HOST -- <quoted argv>`. Every step is
+//! here; [`SshExecutor`] runs `ssh HOST '<quoted argv>'` with the system OpenSSH client, so
+//! ports, users, keys and known hosts come from ssh's own configuration (`~/.ssh/config`, or
+//! the file named by `SHARDMOVE_SSH_CONFIG`), the way operators already reach their shard
+//! hosts, and never from the registry. Every step is
 //! therefore written as a program plus arguments (multi-line steps as `sh -c SCRIPT ARGS`,
 //! with values passed as positional arguments, never spliced into the script), so it runs
 //! unchanged on either. Running is async (tokio) because the callers sit next to database
@@ -40,21 +43,82 @@ impl Executor for LocalExecutor {
     }
 }
 
+/// Runs commands on another host through `ssh` (batch mode: never prompts).
+#[derive(Debug, Clone)]
+pub struct SshExecutor {
+    /// Destination as ssh understands it (`host`, `user@host`, or a `Host` alias).
+    pub host: String,
+    /// An ssh configuration file (`ssh -F`), else the user's default.
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// Environment variable naming the ssh configuration file the ssh executor uses.
+pub const SSH_CONFIG_ENV: &str = "SHARDMOVE_SSH_CONFIG";
+
+impl SshExecutor {
+    /// An executor for `host`, with the configuration file from [`SSH_CONFIG_ENV`] if set.
+    pub fn from_env(host: &str) -> SshExecutor {
+        let config = std::env::var_os(SSH_CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(Into::into);
+        SshExecutor {
+            host: host.to_string(),
+            config,
+        }
+    }
+}
+
+impl Executor for SshExecutor {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn command(&self, argv: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("ssh");
+        if let Some(config) = &self.config {
+            command.arg("-F").arg(config);
+        }
+        // The remote side runs the command through the login shell: quote every word.
+        let remote: Vec<String> = argv.iter().map(|word| shell_quote(word)).collect();
+        command.args([
+            "-o",
+            "BatchMode=yes",
+            "-T",
+            "--",
+            &self.host,
+            &remote.join(" "),
+        ]);
+        command
+    }
+}
+
+/// Quotes a value for `sh` (unchanged when it is made of safe characters only).
+pub fn shell_quote(value: &str) -> String {
+    if !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c))
+    {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\'', r"'\''"))
+    }
+}
+
 /// Hosts that [`executor_for`] treats as this machine.
 pub const LOCAL_HOSTS: [&str; 4] = ["localhost", "local", "127.0.0.1", "::1"];
 
-/// The executor for a device's host: local for [`LOCAL_HOSTS`]; other hosts are refused
-/// until the ssh executor exists.
+/// The executor for a device's host: local for [`LOCAL_HOSTS`], ssh for any other.
 pub fn executor_for(device: &Device) -> Result<Box<dyn Executor>> {
     if LOCAL_HOSTS.contains(&device.host.as_str()) {
         Ok(Box::new(LocalExecutor))
+    } else if device.host.starts_with('-') {
+        Err(Error::invalid(
+            format!("host {:?} of device {}", device.host, device.name),
+            "must not start with '-'",
+        ))
     } else {
-        Err(Error::Refused(format!(
-            "device {} is on host {}: only local devices ({}) can be driven so far (no ssh executor yet)",
-            device.name,
-            device.host,
-            LOCAL_HOSTS.join(", ")
-        )))
+        Ok(Box::new(SshExecutor::from_env(&device.host)))
     }
 }
 
@@ -114,11 +178,62 @@ pub(crate) fn host_error(executor: &dyn Executor, argv: &[&str], output: &Comman
 
 /// A short human form of a command (scripts abbreviated to their first line).
 fn describe(argv: &[&str]) -> String {
+    // Scripts are long; their name (`$0`) and arguments say what ran.
     match argv {
         ["sh", "-c", script, name, rest @ ..] => {
             let _ = script;
             format!("{name} {}", rest.join(" "))
         }
         _ => argv.join(" "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_round_trips_through_sh() {
+        for value in [
+            "plain",
+            "with space",
+            "it's",
+            "$(rm -rf /)",
+            "a\nb",
+            "",
+            "*",
+        ] {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf %s {}", shell_quote(value))])
+                .output()
+                .expect("sh");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), value);
+        }
+    }
+
+    #[test]
+    fn ssh_command_quotes_every_word() {
+        let ssh = SshExecutor {
+            host: "shard1".into(),
+            config: Some("/etc/x".into()),
+        };
+        let command = ssh.command(&["git", "-C", "/srv/a b", "fetch"]);
+        let args: Vec<_> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "-F",
+                "/etc/x",
+                "-o",
+                "BatchMode=yes",
+                "-T",
+                "--",
+                "shard1",
+                "git -C '/srv/a b' fetch"
+            ]
+        );
     }
 }

@@ -23,6 +23,7 @@ contract!(
     thaw_refuses_older_copies_unless_forced,
     daemons_follow_the_plan_and_never_start_under_no_daemons,
     library_steps_are_callable_without_the_cli,
+    ssh_executor_drives_a_device_over_a_real_sshd,
 );
 
 fn objects_and_bad_input_change_nothing(env: &Env) {
@@ -1018,4 +1019,80 @@ fn library_steps_are_callable_without_the_cli(env: &Env) {
         assert!(matches!(err, orchestrate::Error::AlreadyExists { .. }));
         registry.close().await;
     });
+}
+
+fn ssh_executor_drives_a_device_over_a_real_sshd(env: &Env) {
+    let sshd = util::Sshd::start(env.dir.path());
+    let sm = |args: &[&str]| {
+        let out = env
+            .sm_command(args)
+            .env("SHARDMOVE_SSH_CONFIG", &sshd.config)
+            .output()
+            .expect("shardmove");
+        util::to_run(out)
+    };
+    let ok = |args: &[&str]| {
+        let run = sm(args);
+        assert_eq!(
+            run.code, 0,
+            "shardmove {args:?}: {}{}",
+            run.stdout, run.stderr
+        );
+        run.stdout
+    };
+    let root = env.path("remote-root").display().to_string();
+    ok(&["service", "add", "s"]);
+    ok(&[
+        "device",
+        "add",
+        "s1",
+        "--service",
+        "s",
+        "--host",
+        sshd.alias,
+        "--transfer",
+        "127.0.0.1:7400",
+        "--root",
+        &root,
+    ]);
+    ok(&["instance", "add", "t"]);
+    ok(&["binding", "add", "--instance", "t", "--service", "s"]);
+    ok(&["repo", "create", "--instance", "t", "over-ssh"]);
+    let bare = env.path("remote-root/t/over-ssh.git");
+    assert_eq!(
+        git_ok(&bare, &["rev-parse", "--is-bare-repository"]),
+        "true"
+    );
+    let work = env.path("work");
+    clone_and_commit(&bare, &work, "one");
+    ok(&[
+        "repo",
+        "maintenance",
+        "over-ssh",
+        "--start",
+        "moving over ssh",
+        "--wait",
+        "10",
+    ]);
+    let push = git(&work, &["push", "origin", "HEAD:refs/heads/main"]);
+    assert!(
+        push.code != 0 && push.stderr.contains("moving over ssh"),
+        "{}",
+        push.stderr
+    );
+    ok(&["repo", "maintenance", "over-ssh", "--stop"]);
+    git_ok(&work, &["push", "-q", "origin", "HEAD:refs/heads/main"]);
+    // Without the config the host is unknown: a clear host-command error, nothing created.
+    let run = util::to_run(
+        env.sm_command(&["repo", "create", "--instance", "t", "nowhere"])
+            .env("SHARDMOVE_SSH_CONFIG", "/dev/null")
+            .output()
+            .expect("run"),
+    );
+    assert_eq!(run.code, 7, "{}", run.stderr);
+    assert!(run.stderr.contains("on shardhost"), "{}", run.stderr);
+    assert_eq!(
+        env.json(&["repo", "list"]).as_array().map(Vec::len),
+        Some(1)
+    );
 }

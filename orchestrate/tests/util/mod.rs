@@ -270,3 +270,98 @@ macro_rules! contract {
         }
     };
 }
+
+/// A real `sshd` on a loopback port (DESIGN.md §6), with a client key and an ssh config file
+/// whose `Host` alias reaches it. Killed on drop.
+pub struct Sshd {
+    child: std::process::Child,
+    pub config: PathBuf,
+    pub alias: &'static str,
+}
+
+impl Sshd {
+    pub fn start(dir: &Path) -> Sshd {
+        let keygen = |path: &Path| {
+            let status = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path)
+                .status()
+                .expect("run ssh-keygen");
+            assert!(status.success(), "ssh-keygen failed");
+        };
+        let host_key = dir.join("ssh_host_key");
+        let client_key = dir.join("client_key");
+        keygen(&host_key);
+        keygen(&client_key);
+        let authorized = dir.join("authorized_keys");
+        std::fs::copy(client_key.with_extension("pub"), &authorized).expect("authorized_keys");
+        std::fs::create_dir_all("/run/sshd").expect("privilege separation dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f", "/dev/null", "-p", &port.to_string()])
+            .args([
+                "-o",
+                "ListenAddress=127.0.0.1",
+                "-o",
+                "StrictModes=no",
+                "-o",
+                "PermitRootLogin=prohibit-password",
+            ])
+            .arg("-o")
+            .arg(format!("HostKey={}", host_key.display()))
+            .arg("-o")
+            .arg(format!("AuthorizedKeysFile={}", authorized.display()))
+            .arg("-o")
+            .arg(format!("PidFile={}", dir.join("sshd.pid").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start sshd");
+        let config = dir.join("ssh_config");
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".to_string());
+        std::fs::write(
+            &config,
+            format!(
+                "Host shardhost\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {}\n  IdentitiesOnly yes\n  \
+                 StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+                client_key.display()
+            ),
+        )
+        .expect("ssh config");
+        let sshd = Sshd {
+            child,
+            config,
+            alias: "shardhost",
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let ok = Command::new("ssh")
+                .arg("-F")
+                .arg(&sshd.config)
+                .args(["-o", "BatchMode=yes", "shardhost", "true"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sshd on port {port} did not accept the client key"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        sshd
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
