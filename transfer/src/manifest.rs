@@ -362,6 +362,7 @@ mod tests {
             entry_count: entries,
             total_bytes: bytes,
             resume: false,
+            install: true,
             sender_info: String::new(),
         }
     }

@@ -402,7 +402,14 @@ async fn handle_connection(
         return Err(fail(&mut send, code, message).await);
     }
 
-    // 4. Install.
+    // 4. Install, or keep the verified tree staged for a later `--resume` (pre-copy).
+    if !hello.install {
+        let root_hash = sender_root.unwrap_or_default();
+        write_control(&mut send, &ControlMsg::Staged { root_hash }).await?;
+        let _ = send.finish();
+        tracing::info!(dest = %dest_text, root = %hex(&root_hash), "verified and kept staged (pre-copy)");
+        return Ok(());
+    }
     let staging = state
         .staging
         .lock()

@@ -82,6 +82,8 @@ pub struct SendConfig {
     pub chunk_size: u64,
     pub progress: bool,
     pub fault: Option<Fault>,
+    /// Verify into the receiver's staging area without installing (pre-copy).
+    pub stage_only: bool,
     /// How long to wait for the receiver to answer the handshake.
     pub connect_timeout: Duration,
 }
@@ -92,7 +94,10 @@ pub struct SendSummary {
     pub source: String,
     pub receiver: String,
     pub dest: String,
+    /// Where the tree was installed; empty for `--stage-only`.
     pub installed_path: String,
+    /// True for a `--stage-only` pre-copy: verified, kept in staging, not installed.
+    pub staged_only: bool,
     pub replaced: Option<String>,
     pub entries: u64,
     pub files: u64,
@@ -340,6 +345,7 @@ async fn attempt_once(
         entry_count: manifest.entries.len() as u64,
         total_bytes: manifest.total_bytes,
         resume,
+        install: !cfg.stage_only,
         sender_info: format!(
             "shardsend {} compress={}",
             env!("CARGO_PKG_VERSION"),
@@ -435,10 +441,16 @@ async fn attempt_once(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let result: Result<Installed, Error> = loop {
         if !done_sent && shared.queue.is_drained() {
+            // A pre-copy of a live tree may see it change: the final pass will resend those
+            // files. Only an install needs a consistent snapshot.
             let s2 = shared.clone();
-            let changed = tokio::task::spawn_blocking(move || changed_since_scan(&s2.scan))
-                .await
-                .map_err(|e| Error::Other(e.to_string()))?;
+            let changed = if cfg.stage_only {
+                Vec::new()
+            } else {
+                tokio::task::spawn_blocking(move || changed_since_scan(&s2.scan))
+                    .await
+                    .map_err(|e| Error::Other(e.to_string()))?
+            };
             if !changed.is_empty() {
                 let msg = format!("{} changed during the send", changed.join(", "));
                 let _ = write_control(
@@ -474,6 +486,9 @@ async fn attempt_once(
                 }
                 Some(ControlMsg::Installed { root_hash, path, replaced }) => {
                     break Ok((root_hash, path, replaced));
+                }
+                Some(ControlMsg::Staged { root_hash }) if cfg.stage_only => {
+                    break Ok((root_hash, Vec::new(), None));
                 }
                 Some(ControlMsg::Fail { code, message }) => break Err(match code {
                     FailCode::Verification => Error::Verification(message),
@@ -525,6 +540,7 @@ async fn attempt_once(
         receiver: cfg.addr.clone(),
         dest: cfg.dest.clone(),
         installed_path: String::from_utf8_lossy(&path).into_owned(),
+        staged_only: cfg.stage_only,
         replaced: replaced.map(|r| String::from_utf8_lossy(&r).into_owned()),
         entries: m.entries.len() as u64,
         files: m
@@ -848,6 +864,19 @@ fn read_exact_at_uninit(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64)
     Ok(())
 }
 
+/// CPU time of the calling thread, in seconds. Codec samples are timed in CPU time, not wall
+/// time: on a busy machine wall time would charge compression for other processes' work and
+/// flip `auto` at random.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// Reads, hashes and (maybe) compresses one chunk into `bufs`. Runs on a blocking thread.
 fn encode_chunk(
     path: &Path,
@@ -917,7 +946,7 @@ fn encode_chunk(
             mapped,
         });
     }
-    let t0 = Instant::now();
+    let t0 = thread_cpu_secs();
     let bound = zstd::zstd_safe::compress_bound(raw.len());
     bufs.compressed.clear();
     bufs.compressed.reserve(bound);
@@ -929,10 +958,10 @@ fn encode_chunk(
         .as_mut()
         .ok_or_else(|| io::Error::other("no compressor"))?;
     comp.compress_to_buffer(raw, &mut bufs.compressed)?;
-    let compress_secs = t0.elapsed().as_secs_f64();
+    let compress_secs = thread_cpu_secs() - t0;
     let mut sample_out = None;
     if sample {
-        let t1 = Instant::now();
+        let t1 = thread_cpu_secs();
         if bufs.decompressor.is_none() {
             bufs.decompressor = Some(zstd::bulk::Decompressor::new()?);
         }
@@ -946,7 +975,7 @@ fn encode_chunk(
             raw_bytes: len,
             compressed_bytes: (bufs.compressed.len() as u64).min(len),
             compress_secs,
-            decompress_secs: t1.elapsed().as_secs_f64(),
+            decompress_secs: thread_cpu_secs() - t1,
         });
     }
     let codec = if bufs.compressed.len() < raw.len() {

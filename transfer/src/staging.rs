@@ -453,6 +453,7 @@ fn encode_state(m: &Manifest) -> Vec<u8> {
         entry_count: m.entries.len() as u64,
         total_bytes: m.total_bytes,
         resume: false,
+        install: true,
         sender_info: String::new(),
     })
     .encode_frame(&mut out);

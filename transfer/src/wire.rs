@@ -116,6 +116,9 @@ pub struct Hello {
     pub total_bytes: u64,
     /// Ask the receiver to keep what it already verified for this destination.
     pub resume: bool,
+    /// Install once verified; when false the receiver keeps the verified tree in staging
+    /// (a pre-copy) and answers `Staged`; a later `resume` run sends what changed and installs.
+    pub install: bool,
     /// Free text for the receiver's logs (tool version, compression policy).
     pub sender_info: String,
 }
@@ -183,6 +186,8 @@ pub enum ControlMsg {
     },
     /// S->R: every chunk was sent; the sender's root hash.
     Done { root_hash: Hash },
+    /// R->S: every chunk is verified and kept in staging (no install was asked for).
+    Staged { root_hash: Hash },
     /// R->S: the tree is fsynced and installed.
     Installed {
         root_hash: Hash,
@@ -203,6 +208,7 @@ const T_RETRY: u8 = 7;
 const T_DONE: u8 = 8;
 const T_INSTALLED: u8 = 9;
 const T_FAIL: u8 = 10;
+const T_STAGED: u8 = 11;
 
 /// How a chunk's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,6 +318,7 @@ impl ControlMsg {
                 put_u64(out, h.entry_count);
                 put_u64(out, h.total_bytes);
                 out.push(u8::from(h.resume));
+                out.push(u8::from(h.install));
                 put_bytes(out, h.sender_info.as_bytes());
             }
             ControlMsg::Entry(e) => {
@@ -388,6 +395,10 @@ impl ControlMsg {
                     }
                 }
             }
+            ControlMsg::Staged { root_hash } => {
+                out.push(T_STAGED);
+                out.extend_from_slice(root_hash);
+            }
             ControlMsg::Fail { code, message } => {
                 out.push(T_FAIL);
                 out.push(*code as u8);
@@ -418,6 +429,7 @@ impl ControlMsg {
                 entry_count: r.u64()?,
                 total_bytes: r.u64()?,
                 resume: r.bool("resume")?,
+                install: r.bool("install")?,
                 sender_info: r.string("sender info")?,
             }),
             T_ENTRY => ControlMsg::Entry(Entry {
@@ -489,6 +501,9 @@ impl ControlMsg {
                         })
                     }
                 },
+            },
+            T_STAGED => ControlMsg::Staged {
+                root_hash: r.hash()?,
             },
             T_FAIL => ControlMsg::Fail {
                 code: FailCode::from_u8(r.u8()?)?,
@@ -689,6 +704,7 @@ mod tests {
                         entry_count: ec,
                         total_bytes: tb,
                         resume,
+                        install: !resume || file,
                         sender_info: info,
                     })
                 }),
@@ -715,6 +731,7 @@ mod tests {
                 }
             }),
             arb_hash().prop_map(|h| ControlMsg::Done { root_hash: h }),
+            arb_hash().prop_map(|h| ControlMsg::Staged { root_hash: h }),
             (
                 arb_hash(),
                 proptest::collection::vec(any::<u8>(), 0..30),

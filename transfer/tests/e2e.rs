@@ -602,6 +602,7 @@ mod hostile {
                 entry_count: declared_entries,
                 total_bytes: declared_bytes,
                 resume: false,
+                install: true,
                 sender_info: "hostile test".into(),
             })];
             msgs.extend(entries.into_iter().map(ControlMsg::Entry));
@@ -862,4 +863,42 @@ fn auto_compresses_text_over_a_slow_link() {
     let j = assert_ok(&out);
     assert_eq!(j["compression"]["compress"], false, "{j}");
     assert!(j["wire_bytes"].as_u64().unwrap() >= 2 << 20, "{j}");
+}
+
+#[test]
+fn stage_only_precopy_then_resume_sends_only_what_changed_and_installs() {
+    let keys = Keys::new();
+    let root = keys.path("root");
+    let d = Daemon::start(&keys, &root);
+    let src = keys.path("src.git");
+    std::fs::create_dir_all(src.join("objects/pack")).unwrap();
+    write_random(&src.join("objects/pack/pack-1.pack"), 6 << 20, 1);
+    std::fs::write(src.join("packed-refs"), "aaaa refs/heads/main\n").unwrap();
+    let j = assert_ok(&send(
+        &keys,
+        &src,
+        &d.addr,
+        "r.git",
+        &["--stage-only", "--chunk-size", "1M"],
+    ));
+    assert_eq!(j["staged_only"], true);
+    assert_eq!(j["installed_path"], "");
+    assert!(
+        visible_entries(&root).is_empty(),
+        "a pre-copy installs nothing"
+    );
+
+    // The live repository moves on: a ref changes, a new pack appears.
+    std::fs::write(src.join("packed-refs"), "bbbb refs/heads/main\n").unwrap();
+    write_random(&src.join("objects/pack/pack-2.pack"), 1 << 20, 2);
+    let j = assert_ok(&send(
+        &keys,
+        &src,
+        &d.addr,
+        "r.git",
+        &["--resume", "--chunk-size", "1M"],
+    ));
+    assert_eq!(j["resumed_bytes"], 6 << 20, "{j}");
+    assert_eq!(j["sent_bytes"], (1 << 20) + 21, "{j}");
+    assert_same_tree(&src, &root.join("r.git"));
 }

@@ -81,6 +81,10 @@ struct SendArgs {
     /// Keep what the receiver already verified from an earlier attempt of this transfer
     #[arg(long)]
     resume: bool,
+    /// Pre-copy: verify into the receiver's staging area but do not install. A later run
+    /// with --resume sends only what changed since, then installs (live pre-copy, short freeze)
+    #[arg(long)]
+    stage_only: bool,
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
@@ -151,6 +155,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         chunk_size: a.chunk_size,
         progress: !a.no_progress && std::io::stderr().is_terminal(),
         fault: a.inject_fault,
+        stage_only: a.stage_only,
         connect_timeout: std::time::Duration::try_from_secs_f64(a.connect_timeout)
             .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
     };
@@ -169,12 +174,21 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
     } else {
         let _ = writeln!(
             out,
-            "sent {} ({} bytes, {} resumed) to {}:{} in {:.2} s, {:.1} MB/s, {} streams",
+            "{} {} ({} bytes, {} resumed) to {}:{} in {:.2} s, {:.1} MB/s, {} streams",
+            if summary.staged_only {
+                "staged"
+            } else {
+                "sent"
+            },
             summary.source,
             summary.bytes,
             summary.resumed_bytes,
             summary.receiver,
-            summary.installed_path,
+            if summary.staged_only {
+                &summary.dest
+            } else {
+                &summary.installed_path
+            },
             summary.seconds,
             summary.mb_per_s,
             summary.streams
