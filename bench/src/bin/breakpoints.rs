@@ -125,7 +125,7 @@ fn measure_all(
             m.compress_secs,
             m.decompress_secs,
             if m.extrapolated {
-                "  (scaled from a prefix)"
+                "  (scaled from a sample)"
             } else {
                 ""
             }
