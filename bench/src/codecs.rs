@@ -9,7 +9,7 @@
 //! must equal the tar size, a cheap check that every codec round-trips.
 //!
 //! Slow codecs (zstd -19) can be measured on a sample of the tar stream (evenly spaced
-//! 16 MiB blocks adding up to about `limit` bytes) and extrapolated linearly; results say so.
+//! 4 MiB blocks adding up to about `limit` bytes) and extrapolated linearly; results say so.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -192,8 +192,9 @@ impl<W: Write> Write for Sampler<W> {
     }
 }
 
-/// Sampling block size: larger than zstd -19's window, so matches within a block are found.
-pub const SAMPLE_BLOCK: u64 = 16 << 20;
+/// Sampling block size: small enough that a sample has many blocks (a sample of a few large
+/// blocks over-weights whichever file they land in), large enough for the codec's matches.
+pub const SAMPLE_BLOCK: u64 = 4 << 20;
 
 /// Decoder side: decoder writing into a [`Counter`] of decompressed bytes.
 struct GzDec(flate2::write::GzDecoder<Counter>);

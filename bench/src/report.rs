@@ -491,7 +491,7 @@ pub fn svg_chart(r: &RepoResult) -> String {
     if r.measurements.iter().any(|m| m.extrapolated) {
         let _ = writeln!(
             s,
-            r##"<text x="{left}" y="{}" fill="#555">* measured on evenly spaced 16 MiB blocks of the tar stream and scaled linearly</text>"##,
+            r##"<text x="{left}" y="{}" fill="#555">* measured on evenly spaced blocks of the tar stream and scaled linearly</text>"##,
             h - 10.0
         );
     }

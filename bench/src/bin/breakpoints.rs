@@ -49,7 +49,7 @@ struct Cli {
     work_dir: PathBuf,
 
     /// Codecs slower than zstd -9 (zstd -19) see only about this many bytes of the tar
-    /// stream, in evenly spaced 16 MiB blocks, and their figures are scaled to the whole;
+    /// stream, in evenly spaced 4 MiB blocks, and their figures are scaled to the whole;
     /// 0 = measure everything
     #[arg(long, default_value = "256M", value_parser = parse_size_arg)]
     slow_sample: u64,
@@ -59,9 +59,20 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     repeat: u32,
 
+    /// Codecs to measure, comma-separated (default: tar,gzip-6,zstd-1,zstd-3,zstd-9,zstd-19,
+    /// zstd-3-mt2,shardsend); names as in the results
+    #[arg(long, value_delimiter = ',', value_parser = parse_codec_arg)]
+    codecs: Vec<Codec>,
+
     /// Label for each repository, in order (default: the directory name)
     #[arg(long = "label", value_name = "NAME")]
     labels: Vec<String>,
+}
+
+fn parse_codec_arg(s: &str) -> Result<Codec, String> {
+    bench::report::parse_codec(s).ok_or_else(|| {
+        format!("unknown codec {s:?}: use tar, gzip-L, zstd-L, zstd-L-mtN or shardsend")
+    })
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -95,7 +106,12 @@ fn measure_all(
         tar_secs
     );
     let mut ms = Vec::new();
-    for &codec in DEFAULT_CODECS {
+    let codecs: &[Codec] = if cli.codecs.is_empty() {
+        DEFAULT_CODECS
+    } else {
+        &cli.codecs
+    };
+    for &codec in codecs {
         let limit = match codec {
             Codec::Zstd(l) if l > 9 && cli.slow_sample > 0 => Some(cli.slow_sample),
             _ => None,
