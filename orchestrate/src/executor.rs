@@ -180,10 +180,7 @@ pub(crate) fn host_error(executor: &dyn Executor, argv: &[&str], output: &Comman
 fn describe(argv: &[&str]) -> String {
     // Scripts are long; their name (`$0`) and arguments say what ran.
     match argv {
-        ["sh", "-c", script, name, rest @ ..] => {
-            let _ = script;
-            format!("{name} {}", rest.join(" "))
-        }
+        ["sh", "-c", _script, name, rest @ ..] => format!("{name} {}", rest.join(" ")),
         _ => argv.join(" "),
     }
 }

@@ -854,6 +854,25 @@ fn daemons_follow_the_plan_and_never_start_under_no_daemons(env: &Env) {
         "no-daemons",
         "true",
     ]);
+    // An observed repository for the worker to keep up to date.
+    let upstream = env.path("upstream.git");
+    git_ok(
+        env.dir.path(),
+        &["init", "-q", "--bare", &upstream.display().to_string()],
+    );
+    let work = env.path("upstream-work");
+    let head = clone_and_commit(&upstream, &work, "observed");
+    git_ok(&work, &["push", "-q", "origin", "HEAD:refs/heads/main"]);
+    let url = format!("file://{}", upstream.display());
+    env.ok(&[
+        "repo",
+        "create",
+        "--instance",
+        "t",
+        "watched",
+        "--upstream",
+        &url,
+    ]);
     let plan = env.json(&["host", "plan", "--instance", "t"]);
     let run = |plan: &Value, service: &str| {
         plan.as_array()
@@ -887,6 +906,23 @@ fn daemons_follow_the_plan_and_never_start_under_no_daemons(env: &Env) {
         std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "daemon not running"
     );
+    // The bundled worker runs observation passes: the upstream commit arrives.
+    let watched = env.repo_path("ra", "watched");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while git(
+        &watched,
+        &["rev-parse", "--verify", "-q", "refs/heads/main"],
+    )
+    .stdout
+    .trim()
+        != head
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never fetched the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         !env.path("run/t.b.b1.pid").exists(),
         "daemon started under no-daemons"

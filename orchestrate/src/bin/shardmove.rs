@@ -330,6 +330,26 @@ fn yes_no(flag: bool) -> &'static str {
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS UTC` from unix seconds (days-to-civil, proleptic Gregorian).
+fn utc(unix: i64) -> String {
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 fn repo_text(repo: &Repository) -> String {
     let mut out = format!(
         "repository {}\n  service: {}\n  path: {}\n",
@@ -342,8 +362,8 @@ fn repo_text(repo: &Repository) -> String {
     }
     if repo.maintenance {
         out += &format!(
-            "  maintenance: since {} (unix), message: {}\n",
-            repo.maintenance_since.unwrap_or(0),
+            "  maintenance: since {}, message: {}\n",
+            utc(repo.maintenance_since.unwrap_or(0)),
             repo.maintenance_message.as_deref().unwrap_or("")
         );
     } else {
@@ -384,9 +404,9 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             }),
             ServiceCmd::Show { name } => print(json, &registry.service(name).await?, |s| {
                 format!(
-                    "service {}\n  created: {} (unix)\n  devices: {}",
+                    "service {}\n  created: {}\n  devices: {}",
                     s.name,
-                    s.created_at,
+                    utc(s.created_at),
                     s.devices.join(", ")
                 )
             }),
@@ -442,7 +462,7 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
                 all.iter().map(|i| format!("{}\n", i.name)).collect()
             }),
             InstanceCmd::Show { name } => print(json, &registry.instance(name).await?, |i| {
-                format!("instance {}\n  created: {} (unix)", i.name, i.created_at)
+                format!("instance {}\n  created: {}", i.name, utc(i.created_at))
             }),
         },
         Command::Binding(cmd) => {
@@ -454,8 +474,8 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
                     .collect();
                 let view = match &b.view {
                     Some(v) => format!(
-                        "synced at {} (unix), {}",
-                        v.synced_at,
+                        "synced at {}, {}",
+                        utc(v.synced_at),
                         if v.in_sync {
                             "in sync"
                         } else {
@@ -635,9 +655,9 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
                 .iter()
                 .map(|r| {
                     format!(
-                        "{}\tin maintenance since {} (unix): {}\n",
+                        "{}\tin maintenance since {}: {}\n",
                         r.full_name(),
-                        r.maintenance_since.unwrap_or(0),
+                        utc(r.maintenance_since.unwrap_or(0)),
                         r.maintenance_message.as_deref().unwrap_or("")
                     )
                 })
@@ -652,7 +672,11 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
                     .map(|e| {
                         format!(
                             "{}\t{}\t{}\t{}\t{}\n",
-                            e.at, e.actor, e.action, e.subject, e.detail
+                            utc(e.at),
+                            e.actor,
+                            e.action,
+                            e.subject,
+                            e.detail
                         )
                     })
                     .collect()
@@ -776,5 +800,15 @@ async fn repo_command(registry: &Registry, cmd: &RepoCmd, json: bool) -> anyhow:
                 repo_text,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_795_621_470), "2026-11-25 15:44:30 UTC");
     }
 }
