@@ -96,18 +96,26 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ServiceCmd {
     /// Add a service.
-    Add { name: String },
+    Add {
+        /// Service name (letters, digits, '.', '_', '-').
+        name: String,
+    },
     /// List services.
     List,
     /// Show one service.
-    Show { name: String },
+    Show {
+        /// Service name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum DeviceCmd {
     /// Add a device to a service.
     Add {
+        /// Device name (letters, digits, '.', '_', '-').
         name: String,
+        /// Service the device belongs to.
         #[arg(long)]
         service: String,
         /// Host the device is on (`localhost` runs steps locally).
@@ -126,23 +134,34 @@ enum DeviceCmd {
     /// List devices.
     List,
     /// Show one device.
-    Show { name: String },
+    Show {
+        /// Device name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum InstanceCmd {
     /// Add an instance.
-    Add { name: String },
+    Add {
+        /// Instance name (letters, digits, '.', '_', '-').
+        name: String,
+    },
     /// List instances.
     List,
     /// Show one instance.
-    Show { name: String },
+    Show {
+        /// Instance name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
 struct BindingRef {
+    /// The instance (tenant).
     #[arg(long)]
     instance: String,
+    /// The service (storage pool).
     #[arg(long)]
     service: String,
 }
@@ -153,6 +172,7 @@ enum BindingCmd {
     Add(BindingRef),
     /// List bindings.
     List {
+        /// Only this instance's bindings.
         #[arg(long)]
         instance: Option<String>,
     },
@@ -164,8 +184,11 @@ enum BindingCmd {
     SetProperty {
         #[command(flatten)]
         binding: BindingRef,
+        /// `closed`, `no-daemons`, or a free-form key ([a-z0-9._-]).
         key: String,
+        /// `true`/`false` for the flags; free text (no control characters) otherwise.
         value: String,
+        /// Accept "open but no-daemons".
         #[arg(long)]
         force: bool,
     },
@@ -175,8 +198,10 @@ enum BindingCmd {
 enum RepoCmd {
     /// Create a bare repository on a service chosen at random among the instance's open bindings.
     Create {
+        /// Instance the repository belongs to.
         #[arg(long)]
         instance: String,
+        /// Repository name (stored as ROOT/INSTANCE/NAME.git on each device).
         name: String,
         /// Upstream URL of an observed repository (fetched by observation passes).
         #[arg(long)]
@@ -184,15 +209,21 @@ enum RepoCmd {
     },
     /// List repositories.
     List {
+        /// Only this instance's repositories.
         #[arg(long)]
         instance: Option<String>,
     },
     /// Show one repository (REPO is INSTANCE/NAME, or NAME when unique).
-    Show { repo: String },
+    Show {
+        /// INSTANCE/NAME, or NAME when unique.
+        repo: String,
+    },
     /// Start or stop maintenance: pushes refused with MESSAGE, reads keep working,
     /// observation skips it. --start returns once pushes in flight have finished.
     Maintenance {
+        /// INSTANCE/NAME, or NAME when unique.
         repo: String,
+        /// Start maintenance; MESSAGE is what a refused push shows.
         #[arg(
             long,
             value_name = "MESSAGE",
@@ -200,6 +231,7 @@ enum RepoCmd {
             required_unless_present = "stop"
         )]
         start: Option<String>,
+        /// Stop maintenance and restore the repository's own pre-receive hook.
         #[arg(long)]
         stop: bool,
         /// Seconds to wait for pushes in flight before giving up (and lifting maintenance).
@@ -208,18 +240,23 @@ enum RepoCmd {
     },
     /// One observation pass: git fetch from each observed repository's upstream.
     Observe {
+        /// Only this instance's repositories.
         #[arg(long)]
         instance: Option<String>,
     },
     /// Move a repository to another service of its instance, in one transaction.
     Clusterize {
+        /// INSTANCE/NAME, or NAME when unique.
         repo: String,
+        /// Target service; the instance must be bound to it.
         #[arg(long)]
         service: String,
     },
     /// Declare a device's copy authoritative (--promote) or stale (--demote).
     Thaw {
+        /// INSTANCE/NAME, or NAME when unique.
         repo: String,
+        /// Make DEVICE's copy the newest (DEVICE must be on the repository's service).
         #[arg(
             long,
             value_name = "DEVICE",
@@ -227,6 +264,7 @@ enum RepoCmd {
             required_unless_present = "demote"
         )]
         promote: Option<String>,
+        /// Mark DEVICE's copy stale.
         #[arg(long, value_name = "DEVICE")]
         demote: Option<String>,
         /// Promote even when another copy is newer / demote the newest copy.
@@ -239,11 +277,13 @@ enum RepoCmd {
 enum HostCmd {
     /// Which (instance, service) pairs should run daemons, and why.
     Plan {
+        /// Only this instance's bindings.
         #[arg(long)]
         instance: Option<String>,
     },
     /// Stop daemons and start them again where the plan allows (never where no-daemons is set).
     Restart {
+        /// Only this instance's daemons (no-daemons bindings are never started).
         #[arg(long)]
         instance: Option<String>,
         /// Directory of pid and log files.
@@ -264,15 +304,19 @@ struct ObserveArgs {
     /// Run as a daemon: passes every --interval seconds until SIGTERM.
     #[arg(long, requires_all = ["instance", "service", "pid_file"])]
     daemon: bool,
+    /// Only this instance's repositories.
     #[arg(long)]
     instance: Option<String>,
+    /// Only repositories on this service.
     #[arg(long)]
     service: Option<String>,
     /// Only fetch into copies on this device.
     #[arg(long)]
     device: Option<String>,
+    /// Pid file the daemon writes (and removes on exit); refuses to start twice.
     #[arg(long)]
     pid_file: Option<PathBuf>,
+    /// Seconds between passes.
     #[arg(long, default_value_t = 60)]
     interval: u64,
     /// Stop after this many passes.
