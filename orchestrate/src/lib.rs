@@ -13,9 +13,11 @@
 //! - [`error`]: the one error enum and its exit codes.
 
 pub mod daemons;
+pub mod demo;
 pub mod error;
 pub mod executor;
 pub mod maintenance;
+pub mod migrate;
 pub mod names;
 pub mod registry;
 pub mod repos;

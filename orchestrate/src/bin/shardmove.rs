@@ -82,6 +82,13 @@ enum Command {
     Observe(ObserveArgs),
     /// Repositories in maintenance, with their message and since when.
     Status,
+    /// Move an instance's repositories from service A to service B: crash-resumable,
+    /// verified, parallel. `migrate status [ID]` shows where a batch stands.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Migrate(MigrateArgs),
+    /// A full migration between two local shard hosts (keys, daemons, registry, generated
+    /// repositories, a client cloning meanwhile), verified, then cleaned up. No argument needed.
+    Demo(DemoArgs),
     /// The audit log (who changed what, when).
     Events {
         /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
@@ -324,6 +331,239 @@ struct ObserveArgs {
     passes: Option<u64>,
 }
 
+/// Default maintenance message shown to users whose push is refused during a migration.
+const DEFAULT_MIGRATE_MESSAGE: &str =
+    "This repository is being moved to another storage shard; pushes are paused for a moment. Reads keep working.";
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    #[command(subcommand)]
+    command: Option<MigrateCmd>,
+    #[arg(long, required = true)]
+    instance: Option<String>,
+    /// Service the repositories leave.
+    #[arg(long, required = true)]
+    from: Option<String>,
+    /// Service they move to (bound to the instance if needed).
+    #[arg(long, required = true)]
+    to: Option<String>,
+    /// Only these repositories (NAME or INSTANCE/NAME); default: all of the instance on --from.
+    #[arg(long, num_args = 1..)]
+    repos: Vec<String>,
+    /// Repositories moved at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Repositories moved at once from one source host (one disk, one link).
+    #[arg(long, default_value_t = 2)]
+    per_host: usize,
+    /// What users see when a push is refused during their repository's short freeze.
+    #[arg(long, default_value = DEFAULT_MIGRATE_MESSAGE)]
+    message: String,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue migration ID after the orchestrator was stopped or killed.
+    #[arg(long, value_name = "ID")]
+    resume: Option<i64>,
+    /// Sender identity key, as a path on the source hosts.
+    #[arg(long, default_value = "/etc/shard/send.key")]
+    identity: String,
+    /// shardsend as run on the source hosts (default: the one beside shardmove, else PATH).
+    #[arg(long)]
+    shardsend: Option<String>,
+    /// Seconds maintenance start waits for pushes in flight.
+    #[arg(long, default_value_t = 30)]
+    freeze_wait: u64,
+    /// Cap each transfer's send rate (shardsend --bwlimit, e.g. 50M).
+    #[arg(long)]
+    bwlimit: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateCmd {
+    /// Per-repository state, bytes and read-only seconds of migration ID (default: the latest).
+    Status { id: Option<i64> },
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Keep the work files in DIR instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Number of repositories.
+    #[arg(long, default_value_t = 6)]
+    repos: usize,
+    /// Repositories moved at once.
+    #[arg(long, default_value_t = 2)]
+    parallel: usize,
+}
+
+fn reporter(json: bool) -> orchestrate::migrate::Reporter {
+    std::sync::Arc::new(move |line: &str| {
+        if !json {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            eprintln!("{} {line}", &utc(now)[11..19]);
+        }
+    })
+}
+
+fn beside_me(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let candidate = exe.parent()?.join(name);
+    candidate.is_file().then_some(candidate)
+}
+
+fn migration_text(st: &orchestrate::migrate::MigrationStatus) -> String {
+    let mut out = format!(
+        "migration {} of {}: {} -> {}, {} ({} repositories)\n",
+        st.id,
+        st.instance,
+        st.from,
+        st.to,
+        st.state,
+        st.repositories.len()
+    );
+    for r in &st.repositories {
+        out.push_str(&format!(
+            "  {}\t{}{}\t{} bytes\tread-only {}{}\n",
+            r.repository,
+            r.state.as_str(),
+            r.step
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default(),
+            r.bytes,
+            r.readonly_seconds
+                .map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "-".into()),
+            r.error
+                .as_deref()
+                .map(|e| format!("\terror: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    out
+}
+
+async fn migrate_command(
+    registry: &Registry,
+    args: &MigrateArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    use orchestrate::migrate::{self, MigrateConfig};
+    if let Some(MigrateCmd::Status { id }) = &args.command {
+        let id = match id {
+            Some(id) => *id,
+            None => *registry
+                .migration_ids()
+                .await?
+                .first()
+                .ok_or_else(|| orchestrate::Error::Refused("no migration yet".into()))?,
+        };
+        return print(json, &registry.migration_status(id).await?, migration_text);
+    }
+    let shardsend = args
+        .shardsend
+        .clone()
+        .or_else(|| beside_me("shardsend").map(|p| p.display().to_string()))
+        .unwrap_or_else(|| "shardsend".into());
+    let mut cfg = MigrateConfig {
+        instance: args.instance.clone().unwrap_or_default(),
+        from: args.from.clone().unwrap_or_default(),
+        to: args.to.clone().unwrap_or_default(),
+        repos: args.repos.clone(),
+        parallel: args.parallel.max(1),
+        per_host: args.per_host.max(1),
+        message: args.message.clone(),
+        shardsend,
+        identity: args.identity.clone(),
+        freeze_wait: Duration::from_secs(args.freeze_wait),
+        shardsend_args: args
+            .bwlimit
+            .iter()
+            .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
+            .collect(),
+    };
+    let id = match args.resume {
+        Some(id) => {
+            cfg = registry.migration_config(id, &cfg).await?;
+            id
+        }
+        None => {
+            if args.dry_run {
+                return print(json, &registry.migration_plan(&cfg).await?, |plan| {
+                    let mut out = format!(
+                        "plan: {} repositories from {} to {} (nothing changed)\n",
+                        plan.len(),
+                        cfg.from,
+                        cfg.to
+                    );
+                    for l in plan {
+                        out.push_str(&format!(
+                            "  {}\t{}:{} -> {} ({})\n",
+                            l.repository, l.from_device, l.from_path, l.to_device, l.to_addr
+                        ));
+                    }
+                    out
+                });
+            }
+            registry.create_migration(&cfg).await?
+        }
+    };
+    reporter(json)(&format!(
+        "migration {id} started (resume with `shardmove migrate --resume {id}`)"
+    ));
+    let summary = migrate::run(registry, &cfg, id, reporter(json)).await?;
+    print(json, &summary, |s| {
+        format!(
+            "{}migration {} {} in {:.1} s; read-only window median {:.2} s, max {:.2} s",
+            migration_text(&s.status),
+            s.id,
+            s.state,
+            s.seconds,
+            s.readonly_median_seconds.unwrap_or(0.0),
+            s.readonly_max_seconds.unwrap_or(0.0)
+        )
+    })?;
+    if summary.state != "done" {
+        return Err(orchestrate::Error::Refused(format!(
+            "migration {id} finished with repositories not moved (see above)"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+async fn demo_command(args: &DemoArgs, json: bool) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the shardmove binary")?;
+    let bin_dir = exe
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let cfg = orchestrate::demo::DemoConfig {
+        bin_dir,
+        dir: args.dir.clone(),
+        repos: args.repos.max(1),
+        parallel: args.parallel.max(1),
+    };
+    let summary = orchestrate::demo::run(&cfg, reporter(json)).await?;
+    print(json, &summary, |s| {
+        format!(
+            "{}demo done: {} repositories moved and verified in {:.1} s; read-only window median {:.2} s, max {:.2} s; \
+             background clones: {} ok, {} failed",
+            migration_text(&s.migration.status),
+            s.verified.len(),
+            s.migration.seconds,
+            s.migration.readonly_median_seconds.unwrap_or(0.0),
+            s.migration.readonly_max_seconds.unwrap_or(0.0),
+            s.clones_ok,
+            s.clones_failed
+        )
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -423,6 +663,9 @@ fn repo_text(repo: &Repository) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo(args) = &cli.command {
+        return demo_command(args, cli.json).await;
+    }
     let actor = cli
         .actor
         .clone()
@@ -707,6 +950,8 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
                 })
                 .collect()
         }),
+        Command::Migrate(args) => migrate_command(registry, args, json).await,
+        Command::Demo(args) => demo_command(args, json).await,
         Command::Events { subject, limit } => print(
             json,
             &registry.events(subject.as_deref(), *limit).await?,

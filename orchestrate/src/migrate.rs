@@ -1,0 +1,1015 @@
+//! `shardmove migrate`: move an instance's repositories from service A to service B, in
+//! crash-resumable, verified, parallel batches.
+//!
+//! **The state machine is pure** ([`RepoState`], [`next_step`], [`RepoState::after`]):
+//! `pending -> precopied -> frozen -> copied -> verified -> clusterized -> thawed -> done`,
+//! with `rolled_back` and `failed`. The driver ([`run`]) records in `migration_repos` the step
+//! it is about to run (`step`, for the status page), runs its side effect, and only then
+//! records the state it leads to. Every step is idempotent (a re-sent pre-copy resumes,
+//! maintenance start/stop and clusterize/thaw are no-ops when already done, verification only
+//! reads), so a driver killed at any point resumes with `migrate --resume ID` by re-running
+//! the step of the recorded state.
+//!
+//! **Read-only window.** A repository enters maintenance only when its own turn comes, after
+//! its live pre-copy (`shardsend --stage-only`: packs are immutable, so most bytes move
+//! while users still push), and leaves it as soon as B is promoted. The frozen pass
+//! (`shardsend --resume`) sends only files that changed since the pre-copy.
+//!
+//! **Failure.** Any failure before `clusterized` rolls the repository back: A stays
+//! authoritative, maintenance is lifted, B's copy (if any) is moved aside as
+//! `PATH.rolled-back-<unix-time>`; the batch goes on. A failure after it (thaw, unfreeze)
+//! cannot be undone safely and leaves the repository `failed` with the error, for an operator.
+//!
+//! **Where steps run.** Transfers run `shardsend` on the source device's host (through its
+//! [`Executor`]: local process or ssh) towards the target device's `shardrecv`, pinned to the
+//! target device's registered fingerprint. Verification runs `git` on both hosts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use sqlx::Row;
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Result};
+use crate::executor::{self, executor_for, Executor};
+use crate::registry::{self, Device, Registry, Repository};
+use crate::repos::{path_on, Thaw};
+
+/// Where one repository is in its migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepoState {
+    Pending,
+    Precopied,
+    Frozen,
+    Copied,
+    Verified,
+    Clusterized,
+    Thawed,
+    Done,
+    RolledBack,
+    Failed,
+}
+
+/// The side effect that moves a repository from one state to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// `shardsend --stage-only` while the repository is live.
+    Precopy,
+    /// Maintenance start with the operator's message (waits for pushes in flight).
+    Freeze,
+    /// `shardsend --resume`: what changed since the pre-copy, then install on B.
+    FinalCopy,
+    /// Refs digest equal on A and B, `git fsck --connectivity-only` on B.
+    Verify,
+    /// The repository's service becomes B (one registry transaction).
+    Clusterize,
+    /// B's copy is declared authoritative (`thaw --promote --force`).
+    Promote,
+    /// Maintenance stop: pushes go to B from now on.
+    Unfreeze,
+}
+
+impl RepoState {
+    pub const ALL: [RepoState; 10] = [
+        RepoState::Pending,
+        RepoState::Precopied,
+        RepoState::Frozen,
+        RepoState::Copied,
+        RepoState::Verified,
+        RepoState::Clusterized,
+        RepoState::Thawed,
+        RepoState::Done,
+        RepoState::RolledBack,
+        RepoState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepoState::Pending => "pending",
+            RepoState::Precopied => "precopied",
+            RepoState::Frozen => "frozen",
+            RepoState::Copied => "copied",
+            RepoState::Verified => "verified",
+            RepoState::Clusterized => "clusterized",
+            RepoState::Thawed => "thawed",
+            RepoState::Done => "done",
+            RepoState::RolledBack => "rolled_back",
+            RepoState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<RepoState> {
+        RepoState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| Error::invalid("migration state", format!("unknown state {s:?}")))
+    }
+
+    /// The state a successful `step` leads to.
+    pub fn after(step: Step) -> RepoState {
+        match step {
+            Step::Precopy => RepoState::Precopied,
+            Step::Freeze => RepoState::Frozen,
+            Step::FinalCopy => RepoState::Copied,
+            Step::Verify => RepoState::Verified,
+            Step::Clusterize => RepoState::Clusterized,
+            Step::Promote => RepoState::Thawed,
+            Step::Unfreeze => RepoState::Done,
+        }
+    }
+
+    /// Whether a failure in this state can be rolled back (A still authoritative).
+    pub fn can_roll_back(self) -> bool {
+        matches!(
+            self,
+            RepoState::Pending
+                | RepoState::Precopied
+                | RepoState::Frozen
+                | RepoState::Copied
+                | RepoState::Verified
+        )
+    }
+
+    /// Whether the repository is read-only in this state (maintenance on).
+    pub fn is_frozen(self) -> bool {
+        matches!(
+            self,
+            RepoState::Frozen
+                | RepoState::Copied
+                | RepoState::Verified
+                | RepoState::Clusterized
+                | RepoState::Thawed
+        )
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RepoState::Done | RepoState::RolledBack | RepoState::Failed
+        )
+    }
+}
+
+/// The step to run in `state`, or `None` when the repository is finished.
+pub fn next_step(state: RepoState) -> Option<Step> {
+    match state {
+        RepoState::Pending => Some(Step::Precopy),
+        RepoState::Precopied => Some(Step::Freeze),
+        RepoState::Frozen => Some(Step::FinalCopy),
+        RepoState::Copied => Some(Step::Verify),
+        RepoState::Verified => Some(Step::Clusterize),
+        RepoState::Clusterized => Some(Step::Promote),
+        RepoState::Thawed => Some(Step::Unfreeze),
+        RepoState::Done | RepoState::RolledBack | RepoState::Failed => None,
+    }
+}
+
+/// How a migration runs.
+#[derive(Debug, Clone)]
+pub struct MigrateConfig {
+    pub instance: String,
+    pub from: String,
+    pub to: String,
+    /// Only these repositories (names or INSTANCE/NAME); all of the instance on A if empty.
+    pub repos: Vec<String>,
+    pub parallel: usize,
+    /// Concurrent repositories per source host (one disk, one link).
+    pub per_host: usize,
+    pub message: String,
+    /// `shardsend` as run on the source hosts.
+    pub shardsend: String,
+    /// The sender identity key, as a path on the source hosts.
+    pub identity: String,
+    /// How long maintenance start waits for pushes in flight.
+    pub freeze_wait: Duration,
+    /// Extra `shardsend` arguments (e.g. `--bwlimit 50M`).
+    pub shardsend_args: Vec<String>,
+}
+
+/// One repository of a migration, as `migrate status` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RepoProgress {
+    pub repository: String,
+    pub state: RepoState,
+    /// The step running now (or interrupted), if any.
+    pub step: Option<String>,
+    pub error: Option<String>,
+    /// Size of the tree moved.
+    pub bytes: u64,
+    /// Bytes that crossed the wire (pre-copy + final pass).
+    pub sent_bytes: u64,
+    /// When maintenance started and ended, unix milliseconds.
+    pub frozen_at_ms: Option<i64>,
+    pub thawed_at_ms: Option<i64>,
+    /// Seconds the repository was (or has been so far) read-only.
+    pub readonly_seconds: Option<f64>,
+}
+
+/// A migration and its repositories.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MigrationStatus {
+    pub id: i64,
+    pub instance: String,
+    pub from: String,
+    pub to: String,
+    pub message: String,
+    pub state: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+    pub owner: Option<String>,
+    pub repositories: Vec<RepoProgress>,
+    pub counts: HashMap<String, u64>,
+}
+
+/// A repository's plan line for `--dry-run`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlanLine {
+    pub repository: String,
+    pub from_device: String,
+    pub from_path: String,
+    pub to_device: String,
+    pub to_addr: String,
+}
+
+/// Progress lines for the operator while a batch runs.
+pub type Reporter = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Current time in unix milliseconds (read-only windows are often well under a second).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("pid {} on {host}", std::process::id())
+}
+
+impl Registry {
+    /// The devices a migration moves between: A's device holding the newest copy of `repo`,
+    /// and B's first device.
+    async fn endpoints(&self, repo: &Repository, to: &str) -> Result<(Device, Device)> {
+        let newest = repo
+            .copies
+            .iter()
+            .filter(|c| c.service == repo.service)
+            .max_by_key(|c| c.version)
+            .ok_or_else(|| {
+                Error::Refused(format!(
+                    "repository {} has no working copy on service {}",
+                    repo.full_name(),
+                    repo.service
+                ))
+            })?;
+        let from = self.device(&newest.device).await?;
+        let to_device = self
+            .devices_of(to)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Refused(format!("service {to} has no device")))?;
+        if to_device.fingerprint.is_none() {
+            return Err(Error::Refused(format!(
+                "device {} has no key fingerprint: shardsend must pin its shardrecv \
+                 (`device add ... --fingerprint F`)",
+                to_device.name
+            )));
+        }
+        Ok((from, to_device))
+    }
+
+    /// The repositories a migration would move, with their endpoints (`--dry-run`).
+    pub async fn migration_plan(&self, cfg: &MigrateConfig) -> Result<Vec<PlanLine>> {
+        self.service(&cfg.to).await?;
+        let mut lines = Vec::new();
+        for repo in self.selected_repos(cfg).await? {
+            let (from, to) = self.endpoints(&repo, &cfg.to).await?;
+            lines.push(PlanLine {
+                repository: repo.full_name(),
+                from_path: path_on(&from, &repo.path),
+                from_device: from.name,
+                to_device: to.name,
+                to_addr: to.transfer_addr,
+            });
+        }
+        Ok(lines)
+    }
+
+    async fn selected_repos(&self, cfg: &MigrateConfig) -> Result<Vec<Repository>> {
+        self.instance(&cfg.instance).await?;
+        self.service(&cfg.from).await?;
+        let on_a = self.repositories_on(&cfg.instance, &cfg.from).await?;
+        if cfg.repos.is_empty() {
+            return Ok(on_a);
+        }
+        let mut out = Vec::new();
+        for wanted in &cfg.repos {
+            let repo = self.repository(wanted).await?;
+            if repo.instance != cfg.instance || repo.service != cfg.from {
+                return Err(Error::Refused(format!(
+                    "repository {} is on {}/{}, not {}/{}",
+                    repo.full_name(),
+                    repo.instance,
+                    repo.service,
+                    cfg.instance,
+                    cfg.from
+                )));
+            }
+            out.push(repo);
+        }
+        Ok(out)
+    }
+
+    /// Records a new migration of the selected repositories (all `pending`); returns its id.
+    pub async fn create_migration(&self, cfg: &MigrateConfig) -> Result<i64> {
+        let repos = self.selected_repos(cfg).await?;
+        if repos.is_empty() {
+            return Err(Error::Refused(format!(
+                "instance {} has no repository on service {} to migrate",
+                cfg.instance, cfg.from
+            )));
+        }
+        if cfg.from == cfg.to {
+            return Err(Error::invalid("--to", "must differ from --from"));
+        }
+        self.service(&cfg.to).await?;
+        let mut tx = self.begin_write().await?;
+        let instance_id =
+            registry::require_id(&mut tx, "instances", "instance", &cfg.instance).await?;
+        let from_id = registry::require_id(&mut tx, "services", "service", &cfg.from).await?;
+        let to_id = registry::require_id(&mut tx, "services", "service", &cfg.to).await?;
+        let now = registry::now();
+        let id: i64 = sqlx::query(
+            "INSERT INTO migrations (instance_id, from_service_id, to_service_id, message, parallel, state, created_at, updated_at, owner) \
+             VALUES ($1, $2, $3, $4, $5, 'running', $6, $6, $7) RETURNING id",
+        )
+        .bind(instance_id)
+        .bind(from_id)
+        .bind(to_id)
+        .bind(&cfg.message)
+        .bind(cfg.parallel as i64)
+        .bind(now)
+        .bind(owner())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("id")?;
+        for (position, repo) in repos.iter().enumerate() {
+            let row = registry::resolve_repo(&mut tx, &repo.full_name(), "").await?;
+            sqlx::query(
+                "INSERT INTO migration_repos (migration_id, repository_id, position, state, updated_at) VALUES ($1, $2, $3, 'pending', $4)",
+            )
+            .bind(id)
+            .bind(row.id)
+            .bind(position as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        self.event(
+            &mut tx,
+            "migrate.create",
+            &format!("migration:{id}"),
+            &format!(
+                "instance={} from={} to={} repos={}",
+                cfg.instance,
+                cfg.from,
+                cfg.to,
+                repos.len()
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// The stored configuration of migration `id` (for `--resume`).
+    pub async fn migration_config(&self, id: i64, base: &MigrateConfig) -> Result<MigrateConfig> {
+        let st = self.migration_status(id).await?;
+        Ok(MigrateConfig {
+            instance: st.instance,
+            from: st.from,
+            to: st.to,
+            message: st.message,
+            repos: st.repositories.into_iter().map(|r| r.repository).collect(),
+            ..base.clone()
+        })
+    }
+
+    /// Ids of all migrations, newest first.
+    pub async fn migration_ids(&self) -> Result<Vec<i64>> {
+        let mut conn = self.read_conn().await?;
+        let rows = sqlx::query("SELECT id FROM migrations ORDER BY id DESC")
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get("id").map_err(Error::from))
+            .collect()
+    }
+
+    /// `migrate status ID`.
+    pub async fn migration_status(&self, id: i64) -> Result<MigrationStatus> {
+        let mut conn = self.read_conn().await?;
+        let m = sqlx::query(
+            "SELECT m.id, i.name AS instance, a.name AS from_service, b.name AS to_service, m.message, m.state, \
+             m.created_at, m.updated_at, m.finished_at, m.owner FROM migrations m \
+             JOIN instances i ON i.id = m.instance_id JOIN services a ON a.id = m.from_service_id \
+             JOIN services b ON b.id = m.to_service_id WHERE m.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "migration",
+            name: id.to_string(),
+        })?;
+        let rows = sqlx::query(
+            "SELECT i.name AS instance, r.name, mr.state, mr.step, mr.error, mr.bytes, mr.sent_bytes, mr.frozen_at_ms, mr.thawed_at_ms \
+             FROM migration_repos mr JOIN repositories r ON r.id = mr.repository_id JOIN instances i ON i.id = r.instance_id \
+             WHERE mr.migration_id = $1 ORDER BY mr.position",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let now = now_ms();
+        let mut repositories = Vec::new();
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for r in rows {
+            let state = RepoState::parse(&r.try_get::<String, _>("state")?)?;
+            *counts.entry(state.as_str().to_string()).or_default() += 1;
+            let frozen_at_ms: Option<i64> = r.try_get("frozen_at_ms")?;
+            let thawed_at_ms: Option<i64> = r.try_get("thawed_at_ms")?;
+            repositories.push(RepoProgress {
+                repository: format!(
+                    "{}/{}",
+                    r.try_get::<String, _>("instance")?,
+                    r.try_get::<String, _>("name")?
+                ),
+                state,
+                step: r.try_get("step")?,
+                error: r.try_get("error")?,
+                bytes: r.try_get::<i64, _>("bytes")?.max(0) as u64,
+                sent_bytes: r.try_get::<i64, _>("sent_bytes")?.max(0) as u64,
+                frozen_at_ms,
+                thawed_at_ms,
+                readonly_seconds: frozen_at_ms
+                    .map(|f| (thawed_at_ms.unwrap_or(now) - f) as f64 / 1000.0),
+            });
+        }
+        Ok(MigrationStatus {
+            id,
+            instance: m.try_get("instance")?,
+            from: m.try_get("from_service")?,
+            to: m.try_get("to_service")?,
+            message: m.try_get("message")?,
+            state: m.try_get("state")?,
+            created_at: m.try_get("created_at")?,
+            updated_at: m.try_get("updated_at")?,
+            finished_at: m.try_get("finished_at")?,
+            owner: m.try_get("owner")?,
+            repositories,
+            counts,
+        })
+    }
+
+    async fn repo_state(&self, id: i64, repo: &str) -> Result<RepoState> {
+        let mut conn = self.read_conn().await?;
+        let row = registry::resolve_repo(&mut conn, repo, "").await?;
+        let state: String = sqlx::query(
+            "SELECT state FROM migration_repos WHERE migration_id = $1 AND repository_id = $2",
+        )
+        .bind(id)
+        .bind(row.id)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("state")?;
+        RepoState::parse(&state)
+    }
+
+    /// Journals a repository's progress: `set` is a list of `column = $n` assignments.
+    async fn journal(
+        &self,
+        id: i64,
+        repo: &str,
+        state: Option<RepoState>,
+        step: Option<Step>,
+        update: JournalUpdate,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let row = registry::resolve_repo(&mut tx, repo, "").await?;
+        let step_text = step.map(|s| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        });
+        let now = registry::now();
+        sqlx::query(
+            "UPDATE migration_repos SET state = COALESCE($1, state), step = $2, \
+             error = COALESCE($3, error), bytes = bytes + $4, sent_bytes = sent_bytes + $5, \
+             frozen_at_ms = COALESCE(frozen_at_ms, $6), thawed_at_ms = COALESCE(thawed_at_ms, $7), updated_at = $8 \
+             WHERE migration_id = $9 AND repository_id = $10",
+        )
+        .bind(state.map(|s| s.as_str()))
+        .bind(step_text)
+        .bind(update.error.clone())
+        .bind(update.bytes as i64)
+        .bind(update.sent_bytes as i64)
+        .bind(update.frozen.then_some(now_ms()))
+        .bind(update.thawed.then_some(now_ms()))
+        .bind(now)
+        .bind(id)
+        .bind(row.id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE migrations SET updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(state) = state {
+            self.event(
+                &mut tx,
+                "migrate.repo",
+                &format!("repo:{repo}"),
+                &format!(
+                    "migration={id} state={}{}",
+                    state.as_str(),
+                    update
+                        .error
+                        .as_deref()
+                        .map(|e| format!(" error={e}"))
+                        .unwrap_or_default()
+                ),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn finish_migration(&self, id: i64, state: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let now = registry::now();
+        sqlx::query("UPDATE migrations SET state = $1, updated_at = $2, finished_at = $2, owner = NULL WHERE id = $3")
+            .bind(state)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        self.event(&mut tx, "migrate.finish", &format!("migration:{id}"), state)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_migration(&self, id: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE migrations SET state = 'running', owner = $1, finished_at = NULL, updated_at = $2 WHERE id = $3")
+            .bind(owner())
+            .bind(registry::now())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct JournalUpdate {
+    error: Option<String>,
+    bytes: u64,
+    sent_bytes: u64,
+    frozen: bool,
+    thawed: bool,
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationSummary {
+    pub id: i64,
+    pub state: String,
+    pub seconds: f64,
+    pub status: MigrationStatus,
+    /// Median and longest read-only window over the migrated repositories, seconds.
+    pub readonly_median_seconds: Option<f64>,
+    pub readonly_max_seconds: Option<f64>,
+}
+
+/// Runs (or resumes) migration `id`: the batch steps around it, then every repository
+/// through its state machine, `cfg.parallel` at a time and `cfg.per_host` per source host.
+pub async fn run(
+    registry: &Registry,
+    cfg: &MigrateConfig,
+    id: i64,
+    report: Reporter,
+) -> Result<MigrationSummary> {
+    let started = Instant::now();
+    registry.claim_migration(id).await?;
+    // Before the batch: bind B, close A to new allocations, sync. All idempotent.
+    match registry.add_binding(&cfg.instance, &cfg.to).await {
+        Ok(_) => report(&format!("bound {} to {}", cfg.instance, cfg.to)),
+        Err(Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    registry
+        .set_binding_property(&cfg.instance, &cfg.from, "closed", "true", false)
+        .await?;
+    registry.sync(Some(&cfg.instance)).await?;
+    report(&format!(
+        "{}/{} closed to new repositories",
+        cfg.instance, cfg.from
+    ));
+
+    let status = registry.migration_status(id).await?;
+    let total = status.repositories.len();
+    let global = Arc::new(Semaphore::new(cfg.parallel.max(1)));
+    let mut per_host: HashMap<String, Arc<Semaphore>> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, progress) in status.repositories.into_iter().enumerate() {
+        if progress.state.is_final() {
+            continue;
+        }
+        let repo = registry.repository(&progress.repository).await?;
+        let (from, to) = match registry.endpoints(&repo, &cfg.to).await {
+            Ok(e) => e,
+            Err(e) if progress.state.can_roll_back() => {
+                registry
+                    .journal(
+                        id,
+                        &progress.repository,
+                        Some(RepoState::RolledBack),
+                        None,
+                        JournalUpdate {
+                            error: Some(e.to_string()),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                report(&format!("{}: not migrated: {e}", progress.repository));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let host_limit = per_host
+            .entry(from.host.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(cfg.per_host.max(1))))
+            .clone();
+        let (registry, cfg, report, global) = (
+            registry.clone(),
+            cfg.clone(),
+            report.clone(),
+            global.clone(),
+        );
+        tasks.spawn(async move {
+            // Queue first: a repository waiting for its turn is never read-only.
+            let _slot = global.acquire_owned().await;
+            let _host = host_limit.acquire_owned().await;
+            let label = format!("[{}/{}] {}", n + 1, total, progress.repository);
+            migrate_one(
+                &registry,
+                &cfg,
+                id,
+                &progress.repository,
+                &from,
+                &to,
+                &label,
+                &report,
+            )
+            .await
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::Refused(format!("migration task failed: {e}")));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        // A registry failure: the journal is intact, `--resume` continues.
+        return Err(e);
+    }
+
+    // After the batch: A closed + no-daemons for the instance (central flags, kept by sync).
+    registry
+        .set_binding_property(&cfg.instance, &cfg.from, "closed", "true", false)
+        .await?;
+    registry
+        .set_binding_property(&cfg.instance, &cfg.from, "no-daemons", "true", false)
+        .await?;
+    registry.sync(Some(&cfg.instance)).await?;
+    report(&format!(
+        "{}/{} set closed + no-daemons",
+        cfg.instance, cfg.from
+    ));
+
+    let status = registry.migration_status(id).await?;
+    let failed = status
+        .repositories
+        .iter()
+        .filter(|r| r.state != RepoState::Done)
+        .count();
+    let state = if failed == 0 { "done" } else { "failed" };
+    registry.finish_migration(id, state).await?;
+    let status = registry.migration_status(id).await?;
+    let mut windows: Vec<f64> = status
+        .repositories
+        .iter()
+        .filter(|r| r.state == RepoState::Done)
+        .filter_map(|r| r.readonly_seconds)
+        .collect();
+    windows.sort_by(f64::total_cmp);
+    Ok(MigrationSummary {
+        id,
+        state: state.into(),
+        seconds: started.elapsed().as_secs_f64(),
+        readonly_median_seconds: windows.get(windows.len() / 2).copied(),
+        readonly_max_seconds: windows.last().copied(),
+        status,
+    })
+}
+
+/// Drives one repository to `done`, or rolls it back.
+#[allow(clippy::too_many_arguments)]
+async fn migrate_one(
+    registry: &Registry,
+    cfg: &MigrateConfig,
+    id: i64,
+    repo: &str,
+    from: &Device,
+    to: &Device,
+    label: &str,
+    report: &Reporter,
+) -> Result<()> {
+    loop {
+        let state = registry.repo_state(id, repo).await?;
+        let Some(step) = next_step(state) else {
+            return Ok(());
+        };
+        registry
+            .journal(id, repo, None, Some(step), JournalUpdate::default())
+            .await?;
+        let t0 = Instant::now();
+        match run_step(registry, cfg, repo, from, to, step).await {
+            Ok(update) => {
+                let next = RepoState::after(step);
+                report(&format!(
+                    "{label}: {} in {:.1} s{}",
+                    next.as_str(),
+                    t0.elapsed().as_secs_f64(),
+                    if update.sent_bytes > 0 {
+                        format!(", {} bytes sent", update.sent_bytes)
+                    } else {
+                        String::new()
+                    }
+                ));
+                registry.journal(id, repo, Some(next), None, update).await?;
+            }
+            Err(err @ (Error::Database(_) | Error::Migrate(_))) => return Err(err),
+            Err(err) if state.can_roll_back() => {
+                report(&format!("{label}: {step:?} failed: {err}; rolling back"));
+                let rollback = roll_back(registry, repo, to).await;
+                let error = match rollback {
+                    Ok(()) => err.to_string(),
+                    Err(e) => format!("{err}; rollback incomplete: {e}"),
+                };
+                registry
+                    .journal(
+                        id,
+                        repo,
+                        Some(RepoState::RolledBack),
+                        None,
+                        JournalUpdate {
+                            error: Some(error),
+                            thawed: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                report(&format!("{label}: rolled back, still on {}", cfg.from));
+                return Ok(());
+            }
+            Err(err) => {
+                report(&format!("{label}: {step:?} failed after clusterize: {err}"));
+                registry
+                    .journal(
+                        id,
+                        repo,
+                        Some(RepoState::Failed),
+                        None,
+                        JournalUpdate {
+                            error: Some(err.to_string()),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Runs one step's side effect.
+async fn run_step(
+    registry: &Registry,
+    cfg: &MigrateConfig,
+    repo_ref: &str,
+    from: &Device,
+    to: &Device,
+    step: Step,
+) -> Result<JournalUpdate> {
+    let repo = registry.repository(repo_ref).await?;
+    let src = path_on(from, &repo.path);
+    match step {
+        Step::Precopy | Step::FinalCopy => {
+            let exec = executor_for(from)?;
+            let fingerprint = to.fingerprint.clone().unwrap_or_default();
+            let mut argv: Vec<&str> = vec![
+                &cfg.shardsend,
+                &src,
+                &to.transfer_addr,
+                &repo.path,
+                "--identity",
+                &cfg.identity,
+                "--peer",
+                &fingerprint,
+                "--json",
+                "--no-progress",
+                "--resume",
+            ];
+            if step == Step::Precopy {
+                argv.push("--stage-only");
+            }
+            argv.extend(cfg.shardsend_args.iter().map(String::as_str));
+            let out = executor::run(exec.as_ref(), &argv).await?;
+            let summary: serde_json::Value = serde_json::from_str(&out.stdout)
+                .map_err(|e| Error::Refused(format!("shardsend printed no JSON summary ({e})")))?;
+            let get = |k: &str| summary[k].as_u64().unwrap_or(0);
+            Ok(JournalUpdate {
+                bytes: if step == Step::FinalCopy {
+                    get("bytes")
+                } else {
+                    0
+                },
+                sent_bytes: get("sent_bytes"),
+                ..Default::default()
+            })
+        }
+        Step::Freeze => {
+            registry
+                .start_maintenance(repo_ref, &cfg.message, cfg.freeze_wait)
+                .await?;
+            Ok(JournalUpdate {
+                frozen: true,
+                ..Default::default()
+            })
+        }
+        Step::Verify => {
+            let dst = path_on(to, &repo.path);
+            let a = refs_digest(executor_for(from)?.as_ref(), &src).await?;
+            let b = refs_digest(executor_for(to)?.as_ref(), &dst).await?;
+            if a != b {
+                return Err(Error::Refused(format!(
+                    "refs differ between {}:{src} and {}:{dst}",
+                    from.name, to.name
+                )));
+            }
+            executor::run(
+                executor_for(to)?.as_ref(),
+                &[
+                    "git",
+                    "-C",
+                    &dst,
+                    "fsck",
+                    "--connectivity-only",
+                    "--no-progress",
+                ],
+            )
+            .await?;
+            Ok(JournalUpdate::default())
+        }
+        Step::Clusterize => {
+            registry.clusterize(repo_ref, &cfg.to).await?;
+            Ok(JournalUpdate::default())
+        }
+        Step::Promote => {
+            registry
+                .thaw(repo_ref, &to.name, Thaw::Promote, true)
+                .await?;
+            Ok(JournalUpdate::default())
+        }
+        Step::Unfreeze => {
+            registry.stop_maintenance(repo_ref).await?;
+            Ok(JournalUpdate {
+                thawed: true,
+                ..Default::default()
+            })
+        }
+    }
+}
+
+/// `git for-each-ref` of a copy, as one string (object ids and names, sorted by git).
+async fn refs_digest(exec: &dyn Executor, path: &str) -> Result<String> {
+    let out = executor::run(
+        exec,
+        &[
+            "git",
+            "-C",
+            path,
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+        ],
+    )
+    .await?;
+    Ok(out.stdout)
+}
+
+/// Undoes a repository's migration before clusterize: maintenance lifted (A stays
+/// authoritative), B's copy moved aside.
+async fn roll_back(registry: &Registry, repo_ref: &str, to: &Device) -> Result<()> {
+    let repo = registry.repository(repo_ref).await?;
+    if repo.maintenance {
+        registry.stop_maintenance(repo_ref).await?;
+    }
+    let dst = path_on(to, &repo.path);
+    let stamp = registry::now().to_string();
+    executor::run(
+        executor_for(to)?.as_ref(),
+        &[
+            "sh",
+            "-c",
+            "if [ -e \"$1\" ]; then mv \"$1\" \"$1.rolled-back-$2\"; fi",
+            "move-aside",
+            &dst,
+            &stamp,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_machine_walks_to_done_and_names_every_state() {
+        let mut state = RepoState::Pending;
+        let mut steps = Vec::new();
+        while let Some(step) = next_step(state) {
+            steps.push(step);
+            state = RepoState::after(step);
+        }
+        assert_eq!(state, RepoState::Done);
+        assert_eq!(
+            steps,
+            [
+                Step::Precopy,
+                Step::Freeze,
+                Step::FinalCopy,
+                Step::Verify,
+                Step::Clusterize,
+                Step::Promote,
+                Step::Unfreeze
+            ]
+        );
+        for s in RepoState::ALL {
+            assert_eq!(RepoState::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(RepoState::parse("bogus").is_err());
+    }
+
+    #[test]
+    fn rollback_only_before_clusterize_and_frozen_only_between_freeze_and_unfreeze() {
+        let mut state = RepoState::Pending;
+        let mut seen_clusterize = false;
+        while let Some(step) = next_step(state) {
+            assert_eq!(state.can_roll_back(), !seen_clusterize, "{state:?}");
+            if step == Step::Clusterize {
+                seen_clusterize = true;
+            }
+            state = RepoState::after(step);
+        }
+        // Read-only exactly from Freeze's result until Unfreeze runs.
+        assert!(!RepoState::Pending.is_frozen());
+        assert!(!RepoState::Precopied.is_frozen());
+        assert!(RepoState::after(Step::Freeze).is_frozen());
+        assert!(RepoState::Thawed.is_frozen());
+        assert!(!RepoState::after(Step::Unfreeze).is_frozen());
+        assert!(RepoState::RolledBack.is_final() && !RepoState::RolledBack.is_frozen());
+    }
+}
