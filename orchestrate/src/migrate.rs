@@ -15,6 +15,9 @@
 //! while users still push), and leaves it as soon as B is promoted. The frozen pass
 //! (`shardsend --resume`) sends only files that changed since the pre-copy.
 //!
+//! **After.** B's copy is writable; A's stale copy keeps a pre-receive hook that refuses
+//! pushes and says where the repository went.
+//!
 //! **Failure.** Any failure before `clusterized` rolls the repository back: A stays
 //! authoritative, maintenance is lifted, B's copy (if any) is moved aside as
 //! `PATH.rolled-back-<unix-time>`; the batch goes on. A failure after it (thaw, unfreeze)
@@ -914,6 +917,18 @@ async fn run_step(
         }
         Step::Unfreeze => {
             registry.stop_maintenance(repo_ref).await?;
+            // A's copy is stale from now on: it keeps refusing pushes, with a reason, so a
+            // client that still points there cannot fork history.
+            crate::maintenance::install_hook(
+                executor_for(from)?.as_ref(),
+                &src,
+                &format!(
+                    "this copy is stale: {} moved to service {}; fetch its new location",
+                    repo.full_name(),
+                    cfg.to
+                ),
+            )
+            .await?;
             Ok(JournalUpdate {
                 thawed: true,
                 ..Default::default()

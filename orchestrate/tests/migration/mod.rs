@@ -1,0 +1,320 @@
+//! `shardmove migrate` end to end: real shardrecv/shardsend between two shard roots, real
+//! git, each test on both backends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::{clone_and_commit, git, git_ok, Env};
+
+crate::contract!(
+    migrate_moves_verified_repositories_and_disables_the_old_service,
+    migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
+    killed_orchestrator_resumes_from_the_journal,
+    dry_run_changes_nothing,
+    demo_runs_a_verified_migration,
+);
+
+/// The transfer tools, built beside `shardmove` by `cargo test --workspace`.
+fn tool(name: &str) -> PathBuf {
+    let p = Path::new(crate::util::BIN).with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run the workspace tests (`cargo test --workspace`) so the transfer binaries are built",
+        p.display()
+    );
+    p
+}
+
+/// Shard A (source) and shard B (with its shardrecv), registered as services a and b.
+struct Shards {
+    a: PathBuf,
+    b: PathBuf,
+    send_key: PathBuf,
+    recv: Child,
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        let _ = self.recv.kill();
+        let _ = self.recv.wait();
+    }
+}
+
+fn keygen(bin: &str, out: &Path) -> String {
+    let o = Command::new(tool(bin))
+        .args(["keygen", "--out"])
+        .arg(out)
+        .output()
+        .expect("keygen");
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn setup(env: &Env, repos: &[(&str, usize)]) -> Shards {
+    let a = env.path("shard-a");
+    let b = env.path("shard-b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let send_key = env.path("send.key");
+    let send_fp = keygen("shardsend", &send_key);
+    let recv_key = env.path("recv.key");
+    let recv_fp = keygen("shardrecv", &recv_key);
+    let allow = env.path("allow.txt");
+    std::fs::write(&allow, format!("{send_fp}\n")).unwrap();
+    let mut recv = Command::new(tool("shardrecv"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(&b)
+        .arg("--identity")
+        .arg(&recv_key)
+        .arg("--allow")
+        .arg(&allow)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start shardrecv");
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(recv.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.split_whitespace().nth(1).expect("address").to_string();
+    let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+    env.ok(&["service", "add", "a"]);
+    env.ok(&["service", "add", "b"]);
+    env.ok(&[
+        "device",
+        "add",
+        "a1",
+        "--service",
+        "a",
+        "--host",
+        "localhost",
+        "--transfer",
+        "127.0.0.1:9",
+        "--root",
+        &a_s,
+    ]);
+    env.ok(&[
+        "device",
+        "add",
+        "b1",
+        "--service",
+        "b",
+        "--host",
+        "localhost",
+        "--transfer",
+        &addr,
+        "--root",
+        &b_s,
+        "--fingerprint",
+        &recv_fp,
+    ]);
+    env.ok(&["instance", "add", "t"]);
+    env.ok(&["binding", "add", "--instance", "t", "--service", "a"]);
+    for (name, mib) in repos {
+        let repo = env.json(&["repo", "create", "--instance", "t", name]);
+        let bare = a.join(repo["path"].as_str().unwrap());
+        let work = env.path(&format!("work-{name}"));
+        clone_and_commit(&bare, &work, "first");
+        if *mib > 0 {
+            let data: Vec<u8> = (0..mib << 20)
+                .map(|i| (i as u64).wrapping_mul(2654435761) as u8 ^ (i >> 9) as u8)
+                .collect();
+            std::fs::write(work.join("blob.bin"), data).unwrap();
+            git_ok(&work, &["add", "blob.bin"]);
+            git_ok(&work, &["commit", "-q", "-m", "data"]);
+        }
+        git_ok(&work, &["push", "-q", "origin", "HEAD"]);
+    }
+    Shards {
+        a,
+        b,
+        send_key,
+        recv,
+    }
+}
+
+fn migrate_args<'a>(shards: &'a Shards, extra: &[&'a str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "migrate",
+        "--instance",
+        "t",
+        "--from",
+        "a",
+        "--to",
+        "b",
+        "--identity",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(shards.send_key.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run_migrate(env: &Env, shards: &Shards, extra: &[&str]) -> crate::util::Run {
+    let args = migrate_args(shards, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.sm(&refs)
+}
+
+fn refs(path: &Path) -> String {
+    git_ok(path, &["for-each-ref", "--format=%(objectname) %(refname)"])
+}
+
+fn migrate_moves_verified_repositories_and_disables_the_old_service(env: &Env) {
+    let shards = setup(env, &[("r1", 1), ("r2", 0), ("r3", 2)]);
+    let before: Vec<String> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|r| refs(&shards.a.join(format!("t/{r}.git"))))
+        .collect();
+    let run = run_migrate(env, &shards, &["--parallel", "2", "--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let summary: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(summary["state"], "done");
+    for (i, r) in ["r1", "r2", "r3"].iter().enumerate() {
+        let repo = env.json(&["repo", "show", &format!("t/{r}")]);
+        assert_eq!(repo["service"], "b", "{repo}");
+        assert_eq!(repo["maintenance"], false);
+        let on_b = shards.b.join(format!("t/{r}.git"));
+        assert_eq!(refs(&on_b), before[i], "{r}: refs moved intact");
+        // B is writable: the maintenance hook that travelled with the copy is gone.
+        let work = env.path(&format!("after-{r}"));
+        clone_and_commit(&on_b, &work, "after the move");
+        let push = git(&work, &["push", "-q", "origin", "HEAD"]);
+        assert_eq!(push.code, 0, "push to B refused: {}", push.stderr);
+        // A's old copy stays frozen: nobody can push to it by mistake.
+        let stale = env.path(&format!("stale-{r}"));
+        clone_and_commit(
+            &shards.a.join(format!("t/{r}.git")),
+            &stale,
+            "to the old copy",
+        );
+        assert_ne!(git(&stale, &["push", "-q", "origin", "HEAD"]).code, 0);
+    }
+    let status = env.json(&["migrate", "status"]);
+    for r in status["repositories"].as_array().unwrap() {
+        assert_eq!(r["state"], "done");
+        assert!(r["readonly_seconds"].as_f64().unwrap() >= 0.0);
+        assert!(r["bytes"].as_u64().unwrap() > 0);
+    }
+    let binding = env.json(&["binding", "show", "--instance", "t", "--service", "a"]);
+    assert_eq!(binding["closed"], true);
+    assert_eq!(binding["no_daemons"], true);
+    // Robust to the next sync.
+    env.ok(&["sync"]);
+    let binding = env.json(&["binding", "show", "--instance", "t", "--service", "a"]);
+    assert_eq!(binding["no_daemons"], true);
+}
+
+fn migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable(env: &Env) {
+    let mut shards = setup(env, &[("r1", 0), ("r2", 0)]);
+    // B's receiver is gone: every transfer fails.
+    let _ = shards.recv.kill();
+    let _ = shards.recv.wait();
+    let run = run_migrate(env, &shards, &["--json"]);
+    assert_eq!(run.code, 5, "{}{}", run.stdout, run.stderr);
+    let status = env.json(&["migrate", "status"]);
+    for r in status["repositories"].as_array().unwrap() {
+        assert_eq!(r["state"], "rolled_back", "{r}");
+        assert!(
+            r["error"].as_str().unwrap().contains("shardsend"),
+            "the error names the failed step: {r}"
+        );
+    }
+    assert_eq!(status["state"], "failed");
+    for r in ["r1", "r2"] {
+        let repo = env.json(&["repo", "show", &format!("t/{r}")]);
+        assert_eq!(repo["service"], "a");
+        assert_eq!(repo["maintenance"], false);
+        let work = env.path(&format!("w-{r}"));
+        clone_and_commit(&shards.a.join(format!("t/{r}.git")), &work, "still on A");
+        assert_eq!(git(&work, &["push", "-q", "origin", "HEAD"]).code, 0);
+    }
+}
+
+fn killed_orchestrator_resumes_from_the_journal(env: &Env) {
+    let shards = setup(env, &[("r1", 3), ("r2", 3)]);
+    let args = migrate_args(&shards, &["--parallel", "1", "--bwlimit", "2M"]);
+    let mut child = env
+        .sm_command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first repository is past its pre-copy, then kill -9.
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "migration never progressed"
+        );
+        let run = env.sm(&["migrate", "status", "--json"]);
+        if run.code == 0 {
+            let st: Value = serde_json::from_str(&run.stdout).unwrap();
+            if st["repositories"][0]["state"] != "pending" {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let st = env.json(&["migrate", "status"]);
+    assert_eq!(st["state"], "running", "{st}");
+    let id = st["id"].as_i64().unwrap().to_string();
+    let resume = migrate_args(&shards, &["--resume", &id, "--json"]);
+    let run = env.sm(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let st = env.json(&["migrate", "status", &id]);
+    assert_eq!(st["state"], "done");
+    for r in st["repositories"].as_array().unwrap() {
+        assert_eq!(r["state"], "done");
+    }
+    let in_maintenance = env.json(&["status"]);
+    assert_eq!(in_maintenance.as_array().map(Vec::len), Some(0));
+}
+
+fn dry_run_changes_nothing(env: &Env) {
+    let shards = setup(env, &[("r1", 0)]);
+    let before = env.snapshot();
+    let plan = env.json(
+        &migrate_args(&shards, &["--dry-run"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(plan[0]["repository"], "t/r1");
+    assert_eq!(plan[0]["to_device"], "b1");
+    assert_eq!(env.snapshot(), before);
+    let err = env.fails(
+        &[
+            "migrate",
+            "--instance",
+            "t",
+            "--from",
+            "a",
+            "--to",
+            "nowhere",
+        ],
+        3,
+    );
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+fn demo_runs_a_verified_migration(env: &Env) {
+    if env.backend != "sqlite" {
+        return; // the demo always uses its own embedded SQLite registry
+    }
+    let _ = tool("shardsend");
+    let run = env.sm(&["demo", "--repos", "3", "--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let s: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(s["migration"]["state"], "done");
+    assert_eq!(s["verified"].as_array().map(Vec::len), Some(3));
+    assert_eq!(s["clones_failed"], 0);
+}
