@@ -147,5 +147,63 @@ fn zstd_benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, blake3_benches, zstd_benches);
+/// The wire format's hot path: one chunk header per chunk, control frames per message.
+fn frame_benches(c: &mut Criterion) {
+    use transfer::wire::{ChunkHeader, Codec, ControlMsg};
+    let header = ChunkHeader {
+        file: 12,
+        chunk: 3456,
+        offset: 3456 << 21,
+        raw_len: 2 << 20,
+        codec: Codec::Raw,
+        payload_len: 2 << 20,
+        hash: [7; 32],
+    };
+    let encoded = header.encode();
+    let mut g = c.benchmark_group("frames");
+    g.bench_function("chunk header encode", |b| {
+        b.iter(|| std::hint::black_box(header.encode()))
+    });
+    g.bench_function("chunk header decode", |b| {
+        b.iter(|| ChunkHeader::decode(std::hint::black_box(&encoded)).expect("valid"))
+    });
+    let progress = ControlMsg::Progress {
+        verified_chunks: 1,
+        verified_bytes: 2,
+        wire_bytes: 3,
+    };
+    let mut frame = Vec::new();
+    progress.encode_frame(&mut frame);
+    g.bench_function("control frame decode", |b| {
+        b.iter(|| ControlMsg::decode_body(std::hint::black_box(&frame[4..])).expect("valid"))
+    });
+    g.finish();
+}
+
+/// The `auto` decision runs once per chunk encoded: it must cost nothing next to a chunk.
+fn auto_decision_benches(c: &mut Criterion) {
+    use transfer::compress::{AutoDecider, CodecSample, CompressPolicy};
+    let mut d = AutoDecider::new(CompressPolicy::Auto, None);
+    for _ in 0..4 {
+        d.add_sample(CodecSample {
+            raw_bytes: 2 << 20,
+            compressed_bytes: 1 << 20,
+            compress_secs: 0.01,
+            decompress_secs: 0.003,
+        });
+    }
+    d.observe_wire(0.0, 0, true);
+    d.observe_wire(1.0, 100_000_000, true);
+    c.bench_function("auto decide", |b| {
+        b.iter(|| std::hint::black_box(d.decide_at(std::hint::black_box(1.5))))
+    });
+}
+
+criterion_group!(
+    benches,
+    blake3_benches,
+    zstd_benches,
+    frame_benches,
+    auto_decision_benches
+);
 criterion_main!(benches);
