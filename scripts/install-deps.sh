@@ -2,7 +2,8 @@
 # Installs the Debian packages the tests, benchmarks and demo need. Idempotent; run as root.
 # Anything the project needs is installed here, never by hand.
 set -euo pipefail
-pkgs=(git socat openssh-server openssh-client rsync iproute2 time procps)
+# chromium: the status page is tested in headless Chromium (DESIGN.md 6).
+pkgs=(git socat openssh-server openssh-client rsync iproute2 time procps bc chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -33,12 +33,16 @@ pub struct DemoConfig {
     pub dir: Option<PathBuf>,
     pub repos: usize,
     pub parallel: usize,
+    /// After the migration, keep the daemons and the status page up until Ctrl-C.
+    pub keep_serving: bool,
 }
 
 /// What the demo did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoSummary {
     pub work_dir: String,
+    /// The maintenance page users would read during the migration.
+    pub status_url: String,
     pub migration: MigrationSummary,
     pub clones_ok: u64,
     pub clones_failed: u64,
@@ -296,6 +300,26 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
         })
     };
 
+    // The page that tells users what is read-only and why.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| io_error("listening", Path::new("127.0.0.1:0"), e))?;
+    let status_url = format!(
+        "http://{}/",
+        listener
+            .local_addr()
+            .map_err(|e| io_error("listening", Path::new("127.0.0.1:0"), e))?
+    );
+    let (page_stop_tx, page_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let page = tokio::spawn(crate::status_page::serve(
+        registry.clone(),
+        listener,
+        async {
+            let _ = page_stop_rx.await;
+        },
+    ));
+    report(&format!("status page: {status_url}"));
+
     // The migration itself.
     let mcfg = MigrateConfig {
         instance: "demo".into(),
@@ -361,11 +385,20 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
         "verified {} repositories on repo002 (refs equal to the originals, fsck clean)",
         verified.len()
     ));
+    if cfg.keep_serving {
+        report(&format!(
+            "serving {status_url} and both shardrecv daemons until Ctrl-C"
+        ));
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let _ = page_stop_tx.send(());
+    let _ = page.await;
     for d in &mut daemons {
         let _ = d.child.kill().await;
     }
     registry.close().await;
     Ok(DemoSummary {
+        status_url,
         work_dir: work.display().to_string(),
         migration: summary,
         clones_ok: ok.load(Ordering::Relaxed),

@@ -21,6 +21,7 @@ pub mod migrate;
 pub mod names;
 pub mod registry;
 pub mod repos;
+pub mod status_page;
 
 pub use error::{Error, Result};
 pub use registry::{Backend, Registry};

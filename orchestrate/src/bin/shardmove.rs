@@ -80,8 +80,12 @@ enum Command {
     Host(HostCmd),
     /// One observation pass, or with --daemon the observation worker that `host restart` starts.
     Observe(ObserveArgs),
-    /// Repositories in maintenance, with their message and since when.
-    Status,
+    /// Repositories in maintenance, with their message and since when; `status serve` runs
+    /// the page that tells users (HTML at /, JSON at /api/status).
+    Status {
+        #[command(subcommand)]
+        command: Option<StatusCmd>,
+    },
     /// Move an instance's repositories from service A to service B: crash-resumable,
     /// verified, parallel. `migrate status [ID]` shows where a batch stands.
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -335,6 +339,31 @@ struct ObserveArgs {
 const DEFAULT_MIGRATE_MESSAGE: &str =
     "This repository is being moved to another storage shard; pushes are paused for a moment. Reads keep working.";
 
+#[derive(Debug, Subcommand)]
+enum StatusCmd {
+    /// Serve the maintenance page until interrupted; prints `serving http://ADDR/` once ready.
+    Serve {
+        /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+async fn serve_status(registry: &Registry, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr().context("local address")?;
+    println!("serving http://{addr}/");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    orchestrate::status_page::serve(registry.clone(), listener, shutdown).await?;
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 struct MigrateArgs {
     #[command(subcommand)]
@@ -396,6 +425,9 @@ struct DemoArgs {
     /// Repositories moved at once.
     #[arg(long, default_value_t = 2)]
     parallel: usize,
+    /// After the migration, keep both shard hosts and the status page up until Ctrl-C.
+    #[arg(long)]
+    keep_serving: bool,
 }
 
 fn reporter(json: bool) -> orchestrate::migrate::Reporter {
@@ -547,19 +579,21 @@ async fn demo_command(args: &DemoArgs, json: bool) -> anyhow::Result<()> {
         dir: args.dir.clone(),
         repos: args.repos.max(1),
         parallel: args.parallel.max(1),
+        keep_serving: args.keep_serving,
     };
     let summary = orchestrate::demo::run(&cfg, reporter(json)).await?;
     print(json, &summary, |s| {
         format!(
             "{}demo done: {} repositories moved and verified in {:.1} s; read-only window median {:.2} s, max {:.2} s; \
-             background clones: {} ok, {} failed",
+             background clones: {} ok, {} failed; status page was {}",
             migration_text(&s.migration.status),
             s.verified.len(),
             s.migration.seconds,
             s.migration.readonly_median_seconds.unwrap_or(0.0),
             s.migration.readonly_max_seconds.unwrap_or(0.0),
             s.clones_ok,
-            s.clones_failed
+            s.clones_failed,
+            s.status_url
         )
     })
 }
@@ -934,22 +968,27 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
                 .await
             }
         }
-        Command::Status => print(json, &registry.in_maintenance().await?, |repos| {
-            if repos.is_empty() {
-                return "no repository in maintenance".to_string();
-            }
-            repos
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{}\tin maintenance since {}: {}\n",
-                        r.full_name(),
-                        utc(r.maintenance_since.unwrap_or(0)),
-                        r.maintenance_message.as_deref().unwrap_or("")
-                    )
-                })
-                .collect()
-        }),
+        Command::Status {
+            command: Some(StatusCmd::Serve { listen }),
+        } => serve_status(registry, *listen).await,
+        Command::Status { command: None } => {
+            print(json, &registry.in_maintenance().await?, |repos| {
+                if repos.is_empty() {
+                    return "no repository in maintenance".to_string();
+                }
+                repos
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{}\tin maintenance since {}: {}\n",
+                            r.full_name(),
+                            utc(r.maintenance_since.unwrap_or(0)),
+                            r.maintenance_message.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+        }
         Command::Migrate(args) => migrate_command(registry, args, json).await,
         Command::Demo(args) => demo_command(args, json).await,
         Command::Events { subject, limit } => print(

@@ -15,6 +15,7 @@ crate::contract!(
     killed_orchestrator_resumes_from_the_journal,
     dry_run_changes_nothing,
     demo_runs_a_verified_migration,
+    status_page_in_chromium_shows_what_is_read_only_and_why,
 );
 
 /// The transfer tools, built beside `shardmove` by `cargo test --workspace`.
@@ -317,4 +318,141 @@ fn demo_runs_a_verified_migration(env: &Env) {
     assert_eq!(s["migration"]["state"], "done");
     assert_eq!(s["verified"].as_array().map(Vec::len), Some(3));
     assert_eq!(s["clones_failed"], 0);
+}
+
+fn chromium() -> Option<&'static str> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+}
+
+/// Headless Chromium, as DESIGN.md §6 runs it: `--dump-dom` or `--screenshot`.
+fn chromium_run(env: &Env, args: &[&str]) -> crate::util::Run {
+    let exe = chromium().expect("chromium");
+    let profile = env.path(&format!("chromium-profile-{}", fastrand::u32(..)));
+    let out = Command::new(exe)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()
+        .expect("run chromium");
+    crate::util::to_run(out)
+}
+
+fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
+    if chromium().is_none() {
+        println!("skipped: chromium not installed (.ci/run installs it)");
+        return;
+    }
+    let shards = setup(env, &[("r1", 0), ("r2", 0)]);
+    // A push held in the site's own slow hook keeps r1's freeze waiting for it: the window
+    // in which users see the page.
+    let bare = shards.a.join("t/r1.git");
+    let marker = env.path("hook-started");
+    let hook = format!("#!/bin/sh\ntouch '{}'\nsleep 6\nexit 0\n", marker.display());
+    let hook_path = bare.join("hooks/pre-receive");
+    std::fs::write(&hook_path, hook).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = env.path("slow-push");
+    clone_and_commit(&bare, &work, "in flight");
+    let mut push = Command::new("git")
+        .args(["push", "-q", "origin", "HEAD"])
+        .current_dir(&work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "push never reached the hook"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let message = "Moving to faster disks: pushes pause for a moment";
+    let args = migrate_args(&shards, &["--parallel", "1", "--message", message]);
+    let mut migration = env
+        .sm_command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut page = env
+        .sm_command(&["status", "serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(page.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("serving ")
+        .expect("url")
+        .to_string();
+    // Wait for r1 to be read-only, then load the page the way a user would.
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "r1 never became read-only"
+        );
+        if env.json(&["status"]).as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dom = chromium_run(env, &["--dump-dom", &url]);
+    assert_eq!(dom.code, 0, "chromium failed: {}", dom.stderr);
+    assert!(dom.stdout.contains("t/r1"), "{}", dom.stdout);
+    assert!(dom.stdout.contains(message), "{}", dom.stdout);
+    assert!(dom.stdout.contains("Migration 1 of"), "{}", dom.stdout);
+    assert!(!dom.stdout.contains("Every repository accepts pushes"));
+    // A screenshot for people: kept beside the test binaries.
+    let shot =
+        Path::new(crate::util::BIN).with_file_name(format!("status-page-{}.png", env.backend));
+    let _ = std::fs::remove_file(&shot);
+    let run = chromium_run(
+        env,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1100,500",
+            &url,
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(std::fs::metadata(&shot)
+        .map(|m| m.len() > 1000)
+        .unwrap_or(false));
+    // The JSON side agrees.
+    let api = chromium_run(env, &["--dump-dom", &format!("{url}api/status")]);
+    assert!(api.stdout.contains("\"read_only\""), "{}", api.stdout);
+
+    assert!(
+        push.wait().unwrap().success(),
+        "the in-flight push completes"
+    );
+    assert!(migration.wait().unwrap().success());
+    let dom = chromium_run(env, &["--dump-dom", &url]);
+    assert!(
+        dom.stdout.contains("Every repository accepts pushes"),
+        "{}",
+        dom.stdout
+    );
+    let _ = page.kill();
+    let _ = page.wait();
 }
