@@ -201,11 +201,50 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Handshake signature checks shared by both verifiers: pinning decides *which* key is
+/// acceptable, these prove the peer holds its private key.
+#[derive(Debug)]
+struct Signatures(Arc<CryptoProvider>);
+
+impl Signatures {
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Verifies the receiver's certificate by its pinned key fingerprint.
 #[derive(Debug)]
 struct PinnedServerVerifier {
     expected: Fingerprint,
-    provider: Arc<CryptoProvider>,
+    signatures: Signatures,
 }
 
 impl ServerCertVerifier for PinnedServerVerifier {
@@ -234,12 +273,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -248,18 +282,11 @@ impl ServerCertVerifier for PinnedServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -267,7 +294,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
 #[derive(Debug)]
 struct AllowListClientVerifier {
     allow: Arc<AllowList>,
-    provider: Arc<CryptoProvider>,
+    signatures: Signatures,
 }
 
 impl ClientCertVerifier for AllowListClientVerifier {
@@ -298,12 +325,7 @@ impl ClientCertVerifier for AllowListClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -312,18 +334,11 @@ impl ClientCertVerifier for AllowListClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -339,7 +354,7 @@ pub fn client_crypto(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
             expected: peer,
-            provider,
+            signatures: Signatures(provider),
         }))
         .with_client_auth_cert(vec![identity.cert.clone()], identity.private_key())
         .map_err(|e| Error::Identity(e.to_string()))?;
@@ -356,7 +371,10 @@ pub fn server_crypto(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Identity(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(AllowListClientVerifier { allow, provider }))
+        .with_client_cert_verifier(Arc::new(AllowListClientVerifier {
+            allow,
+            signatures: Signatures(provider),
+        }))
         .with_single_cert(vec![identity.cert.clone()], identity.private_key())
         .map_err(|e| Error::Identity(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];

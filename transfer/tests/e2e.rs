@@ -805,26 +805,30 @@ fn auto_compresses_text_over_a_slow_link() {
         .collect();
     std::fs::write(src.join("lib.rs"), &text).unwrap();
     let a = net.exec('a');
-    let out = std::process::Command::new(&a[0])
-        .args(&a[1..])
-        .arg(shardsend())
-        .arg(&src)
-        .arg(&d.addr)
-        .arg("r.git")
-        .arg("--identity")
-        .arg(&keys.send_key)
-        .arg("--peer")
-        .arg(keys.recv_fp.to_string())
-        .args([
-            "--json",
-            "--no-progress",
-            "--compress",
-            "auto",
-            "--chunk-size",
-            "256K",
-        ])
-        .output()
-        .unwrap();
+    // shardsend from namespace a over the rate-limited link, `auto` compression.
+    let send_auto = |src: &Path, dest: &str| {
+        std::process::Command::new(&a[0])
+            .args(&a[1..])
+            .arg(shardsend())
+            .arg(src)
+            .arg(&d.addr)
+            .arg(dest)
+            .arg("--identity")
+            .arg(&keys.send_key)
+            .arg("--peer")
+            .arg(keys.recv_fp.to_string())
+            .args([
+                "--json",
+                "--no-progress",
+                "--compress",
+                "auto",
+                "--chunk-size",
+                "256K",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = send_auto(&src, "r.git");
     let j = assert_ok(&out);
     let c = &j["compression"];
     // A 2 MB/s link is far below the breakpoint of source text (hundreds of MB/s): text is
@@ -840,26 +844,7 @@ fn auto_compresses_text_over_a_slow_link() {
     let packs = keys.path("packs");
     std::fs::create_dir(&packs).unwrap();
     write_random(&packs.join("pack-1.pack"), 2 << 20, 11);
-    let out = std::process::Command::new(&a[0])
-        .args(&a[1..])
-        .arg(shardsend())
-        .arg(&packs)
-        .arg(&d.addr)
-        .arg("p.git")
-        .arg("--identity")
-        .arg(&keys.send_key)
-        .arg("--peer")
-        .arg(keys.recv_fp.to_string())
-        .args([
-            "--json",
-            "--no-progress",
-            "--compress",
-            "auto",
-            "--chunk-size",
-            "256K",
-        ])
-        .output()
-        .unwrap();
+    let out = send_auto(&packs, "p.git");
     let j = assert_ok(&out);
     assert_eq!(j["compression"]["compress"], false, "{j}");
     assert!(j["wire_bytes"].as_u64().unwrap() >= 2 << 20, "{j}");
