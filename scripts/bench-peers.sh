@@ -63,21 +63,10 @@ elif [ -n "$repo" ]; then
 fi
 
 # --- sshd on loopback -------------------------------------------------------------------------
-ssh_dir=$work/ssh
-mkdir -p "$ssh_dir" /run/sshd
-ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host" >/dev/null
-ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/user" >/dev/null
-cp "$ssh_dir/user.pub" "$ssh_dir/authorized_keys"
-chmod 600 "$ssh_dir/authorized_keys"
-ssh_port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 far_rss=$work/far-rss.txt
-/usr/sbin/sshd -f /dev/null -p "$ssh_port" -o ListenAddress=127.0.0.1 -o HostKey="$ssh_dir/host" \
-  -o AuthorizedKeysFile="$ssh_dir/authorized_keys" -o StrictModes=no -o PermitRootLogin=yes \
-  -o PidFile="$ssh_dir/sshd.pid" \
-  -o "Subsystem=sftp /usr/bin/time -v -o $far_rss /usr/lib/openssh/sftp-server" -D &
-sshd_pid=$!
-ssh_opts=(-i "$ssh_dir/user" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes)
-for _ in $(seq 50); do ssh "${ssh_opts[@]}" -p "$ssh_port" root@127.0.0.1 true 2>/dev/null && break; sleep 0.1; done
+# shellcheck source=lib/sshd.sh
+. scripts/lib/sshd.sh
+start_loopback_sshd "$work/ssh" "/usr/bin/time -v -o $far_rss /usr/lib/openssh/sftp-server"
 
 # --- shardsend keys ---------------------------------------------------------------------------
 "$bin/shardrecv" keygen --out "$work/recv.key" > "$work/recv.fp" 2>/dev/null
