@@ -496,7 +496,8 @@ impl Registry {
         RepoState::parse(&state)
     }
 
-    /// Journals a repository's progress: `set` is a list of `column = $n` assignments.
+    /// Journals a repository's progress in one transaction: the new state (if any), the step
+    /// running now (`None` once it finished), and the counters and timestamps in `update`.
     async fn journal(
         &self,
         id: i64,
