@@ -152,14 +152,8 @@ section="## Batch migration (issue 6): shardmove migrate vs the manual runbook
 "
 echo "$section"
 if [ "$write" = 1 ]; then
-  python3 - "$out" "$section" <<'PY'
-import re, sys
-path, section = sys.argv[1], sys.argv[2]
-text = open(path).read()
-head = "## Batch migration (issue 6)"
-pattern = re.compile(r"^" + re.escape(head) + r".*?(?=^## |\Z)", re.S | re.M)
-text = pattern.sub(lambda m: section.rstrip() + "\n\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section.rstrip() + "\n"
-open(path, "w").write(text)
-PY
-  echo "written to $out" >&2
+  # shellcheck source=lib/results.sh
+  . scripts/lib/results.sh
+  write_results_section "$out" "## Batch migration (issue 6)" "$section"
 fi
+

@@ -184,16 +184,8 @@ section="## Loopback peers (issue 3): shardsend vs socat, scp, rsync
 $table"
 echo "$section"
 if [ "$write" = 1 ]; then
-  mkdir -p "$(dirname "$out")"
-  [ -f "$out" ] || printf '# Benchmark results\n\nEach section: machine, date, command, and the peers measured in the same run.\n' > "$out"
-  python3 - "$out" "$section" <<'EOF'
-import re, sys
-path, section = sys.argv[1], sys.argv[2]
-text = open(path).read()
-head = "## Loopback peers (issue 3)"
-pattern = re.compile(r"^" + re.escape(head) + r".*?(?=^## |\Z)", re.S | re.M)
-text = pattern.sub(lambda m: section.rstrip() + "\n\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section.rstrip() + "\n"
-open(path, "w").write(text)
-EOF
-  echo "written to $out" >&2
+  # shellcheck source=lib/results.sh
+  . scripts/lib/results.sh
+  write_results_section "$out" "## Loopback peers (issue 3)" "$section"
 fi
+
