@@ -163,6 +163,27 @@ fn run_migrate(env: &Env, shards: &Shards, extra: &[&str]) -> crate::util::Run {
     env.sm(&refs)
 }
 
+/// `shardmove migrate ...` in the background, output discarded.
+fn spawn_migrate(env: &Env, shards: &Shards, extra: &[&str]) -> Child {
+    let args = migrate_args(shards, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.sm_command(&refs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start shardmove migrate")
+}
+
+/// Polls `cond` every 20 ms; fails the test with `what` after `timeout`.
+#[track_caller]
+fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn refs(path: &Path) -> String {
     git_ok(path, &["for-each-ref", "--format=%(objectname) %(refname)"])
 }
@@ -240,36 +261,24 @@ fn migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable(env: &Env) {
 
 fn killed_orchestrator_resumes_from_the_journal(env: &Env) {
     let shards = setup(env, &[("r1", 3), ("r2", 3)]);
-    let args = migrate_args(&shards, &["--parallel", "1", "--bwlimit", "2M"]);
-    let mut child = env
-        .sm_command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_migrate(env, &shards, &["--parallel", "1", "--bwlimit", "2M"]);
     // Wait until the first repository is past its pre-copy, then kill -9.
-    let t0 = Instant::now();
-    loop {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "migration never progressed"
-        );
-        let run = env.sm(&["migrate", "status", "--json"]);
-        if run.code == 0 {
-            let st: Value = serde_json::from_str(&run.stdout).unwrap();
-            if st["repositories"][0]["state"] != "pending" {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(60),
+        "migration never progressed",
+        || {
+            let run = env.sm(&["migrate", "status", "--json"]);
+            run.code == 0
+                && serde_json::from_str::<Value>(&run.stdout).unwrap()["repositories"][0]["state"]
+                    != "pending"
+        },
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let st = env.json(&["migrate", "status"]);
     assert_eq!(st["state"], "running", "{st}");
     let id = st["id"].as_i64().unwrap().to_string();
-    let resume = migrate_args(&shards, &["--resume", &id, "--json"]);
-    let run = env.sm(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = run_migrate(env, &shards, &["--resume", &id, "--json"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let st = env.json(&["migrate", "status", &id]);
     assert_eq!(st["state"], "done");
@@ -283,12 +292,9 @@ fn killed_orchestrator_resumes_from_the_journal(env: &Env) {
 fn dry_run_changes_nothing(env: &Env) {
     let shards = setup(env, &[("r1", 0)]);
     let before = env.snapshot();
-    let plan = env.json(
-        &migrate_args(&shards, &["--dry-run"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let run = run_migrate(env, &shards, &["--dry-run", "--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let plan: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(plan[0]["repository"], "t/r1");
     assert_eq!(plan[0]["to_device"], "b1");
     assert_eq!(env.snapshot(), before);
@@ -372,22 +378,13 @@ fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !marker.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "push never reached the hook"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        "push never reached the hook",
+        || marker.exists(),
+    );
     let message = "Moving to faster disks: pushes pause for a moment";
-    let args = migrate_args(&shards, &["--parallel", "1", "--message", message]);
-    let mut migration = env
-        .sm_command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut migration = spawn_migrate(env, &shards, &["--parallel", "1", "--message", message]);
     let mut page = env
         .sm_command(&["status", "serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -405,17 +402,9 @@ fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
         .expect("url")
         .to_string();
     // Wait for r1 to be read-only, then load the page the way a user would.
-    let t0 = Instant::now();
-    loop {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "r1 never became read-only"
-        );
-        if env.json(&["status"]).as_array().map(Vec::len) == Some(1) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(30), "r1 never became read-only", || {
+        env.json(&["status"]).as_array().map(Vec::len) == Some(1)
+    });
     let dom = chromium_run(env, &["--dump-dom", &url]);
     assert_eq!(dom.code, 0, "chromium failed: {}", dom.stderr);
     assert!(dom.stdout.contains("t/r1"), "{}", dom.stdout);
