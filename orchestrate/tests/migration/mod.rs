@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{clone_and_commit, git, git_ok, Env};
+use crate::util::{clone_and_commit, git, git_ok, Env, Sshd};
 
 crate::contract!(
     migrate_moves_verified_repositories_and_disables_the_old_service,
+    migrate_over_ssh_moves_and_verifies,
     migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
     killed_orchestrator_resumes_from_the_journal,
     dry_run_changes_nothing,
@@ -54,9 +55,27 @@ fn keygen(bin: &str, out: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// Where [`setup_on`] puts devices a1 and b1.
+struct Layout<'a> {
+    /// Their hosts: an ssh alias puts a device behind the ssh executor (shardrecv still runs
+    /// here, as the daemon on B's host).
+    hosts: [&'a str; 2],
+    /// Their roots, relative to the test's directory.
+    roots: [&'a str; 2],
+}
+
+const LOCAL: Layout<'static> = Layout {
+    hosts: ["localhost", "localhost"],
+    roots: ["shard-a", "shard-b"],
+};
+
 fn setup(env: &Env, repos: &[(&str, usize)]) -> Shards {
-    let a = env.path("shard-a");
-    let b = env.path("shard-b");
+    setup_on(env, repos, &LOCAL)
+}
+
+fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
+    let a = env.path(layout.roots[0]);
+    let b = env.path(layout.roots[1]);
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
     let send_key = env.path("send.key");
@@ -92,7 +111,7 @@ fn setup(env: &Env, repos: &[(&str, usize)]) -> Shards {
         "--service",
         "a",
         "--host",
-        "localhost",
+        layout.hosts[0],
         "--transfer",
         "127.0.0.1:9",
         "--root",
@@ -105,7 +124,7 @@ fn setup(env: &Env, repos: &[(&str, usize)]) -> Shards {
         "--service",
         "b",
         "--host",
-        "localhost",
+        layout.hosts[1],
         "--transfer",
         &addr,
         "--root",
@@ -231,6 +250,83 @@ fn migrate_moves_verified_repositories_and_disables_the_old_service(env: &Env) {
     env.ok(&["sync"]);
     let binding = env.json(&["binding", "show", "--instance", "t", "--service", "a"]);
     assert_eq!(binding["no_daemons"], true);
+}
+
+/// Both shard hosts behind ssh: every host step (shardsend, hooks, the wait for pushes, `git`
+/// verification) goes through the ssh executor to a real sshd. One sshd per host, reached
+/// only through its alias in the file named by `SHARDMOVE_SSH_CONFIG`, so each sshd's log
+/// shows that its host's steps went through it. The roots hold shell metacharacters: every
+/// path crosses the remote login shell, so quoting has to be right.
+fn migrate_over_ssh_moves_and_verifies(env: &Env) {
+    if let Some(why) = Sshd::unavailable() {
+        println!("skipped: {why}");
+        return;
+    }
+    let host_a = Sshd::start_as(&env.path("sshd-a"), "shard-a-over-ssh");
+    let host_b = Sshd::start_as(&env.path("sshd-b"), "shard-b-over-ssh");
+    let config = env.path("ssh_config");
+    let both = [&host_a.config, &host_b.config].map(|c| std::fs::read_to_string(c).unwrap());
+    std::fs::write(&config, both.concat()).unwrap();
+    env.set_var("SHARDMOVE_SSH_CONFIG", &config);
+    let layout = Layout {
+        hosts: [host_a.alias, host_b.alias],
+        roots: ["shard-a'$HOME", "shard-b;*"],
+    };
+    let names = ["r1", "r2"];
+    let shards = setup_on(env, &[("r1", 1), ("r2", 0)], &layout);
+    let before: Vec<String> = names
+        .iter()
+        .map(|r| refs(&shards.a.join(format!("t/{r}.git"))))
+        .collect();
+    let sessions_before = (host_a.sessions(), host_b.sessions());
+
+    let run = run_migrate(env, &shards, &["--parallel", "2", "--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let summary: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(summary["state"], "done", "{summary}");
+    let status = env.json(&["migrate", "status"]);
+    for r in status["repositories"].as_array().unwrap() {
+        assert_eq!(r["state"], "done", "{r}");
+        assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    for (i, r) in names.iter().enumerate() {
+        let repo = env.json(&["repo", "show", &format!("t/{r}")]);
+        assert_eq!(repo["service"], "b", "{repo}");
+        assert_eq!(repo["maintenance"], false, "{repo}");
+        let on_b = shards.b.join(format!("t/{r}.git"));
+        assert_eq!(refs(&on_b), before[i], "{r}: refs moved intact");
+        let work = env.path(&format!("after-{r}"));
+        clone_and_commit(&on_b, &work, "after the move");
+        let push = git(&work, &["push", "-q", "origin", "HEAD"]);
+        assert_eq!(push.code, 0, "push to B refused: {}", push.stderr);
+        // A's stale copy got its refusing hook over ssh, and says where the repository went.
+        let stale = env.path(&format!("stale-{r}"));
+        clone_and_commit(
+            &shards.a.join(format!("t/{r}.git")),
+            &stale,
+            "to the old copy",
+        );
+        let push = git(&stale, &["push", "-q", "origin", "HEAD"]);
+        assert_ne!(push.code, 0, "push to A's stale copy accepted");
+        assert!(
+            push.stderr
+                .contains(&format!("this copy is stale: t/{r} moved to service b")),
+            "{}",
+            push.stderr
+        );
+    }
+    assert_eq!(env.json(&["status"]).as_array().map(Vec::len), Some(0));
+    // Per repository, A ran two shardsend passes, its side of the verification and the stale
+    // hook; B its side of the verification and fsck. Each through its own sshd.
+    let sessions = (
+        host_a.sessions() - sessions_before.0,
+        host_b.sessions() - sessions_before.1,
+    );
+    let n = names.len();
+    assert!(
+        sessions.0 >= 4 * n && sessions.1 >= 2 * n,
+        "ssh sessions during the migration (A, B): {sessions:?}"
+    );
 }
 
 fn migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable(env: &Env) {

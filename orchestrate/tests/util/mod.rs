@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -16,6 +18,8 @@ pub struct Env {
     pub db: String,
     pub backend: &'static str,
     pg_cleanup: Option<(String, String)>,
+    /// Extra environment for every `shardmove` this world runs (see [`Env::set_var`]).
+    vars: RefCell<Vec<(String, OsString)>>,
 }
 
 /// What a command printed and how it exited.
@@ -35,6 +39,7 @@ impl Env {
             db,
             backend: "sqlite",
             pg_cleanup: None,
+            vars: RefCell::default(),
         }
     }
 
@@ -64,7 +69,17 @@ impl Env {
             db,
             backend: "postgres",
             pg_cleanup: Some((base, schema)),
+            vars: RefCell::default(),
         })
+    }
+
+    /// Sets `key` for every later `shardmove` of this world (e.g. `SHARDMOVE_SSH_CONFIG`, so
+    /// the helpers reach devices behind ssh), without touching the test process's own
+    /// environment, which the other tests share.
+    pub fn set_var(&self, key: &str, value: impl Into<OsString>) {
+        let mut vars = self.vars.borrow_mut();
+        vars.retain(|(k, _)| k != key);
+        vars.push((key.to_string(), value.into()));
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -83,6 +98,7 @@ impl Env {
             .args(args)
             .env("SHARDMOVE_DB", &self.db)
             .env("SHARDMOVE_ACTOR", "test")
+            .envs(self.vars.borrow().iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir.path());
         command
     }
@@ -272,15 +288,51 @@ macro_rules! contract {
 }
 
 /// A real `sshd` on a loopback port (DESIGN.md §6), with a client key and an ssh config file
-/// whose `Host` alias reaches it. Killed on drop.
+/// whose `Host` alias reaches it. It logs to a file, so a test can count the sessions it
+/// served. Killed on drop.
 pub struct Sshd {
     child: std::process::Child,
     pub config: PathBuf,
     pub alias: &'static str,
+    log: PathBuf,
 }
 
+/// The sshd the tests start.
+const SSHD: &str = "/usr/sbin/sshd";
+
 impl Sshd {
+    /// Why [`Sshd::start`] cannot run here (tests print it and skip), or `None`.
+    pub fn unavailable() -> Option<String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Some("needs root to run sshd (privilege separation, /run/sshd)".into());
+        }
+        if !Path::new(SSHD).is_file() {
+            return Some(format!(
+                "{SSHD} not installed (scripts/install-deps.sh installs it)"
+            ));
+        }
+        for tool in ["ssh", "ssh-keygen"] {
+            let found = std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
+            });
+            if !found {
+                return Some(format!(
+                    "{tool} not installed (scripts/install-deps.sh installs it)"
+                ));
+            }
+        }
+        None
+    }
+
+    /// An sshd whose files live in `dir`, reached as `shardhost`.
     pub fn start(dir: &Path) -> Sshd {
+        Sshd::start_as(dir, "shardhost")
+    }
+
+    /// An sshd whose files live in `dir` (one sshd per directory), reached as `alias`.
+    pub fn start_as(dir: &Path, alias: &'static str) -> Sshd {
+        std::fs::create_dir_all(dir).expect("sshd dir");
         let keygen = |path: &Path| {
             let status = Command::new("ssh-keygen")
                 .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -301,8 +353,11 @@ impl Sshd {
             .local_addr()
             .expect("addr")
             .port();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f", "/dev/null", "-p", &port.to_string()])
+        let log = dir.join("sshd.log");
+        let child = Command::new(SSHD)
+            .args(["-D", "-f", "/dev/null", "-p", &port.to_string()])
+            .arg("-E")
+            .arg(&log)
             .args([
                 "-o",
                 "ListenAddress=127.0.0.1",
@@ -326,7 +381,7 @@ impl Sshd {
         std::fs::write(
             &config,
             format!(
-                "Host shardhost\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {}\n  IdentitiesOnly yes\n  \
+                "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {}\n  IdentitiesOnly yes\n  \
                  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
                 client_key.display()
             ),
@@ -335,14 +390,15 @@ impl Sshd {
         let sshd = Sshd {
             child,
             config,
-            alias: "shardhost",
+            alias,
+            log,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
             let ok = Command::new("ssh")
                 .arg("-F")
                 .arg(&sshd.config)
-                .args(["-o", "BatchMode=yes", "shardhost", "true"])
+                .args(["-o", "BatchMode=yes", alias, "true"])
                 .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
@@ -356,6 +412,15 @@ impl Sshd {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         sshd
+    }
+
+    /// Sessions this sshd has authenticated so far (its log's `Accepted publickey` lines).
+    pub fn sessions(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("Accepted publickey"))
+            .count()
     }
 }
 
