@@ -84,7 +84,7 @@ fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
     let recv_fp = keygen("shardrecv", &recv_key);
     let allow = env.path("allow.txt");
     std::fs::write(&allow, format!("{send_fp}\n")).unwrap();
-    let mut recv = Command::new(tool("shardrecv"))
+    let recv = Command::new(tool("shardrecv"))
         .args(["serve", "--listen", "127.0.0.1:0", "--root"])
         .arg(&b)
         .arg("--identity")
@@ -95,13 +95,23 @@ fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
         .stderr(Stdio::null())
         .spawn()
         .expect("start shardrecv");
+    // Owned by `Shards` from here on, so a failure below does not leak the daemon.
+    let mut shards = Shards {
+        a,
+        b,
+        send_key,
+        recv,
+    };
     let mut line = String::new();
     use std::io::BufRead;
-    std::io::BufReader::new(recv.stdout.take().unwrap())
+    std::io::BufReader::new(shards.recv.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let addr = line.split_whitespace().nth(1).expect("address").to_string();
-    let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+    let (a_s, b_s) = (
+        shards.a.display().to_string(),
+        shards.b.display().to_string(),
+    );
     env.ok(&["service", "add", "a"]);
     env.ok(&["service", "add", "b"]);
     env.ok(&[
@@ -136,7 +146,7 @@ fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
     env.ok(&["binding", "add", "--instance", "t", "--service", "a"]);
     for (name, mib) in repos {
         let repo = env.json(&["repo", "create", "--instance", "t", name]);
-        let bare = a.join(repo["path"].as_str().unwrap());
+        let bare = shards.a.join(repo["path"].as_str().unwrap());
         let work = env.path(&format!("work-{name}"));
         clone_and_commit(&bare, &work, "first");
         if *mib > 0 {
@@ -149,12 +159,7 @@ fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
         }
         git_ok(&work, &["push", "-q", "origin", "HEAD"]);
     }
-    Shards {
-        a,
-        b,
-        send_key,
-        recv,
-    }
+    shards
 }
 
 fn migrate_args<'a>(shards: &'a Shards, extra: &[&'a str]) -> Vec<String> {
