@@ -2,6 +2,7 @@
 # Batch migration benchmark: `shardmove migrate` vs the manual runbook, in one run.
 #
 #   scripts/bench-migrate.sh [--repos 200] [--total 2G] [--parallel 4] [--out bench/RESULTS.md] [--no-write]
+#                            [--work DIR]
 #
 # Generates REPOS repositories of mixed sizes adding up to about TOTAL (mkfixture, bare and
 # loose), and sets up two identical worlds (registry, shard roots A and B). Then:
@@ -11,6 +12,8 @@
 #   maintenance stop.
 # Reports total time and the read-only window per repository (median, max) for both, and writes
 # them to bench/RESULTS.md. Both worlds live on the same disk; nothing leaves 127.0.0.1.
+# --work DIR keeps the work directory (logs: DIR/migrate.log, DIR/migrate.json) and reuses the
+# fixtures already generated there by an earlier run with the same --repos and --total.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +22,7 @@ total=2G
 parallel=4
 out=bench/RESULTS.md
 write=1
+keep=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --repos) repos=$2; shift 2 ;;
@@ -26,7 +30,8 @@ while [ $# -gt 0 ]; do
     --parallel) parallel=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --no-write) write=0; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --work) keep=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -34,13 +39,19 @@ done
 scripts/install-deps.sh >/dev/null
 cargo build --release -q --workspace
 bin=$PWD/target/release
-work=$(mktemp -d /var/tmp/bench-migrate.XXXXXX)
+if [ -n "$keep" ]; then
+  mkdir -p "$keep"
+  work=$(cd "$keep" && pwd)
+  rm -rf "$work/shardmove" "$work/baseline" "$work/ssh" "$work"/*.key "$work"/*.fp "$work/allow" "$work"/recv.*
+else
+  work=$(mktemp -d /var/tmp/bench-migrate.XXXXXX)
+fi
 sshd_pid=""
 recv_pid=""
 cleanup() {
   [ -n "$sshd_pid" ] && kill "$sshd_pid" 2>/dev/null || true
   [ -n "$recv_pid" ] && kill "$recv_pid" 2>/dev/null || true
-  rm -rf "$work"
+  if [ -z "$keep" ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
 now() { date +%s.%N; }
@@ -50,6 +61,9 @@ total_bytes=$(numfmt --from=iec "$total")
 weights=(1 2 4 8 16)
 sum=0
 for i in $(seq 0 $((repos - 1))); do sum=$((sum + weights[i % 5])); done
+fixtures_id="$repos $total"
+if [ "$(cat "$work/fixtures/made" 2>/dev/null)" != "$fixtures_id" ]; then
+rm -rf "$work/fixtures"
 echo "generating $repos repositories, ~$total in all..." >&2
 mkdir -p "$work/fixtures"
 for i in $(seq 0 $((repos - 1))); do
@@ -58,6 +72,8 @@ for i in $(seq 0 $((repos - 1))); do
   kind=bare; [ $((i % 2)) = 1 ] && kind=loose
   "$bin/mkfixture" "$kind" --size "$size" --seed "$((i + 1))" --out "$work/fixtures/r$i.git" >/dev/null
 done
+echo "$fixtures_id" > "$work/fixtures/made"
+fi
 
 # --- two identical worlds ---------------------------------------------------------------------
 "$bin/shardrecv" keygen --out "$work/recv.key" > "$work/recv.fp" 2>/dev/null

@@ -334,6 +334,7 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
         identity: keys.join("shard-a.key").display().to_string(),
         freeze_wait: Duration::from_secs(30),
         shardsend_args: Vec::new(),
+        full_verify: false,
     };
     let plan = registry.migration_plan(&mcfg).await?;
     report(&format!(

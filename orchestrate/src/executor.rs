@@ -142,18 +142,58 @@ pub async fn run(executor: &dyn Executor, argv: &[&str]) -> Result<CommandOutput
 
 /// Runs `argv` through `executor` and waits, whatever its exit status.
 pub async fn run_status(executor: &dyn Executor, argv: &[&str]) -> Result<CommandOutput> {
-    let mut command = tokio::process::Command::from(executor.command(argv));
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let output = command.output().await.map_err(|e| Error::HostCommand {
+    run_status_with_input(executor, argv, None).await
+}
+
+/// Like [`run`], with `input` written to the command's stdin (then closed).
+pub async fn run_with_input(
+    executor: &dyn Executor,
+    argv: &[&str],
+    input: &[u8],
+) -> Result<CommandOutput> {
+    let output = run_status_with_input(executor, argv, Some(input)).await?;
+    if output.status == 0 {
+        Ok(output)
+    } else {
+        Err(host_error(executor, argv, &output))
+    }
+}
+
+async fn run_status_with_input(
+    executor: &dyn Executor,
+    argv: &[&str],
+    input: Option<&[u8]>,
+) -> Result<CommandOutput> {
+    use tokio::io::AsyncWriteExt;
+    let not_started = |e: std::io::Error| Error::HostCommand {
         host: executor.host().to_string(),
         command: describe(argv),
         status: "not started".into(),
         stderr: e.to_string(),
-    })?;
+    };
+    let mut command = tokio::process::Command::from(executor.command(argv));
+    command
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(not_started)?;
+    // Feed stdin while stdout and stderr are drained, so a command that answers before it has
+    // read everything cannot deadlock on a full pipe.
+    let stdin = child.stdin.take();
+    let feed = async move {
+        if let (Some(input), Some(mut stdin)) = (input, stdin) {
+            // A command that exits without reading all of it closes the pipe: not our error,
+            // its exit status says what happened.
+            let _ = stdin.write_all(input).await;
+        }
+    };
+    let (output, ()) = tokio::join!(child.wait_with_output(), feed);
+    let output = output.map_err(not_started)?;
     Ok(CommandOutput {
         status: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

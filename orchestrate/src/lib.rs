@@ -22,6 +22,7 @@ pub mod names;
 pub mod registry;
 pub mod repos;
 pub mod status_page;
+pub mod verify;
 
 pub use error::{Error, Result};
 pub use registry::{Backend, Registry};

@@ -151,7 +151,39 @@ pub async fn wait_idle(
         repo_path,
         &secs,
     ];
-    let output = executor::run_status(executor, &argv).await?;
+    wait_outcome(executor, &argv, repo_name, wait).await
+}
+
+/// [`install_hook`] then [`wait_idle`] in one process: one round trip (one ssh session) less
+/// in the read-only window.
+pub async fn install_hook_and_wait_idle(
+    executor: &dyn Executor,
+    repo_path: &str,
+    repo_name: &str,
+    message: &str,
+    wait: Duration,
+) -> Result<()> {
+    let script = format!("{INSTALL_SCRIPT}set +e\nset -- \"$1\" \"$3\"\n{WAIT_IDLE_SCRIPT}");
+    let secs = wait.as_secs().to_string();
+    let argv = [
+        "sh",
+        "-c",
+        &script,
+        "install-hook-and-wait-for-pushes",
+        repo_path,
+        message,
+        &secs,
+    ];
+    wait_outcome(executor, &argv, repo_name, wait).await
+}
+
+async fn wait_outcome(
+    executor: &dyn Executor,
+    argv: &[&str],
+    repo_name: &str,
+    wait: Duration,
+) -> Result<()> {
+    let output = executor::run_status(executor, argv).await?;
     match output.status {
         0 => Ok(()),
         3 => Err(Error::PushesInFlight {
@@ -159,6 +191,6 @@ pub async fn wait_idle(
             waited_secs: wait.as_secs(),
             detail: output.stdout.trim().to_string(),
         }),
-        _ => Err(executor::host_error(executor, &argv, &output)),
+        _ => Err(executor::host_error(executor, argv, &output)),
     }
 }

@@ -36,9 +36,10 @@ use sqlx::Row;
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
-use crate::executor::{self, executor_for, Executor};
+use crate::executor::{self, executor_for};
 use crate::registry::{self, Device, Registry, Repository};
 use crate::repos::{path_on, Thaw};
+use crate::verify;
 
 /// Where one repository is in its migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -191,6 +192,9 @@ pub struct MigrateConfig {
     pub freeze_wait: Duration,
     /// Extra `shardsend` arguments (e.g. `--bwlimit 50M`).
     pub shardsend_args: Vec<String>,
+    /// Run the full `git fsck --connectivity-only` on B in the read-only window instead of
+    /// the incremental check against the pre-copy's verified tips (see [`crate::verify`]).
+    pub full_verify: bool,
 }
 
 /// One repository of a migration, as `migrate status` shows it.
@@ -496,6 +500,21 @@ impl Registry {
         RepoState::parse(&state)
     }
 
+    /// The tips B's pre-copy was verified at, if that check ran.
+    async fn verified_tips(&self, id: i64, repo: &str) -> Result<Option<Vec<String>>> {
+        let mut conn = self.read_conn().await?;
+        let row = registry::resolve_repo(&mut conn, repo, "").await?;
+        let tips: Option<String> = sqlx::query(
+            "SELECT verified_tips FROM migration_repos WHERE migration_id = $1 AND repository_id = $2",
+        )
+        .bind(id)
+        .bind(row.id)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("verified_tips")?;
+        Ok(tips.map(|t| t.lines().map(str::to_string).collect()))
+    }
+
     /// Journals a repository's progress in one transaction: the new state (if any), the step
     /// running now (`None` once it finished), and the counters and timestamps in `update`.
     async fn journal(
@@ -518,17 +537,19 @@ impl Registry {
         sqlx::query(
             "UPDATE migration_repos SET state = COALESCE($1, state), step = $2, \
              error = COALESCE($3, error), bytes = bytes + $4, sent_bytes = sent_bytes + $5, \
-             frozen_at_ms = COALESCE(frozen_at_ms, $6), thawed_at_ms = COALESCE(thawed_at_ms, $7), updated_at = $8 \
-             WHERE migration_id = $9 AND repository_id = $10",
+             frozen_at_ms = COALESCE(frozen_at_ms, $6), thawed_at_ms = COALESCE(thawed_at_ms, $7), updated_at = $8, \
+             verified_tips = COALESCE($9, verified_tips) \
+             WHERE migration_id = $10 AND repository_id = $11",
         )
         .bind(state.map(|s| s.as_str()))
         .bind(step_text)
         .bind(update.error.clone())
         .bind(update.bytes as i64)
         .bind(update.sent_bytes as i64)
-        .bind(update.frozen.then_some(now_ms()))
-        .bind(update.thawed.then_some(now_ms()))
+        .bind(update.frozen_at_ms)
+        .bind(update.thawed_at_ms)
         .bind(now)
+        .bind(update.verified_tips.clone())
         .bind(id)
         .bind(row.id)
         .execute(&mut *tx)
@@ -592,8 +613,12 @@ struct JournalUpdate {
     error: Option<String>,
     bytes: u64,
     sent_bytes: u64,
-    frozen: bool,
-    thawed: bool,
+    /// When the repository became read-only (just before its maintenance started) and
+    /// writable again (just after it ended), unix milliseconds; the first value sticks.
+    frozen_at_ms: Option<i64>,
+    thawed_at_ms: Option<i64>,
+    /// Object ids found connected on B's pre-copied tree, one per line.
+    verified_tips: Option<String>,
 }
 
 /// What a batch did.
@@ -764,15 +789,19 @@ async fn migrate_one(
         let Some(step) = next_step(state) else {
             return Ok(());
         };
-        registry
-            .journal(id, repo, None, Some(step), JournalUpdate::default())
-            .await?;
+        // The running step is shown for the long steps outside the read-only window; inside
+        // it (tens of milliseconds) a transaction per step would only lengthen the window.
+        if !state.is_frozen() {
+            registry
+                .journal(id, repo, None, Some(step), JournalUpdate::default())
+                .await?;
+        }
         let t0 = Instant::now();
-        match run_step(registry, cfg, repo, from, to, step).await {
+        match run_step(registry, cfg, id, repo, from, to, step).await {
             Ok(update) => {
                 let next = RepoState::after(step);
                 report(&format!(
-                    "{label}: {} in {:.1} s{}",
+                    "{label}: {} in {:.3} s{}",
                     next.as_str(),
                     t0.elapsed().as_secs_f64(),
                     if update.sent_bytes > 0 {
@@ -799,7 +828,7 @@ async fn migrate_one(
                         None,
                         JournalUpdate {
                             error: Some(error),
-                            thawed: true,
+                            thawed_at_ms: Some(now_ms()),
                             ..Default::default()
                         },
                     )
@@ -831,6 +860,7 @@ async fn migrate_one(
 async fn run_step(
     registry: &Registry,
     cfg: &MigrateConfig,
+    id: i64,
     repo_ref: &str,
     from: &Device,
     to: &Device,
@@ -863,6 +893,20 @@ async fn run_step(
             let summary: serde_json::Value = serde_json::from_str(&out.stdout)
                 .map_err(|e| Error::Refused(format!("shardsend printed no JSON summary ({e})")))?;
             let get = |k: &str| summary[k].as_u64().unwrap_or(0);
+            let verified_tips = if step == Step::Precopy && !cfg.full_verify {
+                // The pre-copy waits in shardrecv's staging area (under B's root, as the
+                // device's root is shardrecv's); fsck it now, while the repository is live.
+                let staged = transfer::staging::staging_dir(
+                    std::path::Path::new(&to.root_path),
+                    repo.path.as_bytes(),
+                )
+                .join("tree");
+                verify::full_connectivity(executor_for(to)?.as_ref(), &staged.to_string_lossy())
+                    .await?
+                    .map(|tips| tips.join("\n"))
+            } else {
+                None
+            };
             Ok(JournalUpdate {
                 bytes: if step == Step::FinalCopy {
                     get("bytes")
@@ -870,40 +914,49 @@ async fn run_step(
                     0
                 },
                 sent_bytes: get("sent_bytes"),
+                verified_tips,
                 ..Default::default()
             })
         }
         Step::Freeze => {
+            // The window starts before the hook goes in: from here pushes may be refused.
+            let frozen_at_ms = now_ms();
             registry
                 .start_maintenance(repo_ref, &cfg.message, cfg.freeze_wait)
                 .await?;
             Ok(JournalUpdate {
-                frozen: true,
+                frozen_at_ms: Some(frozen_at_ms),
                 ..Default::default()
             })
         }
         Step::Verify => {
             let dst = path_on(to, &repo.path);
-            let a = refs_digest(executor_for(from)?.as_ref(), &src).await?;
-            let b = refs_digest(executor_for(to)?.as_ref(), &dst).await?;
+            let (a_exec, b_exec) = (executor_for(from)?, executor_for(to)?);
+            let (a, b) = tokio::join!(
+                verify::refs_digest(a_exec.as_ref(), &src),
+                verify::refs_digest(b_exec.as_ref(), &dst)
+            );
+            let (a, b) = (a?, b?);
             if a != b {
                 return Err(Error::Refused(format!(
                     "refs differ between {}:{src} and {}:{dst}",
                     from.name, to.name
                 )));
             }
-            executor::run(
-                executor_for(to)?.as_ref(),
-                &[
-                    "git",
-                    "-C",
-                    &dst,
-                    "fsck",
-                    "--connectivity-only",
-                    "--no-progress",
-                ],
-            )
-            .await?;
+            let tips = match cfg.full_verify {
+                true => None,
+                false => registry.verified_tips(id, repo_ref).await?,
+            };
+            match tips {
+                Some(tips) => verify::connected_since(b_exec.as_ref(), &dst, &b, &tips).await?,
+                None => {
+                    verify::full_connectivity(b_exec.as_ref(), &dst)
+                        .await?
+                        .ok_or_else(|| {
+                            Error::Refused(format!("{}:{dst} does not exist", to.name))
+                        })?;
+                }
+            }
             Ok(JournalUpdate::default())
         }
         Step::Clusterize => {
@@ -917,41 +970,29 @@ async fn run_step(
             Ok(JournalUpdate::default())
         }
         Step::Unfreeze => {
-            registry.stop_maintenance(repo_ref).await?;
-            // A's copy is stale from now on: it keeps refusing pushes, with a reason, so a
-            // client that still points there cannot fork history.
-            crate::maintenance::install_hook(
-                executor_for(from)?.as_ref(),
-                &src,
-                &format!(
-                    "this copy is stale: {} moved to service {}; fetch its new location",
-                    repo.full_name(),
-                    cfg.to
-                ),
-            )
-            .await?;
+            // A's copy is stale from now on: its hook stays and only its message changes, so
+            // a client that still points there cannot fork history, not even for an instant.
+            // B's copy arrived with A's hook (the final pass copied it): that one goes.
+            let dst = path_on(to, &repo.path);
+            let (a_exec, b_exec) = (executor_for(from)?, executor_for(to)?);
+            let stale = format!(
+                "this copy is stale: {} moved to service {}; fetch its new location",
+                repo.full_name(),
+                cfg.to
+            );
+            let (a, b) = tokio::join!(
+                crate::maintenance::install_hook(a_exec.as_ref(), &src, &stale),
+                crate::maintenance::remove_hook(b_exec.as_ref(), &dst)
+            );
+            a?;
+            b?;
+            registry.clear_maintenance(repo_ref, None).await?;
             Ok(JournalUpdate {
-                thawed: true,
+                thawed_at_ms: Some(now_ms()),
                 ..Default::default()
             })
         }
     }
-}
-
-/// `git for-each-ref` of a copy, as one string (object ids and names, sorted by git).
-async fn refs_digest(exec: &dyn Executor, path: &str) -> Result<String> {
-    let out = executor::run(
-        exec,
-        &[
-            "git",
-            "-C",
-            path,
-            "for-each-ref",
-            "--format=%(objectname) %(refname)",
-        ],
-    )
-    .await?;
-    Ok(out.stdout)
 }
 
 /// Undoes a repository's migration before clusterize: maintenance lifted (A stays

@@ -251,18 +251,33 @@ impl Registry {
 
         let repo = self.repository(&row.full_name()).await?;
         let on_disk = async {
-            let mut installed = Vec::new();
+            let mut targets = Vec::new();
             for (device, required) in &self.hook_devices(&repo).await? {
                 let exec = executor_for(device)?;
                 let path = path_on(device, &repo.path);
                 if !required && !maintenance::exists(exec.as_ref(), &path).await? {
                     continue;
                 }
-                maintenance::install_hook(exec.as_ref(), &path, message).await?;
-                installed.push((exec, path));
+                targets.push((exec, path));
             }
-            for (exec, path) in &installed {
-                maintenance::wait_idle(exec.as_ref(), path, &repo.full_name(), wait).await?;
+            // Every hook goes in before any wait; the last copy's install and wait share
+            // one process (usually the only copy: one process in all).
+            let name = repo.full_name();
+            if let Some(((last_exec, last_path), others)) = targets.split_last() {
+                for (exec, path) in others {
+                    maintenance::install_hook(exec.as_ref(), path, message).await?;
+                }
+                maintenance::install_hook_and_wait_idle(
+                    last_exec.as_ref(),
+                    last_path,
+                    &name,
+                    message,
+                    wait,
+                )
+                .await?;
+                for (exec, path) in others {
+                    maintenance::wait_idle(exec.as_ref(), path, &name, wait).await?;
+                }
             }
             Ok::<(), Error>(())
         }
@@ -298,8 +313,20 @@ impl Registry {
             }
             maintenance::remove_hook(exec.as_ref(), &path).await?;
         }
+        self.clear_maintenance(&repo.full_name(), failure).await?;
+        self.repository(&repo.full_name()).await
+    }
+
+    /// The registry half of maintenance stop: clears the flag and records why, touching no
+    /// disk. `migrate` lifts the hooks itself (B's removed, A's kept with a new message), so
+    /// the old copy never accepts a push between the two.
+    pub(crate) async fn clear_maintenance(
+        &self,
+        reference: &str,
+        failure: Option<&str>,
+    ) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        let row = resolve_repo(&mut tx, &repo.full_name(), self.backend().lock_clause()).await?;
+        let row = resolve_repo(&mut tx, reference, self.backend().lock_clause()).await?;
         sqlx::query("UPDATE repositories SET maintenance = 0, maintenance_message = NULL, maintenance_since = NULL WHERE id = $1")
             .bind(row.id)
             .execute(&mut *tx)
@@ -319,7 +346,7 @@ impl Registry {
         )
         .await?;
         tx.commit().await?;
-        self.repository(&row.full_name()).await
+        Ok(())
     }
 
     /// Repositories in maintenance (for `status`).

@@ -45,6 +45,8 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 2 << 20;
 pub const DEFAULT_STREAMS: usize = 4;
 /// Attempts made when the source keeps changing under us.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// How long the sender lets its endpoint driver flush CONNECTION_CLOSE before returning.
+const CLOSE_FLUSH: Duration = Duration::from_millis(10);
 
 /// Test-only fault injection (hidden `--inject-fault`): exercises the receiver's checks
 /// with the real binaries.
@@ -526,7 +528,12 @@ async fn attempt_once(
     let quic = QuicStats::of(&conn);
     tracing::debug!(?quic, "path statistics");
     conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    // The receiver already answered (installed, staged or failed), so nothing is left to
+    // deliver but CONNECTION_CLOSE, which the endpoint driver sends on its next poll. Waiting
+    // out the whole draining period (3 PTOs, ~80 ms even on loopback) would only add to every
+    // pass, and a migration's final pass runs while the repository is read-only. If the close
+    // is lost, the receiver drops the connection on its own after its 5 s grace.
+    let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
     while workers.join_next().await.is_some() {}
     let (root, path, replaced) = outcome?;
     let m = &shared.scan.manifest;

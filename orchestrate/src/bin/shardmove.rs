@@ -406,6 +406,11 @@ struct MigrateArgs {
     /// Cap each transfer's send rate (shardsend --bwlimit, e.g. 50M).
     #[arg(long)]
     bwlimit: Option<String>,
+    /// Run the full `git fsck --connectivity-only` on B while the repository is read-only.
+    /// By default B's pre-copy gets the full check while still live, and the read-only window
+    /// only checks what the final pass brought (as git does for a push).
+    #[arg(long)]
+    full_verify: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,14 +435,15 @@ struct DemoArgs {
     keep_serving: bool,
 }
 
-fn reporter(json: bool) -> orchestrate::migrate::Reporter {
+/// Live progress goes to stderr in both modes, so `--json` keeps stdout a single document
+/// while a script (or its log) still sees what the batch is doing.
+fn reporter() -> orchestrate::migrate::Reporter {
     std::sync::Arc::new(move |line: &str| {
-        if !json {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            eprintln!("{} {line}", &utc(now)[11..19]);
-        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = now.as_secs() as i64;
+        eprintln!("{}.{:03} {line}", &utc(secs)[11..19], now.subsec_millis());
     })
 }
 
@@ -517,6 +523,7 @@ async fn migrate_command(
             .iter()
             .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
             .collect(),
+        full_verify: args.full_verify,
     };
     let id = match args.resume {
         Some(id) => {
@@ -544,10 +551,10 @@ async fn migrate_command(
             registry.create_migration(&cfg).await?
         }
     };
-    reporter(json)(&format!(
+    reporter()(&format!(
         "migration {id} started (resume with `shardmove migrate --resume {id}`)"
     ));
-    let summary = migrate::run(registry, &cfg, id, reporter(json)).await?;
+    let summary = migrate::run(registry, &cfg, id, reporter()).await?;
     print(json, &summary, |s| {
         format!(
             "{}migration {} {} in {:.1} s; read-only window median {:.2} s, max {:.2} s",
@@ -581,7 +588,7 @@ async fn demo_command(args: &DemoArgs, json: bool) -> anyhow::Result<()> {
         parallel: args.parallel.max(1),
         keep_serving: args.keep_serving,
     };
-    let summary = orchestrate::demo::run(&cfg, reporter(json)).await?;
+    let summary = orchestrate::demo::run(&cfg, reporter()).await?;
     print(json, &summary, |s| {
         format!(
             "{}demo done: {} repositories moved and verified in {:.1} s; read-only window median {:.2} s, max {:.2} s; \
