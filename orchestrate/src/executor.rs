@@ -159,7 +159,8 @@ pub async fn run_with_input(
     }
 }
 
-async fn run_status_with_input(
+/// Like [`run_status`], with `input` (if any) written to the command's stdin.
+pub async fn run_status_with_input(
     executor: &dyn Executor,
     argv: &[&str],
     input: Option<&[u8]>,

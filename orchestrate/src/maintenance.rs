@@ -32,32 +32,44 @@ use crate::executor::{self, Executor};
 /// Marker line identifying our hook.
 pub const HOOK_MARKER: &str = "shardmove-maintenance-hook";
 
+// The scripts run inside the read-only window, where every process costs milliseconds on a
+// busy host: they use shell builtins (`read`, `printf`, `[`) wherever an external command is
+// not needed. `is_ours` reads only the first lines of `pre-receive`, where our marker sits.
+const IS_OURS: &str = r#"is_ours() {
+  [ -f "$1" ] || return 1
+  n=0
+  while [ $n -lt 3 ] && IFS= read -r line; do
+    case $line in *shardmove-maintenance-hook*) return 0 ;; esac
+    n=$((n + 1))
+  done < "$1"
+  return 1
+}
+"#;
+
 const INSTALL_SCRIPT: &str = r#"set -eu
 repo=$1
 hooks=$(git -C "$repo" rev-parse --path-format=absolute --git-path hooks)
-mkdir -p "$hooks"
+[ -d "$hooks" ] || mkdir -p "$hooks"
 printf '%s\n' "$2" > "$hooks/shardmove-maintenance.msg.tmp"
 mv -f "$hooks/shardmove-maintenance.msg.tmp" "$hooks/shardmove-maintenance.msg"
-if [ -e "$hooks/pre-receive" ] || [ -L "$hooks/pre-receive" ]; then
-  if ! grep -q shardmove-maintenance-hook "$hooks/pre-receive" 2>/dev/null; then
+if ! is_ours "$hooks/pre-receive"; then
+  if [ -e "$hooks/pre-receive" ] || [ -L "$hooks/pre-receive" ]; then
     if [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
       echo "$hooks/pre-receive.shardmove-orig already exists; not overwriting it" >&2
       exit 3
     fi
     ln -P "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"
   fi
+  printf '%s\n' '#!/bin/sh' \
+    '# shardmove-maintenance-hook: installed by `shardmove repo maintenance --start`, removed by' \
+    '# `--stop` (which restores any original hook from pre-receive.shardmove-orig).' \
+    '# Refuses every push with the operator'"'"'s message; clone and fetch are not affected.' \
+    'msg="$(dirname "$0")/shardmove-maintenance.msg"' \
+    'if [ -r "$msg" ]; then cat "$msg" >&2; else echo "repository in maintenance" >&2; fi' \
+    'exit 1' > "$hooks/pre-receive.shardmove-tmp"
+  chmod 755 "$hooks/pre-receive.shardmove-tmp"
+  mv -f "$hooks/pre-receive.shardmove-tmp" "$hooks/pre-receive"
 fi
-cat > "$hooks/pre-receive.shardmove-tmp" <<'HOOK'
-#!/bin/sh
-# shardmove-maintenance-hook: installed by `shardmove repo maintenance --start`, removed by
-# `--stop` (which restores any original hook from pre-receive.shardmove-orig).
-# Refuses every push with the operator's message; clone and fetch are not affected.
-msg="$(dirname "$0")/shardmove-maintenance.msg"
-if [ -r "$msg" ]; then cat "$msg" >&2; else echo "repository in maintenance" >&2; fi
-exit 1
-HOOK
-chmod 755 "$hooks/pre-receive.shardmove-tmp"
-mv -f "$hooks/pre-receive.shardmove-tmp" "$hooks/pre-receive"
 "#;
 
 const REMOVE_SCRIPT: &str = r#"set -eu
@@ -65,16 +77,19 @@ repo=$1
 hooks=$(git -C "$repo" rev-parse --path-format=absolute --git-path hooks)
 if [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
   mv -f "$hooks/pre-receive.shardmove-orig" "$hooks/pre-receive"
-elif grep -q shardmove-maintenance-hook "$hooks/pre-receive" 2>/dev/null; then
-  rm -f "$hooks/pre-receive"
+  rm -f "$hooks/shardmove-maintenance.msg"
+elif is_ours "$hooks/pre-receive"; then
+  rm -f "$hooks/pre-receive" "$hooks/shardmove-maintenance.msg"
+else
+  rm -f "$hooks/shardmove-maintenance.msg"
 fi
-rm -f "$hooks/shardmove-maintenance.msg"
 "#;
 
 const WAIT_IDLE_SCRIPT: &str = r#"set -u
 repo=$(cd "$1" && pwd -P) || exit 2
-end=$(( $(date +%s) + $2 ))
-pat=$(printf '%s' "$repo" | sed 's/[][*?\\]/\\&/g')
+pat=$repo
+case $repo in *[][*?\\]*) pat=$(printf '%s' "$repo" | sed 's/[][*?\\]/\\&/g') ;; esac
+end=
 busy() {
   for link in $(find /proc -mindepth 2 -maxdepth 2 -name cwd -lname "$pat" 2>/dev/null); do
     dir=${link%/cwd}
@@ -83,13 +98,15 @@ busy() {
       *receive-pack*|*" fetch "*) echo "process ${dir#/proc/}: $cmd"; return 0 ;;
     esac
   done
-  lock=$(find "$repo/refs" -name '*.lock' 2>/dev/null | head -n 1)
-  if [ -n "$lock" ]; then echo "lock file $lock"; return 0; fi
   if [ -e "$repo/packed-refs.lock" ]; then echo "lock file $repo/packed-refs.lock"; return 0; fi
+  lock=$(find "$repo/refs" -name '*.lock' -print -quit 2>/dev/null)
+  if [ -n "$lock" ]; then echo "lock file $lock"; return 0; fi
   return 1
 }
 while what=$(busy); do
-  if [ "$(date +%s)" -ge "$end" ]; then echo "$what"; exit 3; fi
+  now=$(date +%s)
+  [ -n "$end" ] || end=$((now + $2))
+  if [ "$now" -ge "$end" ]; then echo "$what"; exit 3; fi
   sleep 0.1
 done
 "#;
@@ -109,7 +126,7 @@ pub async fn install_hook(executor: &dyn Executor, repo_path: &str, message: &st
         &[
             "sh",
             "-c",
-            INSTALL_SCRIPT,
+            &format!("{IS_OURS}{INSTALL_SCRIPT}"),
             "install-maintenance-hook",
             repo_path,
             message,
@@ -126,7 +143,7 @@ pub async fn remove_hook(executor: &dyn Executor, repo_path: &str) -> Result<()>
         &[
             "sh",
             "-c",
-            REMOVE_SCRIPT,
+            &format!("{IS_OURS}{REMOVE_SCRIPT}"),
             "remove-maintenance-hook",
             repo_path,
         ],
@@ -163,7 +180,8 @@ pub async fn install_hook_and_wait_idle(
     message: &str,
     wait: Duration,
 ) -> Result<()> {
-    let script = format!("{INSTALL_SCRIPT}set +e\nset -- \"$1\" \"$3\"\n{WAIT_IDLE_SCRIPT}");
+    let script =
+        format!("{IS_OURS}{INSTALL_SCRIPT}set +e\nset -- \"$1\" \"$3\"\n{WAIT_IDLE_SCRIPT}");
     let secs = wait.as_secs().to_string();
     let argv = [
         "sh",

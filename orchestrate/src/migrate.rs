@@ -784,6 +784,8 @@ async fn migrate_one(
     label: &str,
     report: &Reporter,
 ) -> Result<()> {
+    // A's refs, read while the final pass runs (A is frozen and idle by then).
+    let mut source_refs = None;
     loop {
         let state = registry.repo_state(id, repo).await?;
         let Some(step) = next_step(state) else {
@@ -797,7 +799,7 @@ async fn migrate_one(
                 .await?;
         }
         let t0 = Instant::now();
-        match run_step(registry, cfg, id, repo, from, to, step).await {
+        match run_step(registry, cfg, id, repo, from, to, step, &mut source_refs).await {
             Ok(update) => {
                 let next = RepoState::after(step);
                 report(&format!(
@@ -857,6 +859,7 @@ async fn migrate_one(
 }
 
 /// Runs one step's side effect.
+#[allow(clippy::too_many_arguments)]
 async fn run_step(
     registry: &Registry,
     cfg: &MigrateConfig,
@@ -865,6 +868,7 @@ async fn run_step(
     from: &Device,
     to: &Device,
     step: Step,
+    source_refs: &mut Option<String>,
 ) -> Result<JournalUpdate> {
     let repo = registry.repository(repo_ref).await?;
     let src = path_on(from, &repo.path);
@@ -889,7 +893,16 @@ async fn run_step(
                 argv.push("--stage-only");
             }
             argv.extend(cfg.shardsend_args.iter().map(String::as_str));
-            let out = executor::run(exec.as_ref(), &argv).await?;
+            let out = if step == Step::FinalCopy {
+                let (out, refs) = tokio::join!(
+                    executor::run(exec.as_ref(), &argv),
+                    verify::refs_digest(exec.as_ref(), &src)
+                );
+                *source_refs = Some(refs?);
+                out?
+            } else {
+                executor::run(exec.as_ref(), &argv).await?
+            };
             let summary: serde_json::Value = serde_json::from_str(&out.stdout)
                 .map_err(|e| Error::Refused(format!("shardsend printed no JSON summary ({e})")))?;
             let get = |k: &str| summary[k].as_u64().unwrap_or(0);
@@ -931,32 +944,44 @@ async fn run_step(
         }
         Step::Verify => {
             let dst = path_on(to, &repo.path);
-            let (a_exec, b_exec) = (executor_for(from)?, executor_for(to)?);
-            let (a, b) = tokio::join!(
-                verify::refs_digest(a_exec.as_ref(), &src),
-                verify::refs_digest(b_exec.as_ref(), &dst)
-            );
-            let (a, b) = (a?, b?);
-            if a != b {
-                return Err(Error::Refused(format!(
-                    "refs differ between {}:{src} and {}:{dst}",
-                    from.name, to.name
-                )));
-            }
+            let b_exec = executor_for(to)?;
+            // Resumed after a crash, the final pass's reading of A's refs is gone: read again.
+            let a = match source_refs.take() {
+                Some(refs) => refs,
+                None => verify::refs_digest(executor_for(from)?.as_ref(), &src).await?,
+            };
             let tips = match cfg.full_verify {
                 true => None,
                 false => registry.verified_tips(id, repo_ref).await?,
             };
-            match tips {
-                Some(tips) => verify::connected_since(b_exec.as_ref(), &dst, &b, &tips).await?,
-                None => {
-                    verify::full_connectivity(b_exec.as_ref(), &dst)
-                        .await?
-                        .ok_or_else(|| {
-                            Error::Refused(format!("{}:{dst} does not exist", to.name))
-                        })?;
+            let checked = match tips {
+                Some(tips) => {
+                    verify::refs_and_connected_since(b_exec.as_ref(), &dst, &a, &tips).await
                 }
-            }
+                None => {
+                    async {
+                        if verify::refs_digest(b_exec.as_ref(), &dst).await? != a {
+                            return Err(Error::Refused(format!(
+                                "refs of {dst} differ from the source's"
+                            )));
+                        }
+                        verify::full_connectivity(b_exec.as_ref(), &dst)
+                            .await?
+                            .map(drop)
+                            .ok_or_else(|| Error::Refused(format!("{dst} does not exist")))
+                    }
+                    .await
+                }
+            };
+            checked.map_err(|e| match e {
+                Error::Refused(why) => Error::Refused(format!(
+                    "verification of {} on {} against {} failed: {why}",
+                    repo.full_name(),
+                    to.name,
+                    from.name
+                )),
+                other => other,
+            })?;
             Ok(JournalUpdate::default())
         }
         Step::Clusterize => {
@@ -970,25 +995,22 @@ async fn run_step(
             Ok(JournalUpdate::default())
         }
         Step::Unfreeze => {
+            // B's copy arrived with A's hook (the final pass copied it): removing it, and
+            // the registry flag, ends the window.
+            let dst = path_on(to, &repo.path);
+            crate::maintenance::remove_hook(executor_for(to)?.as_ref(), &dst).await?;
+            registry.clear_maintenance(repo_ref, None).await?;
+            let thawed_at_ms = now_ms();
             // A's copy is stale from now on: its hook stays and only its message changes, so
             // a client that still points there cannot fork history, not even for an instant.
-            // B's copy arrived with A's hook (the final pass copied it): that one goes.
-            let dst = path_on(to, &repo.path);
-            let (a_exec, b_exec) = (executor_for(from)?, executor_for(to)?);
             let stale = format!(
                 "this copy is stale: {} moved to service {}; fetch its new location",
                 repo.full_name(),
                 cfg.to
             );
-            let (a, b) = tokio::join!(
-                crate::maintenance::install_hook(a_exec.as_ref(), &src, &stale),
-                crate::maintenance::remove_hook(b_exec.as_ref(), &dst)
-            );
-            a?;
-            b?;
-            registry.clear_maintenance(repo_ref, None).await?;
+            crate::maintenance::install_hook(executor_for(from)?.as_ref(), &src, &stale).await?;
             Ok(JournalUpdate {
-                thawed_at_ms: Some(now_ms()),
+                thawed_at_ms: Some(thawed_at_ms),
                 ..Default::default()
             })
         }

@@ -13,7 +13,13 @@
 //! - SQLite: every writing transaction is `BEGIN IMMEDIATE` (it takes the database write lock
 //!   up front, so two read-modify-write commands cannot interleave and neither fails on a
 //!   lock upgrade), with a busy timeout so a second process waits instead of failing; WAL
-//!   journal so reads are never blocked.
+//!   journal so reads are never blocked, with `synchronous = NORMAL`: a commit reaches the
+//!   WAL (it survives `kill -9` of any process) but is fsynced at checkpoints, not at every
+//!   commit. A power loss can therefore forget the last commits, always as a whole and in
+//!   order (SQLite's documented guarantee for WAL + NORMAL), and every host-side step of a
+//!   migration is idempotent and re-run from the journal; in exchange a commit costs
+//!   microseconds instead of an fsync, and `migrate` commits several times inside each
+//!   repository's read-only window.
 //! - PostgreSQL: a plain transaction, and the repository row is read `FOR UPDATE`, which
 //!   serialises concurrent commands on one repository (no lost update) while commands on
 //!   other repositories proceed.
@@ -253,6 +259,9 @@ impl Registry {
                     let busy = format!("PRAGMA busy_timeout = {}", SQLITE_BUSY_TIMEOUT.as_millis());
                     sqlx::query(&busy).execute(&mut *conn).await?;
                     sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL")
                         .execute(&mut *conn)
                         .await?;
                     sqlx::query("PRAGMA foreign_keys = ON")

@@ -8,9 +8,9 @@
 //! for pushes:
 //! - [`full_connectivity`] runs `fsck --connectivity-only` on B's **pre-copied** tree, while
 //!   the repository is still live, and returns the object ids its refs pointed to ("tips");
-//! - in the frozen window, [`refs_digest`] of A and B must be equal, and
-//!   [`connected_since`] walks only the objects reachable from B's final refs but not from
-//!   those tips (`git rev-list --objects --quiet --all --stdin` with `^TIP` lines), which is
+//! - in the frozen window, [`refs_and_connected_since`] checks that B's refs equal A's
+//!   [`refs_digest`] (taken while the final pass runs: A is frozen and idle by then) and
+//!   walks only the objects reachable from B's final refs but not from those tips (`git rev-list --objects --quiet --all --stdin` with `^TIP` lines), which is
 //!   the check git's receive-pack runs on every push (`check_connected`). A tip that no
 //!   final ref points to is left out, since git gc may have pruned its history meanwhile.
 //!
@@ -59,43 +59,39 @@ pub async fn full_connectivity(exec: &dyn Executor, path: &str) -> Result<Option
     }
 }
 
-/// Checks that every object reachable from the refs in `digest` (a [`refs_digest`] of the
-/// repository at `path`) is present, trusting the history of `verified_tips` that the
-/// refs still point to.
-pub async fn connected_since(
+const SINCE_SCRIPT: &str = r#"set -u
+git -C "$1" for-each-ref --format='%(objectname) %(refname)' || exit 4
+git -C "$1" rev-list --objects --quiet --all --stdin || exit 5
+"#;
+
+/// In one process on B: its refs must equal `expected_refs` (A's [`refs_digest`]), and every
+/// object reachable from them must be present, trusting the history of those
+/// `verified_tips` that the refs still point to.
+pub async fn refs_and_connected_since(
     exec: &dyn Executor,
     path: &str,
-    digest: &str,
+    expected_refs: &str,
     verified_tips: &[String],
 ) -> Result<()> {
     let known: BTreeSet<&str> = verified_tips.iter().map(String::as_str).collect();
-    let input: String = tips(digest)
+    let input: String = tips(expected_refs)
         .iter()
         .filter(|tip| known.contains(tip.as_str()))
         .map(|tip| format!("^{tip}\n"))
         .collect();
-    executor::run_with_input(
-        exec,
-        &[
-            "git",
-            "-C",
-            path,
-            "rev-list",
-            "--objects",
-            "--quiet",
-            "--all",
-            "--stdin",
-        ],
-        input.as_bytes(),
-    )
-    .await
-    .map_err(|e| match e {
-        Error::HostCommand { stderr, .. } => {
-            Error::Refused(format!("{path} is missing objects its refs need: {stderr}"))
-        }
-        other => other,
-    })?;
-    Ok(())
+    let argv = ["sh", "-c", SINCE_SCRIPT, "verify-since-precopy", path];
+    let out = executor::run_status_with_input(exec, &argv, Some(input.as_bytes())).await?;
+    match out.status {
+        0 | 5 if out.stdout != expected_refs => Err(Error::Refused(format!(
+            "refs of {path} differ from the source's"
+        ))),
+        0 => Ok(()),
+        5 => Err(Error::Refused(format!(
+            "{path} is missing objects its refs need: {}",
+            out.stderr.trim().lines().last().unwrap_or("")
+        ))),
+        _ => Err(executor::host_error(exec, &argv, &out)),
+    }
 }
 
 /// The object ids of a `for-each-ref` listing (first word of each line), sorted and unique.
@@ -173,19 +169,23 @@ mod tests {
         // New history on top of the verified tip: checked, and complete.
         commit(repo, "b");
         let digest = block_on(refs_digest(&exec, &path)).expect("refs");
-        block_on(connected_since(&exec, &path, &digest, &tips)).expect("connected");
+        block_on(refs_and_connected_since(&exec, &path, &digest, &tips)).expect("connected");
+        let other = digest.replace("refs/heads/main", "refs/heads/other");
+        let err = block_on(refs_and_connected_since(&exec, &path, &other, &tips))
+            .expect_err("refs differ");
+        assert!(err.to_string().contains("differ"), "{err}");
 
         // The new commit's blob goes missing: the incremental check sees it.
         let blob = git(repo, &["rev-parse", "HEAD:b"]);
         drop_object(repo, &blob);
-        let err = block_on(connected_since(&exec, &path, &digest, &tips))
+        let err = block_on(refs_and_connected_since(&exec, &path, &digest, &tips))
             .expect_err("a missing object is found");
         assert!(err.to_string().contains("missing objects"), "{err}");
 
         // Trusting the new tip as well skips the walk (this is what makes it cheap), so the
         // tips recorded must come from a full fsck: full_connectivity catches the gap.
         let all = super::tips(&digest);
-        block_on(connected_since(&exec, &path, &digest, &all)).expect("trusted");
+        block_on(refs_and_connected_since(&exec, &path, &digest, &all)).expect("trusted");
         assert!(block_on(full_connectivity(&exec, &path)).is_err());
     }
 

@@ -46,7 +46,7 @@ pub const DEFAULT_STREAMS: usize = 4;
 /// Attempts made when the source keeps changing under us.
 pub const MAX_ATTEMPTS: u32 = 3;
 /// How long the sender lets its endpoint driver flush CONNECTION_CLOSE before returning.
-const CLOSE_FLUSH: Duration = Duration::from_millis(10);
+const CLOSE_FLUSH: Duration = Duration::from_millis(3);
 
 /// Test-only fault injection (hidden `--inject-fault`): exercises the receiver's checks
 /// with the real binaries.
