@@ -229,6 +229,9 @@ pub struct MigrationStatus {
     pub updated_at: i64,
     pub finished_at: Option<i64>,
     pub owner: Option<String>,
+    /// For a `running` migration whose owner no longer drives it: why (then `migrate`
+    /// takes it over, or `migrate --resume ID` continues it).
+    pub owner_gone: Option<String>,
     pub repositories: Vec<RepoProgress>,
     pub counts: HashMap<String, u64>,
 }
@@ -253,11 +256,47 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("pid {} on {host}", std::process::id())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Who drives a migration: `pid N on HOST`.
+fn owner() -> String {
+    format!("pid {} on {}", std::process::id(), this_host())
+}
+
+/// A running migration's owner refreshes `migrations.updated_at` this often...
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// ...and counts as gone after this many seconds without it, unless it runs on this host,
+/// where its process is looked up directly.
+pub const OWNER_STALE_SECS: i64 = 60;
+
+/// Why the recorded `owner` of a running migration no longer drives it, or `None` while it
+/// does. On this host the process itself is checked (gone, or its pid reused by something
+/// that is not shardmove); elsewhere the heartbeat (`updated_at`, unix seconds) decides.
+pub fn owner_gone(owner: &str, updated_at: i64, now: i64) -> Option<String> {
+    let parsed = owner
+        .strip_prefix("pid ")
+        .and_then(|rest| rest.split_once(" on "))
+        .and_then(|(pid, host)| Some((pid.parse::<u32>().ok()?, host)));
+    if let Some((pid, host)) = parsed {
+        if host == this_host() {
+            if pid == std::process::id() {
+                return None;
+            }
+            return match std::fs::read(format!("/proc/{pid}/cmdline")) {
+                Err(_) => Some(format!("process {pid} has exited")),
+                Ok(cmdline) if !String::from_utf8_lossy(&cmdline).contains("shardmove") => {
+                    Some(format!("process {pid} is no longer shardmove"))
+                }
+                Ok(_) => None,
+            };
+        }
+    }
+    let silent = now - updated_at;
+    (silent > OWNER_STALE_SECS).then(|| format!("no heartbeat for {silent} s"))
 }
 
 impl Registry {
@@ -470,17 +509,26 @@ impl Registry {
                     .map(|f| (thawed_at_ms.unwrap_or(now) - f) as f64 / 1000.0),
             });
         }
+        let state: String = m.try_get("state")?;
+        let owner: Option<String> = m.try_get("owner")?;
+        let updated_at: i64 = m.try_get("updated_at")?;
+        let owner_gone = match (&owner, state.as_str()) {
+            (Some(o), "running") => owner_gone(o, updated_at, registry::now()),
+            (None, "running") => Some("no owner recorded".into()),
+            _ => None,
+        };
         Ok(MigrationStatus {
             id,
             instance: m.try_get("instance")?,
             from: m.try_get("from_service")?,
             to: m.try_get("to_service")?,
             message: m.try_get("message")?,
-            state: m.try_get("state")?,
+            state,
             created_at: m.try_get("created_at")?,
-            updated_at: m.try_get("updated_at")?,
+            updated_at,
             finished_at: m.try_get("finished_at")?,
-            owner: m.try_get("owner")?,
+            owner,
+            owner_gone,
             repositories,
             counts,
         })
@@ -580,6 +628,18 @@ impl Registry {
         Ok(())
     }
 
+    async fn heartbeat(&self, id: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE migrations SET updated_at = $1 WHERE id = $2 AND owner = $3")
+            .bind(registry::now())
+            .bind(id)
+            .bind(owner())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn finish_migration(&self, id: i64, state: &str) -> Result<()> {
         let mut tx = self.begin_write().await?;
         let now = registry::now();
@@ -595,8 +655,63 @@ impl Registry {
         Ok(())
     }
 
+    /// An unfinished migration of `instance` from `from` to `to`, if any: (id, why its owner
+    /// is gone, if it is). A new `migrate` of the same services takes over such a batch
+    /// instead of starting a second one over the same repositories.
+    pub async fn unfinished_migration(
+        &self,
+        instance: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<(i64, Option<String>)>> {
+        let mut conn = self.read_conn().await?;
+        let row = sqlx::query(
+            "SELECT m.id FROM migrations m JOIN instances i ON i.id = m.instance_id \
+             JOIN services a ON a.id = m.from_service_id JOIN services b ON b.id = m.to_service_id \
+             WHERE i.name = $1 AND a.name = $2 AND b.name = $3 AND m.state = 'running' \
+             ORDER BY m.id DESC LIMIT 1",
+        )
+        .bind(instance)
+        .bind(from)
+        .bind(to)
+        .fetch_optional(&mut *conn)
+        .await?;
+        drop(conn);
+        match row {
+            Some(row) => {
+                let id: i64 = row.try_get("id")?;
+                Ok(Some((id, self.migration_status(id).await?.owner_gone)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Makes this process the migration's owner, unless another live process drives it:
+    /// two drivers on one journal would run the same steps twice at once.
     async fn claim_migration(&self, id: i64) -> Result<()> {
         let mut tx = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "SELECT state, owner, updated_at FROM migrations WHERE id = $1{}",
+            self.backend().lock_clause()
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "migration",
+            name: id.to_string(),
+        })?;
+        let state: String = row.try_get("state")?;
+        let current: Option<String> = row.try_get("owner")?;
+        if let (Some(current), "running") = (&current, state.as_str()) {
+            let updated_at: i64 = row.try_get("updated_at")?;
+            if *current != owner() && owner_gone(current, updated_at, registry::now()).is_none() {
+                return Err(Error::Refused(format!(
+                    "migration {id} is being driven by {current}; wait for it to finish \
+                     (`shardmove migrate status {id}`), or stop that process first"
+                )));
+            }
+        }
         sqlx::query("UPDATE migrations SET state = 'running', owner = $1, finished_at = NULL, updated_at = $2 WHERE id = $3")
             .bind(owner())
             .bind(registry::now())
@@ -643,6 +758,32 @@ pub async fn run(
 ) -> Result<MigrationSummary> {
     let started = Instant::now();
     registry.claim_migration(id).await?;
+    // Proof of life for other hosts deciding whether this batch needs taking over; a long
+    // pre-copy writes no journal for minutes.
+    let heartbeat = {
+        let (registry, report) = (registry.clone(), report.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            loop {
+                tick.tick().await;
+                if let Err(e) = registry.heartbeat(id).await {
+                    report(&format!("migration {id}: heartbeat not recorded: {e}"));
+                }
+            }
+        })
+    };
+    let outcome = run_claimed(registry, cfg, id, report, started).await;
+    heartbeat.abort();
+    outcome
+}
+
+async fn run_claimed(
+    registry: &Registry,
+    cfg: &MigrateConfig,
+    id: i64,
+    report: Reporter,
+    started: Instant,
+) -> Result<MigrationSummary> {
     // Before the batch: bind B, close A to new allocations, sync. All idempotent.
     match registry.add_binding(&cfg.instance, &cfg.to).await {
         Ok(_) => report(&format!("bound {} to {}", cfg.instance, cfg.to)),
@@ -1044,6 +1185,21 @@ async fn roll_back(registry: &Registry, repo_ref: &str, to: &Device) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_is_gone_when_its_process_exited_or_its_heartbeat_stopped() {
+        let now = 1_000_000;
+        // This process, on this host: alive whatever the heartbeat says.
+        assert_eq!(owner_gone(&owner(), 0, now), None);
+        // A pid that cannot exist (above pid_max) on this host: gone at once.
+        let dead = format!("pid 4294967295 on {}", this_host());
+        assert!(owner_gone(&dead, now, now).is_some_and(|w| w.contains("exited")));
+        // Elsewhere only the heartbeat counts.
+        let remote = "pid 1 on some-other-host";
+        assert_eq!(owner_gone(remote, now - OWNER_STALE_SECS, now), None);
+        assert!(owner_gone(remote, now - OWNER_STALE_SECS - 1, now).is_some());
+        assert!(owner_gone("garbage", now - 3600, now).is_some());
+    }
 
     #[test]
     fn the_state_machine_walks_to_done_and_names_every_state() {

@@ -463,6 +463,12 @@ fn migration_text(st: &orchestrate::migrate::MigrationStatus) -> String {
         st.state,
         st.repositories.len()
     );
+    if let Some(gone) = &st.owner_gone {
+        out.push_str(&format!(
+            "  its driver is gone ({gone}): `shardmove migrate --resume {}` continues it\n",
+            st.id
+        ));
+    }
     for r in &st.repositories {
         out.push_str(&format!(
             "  {}\t{}{}\t{} bytes\tread-only {}{}\n",
@@ -548,7 +554,29 @@ async fn migrate_command(
                     out
                 });
             }
-            registry.create_migration(&cfg).await?
+            // One batch per instance and pair of services at a time; a batch whose driver
+            // died is taken over rather than started again beside its journal.
+            match registry
+                .unfinished_migration(&cfg.instance, &cfg.from, &cfg.to)
+                .await?
+            {
+                Some((old, Some(gone))) => {
+                    reporter()(&format!(
+                        "taking over migration {old}: its owner is gone ({gone})"
+                    ));
+                    cfg = registry.migration_config(old, &cfg).await?;
+                    old
+                }
+                Some((old, None)) => {
+                    return Err(orchestrate::Error::Refused(format!(
+                        "migration {old} of {} from {} to {} is still running; \
+                         see `shardmove migrate status {old}`",
+                        cfg.instance, cfg.from, cfg.to
+                    ))
+                    .into())
+                }
+                None => registry.create_migration(&cfg).await?,
+            }
         }
     };
     reporter()(&format!(

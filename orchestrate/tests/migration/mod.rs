@@ -13,7 +13,7 @@ crate::contract!(
     migrate_moves_verified_repositories_and_disables_the_old_service,
     migrate_over_ssh_moves_and_verifies,
     migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
-    killed_orchestrator_resumes_from_the_journal,
+    killed_orchestrator_is_taken_over_from_the_journal,
     dry_run_changes_nothing,
     demo_runs_a_verified_migration,
     status_page_in_chromium_shows_what_is_read_only_and_why,
@@ -360,8 +360,10 @@ fn migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable(env: &Env) {
     }
 }
 
-fn killed_orchestrator_resumes_from_the_journal(env: &Env) {
-    let shards = setup(env, &[("r1", 3), ("r2", 3)]);
+fn killed_orchestrator_is_taken_over_from_the_journal(env: &Env) {
+    // r2's pre-copy at 2 MB/s (4 s) keeps the first driver busy while the test checks that
+    // nobody else may drive its batch.
+    let shards = setup(env, &[("r1", 3), ("r2", 8)]);
     let mut child = spawn_migrate(env, &shards, &["--parallel", "1", "--bwlimit", "2M"]);
     // Wait until the first repository is past its pre-copy, then kill -9.
     wait_until(
@@ -374,13 +376,39 @@ fn killed_orchestrator_resumes_from_the_journal(env: &Env) {
                     != "pending"
         },
     );
+    // While its driver lives, the batch is neither doubled nor resumed by a second process.
+    let st = env.json(&["migrate", "status"]);
+    let id = st["id"].as_i64().unwrap().to_string();
+    assert!(st["owner_gone"].is_null(), "{st}");
+    let second = run_migrate(env, &shards, &[]);
+    assert_eq!(second.code, 5, "{}{}", second.stdout, second.stderr);
+    assert!(second.stderr.contains("still running"), "{}", second.stderr);
+    let resume = run_migrate(env, &shards, &["--resume", &id]);
+    assert_eq!(resume.code, 5, "{}{}", resume.stdout, resume.stderr);
+    assert!(
+        resume.stderr.contains("being driven by pid"),
+        "{}",
+        resume.stderr
+    );
+
     child.kill().unwrap();
     child.wait().unwrap();
     let st = env.json(&["migrate", "status"]);
     assert_eq!(st["state"], "running", "{st}");
-    let id = st["id"].as_i64().unwrap().to_string();
-    let run = run_migrate(env, &shards, &["--resume", &id, "--json"]);
+    assert!(
+        st["owner_gone"]
+            .as_str()
+            .is_some_and(|g| g.contains("exited")),
+        "{st}"
+    );
+    // A plain `migrate` of the same services takes the orphaned batch over.
+    let run = run_migrate(env, &shards, &["--json"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(&format!("taking over migration {id}")),
+        "{}",
+        run.stderr
+    );
     let st = env.json(&["migrate", "status", &id]);
     assert_eq!(st["state"], "done");
     for r in st["repositories"].as_array().unwrap() {
