@@ -1,14 +1,25 @@
 //! `shardmove demo`: a full migration between two local shard hosts, from nothing.
 //!
-//! It builds what an operator would have: two shard roots with a `shardrecv` daemon each on
-//! loopback (keys made and pinned both ways), an embedded SQLite registry with two services
-//! and their devices, an instance with generated repositories of mixed sizes (some of them
-//! observed mirrors of an upstream), then runs the real `migrate` while a background client
-//! keeps cloning the repositories from wherever the registry says they live. It checks every
-//! moved repository (refs equal to the original, `git fsck` clean), prints a summary, and
-//! cleans up. The demo is the acceptance test a stranger can run: it needs no argument and
-//! no network beyond 127.0.0.1. Network namespaces are not used (yet): both hosts share
-//! loopback.
+//! It builds what an operator would have: two shard roots with a `shardrecv` daemon each
+//! (keys made and pinned both ways), an embedded SQLite registry with two services and their
+//! devices, an instance with generated repositories of mixed sizes (some of them observed
+//! mirrors of an upstream), then runs the real `migrate` while a background client keeps
+//! cloning the repositories from wherever the registry says they live. It checks every moved
+//! repository (refs equal to the original, `git fsck` clean), prints a summary, and cleans
+//! up. The demo is the acceptance test a stranger can run: it needs no argument and no
+//! network beyond this machine.
+//!
+//! Network, in one of two modes (one line says which, and why):
+//! - **namespaces** (root, `ip netns` working, no `--no-netns`): each shard host is its own
+//!   network namespace ([`crate::netns`]), linked to the other by a veth pair. Its devices'
+//!   host is `netns:NAME`, so the executor runs every step on it (shardsend towards the other
+//!   host, hooks, git) inside it, and its `shardrecv` listens on its veth address: the
+//!   transfer really crosses a link between two network stacks. The registry, the status page
+//!   (127.0.0.1) and the cloning client stay in this machine's namespace; the filesystem is
+//!   shared, so the client clones through `file://` paths. The namespaces are removed on
+//!   every exit (success, error, SIGINT/SIGTERM, with or without `--keep-serving`), after
+//!   the processes inside are killed.
+//! - **loopback** (otherwise): both hosts are this machine, both daemons on 127.0.0.1.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,9 +31,21 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
 use crate::error::{Error, Result};
+use crate::executor::{Executor, LocalExecutor, NetnsExecutor, NETNS_HOST_PREFIX};
 use crate::migrate::{self, MigrateConfig, MigrationSummary, Reporter};
+use crate::netns::NetnsPair;
 use crate::registry::{NewDevice, Registry};
 use crate::repos::path_on;
+
+/// Which network the demo may use for its two shard hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NetworkChoice {
+    /// Network namespaces when running as root and `ip netns` works, else loopback.
+    #[default]
+    Auto,
+    /// Loopback only (`--no-netns`).
+    Loopback,
+}
 
 /// How the demo runs.
 #[derive(Debug, Clone)]
@@ -35,12 +58,15 @@ pub struct DemoConfig {
     pub parallel: usize,
     /// After the migration, keep the daemons and the status page up until Ctrl-C.
     pub keep_serving: bool,
+    pub network: NetworkChoice,
 }
 
 /// What the demo did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoSummary {
     pub work_dir: String,
+    /// `namespaces` or `loopback`.
+    pub network: String,
     /// The maintenance page users would read during the migration.
     pub status_url: String,
     pub migration: MigrationSummary,
@@ -56,15 +82,30 @@ struct Daemon {
     fingerprint: String,
 }
 
-async fn start_receiver(bin_dir: &Path, root: &Path, key: &Path, allow: &Path) -> Result<Daemon> {
+async fn start_receiver(
+    exec: &dyn Executor,
+    bin_dir: &Path,
+    listen: &str,
+    root: &Path,
+    key: &Path,
+    allow: &Path,
+) -> Result<Daemon> {
     let exe = bin_dir.join("shardrecv");
-    let mut child = tokio::process::Command::new(&exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
-        .arg(root)
-        .arg("--identity")
-        .arg(key)
-        .arg("--allow")
-        .arg(allow)
+    let argv = [
+        utf8(&exe)?,
+        "serve",
+        "--listen",
+        listen,
+        "--root",
+        utf8(root)?,
+        "--identity",
+        utf8(key)?,
+        "--allow",
+        utf8(allow)?,
+    ];
+    // Through the host's executor: in its network namespace when it has one (`ip netns
+    // exec` execs in place, so the child is shardrecv itself).
+    let mut child = tokio::process::Command::from(exec.command(&argv))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -94,6 +135,15 @@ async fn start_receiver(bin_dir: &Path, root: &Path, key: &Path, allow: &Path) -
             "unexpected first line from shardrecv: {line:?}"
         ))),
     }
+}
+
+fn utf8(path: &Path) -> Result<&str> {
+    path.to_str().ok_or_else(|| {
+        Error::invalid(
+            format!("path {}", path.display()),
+            "not valid UTF-8 (the demo passes paths to the shard hosts' commands as text)",
+        )
+    })
 }
 
 fn io_error(context: &'static str, path: &Path, source: std::io::Error) -> Error {
@@ -126,6 +176,161 @@ async fn git(dir: Option<&Path>, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The network of the two shard hosts (index 0 is `shard-a`, 1 is `shard-b`).
+enum Network {
+    Loopback,
+    Namespaces(NetnsPair),
+}
+
+impl Network {
+    /// Picks the mode (see the module doc) and reports it in one line.
+    async fn choose(choice: NetworkChoice, report: &Reporter) -> Network {
+        let why = match choice {
+            NetworkChoice::Loopback => "--no-netns given".to_string(),
+            NetworkChoice::Auto if !crate::netns::is_root() => {
+                "not root: network namespaces need root".to_string()
+            }
+            NetworkChoice::Auto => {
+                let prefix = namespace_prefix();
+                match tokio::task::spawn_blocking(move || NetnsPair::create(&prefix)).await {
+                    Ok(Ok(pair)) => {
+                        report(&format!(
+                            "network: namespaces {} ({}) and {} ({}) joined by a veth pair; \
+                             each shard host's shardrecv and steps run inside its own",
+                            pair.a.name, pair.a.addr, pair.b.name, pair.b.addr
+                        ));
+                        return Network::Namespaces(pair);
+                    }
+                    Ok(Err(e)) => format!("network namespaces unavailable: {e}"),
+                    Err(e) => format!("network namespaces unavailable: setup task failed: {e}"),
+                }
+            }
+        };
+        report(&format!(
+            "network: loopback, both shard hosts on 127.0.0.1 in this machine's namespace ({why})"
+        ));
+        Network::Loopback
+    }
+
+    fn mode(&self) -> &'static str {
+        match self {
+            Network::Loopback => "loopback",
+            Network::Namespaces(_) => "namespaces",
+        }
+    }
+
+    /// The device host of shard host `side`: `localhost` or `netns:NAME`.
+    fn host(&self, side: usize) -> String {
+        match self {
+            Network::Loopback => "localhost".into(),
+            Network::Namespaces(pair) => {
+                let ns = if side == 0 { &pair.a } else { &pair.b };
+                format!("{NETNS_HOST_PREFIX}{}", ns.name)
+            }
+        }
+    }
+
+    /// Where shard host `side`'s shardrecv listens (port chosen by the kernel).
+    fn listen(&self, side: usize) -> String {
+        match self {
+            Network::Loopback => "127.0.0.1:0".into(),
+            Network::Namespaces(pair) => {
+                let ns = if side == 0 { &pair.a } else { &pair.b };
+                format!("{}:0", ns.addr)
+            }
+        }
+    }
+
+    fn executor(&self, side: usize) -> Result<Box<dyn Executor>> {
+        match self {
+            Network::Loopback => Ok(Box::new(LocalExecutor)),
+            Network::Namespaces(pair) => {
+                let ns = if side == 0 { &pair.a } else { &pair.b };
+                Ok(Box::new(NetnsExecutor::new(&ns.name)?))
+            }
+        }
+    }
+
+    /// Removes the namespaces (killing what still runs inside); nothing to do on loopback.
+    async fn teardown(self, report: &Reporter) -> Result<()> {
+        let Network::Namespaces(mut pair) = self else {
+            return Ok(());
+        };
+        let names = format!("{} and {}", pair.a.name, pair.b.name);
+        tokio::task::spawn_blocking(move || pair.teardown())
+            .await
+            .map_err(|e| Error::Refused(format!("removing network namespaces {names}: {e}")))??;
+        report(&format!("network namespaces {names} removed"));
+        Ok(())
+    }
+}
+
+/// `shardmove-demo-PID` (with a sequence number after the first demo of this process), so
+/// concurrent demos never share a namespace.
+fn namespace_prefix() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    match SEQ.fetch_add(1, Ordering::Relaxed) {
+        0 => format!("shardmove-demo-{}", std::process::id()),
+        n => format!("shardmove-demo-{}-{n}", std::process::id()),
+    }
+}
+
+/// SIGINT and SIGTERM, listened for from the start, so an interrupted demo still cleans up.
+struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn new() -> Result<Interrupts> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen =
+            |kind| signal(kind).map_err(|e| Error::Refused(format!("listening for signals: {e}")));
+        Ok(Interrupts {
+            int: listen(SignalKind::interrupt())?,
+            term: listen(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// A spawned task aborted when dropped (an interrupted demo must not leave one running).
+struct Task<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What runs after a successful migration, until [`Serving::stop`].
+struct Serving {
+    registry: Registry,
+    daemons: Vec<Daemon>,
+    page_stop: tokio::sync::oneshot::Sender<()>,
+    page: Task<Result<()>>,
+    summary: DemoSummary,
+}
+
+impl Serving {
+    async fn stop(mut self) -> DemoSummary {
+        let _ = self.page_stop.send(());
+        let _ = (&mut self.page.0).await;
+        for d in &mut self.daemons {
+            let _ = d.child.kill().await;
+        }
+        self.registry.close().await;
+        self.summary
+    }
+}
+
 /// Runs the demo; `report` receives progress lines.
 pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
     for exe in ["shardsend", "shardrecv"] {
@@ -136,6 +341,7 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
             )));
         }
     }
+    let mut interrupts = Interrupts::new()?;
     let temp;
     let work = match &cfg.dir {
         Some(d) => {
@@ -151,7 +357,46 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
         }
     };
     report(&format!("work directory {}", work.display()));
+    let network = Network::choose(cfg.network, &report).await;
 
+    // Every path from here on reaches the teardown below (a panic drops the namespaces).
+    let outcome = tokio::select! {
+        outcome = demo(cfg, &work, &network, &report) => outcome,
+        signal = interrupts.recv() => Err(Error::Refused(format!("demo interrupted by {signal}"))),
+    };
+    let outcome = match outcome {
+        Ok(serving) => {
+            if cfg.keep_serving {
+                report(&format!(
+                    "serving {} and both shardrecv daemons until Ctrl-C",
+                    serving.summary.status_url
+                ));
+                let signal = interrupts.recv().await;
+                report(&format!("{signal}: stopping"));
+            }
+            Ok(serving.stop().await)
+        }
+        Err(e) => Err(e),
+    };
+    match (outcome, network.teardown(&report).await) {
+        (Ok(summary), Ok(())) => Ok(summary),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(cleanup)) => {
+            report(&format!("cleanup failed too: {cleanup}"));
+            Err(e)
+        }
+    }
+}
+
+/// Everything between choosing the network and serving: hosts, registry, repositories, the
+/// migration with a client cloning, verification.
+async fn demo(
+    cfg: &DemoConfig,
+    work: &Path,
+    network: &Network,
+    report: &Reporter,
+) -> Result<Serving> {
     // Two shard hosts: roots, keys (each pins the other), a receiver each.
     let keys = work.join("keys");
     std::fs::create_dir_all(&keys).map_err(|e| io_error("creating", &keys, e))?;
@@ -170,18 +415,24 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
     )
     .map_err(|e| io_error("writing", &allow, e))?;
     let mut daemons = Vec::new();
-    for host in ["shard-a", "shard-b"] {
+    for (side, host) in ["shard-a", "shard-b"].into_iter().enumerate() {
         let d = start_receiver(
+            network.executor(side)?.as_ref(),
             &cfg.bin_dir,
+            &network.listen(side),
             &work.join(host),
             &keys.join(format!("{host}.key")),
             &allow,
         )
         .await?;
         report(&format!(
-            "{host}: shardrecv on {} (key {}…)",
+            "{host}: shardrecv on {} (key {}…){}",
             d.addr,
-            &d.fingerprint[..16]
+            d.fingerprint.get(..16).unwrap_or(&d.fingerprint),
+            match network {
+                Network::Loopback => String::new(),
+                Network::Namespaces(_) => format!(" in {}", network.host(side)),
+            }
         ));
         daemons.push(d);
     }
@@ -195,7 +446,7 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
             .add_device(&NewDevice {
                 name: device.into(),
                 service: service.into(),
-                host: "localhost".into(),
+                host: network.host(host),
                 transfer_addr: daemons[host].addr.clone(),
                 root_path: work
                     .join(if host == 0 { "shard-a" } else { "shard-b" })
@@ -259,7 +510,7 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
-    let cloner = {
+    let mut cloner = {
         let (registry, names, stop, ok, failed, dir) = (
             registry.clone(),
             names.clone(),
@@ -268,7 +519,7 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
             failed.clone(),
             work.join("clones"),
         );
-        tokio::spawn(async move {
+        Task(tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let name = &names[n % names.len()];
@@ -297,7 +548,7 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
                 let _ = std::fs::remove_dir_all(&target);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        })
+        }))
     };
 
     // The page that tells users what is read-only and why.
@@ -311,13 +562,13 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
             .map_err(|e| io_error("listening", Path::new("127.0.0.1:0"), e))?
     );
     let (page_stop_tx, page_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let page = tokio::spawn(crate::status_page::serve(
+    let page = Task(tokio::spawn(crate::status_page::serve(
         registry.clone(),
         listener,
         async {
             let _ = page_stop_rx.await;
         },
-    ));
+    )));
     report(&format!("status page: {status_url}"));
 
     // The migration itself.
@@ -345,7 +596,7 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
     let id = registry.create_migration(&mcfg).await?;
     let summary = migrate::run(&registry, &mcfg, id, report.clone()).await;
     stop.store(true, Ordering::Relaxed);
-    let _ = cloner.await;
+    let _ = (&mut cloner.0).await;
     let summary = summary?;
 
     // Check every repository where the registry now says it lives.
@@ -386,24 +637,19 @@ pub async fn run(cfg: &DemoConfig, report: Reporter) -> Result<DemoSummary> {
         "verified {} repositories on repo002 (refs equal to the originals, fsck clean)",
         verified.len()
     ));
-    if cfg.keep_serving {
-        report(&format!(
-            "serving {status_url} and both shardrecv daemons until Ctrl-C"
-        ));
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    let _ = page_stop_tx.send(());
-    let _ = page.await;
-    for d in &mut daemons {
-        let _ = d.child.kill().await;
-    }
-    registry.close().await;
-    Ok(DemoSummary {
-        status_url,
-        work_dir: work.display().to_string(),
-        migration: summary,
-        clones_ok: ok.load(Ordering::Relaxed),
-        clones_failed: failed.load(Ordering::Relaxed),
-        verified,
+    Ok(Serving {
+        registry,
+        daemons,
+        page_stop: page_stop_tx,
+        page,
+        summary: DemoSummary {
+            status_url,
+            work_dir: work.display().to_string(),
+            network: network.mode().to_string(),
+            migration: summary,
+            clones_ok: ok.load(Ordering::Relaxed),
+            clones_failed: failed.load(Ordering::Relaxed),
+            verified,
+        },
     })
 }

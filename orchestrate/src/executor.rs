@@ -1,10 +1,12 @@
 //! Running steps on a shard host's disk (git init, hooks, fetch) through one abstraction.
 //!
 //! An [`Executor`] only turns an argument vector into a process: [`LocalExecutor`] runs it
-//! here; [`SshExecutor`] runs `ssh HOST '<quoted argv>'` with the system OpenSSH client, so
-//! ports, users, keys and known hosts come from ssh's own configuration (`~/.ssh/config`, or
-//! the file named by `SHARDMOVE_SSH_CONFIG`), the way operators already reach their shard
-//! hosts, and never from the registry. Every step is
+//! here; [`NetnsExecutor`] runs it here inside a network namespace (`ip netns exec NAME`, for
+//! a device whose host is `netns:NAME`: a shard host simulated on this machine, as the demo
+//! does when run as root); [`SshExecutor`] runs `ssh HOST '<quoted argv>'` with the system
+//! OpenSSH client, so ports, users, keys and known hosts come from ssh's own configuration
+//! (`~/.ssh/config`, or the file named by `SHARDMOVE_SSH_CONFIG`), the way operators already
+//! reach their shard hosts, and never from the registry. Every step is
 //! therefore written as a program plus arguments (multi-line steps as `sh -c SCRIPT ARGS`,
 //! with values passed as positional arguments, never spliced into the script), so it runs
 //! unchanged on either. Running is async (tokio) because the callers sit next to database
@@ -13,6 +15,7 @@
 use std::process::Stdio;
 
 use crate::error::{Error, Result};
+use crate::names;
 use crate::registry::Device;
 
 /// Turns an argument vector into a process on one host.
@@ -39,6 +42,49 @@ impl Executor for LocalExecutor {
             .map_or(("true", &[][..]), |(p, a)| (*p, a));
         let mut command = std::process::Command::new(program);
         command.args(args);
+        command
+    }
+}
+
+/// Host prefix that [`executor_for`] maps to a [`NetnsExecutor`]: `netns:NAME`.
+pub const NETNS_HOST_PREFIX: &str = "netns:";
+
+/// Runs commands on this machine inside network namespace NAME: `ip netns exec NAME argv...`.
+/// `ip` execs the command in place (no shell, no quoting), so the child is the command
+/// itself; the filesystem is shared with this machine.
+#[derive(Debug, Clone)]
+pub struct NetnsExecutor {
+    /// `netns:NAME`, for messages.
+    host: String,
+    name: String,
+}
+
+impl NetnsExecutor {
+    /// An executor for namespace `name`, which must be a valid name (see
+    /// [`names::check_name`]): it becomes one argument of `ip` and a file under `/run/netns`.
+    pub fn new(name: &str) -> Result<NetnsExecutor> {
+        names::check_name("network namespace", name)?;
+        Ok(NetnsExecutor {
+            host: format!("{NETNS_HOST_PREFIX}{name}"),
+            name: name.to_string(),
+        })
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Executor for NetnsExecutor {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn command(&self, argv: &[&str]) -> std::process::Command {
+        let argv = if argv.is_empty() { &["true"][..] } else { argv };
+        let mut command = std::process::Command::new("ip");
+        command.args(["netns", "exec", &self.name]).args(argv);
         command
     }
 }
@@ -108,10 +154,19 @@ pub fn shell_quote(value: &str) -> String {
 /// Hosts that [`executor_for`] treats as this machine.
 pub const LOCAL_HOSTS: [&str; 4] = ["localhost", "local", "127.0.0.1", "::1"];
 
-/// The executor for a device's host: local for [`LOCAL_HOSTS`], ssh for any other.
+/// The executor for a device's host: local for [`LOCAL_HOSTS`], a network namespace of this
+/// machine for `netns:NAME`, ssh for any other.
 pub fn executor_for(device: &Device) -> Result<Box<dyn Executor>> {
     if LOCAL_HOSTS.contains(&device.host.as_str()) {
         Ok(Box::new(LocalExecutor))
+    } else if let Some(name) = device.host.strip_prefix(NETNS_HOST_PREFIX) {
+        let netns = NetnsExecutor::new(name).map_err(|e| {
+            Error::invalid(
+                format!("host {:?} of device {}", device.host, device.name),
+                e.to_string(),
+            )
+        })?;
+        Ok(Box::new(netns))
     } else if device.host.starts_with('-') {
         Err(Error::invalid(
             format!("host {:?} of device {}", device.host, device.name),
@@ -247,6 +302,57 @@ mod tests {
                 .expect("sh");
             assert_eq!(String::from_utf8_lossy(&out.stdout), value);
         }
+    }
+
+    fn device(host: &str) -> Device {
+        Device {
+            name: "b1".into(),
+            service: "repo002".into(),
+            host: host.into(),
+            transfer_addr: "10.0.0.2:4433".into(),
+            root_path: "/srv/b".into(),
+            fingerprint: None,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn netns_command_passes_argv_unquoted_to_ip_netns_exec() {
+        let exec = executor_for(&device("netns:shard-b")).expect("netns executor");
+        assert_eq!(exec.host(), "netns:shard-b");
+        let command = exec.command(&["git", "-C", "/srv/a b", "fetch", "$(x)"]);
+        assert_eq!(command.get_program(), "ip");
+        let args: Vec<_> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            ["netns", "exec", "shard-b", "git", "-C", "/srv/a b", "fetch", "$(x)"]
+        );
+    }
+
+    #[test]
+    fn netns_names_are_validated() {
+        for bad in [
+            "netns:",
+            "netns:-x",
+            "netns:../etc",
+            "netns:a/b",
+            "netns:.hidden",
+            "netns:a;b",
+            "netns:é",
+        ] {
+            let err = executor_for(&device(bad)).expect_err(bad);
+            assert!(err.to_string().contains("b1"), "{err}");
+        }
+        assert!(NetnsExecutor::new(&"n".repeat(65)).is_err());
+        assert_eq!(
+            NetnsExecutor::new("shardmove-demo-1-a")
+                .expect("valid")
+                .name(),
+            "shardmove-demo-1-a"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!   clusterize, thaw), each callable on its own.
 //! - [`maintenance`]: the pre-receive hook and the wait for pushes in flight.
 //! - [`daemons`]: daemon plan, restart, and the bundled observation worker.
-//! - [`executor`]: how steps reach a shard host's disk (local processes; ssh next).
+//! - [`executor`]: how steps reach a shard host's disk (local processes, a network
+//!   namespace of this machine, ssh).
+//! - [`netns`]: a pair of network namespaces joined by a veth pair (the demo's shard hosts).
 //! - [`names`]: validation of operator input.
 //! - [`error`]: the one error enum and its exit codes.
 
@@ -19,6 +21,7 @@ pub mod executor;
 pub mod maintenance;
 pub mod migrate;
 pub mod names;
+pub mod netns;
 pub mod registry;
 pub mod repos;
 pub mod status_page;

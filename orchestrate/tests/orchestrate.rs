@@ -1,6 +1,7 @@
 //! End-to-end tests of `shardmove`, each run against SQLite and PostgreSQL (one contract
 //! suite; PostgreSQL from `SHARDMOVE_TEST_PG`), with real `git` repositories and processes.
 
+mod demo;
 mod migration;
 mod util;
 

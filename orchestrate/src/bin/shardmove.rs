@@ -92,6 +92,19 @@ enum Command {
     Migrate(MigrateArgs),
     /// A full migration between two local shard hosts (keys, daemons, registry, generated
     /// repositories, a client cloning meanwhile), verified, then cleaned up. No argument needed.
+    ///
+    /// Two network modes; the first progress line says which one runs, and why:
+    ///
+    /// - network namespaces (run as root, `ip netns` working): each shard host is its own
+    ///   network namespace (shardmove-demo-PID-a, -b), linked by a veth pair on a private /30
+    ///   that exists only inside them. Each host's shardrecv listens on its veth address and
+    ///   every step on a host (shardsend towards the other, hooks, git) runs inside its
+    ///   namespace (device host `netns:NAME`). The status page and the cloning client stay on
+    ///   127.0.0.1 here. The namespaces are removed on every exit, Ctrl-C included, after the
+    ///   processes inside are killed.
+    ///
+    /// - loopback (not root, namespaces unavailable, or --no-netns): both shard hosts share
+    ///   this machine's network, both daemons on 127.0.0.1.
     Demo(DemoArgs),
     /// The audit log (who changed what, when).
     Events {
@@ -129,7 +142,8 @@ enum DeviceCmd {
         /// Service the device belongs to.
         #[arg(long)]
         service: String,
-        /// Host the device is on (`localhost` runs steps locally).
+        /// Host the device is on (`localhost` runs steps locally, `netns:NAME` inside network
+        /// namespace NAME here, any other through ssh).
         #[arg(long)]
         host: String,
         /// Transfer address of its `shardrecv`, HOST:PORT.
@@ -433,6 +447,9 @@ struct DemoArgs {
     /// After the migration, keep both shard hosts and the status page up until Ctrl-C.
     #[arg(long)]
     keep_serving: bool,
+    /// Loopback mode even as root: no network namespaces.
+    #[arg(long)]
+    no_netns: bool,
 }
 
 /// Live progress goes to stderr in both modes, so `--json` keeps stdout a single document
@@ -615,6 +632,11 @@ async fn demo_command(args: &DemoArgs, json: bool) -> anyhow::Result<()> {
         repos: args.repos.max(1),
         parallel: args.parallel.max(1),
         keep_serving: args.keep_serving,
+        network: if args.no_netns {
+            orchestrate::demo::NetworkChoice::Loopback
+        } else {
+            orchestrate::demo::NetworkChoice::Auto
+        },
     };
     let summary = orchestrate::demo::run(&cfg, reporter()).await?;
     print(json, &summary, |s| {
