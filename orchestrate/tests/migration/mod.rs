@@ -15,7 +15,6 @@ crate::contract!(
     migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
     killed_orchestrator_is_taken_over_from_the_journal,
     dry_run_changes_nothing,
-    demo_runs_a_verified_migration,
     status_page_in_chromium_shows_what_is_read_only_and_why,
 );
 
@@ -208,6 +207,36 @@ fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `t/NAME` now lives on service b with the refs it had on A (`refs_before`), out of
+/// maintenance; B takes a push (the maintenance hook that travelled with the copy is gone),
+/// and A's old copy refuses one, saying where the repository went.
+#[track_caller]
+fn assert_moved(env: &Env, shards: &Shards, name: &str, refs_before: &str) {
+    let repo = env.json(&["repo", "show", &format!("t/{name}")]);
+    assert_eq!(repo["service"], "b", "{repo}");
+    assert_eq!(repo["maintenance"], false, "{repo}");
+    let on_b = shards.b.join(format!("t/{name}.git"));
+    assert_eq!(refs(&on_b), refs_before, "{name}: refs moved intact");
+    let work = env.path(&format!("after-{name}"));
+    clone_and_commit(&on_b, &work, "after the move");
+    let push = git(&work, &["push", "-q", "origin", "HEAD"]);
+    assert_eq!(push.code, 0, "push to B refused: {}", push.stderr);
+    let stale = env.path(&format!("stale-{name}"));
+    clone_and_commit(
+        &shards.a.join(format!("t/{name}.git")),
+        &stale,
+        "to the old copy",
+    );
+    let push = git(&stale, &["push", "-q", "origin", "HEAD"]);
+    assert_ne!(push.code, 0, "push to A's stale copy accepted");
+    assert!(
+        push.stderr
+            .contains(&format!("this copy is stale: t/{name} moved to service b")),
+        "{}",
+        push.stderr
+    );
+}
+
 fn refs(path: &Path) -> String {
     git_ok(path, &["for-each-ref", "--format=%(objectname) %(refname)"])
 }
@@ -223,24 +252,7 @@ fn migrate_moves_verified_repositories_and_disables_the_old_service(env: &Env) {
     let summary: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(summary["state"], "done");
     for (i, r) in ["r1", "r2", "r3"].iter().enumerate() {
-        let repo = env.json(&["repo", "show", &format!("t/{r}")]);
-        assert_eq!(repo["service"], "b", "{repo}");
-        assert_eq!(repo["maintenance"], false);
-        let on_b = shards.b.join(format!("t/{r}.git"));
-        assert_eq!(refs(&on_b), before[i], "{r}: refs moved intact");
-        // B is writable: the maintenance hook that travelled with the copy is gone.
-        let work = env.path(&format!("after-{r}"));
-        clone_and_commit(&on_b, &work, "after the move");
-        let push = git(&work, &["push", "-q", "origin", "HEAD"]);
-        assert_eq!(push.code, 0, "push to B refused: {}", push.stderr);
-        // A's old copy stays frozen: nobody can push to it by mistake.
-        let stale = env.path(&format!("stale-{r}"));
-        clone_and_commit(
-            &shards.a.join(format!("t/{r}.git")),
-            &stale,
-            "to the old copy",
-        );
-        assert_ne!(git(&stale, &["push", "-q", "origin", "HEAD"]).code, 0);
+        assert_moved(env, &shards, r, &before[i]);
     }
     let status = env.json(&["migrate", "status"]);
     for r in status["repositories"].as_array().unwrap() {
@@ -283,7 +295,12 @@ fn migrate_over_ssh_moves_and_verifies(env: &Env) {
         .iter()
         .map(|r| refs(&shards.a.join(format!("t/{r}.git"))))
         .collect();
-    let sessions_before = (host_a.sessions(), host_b.sessions());
+    let before_ssh = (
+        host_a.commands(),
+        host_b.commands(),
+        host_a.sessions(),
+        host_b.sessions(),
+    );
 
     let run = run_migrate(env, &shards, &["--parallel", "2", "--json"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -295,42 +312,29 @@ fn migrate_over_ssh_moves_and_verifies(env: &Env) {
         assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
     }
     for (i, r) in names.iter().enumerate() {
-        let repo = env.json(&["repo", "show", &format!("t/{r}")]);
-        assert_eq!(repo["service"], "b", "{repo}");
-        assert_eq!(repo["maintenance"], false, "{repo}");
-        let on_b = shards.b.join(format!("t/{r}.git"));
-        assert_eq!(refs(&on_b), before[i], "{r}: refs moved intact");
-        let work = env.path(&format!("after-{r}"));
-        clone_and_commit(&on_b, &work, "after the move");
-        let push = git(&work, &["push", "-q", "origin", "HEAD"]);
-        assert_eq!(push.code, 0, "push to B refused: {}", push.stderr);
-        // A's stale copy got its refusing hook over ssh, and says where the repository went.
-        let stale = env.path(&format!("stale-{r}"));
-        clone_and_commit(
-            &shards.a.join(format!("t/{r}.git")),
-            &stale,
-            "to the old copy",
-        );
-        let push = git(&stale, &["push", "-q", "origin", "HEAD"]);
-        assert_ne!(push.code, 0, "push to A's stale copy accepted");
-        assert!(
-            push.stderr
-                .contains(&format!("this copy is stale: t/{r} moved to service b")),
-            "{}",
-            push.stderr
-        );
+        // A's stale hook went in over ssh.
+        assert_moved(env, &shards, r, &before[i]);
     }
     assert_eq!(env.json(&["status"]).as_array().map(Vec::len), Some(0));
-    // Per repository, A ran two shardsend passes, its side of the verification and the stale
-    // hook; B its side of the verification and fsck. Each through its own sshd.
-    let sessions = (
-        host_a.sessions() - sessions_before.0,
-        host_b.sessions() - sessions_before.1,
+    // Per repository, A ran two shardsend passes, its hook and push wait, its refs and the
+    // stale hook; B the pre-copy fsck, its verification and its unhook. Each through its own
+    // sshd, over few connections: the executor shares one per host.
+    let commands = (
+        host_a.commands() - before_ssh.0,
+        host_b.commands() - before_ssh.1,
+    );
+    let connections = (
+        host_a.sessions() - before_ssh.2,
+        host_b.sessions() - before_ssh.3,
     );
     let n = names.len();
     assert!(
-        sessions.0 >= 4 * n && sessions.1 >= 2 * n,
-        "ssh sessions during the migration (A, B): {sessions:?}"
+        commands.0 >= 4 * n && commands.1 >= 2 * n,
+        "commands run over ssh during the migration (A, B): {commands:?}"
+    );
+    assert!(
+        connections.0 < commands.0 && connections.1 < commands.1,
+        "ssh connections {connections:?} for {commands:?} commands: not shared"
     );
 }
 
@@ -440,19 +444,6 @@ fn dry_run_changes_nothing(env: &Env) {
         3,
     );
     assert!(err.contains("nowhere"), "{err}");
-}
-
-fn demo_runs_a_verified_migration(env: &Env) {
-    if env.backend != "sqlite" {
-        return; // the demo always uses its own embedded SQLite registry
-    }
-    let _ = tool("shardsend");
-    let run = env.sm(&["demo", "--repos", "3", "--json"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let s: Value = serde_json::from_str(&run.stdout).unwrap();
-    assert_eq!(s["migration"]["state"], "done");
-    assert_eq!(s["verified"].as_array().map(Vec::len), Some(3));
-    assert_eq!(s["clones_failed"], 0);
 }
 
 fn chromium() -> Option<&'static str> {

@@ -360,6 +360,9 @@ impl Sshd {
             .arg(&log)
             .args([
                 "-o",
+                // DEBUG1 logs every command a session runs ("req exec"), which the tests count.
+                "LogLevel=DEBUG1",
+                "-o",
                 "ListenAddress=127.0.0.1",
                 "-o",
                 "StrictModes=no",
@@ -414,12 +417,21 @@ impl Sshd {
         sshd
     }
 
-    /// Sessions this sshd has authenticated so far (its log's `Accepted publickey` lines).
+    /// Connections this sshd has authenticated so far (its log's `Accepted publickey` lines).
     pub fn sessions(&self) -> usize {
+        self.log_lines("Accepted publickey")
+    }
+
+    /// Commands run through this sshd so far, over any connection (shared ones included).
+    pub fn commands(&self) -> usize {
+        self.log_lines(" req exec")
+    }
+
+    fn log_lines(&self, needle: &str) -> usize {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
-            .filter(|line| line.contains("Accepted publickey"))
+            .filter(|line| line.contains(needle))
             .count()
     }
 }
