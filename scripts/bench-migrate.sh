@@ -157,8 +157,9 @@ section="## Batch migration (issue 6): shardmove migrate vs the manual runbook
 - machine: $machine
 - command: \`scripts/bench-migrate.sh --repos $repos --total $total --parallel $parallel\`
 - $repos repositories (bare and loose, sizes weighted 1:2:4:8:16), $bytes bytes of repositories on disk;
-  both worlds on the same disk, B's copies verified by shardmove (refs digest + fsck); the baseline
-  verifies nothing.
+  both worlds on the same disk; B's copies verified by shardmove (full \`fsck --connectivity-only\`
+  of the pre-copy, then refs equal to A's and git's connectivity check of what is new, in the
+  window); the baseline verifies nothing.
 
 | | total seconds | read-only window median (s) | read-only window max (s) |
 |---|---|---|---|
