@@ -586,6 +586,8 @@ async fn demo(
         freeze_wait: Duration::from_secs(30),
         shardsend_args: Vec::new(),
         full_verify: false,
+        // The demo's shard hosts run no observation daemons.
+        daemons: None,
     };
     let plan = registry.migration_plan(&mcfg).await?;
     report(&format!(

@@ -270,6 +270,7 @@ pub async fn run_status_with_input(
         stderr: e.to_string(),
     };
     let mut command = tokio::process::Command::from(executor.command(argv));
+    die_with_parent(&mut command);
     command
         .stdin(if input.is_some() {
             Stdio::piped()
@@ -297,6 +298,28 @@ pub async fn run_status_with_input(
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     })
+}
+
+/// A step's process (a `shardsend` pass, the ssh client carrying it) is killed when this
+/// process dies, even by `kill -9`: a batch's next driver must not race an orphaned pass of
+/// the dead one for the same destination (both would resume the same transfer, each
+/// superseding the other).
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (prctl, getppid, _exit): no allocation, no lock.
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
 }
 
 pub(crate) fn host_error(executor: &dyn Executor, argv: &[&str], output: &CommandOutput) -> Error {

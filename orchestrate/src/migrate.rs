@@ -195,6 +195,8 @@ pub struct MigrateConfig {
     /// Run the full `git fsck --connectivity-only` on B in the read-only window instead of
     /// the incremental check against the pre-copy's verified tips (see [`crate::verify`]).
     pub full_verify: bool,
+    /// `host restart` of the instance's daemons after the batch (`None`: leave them).
+    pub daemons: Option<crate::daemons::RestartConfig>,
 }
 
 /// One repository of a migration, as `migrate status` shows it.
@@ -886,6 +888,16 @@ async fn run_claimed(
         "{}/{} set closed + no-daemons",
         cfg.instance, cfg.from
     ));
+    // Daemons only where the plan now allows: none for A's binding, B's started. A failure
+    // leaves the batch `running`; `--resume` redoes these idempotent after-batch steps.
+    if let Some(daemons) = &cfg.daemons {
+        for o in crate::daemons::restart(registry, daemons, Some(&cfg.instance)).await? {
+            report(&format!(
+                "daemons of {}/{} on {}: {}",
+                o.instance, o.service, o.device, o.detail
+            ));
+        }
+    }
 
     let status = registry.migration_status(id).await?;
     let failed = status

@@ -425,6 +425,19 @@ struct MigrateArgs {
     /// only checks what the final pass brought (as git does for a push).
     #[arg(long)]
     full_verify: bool,
+    /// After the batch, leave daemons alone instead of running `host restart` for the instance
+    /// (which stops them where A is now no-daemons and starts them where the plan allows).
+    #[arg(long)]
+    no_restart_daemons: bool,
+    /// Directory of daemon pid and log files, as for `host restart`.
+    #[arg(long, env = "SHARDMOVE_RUN_DIR", default_value = "shardmove-run")]
+    run_dir: PathBuf,
+    /// Per-device daemon command, as for `host restart`.
+    #[arg(long, env = "SHARDMOVE_DAEMON_TEMPLATE", default_value = daemons::DEFAULT_TEMPLATE)]
+    daemon_template: String,
+    /// Seconds between observation passes of restarted daemons.
+    #[arg(long, default_value_t = 60)]
+    daemon_interval: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -510,6 +523,7 @@ fn migration_text(st: &orchestrate::migrate::MigrationStatus) -> String {
 
 async fn migrate_command(
     registry: &Registry,
+    db: &str,
     args: &MigrateArgs,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -547,6 +561,18 @@ async fn migrate_command(
             .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
             .collect(),
         full_verify: args.full_verify,
+        daemons: if args.no_restart_daemons {
+            None
+        } else {
+            Some(RestartConfig {
+                run_dir: std::path::absolute(&args.run_dir).context("resolving --run-dir")?,
+                template: args.daemon_template.clone(),
+                exe: std::env::current_exe().context("finding the shardmove binary")?,
+                db: db.to_string(),
+                interval_secs: args.daemon_interval,
+                settle: Duration::from_secs(10),
+            })
+        },
     };
     let id = match args.resume {
         Some(id) => {
@@ -1046,7 +1072,7 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
                     .collect()
             })
         }
-        Command::Migrate(args) => migrate_command(registry, args, json).await,
+        Command::Migrate(args) => migrate_command(registry, &cli.db, args, json).await,
         Command::Demo(args) => demo_command(args, json).await,
         Command::Events { subject, limit } => print(
             json,

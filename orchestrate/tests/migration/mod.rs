@@ -35,12 +35,23 @@ struct Shards {
     b: PathBuf,
     send_key: PathBuf,
     recv: Child,
+    /// `migrate --run-dir`: pid files of the daemons the batch (re)starts.
+    run: PathBuf,
 }
+
+/// The daemon `migrate` starts after the batch in these tests: it writes its pid file and
+/// idles until `Shards` is dropped.
+const TEST_DAEMON: &str = "echo $$ > {pid_file}; exec sleep 600";
 
 impl Drop for Shards {
     fn drop(&mut self) {
         let _ = self.recv.kill();
         let _ = self.recv.wait();
+        for entry in std::fs::read_dir(&self.run).into_iter().flatten().flatten() {
+            if let Ok(pid) = std::fs::read_to_string(entry.path()) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
     }
 }
 
@@ -100,6 +111,7 @@ fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
         b,
         send_key,
         recv,
+        run: env.path("run"),
     };
     let mut line = String::new();
     use std::io::BufRead;
@@ -176,6 +188,12 @@ fn migrate_args<'a>(shards: &'a Shards, extra: &[&'a str]) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     v.push(shards.send_key.display().to_string());
+    v.extend([
+        "--run-dir".to_string(),
+        shards.run.display().to_string(),
+        "--daemon-template".to_string(),
+        TEST_DAEMON.to_string(),
+    ]);
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
@@ -263,6 +281,14 @@ fn migrate_moves_verified_repositories_and_disables_the_old_service(env: &Env) {
     let binding = env.json(&["binding", "show", "--instance", "t", "--service", "a"]);
     assert_eq!(binding["closed"], true);
     assert_eq!(binding["no_daemons"], true);
+    // `host restart` ran for the instance: a daemon for B's binding, none for A's.
+    let b_daemon = shards.run.join("t.b.b1.pid");
+    let pid = std::fs::read_to_string(&b_daemon).expect("B's daemon wrote its pid file");
+    assert!(
+        Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "B's daemon runs"
+    );
+    assert!(!shards.run.join("t.a.a1.pid").exists(), "no daemon for A");
     // Robust to the next sync.
     env.ok(&["sync"]);
     let binding = env.json(&["binding", "show", "--instance", "t", "--service", "a"]);
