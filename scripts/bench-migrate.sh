@@ -107,7 +107,8 @@ make_world baseline
 # --- shardmove migrate ------------------------------------------------------------------------
 echo "shardmove migrate --parallel $parallel..." >&2
 t0=$(now)
-"$bin/shardmove" --db "$work/shardmove/registry.db" migrate --instance t --from a --to b \
+# No observation daemons in either world: the baseline restarts none, so neither does migrate.
+"$bin/shardmove" --db "$work/shardmove/registry.db" migrate --instance t --from a --to b --no-restart-daemons \
   --parallel "$parallel" --identity "$work/send.key" --json > "$work/migrate.json" 2> "$work/migrate.log"
 t1=$(now)
 sm_total=$(echo "$t1 - $t0" | bc -l)
