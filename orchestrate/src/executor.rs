@@ -168,9 +168,17 @@ impl Executor for SshExecutor {
                 .arg(format!("ControlPath={}/%C", dir.display()))
                 .args(["-o", SSH_SHARE_PERSIST]);
         }
+        // A host that dies mid-step fails the step within a minute (4 unanswered keepalives
+        // 15 s apart) instead of hanging until TCP gives up; the migration then rolls back.
         command.args([
             "-o",
             "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=30",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
             "-T",
             "--",
             &self.host,
@@ -468,6 +476,12 @@ mod tests {
                 "/etc/x",
                 "-o",
                 "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=30",
+                "-o",
+                "ServerAliveInterval=15",
+                "-o",
+                "ServerAliveCountMax=4",
                 "-T",
                 "--",
                 "shard1",
