@@ -250,20 +250,6 @@ pub async fn run_status(executor: &dyn Executor, argv: &[&str]) -> Result<Comman
     run_status_with_input(executor, argv, None).await
 }
 
-/// Like [`run`], with `input` written to the command's stdin (then closed).
-pub async fn run_with_input(
-    executor: &dyn Executor,
-    argv: &[&str],
-    input: &[u8],
-) -> Result<CommandOutput> {
-    let output = run_status_with_input(executor, argv, Some(input)).await?;
-    if output.status == 0 {
-        Ok(output)
-    } else {
-        Err(host_error(executor, argv, &output))
-    }
-}
-
 /// Like [`run_status`], with `input` (if any) written to the command's stdin.
 pub async fn run_status_with_input(
     executor: &dyn Executor,

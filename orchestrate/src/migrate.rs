@@ -275,6 +275,16 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 /// where its process is looked up directly.
 pub const OWNER_STALE_SECS: i64 = 60;
 
+/// Why a migration in `state` no longer has a live driver: `None` unless it is `running`
+/// and its owner is missing or [`owner_gone`].
+fn driver_gone(state: &str, owner: Option<&str>, updated_at: i64) -> Option<String> {
+    match (state, owner) {
+        ("running", Some(owner)) => owner_gone(owner, updated_at, registry::now()),
+        ("running", None) => Some("no owner recorded".into()),
+        _ => None,
+    }
+}
+
 /// Why the recorded `owner` of a running migration no longer drives it, or `None` while it
 /// does. On this host the process itself is checked (gone, or its pid reused by something
 /// that is not shardmove); elsewhere the heartbeat (`updated_at`, unix seconds) decides.
@@ -514,11 +524,7 @@ impl Registry {
         let state: String = m.try_get("state")?;
         let owner: Option<String> = m.try_get("owner")?;
         let updated_at: i64 = m.try_get("updated_at")?;
-        let owner_gone = match (&owner, state.as_str()) {
-            (Some(o), "running") => owner_gone(o, updated_at, registry::now()),
-            (None, "running") => Some("no owner recorded".into()),
-            _ => None,
-        };
+        let owner_gone = driver_gone(&state, owner.as_deref(), updated_at);
         Ok(MigrationStatus {
             id,
             instance: m.try_get("instance")?,
@@ -668,7 +674,8 @@ impl Registry {
     ) -> Result<Option<(i64, Option<String>)>> {
         let mut conn = self.read_conn().await?;
         let row = sqlx::query(
-            "SELECT m.id FROM migrations m JOIN instances i ON i.id = m.instance_id \
+            "SELECT m.id, m.state, m.owner, m.updated_at FROM migrations m \
+             JOIN instances i ON i.id = m.instance_id \
              JOIN services a ON a.id = m.from_service_id JOIN services b ON b.id = m.to_service_id \
              WHERE i.name = $1 AND a.name = $2 AND b.name = $3 AND m.state = 'running' \
              ORDER BY m.id DESC LIMIT 1",
@@ -678,14 +685,13 @@ impl Registry {
         .bind(to)
         .fetch_optional(&mut *conn)
         .await?;
-        drop(conn);
-        match row {
-            Some(row) => {
-                let id: i64 = row.try_get("id")?;
-                Ok(Some((id, self.migration_status(id).await?.owner_gone)))
-            }
-            None => Ok(None),
-        }
+        row.map(|row| {
+            let state: String = row.try_get("state")?;
+            let owner: Option<String> = row.try_get("owner")?;
+            let gone = driver_gone(&state, owner.as_deref(), row.try_get("updated_at")?);
+            Ok((row.try_get("id")?, gone))
+        })
+        .transpose()
     }
 
     /// Makes this process the migration's owner, unless another live process drives it:
@@ -1111,20 +1117,7 @@ async fn run_step(
                 Some(tips) => {
                     verify::refs_and_connected_since(b_exec.as_ref(), &dst, &a, &tips).await
                 }
-                None => {
-                    async {
-                        if verify::refs_digest(b_exec.as_ref(), &dst).await? != a {
-                            return Err(Error::Refused(format!(
-                                "refs of {dst} differ from the source's"
-                            )));
-                        }
-                        verify::full_connectivity(b_exec.as_ref(), &dst)
-                            .await?
-                            .map(drop)
-                            .ok_or_else(|| Error::Refused(format!("{dst} does not exist")))
-                    }
-                    .await
-                }
+                None => verify::refs_and_full_connectivity(b_exec.as_ref(), &dst, &a).await,
             };
             checked.map_err(|e| match e {
                 Error::Refused(why) => Error::Refused(format!(

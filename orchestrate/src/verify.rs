@@ -82,9 +82,7 @@ pub async fn refs_and_connected_since(
     let argv = ["sh", "-c", SINCE_SCRIPT, "verify-since-precopy", path];
     let out = executor::run_status_with_input(exec, &argv, Some(input.as_bytes())).await?;
     match out.status {
-        0 | 5 if out.stdout != expected_refs => Err(Error::Refused(format!(
-            "refs of {path} differ from the source's"
-        ))),
+        0 | 5 if out.stdout != expected_refs => Err(refs_differ(path)),
         0 => Ok(()),
         5 => Err(Error::Refused(format!(
             "{path} is missing objects its refs need: {}",
@@ -92,6 +90,26 @@ pub async fn refs_and_connected_since(
         ))),
         _ => Err(executor::host_error(exec, &argv, &out)),
     }
+}
+
+/// Without recorded tips: B's refs must equal `expected_refs`, and the full
+/// `fsck --connectivity-only` must pass on B (two processes; the fallback path).
+pub async fn refs_and_full_connectivity(
+    exec: &dyn Executor,
+    path: &str,
+    expected_refs: &str,
+) -> Result<()> {
+    if refs_digest(exec, path).await? != expected_refs {
+        return Err(refs_differ(path));
+    }
+    full_connectivity(exec, path)
+        .await?
+        .map(drop)
+        .ok_or_else(|| Error::Refused(format!("{path} does not exist")))
+}
+
+fn refs_differ(path: &str) -> Error {
+    Error::Refused(format!("refs of {path} differ from the source's"))
 }
 
 /// The object ids of a `for-each-ref` listing (first word of each line), sorted and unique.
@@ -187,6 +205,10 @@ mod tests {
         let all = super::tips(&digest);
         block_on(refs_and_connected_since(&exec, &path, &digest, &all)).expect("trusted");
         assert!(block_on(full_connectivity(&exec, &path)).is_err());
+        let err =
+            block_on(refs_and_full_connectivity(&exec, &path, &other)).expect_err("refs differ");
+        assert!(err.to_string().contains("differ"), "{err}");
+        assert!(block_on(refs_and_full_connectivity(&exec, &path, &digest)).is_err());
     }
 
     #[test]
