@@ -852,17 +852,7 @@ async fn run_claimed(
             let _slot = global.acquire_owned().await;
             let _host = host_limit.acquire_owned().await;
             let label = format!("[{}/{}] {}", n + 1, total, progress.repository);
-            migrate_one(
-                &registry,
-                &cfg,
-                id,
-                &progress.repository,
-                &from,
-                &to,
-                &label,
-                &report,
-            )
-            .await
+            migrate_one(&registry, &cfg, id, &repo, &from, &to, &label, &report).await
         });
     }
     let mut first_error = None;
@@ -937,12 +927,14 @@ async fn migrate_one(
     registry: &Registry,
     cfg: &MigrateConfig,
     id: i64,
-    repo: &str,
+    repository: &Repository,
     from: &Device,
     to: &Device,
     label: &str,
     report: &Reporter,
 ) -> Result<()> {
+    let name = repository.full_name();
+    let repo = name.as_str();
     // A's refs, read while the final pass runs (A is frozen and idle by then).
     let mut source_refs = None;
     loop {
@@ -958,7 +950,18 @@ async fn migrate_one(
                 .await?;
         }
         let t0 = Instant::now();
-        match run_step(registry, cfg, id, repo, from, to, step, &mut source_refs).await {
+        match run_step(
+            registry,
+            cfg,
+            id,
+            repository,
+            from,
+            to,
+            step,
+            &mut source_refs,
+        )
+        .await
+        {
             Ok(update) => {
                 let next = RepoState::after(step);
                 report(&format!(
@@ -1023,13 +1026,13 @@ async fn run_step(
     registry: &Registry,
     cfg: &MigrateConfig,
     id: i64,
-    repo_ref: &str,
+    repo: &Repository,
     from: &Device,
     to: &Device,
     step: Step,
     source_refs: &mut Option<String>,
 ) -> Result<JournalUpdate> {
-    let repo = registry.repository(repo_ref).await?;
+    let repo_ref = &repo.full_name();
     let src = path_on(from, &repo.path);
     match step {
         Step::Precopy | Step::FinalCopy => {
