@@ -18,6 +18,7 @@ pub mod daemons;
 pub mod demo;
 pub mod error;
 pub mod executor;
+pub mod failpoint;
 pub mod maintenance;
 pub mod migrate;
 pub mod names;

@@ -312,19 +312,22 @@ pub fn owner_gone(owner: &str, updated_at: i64, now: i64) -> Option<String> {
 }
 
 impl Registry {
-    /// The devices a migration moves between: A's device holding the newest copy of `repo`,
-    /// and B's first device.
-    async fn endpoints(&self, repo: &Repository, to: &str) -> Result<(Device, Device)> {
+    /// The devices a migration moves between: the device of service `from` holding the
+    /// newest copy of `repo`, and B's first device.
+    ///
+    /// `from` is the migration's source service, never the repository's current one: once
+    /// clusterized, the repository's service is B, and a driver taking the batch over there
+    /// must still unhook B and leave A stale, not the other way round (issue 10, item 1).
+    async fn endpoints(&self, repo: &Repository, from: &str, to: &str) -> Result<(Device, Device)> {
         let newest = repo
             .copies
             .iter()
-            .filter(|c| c.service == repo.service)
+            .filter(|c| c.service == from)
             .max_by_key(|c| c.version)
             .ok_or_else(|| {
                 Error::Refused(format!(
-                    "repository {} has no working copy on service {}",
+                    "repository {} has no working copy on service {from}",
                     repo.full_name(),
-                    repo.service
                 ))
             })?;
         let from = self.device(&newest.device).await?;
@@ -349,7 +352,7 @@ impl Registry {
         self.service(&cfg.to).await?;
         let mut lines = Vec::new();
         for repo in self.selected_repos(cfg).await? {
-            let (from, to) = self.endpoints(&repo, &cfg.to).await?;
+            let (from, to) = self.endpoints(&repo, &cfg.from, &cfg.to).await?;
             lines.push(PlanLine {
                 repository: repo.full_name(),
                 from_path: path_on(&from, &repo.path),
@@ -817,7 +820,7 @@ async fn run_claimed(
             continue;
         }
         let repo = registry.repository(&progress.repository).await?;
-        let (from, to) = match registry.endpoints(&repo, &cfg.to).await {
+        let (from, to) = match registry.endpoints(&repo, &cfg.from, &cfg.to).await {
             Ok(e) => e,
             Err(e) if progress.state.can_roll_back() => {
                 registry
@@ -975,6 +978,7 @@ async fn migrate_one(
                     }
                 ));
                 registry.journal(id, repo, Some(next), None, update).await?;
+                crate::failpoint::hit(&format!("migrate-after-{}", next.as_str()));
             }
             Err(err @ (Error::Database(_) | Error::Migrate(_))) => return Err(err),
             Err(err) if state.can_roll_back() => {
@@ -1167,23 +1171,28 @@ async fn run_step(
 }
 
 /// Undoes a repository's migration before clusterize: maintenance lifted (A stays
-/// authoritative), B's copy moved aside.
+/// authoritative), B's copy moved aside, and the pre-copy's staging on B discarded (unless a
+/// transfer still holds its lock), so a rollback leaves nothing under B's `.shardrecv/`.
 async fn roll_back(registry: &Registry, repo_ref: &str, to: &Device) -> Result<()> {
     let repo = registry.repository(repo_ref).await?;
     if repo.maintenance {
         registry.stop_maintenance(repo_ref).await?;
     }
     let dst = path_on(to, &repo.path);
+    let staging =
+        transfer::staging::staging_dir(std::path::Path::new(&to.root_path), repo.path.as_bytes());
     let stamp = registry::now().to_string();
     executor::run(
         executor_for(to)?.as_ref(),
         &[
             "sh",
             "-c",
-            "if [ -e \"$1\" ]; then mv \"$1\" \"$1.rolled-back-$2\"; fi",
+            "if [ -e \"$1\" ]; then mv \"$1\" \"$1.rolled-back-$2\"; fi\n\
+             if [ -d \"$3\" ]; then flock -n \"$3/lock\" rm -rf \"$3\" || true; fi",
             "move-aside",
             &dst,
             &stamp,
+            &staging.to_string_lossy(),
         ],
     )
     .await?;

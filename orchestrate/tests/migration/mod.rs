@@ -14,6 +14,7 @@ crate::contract!(
     migrate_over_ssh_moves_and_verifies,
     migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
     killed_orchestrator_is_taken_over_from_the_journal,
+    kill_after_thawed_takeover_left_b_read_only,
     dry_run_changes_nothing,
     status_page_in_chromium_shows_what_is_read_only_and_why,
 );
@@ -446,6 +447,64 @@ fn killed_orchestrator_is_taken_over_from_the_journal(env: &Env) {
     }
     let in_maintenance = env.json(&["status"]);
     assert_eq!(in_maintenance.as_array().map(Vec::len), Some(0));
+}
+
+/// Issue 10, item 1: a driver killed after "thawed" (B promoted, B still hooked) was taken
+/// over by one that re-derived the source from the registry, which by then named B: it put
+/// the *stale* hook on B, the new home, and left A with the freeze hook. B refused every push
+/// while the registry said the repository was writable.
+fn kill_after_thawed_takeover_left_b_read_only(env: &Env) {
+    let shards = setup(env, &[("r1", 1), ("r2", 0)]);
+    let before: Vec<String> = ["r1", "r2"]
+        .iter()
+        .map(|r| refs(&shards.a.join(format!("t/{r}.git"))))
+        .collect();
+    let args = migrate_args(&shards, &["--parallel", "1"]);
+    let refs_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let killed = env
+        .sm_command(&refs_args)
+        .env("SHARDMOVE_FAILPOINTS", "migrate-after-thawed")
+        .output()
+        .expect("run shardmove migrate");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        killed.status.signal(),
+        Some(9),
+        "the failpoint kills the driver: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let st = env.json(&["migrate", "status"]);
+    assert_eq!(st["repositories"][0]["state"], "thawed", "{st}");
+
+    let run = run_migrate(env, &shards, &["--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("taking over migration"),
+        "{}",
+        run.stderr
+    );
+    for (i, r) in ["r1", "r2"].iter().enumerate() {
+        assert_moved(env, &shards, r, &before[i]);
+        let hooks = shards.b.join(format!("t/{r}.git/hooks"));
+        assert!(
+            !hooks.join("shardmove-maintenance.msg").exists(),
+            "{r}: B keeps no maintenance message"
+        );
+    }
+    assert_no_staging(&shards);
+}
+
+/// Nothing is left in B's staging area (`ROOT/.shardrecv/`): every transfer was installed or
+/// discarded.
+#[track_caller]
+fn assert_no_staging(shards: &Shards) {
+    let left: Vec<_> = std::fs::read_dir(shards.b.join(".shardrecv"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "staging left behind on B: {left:?}");
 }
 
 fn dry_run_changes_nothing(env: &Env) {
