@@ -204,26 +204,25 @@ pub fn shell_quote(value: &str) -> String {
 /// Hosts that [`executor_for`] treats as this machine.
 pub const LOCAL_HOSTS: [&str; 4] = ["localhost", "local", "127.0.0.1", "::1"];
 
-/// The executor for a device's host: local for [`LOCAL_HOSTS`], a network namespace of this
-/// machine for `netns:NAME`, ssh for any other.
+/// The executor for a device's host (see [`executor_for_host`]).
 pub fn executor_for(device: &Device) -> Result<Box<dyn Executor>> {
-    if LOCAL_HOSTS.contains(&device.host.as_str()) {
+    executor_for_host(&device.name, &device.host)
+}
+
+/// The executor for `host` (of device `device`, for messages): local for [`LOCAL_HOSTS`], a
+/// network namespace of this machine for `netns:NAME`, ssh for any other.
+pub fn executor_for_host(device: &str, host: &str) -> Result<Box<dyn Executor>> {
+    let invalid = |why: String| Error::invalid(format!("host {host:?} of device {device}"), why);
+    if LOCAL_HOSTS.contains(&host) {
         Ok(Box::new(LocalExecutor))
-    } else if let Some(name) = device.host.strip_prefix(NETNS_HOST_PREFIX) {
-        let netns = NetnsExecutor::new(name).map_err(|e| {
-            Error::invalid(
-                format!("host {:?} of device {}", device.host, device.name),
-                e.to_string(),
-            )
-        })?;
-        Ok(Box::new(netns))
-    } else if device.host.starts_with('-') {
-        Err(Error::invalid(
-            format!("host {:?} of device {}", device.host, device.name),
-            "must not start with '-'",
+    } else if let Some(name) = host.strip_prefix(NETNS_HOST_PREFIX) {
+        Ok(Box::new(
+            NetnsExecutor::new(name).map_err(|e| invalid(e.to_string()))?,
         ))
+    } else if host.starts_with('-') {
+        Err(invalid("must not start with '-'".into()))
     } else {
-        Ok(Box::new(SshExecutor::from_env(&device.host)))
+        Ok(Box::new(SshExecutor::from_env(host)))
     }
 }
 

@@ -51,3 +51,19 @@ pub fn hit(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn hit(_name: &str) {}
+
+/// A host script exited with the failpoint status (`exit::FAILPOINT`): in test builds this
+/// process dies the way a crash in the middle of the host operation would leave things.
+/// Without the feature the status is just an error.
+pub fn hit_in_host_script(script: &str, stderr: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        eprintln!("shardmove: failpoint in host script {script} hit: killing this process (SIGKILL) {stderr}");
+        // SAFETY: kill(2) on our own pid; no memory is touched.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = (script, stderr);
+}

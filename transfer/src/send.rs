@@ -90,8 +90,8 @@ pub struct SendConfig {
     pub connect_timeout: Duration,
 }
 
-/// The `--json` summary.
-#[derive(Debug, Clone, Serialize)]
+/// The `--json` summary (read back by `shardmove`, hence `Deserialize`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SendSummary {
     pub source: String,
     pub receiver: String,
@@ -130,7 +130,7 @@ pub struct SendSummary {
 }
 
 /// What quinn saw of the path.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct QuicStats {
     pub mtu: u16,
     pub rtt_ms: f64,
