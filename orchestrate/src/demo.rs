@@ -500,7 +500,7 @@ async fn demo(
         .observe_pass(Some("demo"), None, None)
         .await?
         .into_iter()
-        .filter(|o| o.outcome == "fetched")
+        .filter(|o| o.outcome == crate::repos::ObserveOutcome::Fetched)
         .count();
     report(&format!(
         "observation pass: {observed} repositories fetched"

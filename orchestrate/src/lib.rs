@@ -1,11 +1,11 @@
 //! `orchestrate`: the control plane of shardmove, as a library the `shardmove` binary (and
 //! later the batch `migrate` driver) calls.
 //!
-//! - [`registry`]: the database (SQLite or PostgreSQL) of services, devices, instances,
-//!   bindings, repositories, working-copy versions and events; every change is one
-//!   transaction with its event.
-//! - [`repos`]: the runbook's per-repository steps (create, maintenance, observe,
-//!   clusterize, thaw), each callable on its own.
+//! - [`store`] (also reachable as `registry`): every SQL statement; the database (SQLite or
+//!   PostgreSQL) of services, devices, instances, bindings, repositories, working-copy
+//!   versions, events and the migrate journal; every change is one transaction with its event.
+//! - [`repos`]: the runbook's per-repository steps (create, maintenance, observe), composing
+//!   store calls and host steps, each callable on its own.
 //! - [`maintenance`]: the pre-receive hook and the wait for pushes in flight.
 //! - [`daemons`]: daemon plan, restart, and the bundled observation worker.
 //! - [`executor`]: how steps reach a shard host's disk (local processes, a network

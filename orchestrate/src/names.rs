@@ -108,6 +108,21 @@ pub fn check_upstream_url(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// Longest maintenance message.
+pub const MAX_MESSAGE_LEN: usize = 1000;
+
+/// Checks a maintenance message (what a refused push shows): 1-1000 characters, not only
+/// whitespace, no NUL (it is written into a hook file on the shard hosts).
+pub fn check_maintenance_message(message: &str) -> Result<()> {
+    if message.trim().is_empty() || message.len() > MAX_MESSAGE_LEN || message.contains('\0') {
+        return Err(Error::invalid(
+            "maintenance message",
+            format!("must be 1-{MAX_MESSAGE_LEN} characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a device root: an absolute path without `..`, whitespace or control characters.
 pub fn check_root(root: &str) -> Result<()> {
     let invalid = |reason: &str| Err(Error::invalid(format!("device root {root:?}"), reason));
@@ -144,6 +159,15 @@ mod tests {
         assert!(check_property("Closed", "true").is_err());
         assert_eq!(check_property("weight", "3").unwrap(), "3");
         assert!(check_property("note", "a\nb").is_err());
+    }
+
+    #[test]
+    fn maintenance_messages() {
+        assert!(check_maintenance_message("moving to repo002").is_ok());
+        assert!(check_maintenance_message(&"x".repeat(MAX_MESSAGE_LEN)).is_ok());
+        for bad in ["", "  \n", "a\0b", &"x".repeat(MAX_MESSAGE_LEN + 1)] {
+            assert!(check_maintenance_message(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

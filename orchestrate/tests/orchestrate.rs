@@ -17,6 +17,7 @@ contract!(
     open_without_daemons_needs_force,
     sync_propagates_flags_and_never_resets_them,
     allocation_never_picks_a_closed_binding,
+    repo_create_runs_no_host_step_inside_a_transaction,
     maintenance_refuses_pushes_and_keeps_reads,
     maintenance_waits_for_push_in_flight,
     maintenance_wait_timeout_lifts_maintenance,
@@ -349,6 +350,78 @@ fn sync_propagates_flags_and_never_resets_them(env: &Env) {
         ("5".into(), "true".into())
     );
     env.fails(&["sync", "--instance", "nobody"], 3);
+}
+
+/// Regression (issue 13): `repo create` ran `git init` on every device inside `BEGIN
+/// IMMEDIATE`, so the whole SQLite registry was write-locked for the hosts' round trips, and
+/// nothing re-checked the binding on PostgreSQL. Here an operator closes the chosen binding
+/// while the bare repository is being made (a `git` wrapper does it, from inside the host
+/// step): the close must go through at once, and the create must then record nothing and
+/// remove the directory it made.
+fn repo_create_runs_no_host_step_inside_a_transaction(env: &Env) {
+    env.two_services();
+    env.ok(&[
+        "binding",
+        "set-property",
+        "--instance",
+        "t",
+        "--service",
+        "b",
+        "closed",
+        "true",
+    ]);
+    let Some(real_git) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("git"))
+            .find(|git| git.is_file())
+    }) else {
+        println!("skipped: git not on PATH");
+        return;
+    };
+    let wrappers = env.path("wrappers");
+    std::fs::create_dir_all(&wrappers).expect("wrapper dir");
+    let log = env.path("close.log");
+    let wrapper = wrappers.join("git");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             case \"$*\" in *init*) '{bin}' binding set-property --instance t --service a closed true \
+             >>'{log}' 2>&1 || echo 'close failed' >>'{log}';; esac\n\
+             exec '{git}' \"$@\"\n",
+            bin = util::BIN,
+            log = log.display(),
+            git = real_git.display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![wrappers.clone()];
+    dirs.extend(std::env::split_paths(&path));
+    env.set_var("PATH", std::env::join_paths(dirs).expect("PATH"));
+
+    let err = env.fails(&["repo", "create", "--instance", "t", "x"], 5);
+    assert!(
+        err.contains("binding t/a was closed while t/x was being created"),
+        "{err}"
+    );
+    let close_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!close_log.contains("close failed"), "{close_log}");
+    // (Inside the create's transaction the close would have failed with "database is
+    // locked" after the 30 s busy timeout on SQLite.)
+    assert_eq!(
+        env.json(&["binding", "show", "--instance", "t", "--service", "a"])["closed"],
+        true
+    );
+    assert!(
+        !env.repo_path("ra", "x").exists(),
+        "the bare repository was left behind"
+    );
+    assert_eq!(
+        env.json(&["repo", "list"]).as_array().map(Vec::len),
+        Some(0)
+    );
 }
 
 fn allocation_never_picks_a_closed_binding(env: &Env) {

@@ -1,6 +1,7 @@
-//! The registry: services, devices, instances, bindings (central definitions and the
-//! instances' views), repositories, working-copy versions and the audit log, in SQLite or
-//! PostgreSQL.
+//! The registry: its connection and transactions, services, devices, instances, bindings
+//! (central definitions and the instances' views) and the audit log, in SQLite or
+//! PostgreSQL. Repositories and their copies are the [`repos`](super::repos) room's, the
+//! batch journal the [`journal`](super::journal) room's; all three share this handle.
 //!
 //! **One type, a backend enum, not a trait.** The two backends share one schema and every
 //! query: both accept `$N` parameters, `RETURNING`, `BIGINT` and `TEXT`, so the queries are
@@ -166,38 +167,6 @@ pub struct BindingView {
     pub in_sync: bool,
 }
 
-/// A repository, with its working copies.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Repository {
-    pub instance: String,
-    pub name: String,
-    pub service: String,
-    /// Path relative to the device root.
-    pub path: String,
-    pub upstream_url: Option<String>,
-    pub maintenance: bool,
-    pub maintenance_message: Option<String>,
-    pub maintenance_since: Option<i64>,
-    pub created_at: i64,
-    pub copies: Vec<WorkingCopy>,
-}
-
-impl Repository {
-    /// `INSTANCE/NAME`, the unambiguous reference.
-    pub fn full_name(&self) -> String {
-        format!("{}/{}", self.instance, self.name)
-    }
-}
-
-/// The version of one device's copy of a repository (higher is newer).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct WorkingCopy {
-    pub device: String,
-    pub service: String,
-    pub version: i64,
-    pub updated_at: i64,
-}
-
 /// One audit-log entry.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Event {
@@ -218,29 +187,7 @@ pub struct SyncChange {
     pub changed: Vec<String>,
 }
 
-/// Internal repository row.
-#[derive(Debug, Clone)]
-pub(crate) struct RepoRow {
-    pub id: i64,
-    pub instance_id: i64,
-    pub instance: String,
-    pub name: String,
-    pub service_id: i64,
-    pub path: String,
-    pub upstream_url: Option<String>,
-    pub maintenance: bool,
-    pub maintenance_message: Option<String>,
-    pub maintenance_since: Option<i64>,
-    pub created_at: i64,
-}
-
-impl RepoRow {
-    pub fn full_name(&self) -> String {
-        format!("{}/{}", self.instance, self.name)
-    }
-}
-
-fn is_unique_violation(err: &sqlx::Error) -> bool {
+pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
@@ -327,7 +274,7 @@ impl Registry {
     }
 
     /// Appends an event inside the caller's transaction.
-    pub(crate) async fn event(
+    async fn event(
         &self,
         conn: &mut AnyConnection,
         action: &str,
@@ -366,7 +313,7 @@ impl Registry {
     pub async fn add_service(&self, name: &str) -> Result<Service> {
         names::check_name("service", name)?;
         let mut tx = self.begin_write().await?;
-        if lookup_id(&mut tx, "services", name).await?.is_some() {
+        if lookup_id(&mut tx, Named::Service, name).await?.is_some() {
             return Err(Error::AlreadyExists {
                 kind: "service",
                 name: name.into(),
@@ -379,9 +326,8 @@ impl Registry {
             "service",
         )
         .await?;
-        self.event(&mut tx, "service.add", &format!("service:{name}"), "")
+        self.commit_with_event(tx, "service.add", &format!("service:{name}"), "")
             .await?;
-        tx.commit().await?;
         self.service(name).await
     }
 
@@ -450,8 +396,11 @@ impl Registry {
             }
         }
         let mut tx = self.begin_write().await?;
-        let service_id = require_id(&mut tx, "services", "service", &new.service).await?;
-        if lookup_id(&mut tx, "devices", &new.name).await?.is_some() {
+        let service_id = require_id(&mut tx, Named::Service, &new.service).await?;
+        if lookup_id(&mut tx, Named::Device, &new.name)
+            .await?
+            .is_some()
+        {
             return Err(Error::AlreadyExists {
                 kind: "device",
                 name: new.name.clone(),
@@ -475,14 +424,8 @@ impl Registry {
             "service={} host={} transfer={} root={}",
             new.service, new.host, new.transfer_addr, new.root_path
         );
-        self.event(
-            &mut tx,
-            "device.add",
-            &format!("device:{}", new.name),
-            &detail,
-        )
-        .await?;
-        tx.commit().await?;
+        self.commit_with_event(tx, "device.add", &format!("device:{}", new.name), &detail)
+            .await?;
         self.device(&new.name).await
     }
 
@@ -527,7 +470,7 @@ impl Registry {
     pub async fn add_instance(&self, name: &str) -> Result<Instance> {
         names::check_name("instance", name)?;
         let mut tx = self.begin_write().await?;
-        if lookup_id(&mut tx, "instances", name).await?.is_some() {
+        if lookup_id(&mut tx, Named::Instance, name).await?.is_some() {
             return Err(Error::AlreadyExists {
                 kind: "instance",
                 name: name.into(),
@@ -540,9 +483,8 @@ impl Registry {
             "instance",
         )
         .await?;
-        self.event(&mut tx, "instance.add", &format!("instance:{name}"), "")
+        self.commit_with_event(tx, "instance.add", &format!("instance:{name}"), "")
             .await?;
-        tx.commit().await?;
         self.instance(name).await
     }
 
@@ -584,9 +526,9 @@ impl Registry {
     /// `binding add --instance I --service S`: a new binding is open, with daemons.
     pub async fn add_binding(&self, instance: &str, service: &str) -> Result<Binding> {
         let mut tx = self.begin_write().await?;
-        let instance_id = require_id(&mut tx, "instances", "instance", instance).await?;
-        let service_id = require_id(&mut tx, "services", "service", service).await?;
-        if binding_id(&mut tx, instance_id, service_id)
+        let instance_id = require_id(&mut tx, Named::Instance, instance).await?;
+        let service_id = require_id(&mut tx, Named::Service, service).await?;
+        if binding_id(&mut tx, instance_id, service_id, "")
             .await?
             .is_some()
         {
@@ -604,14 +546,13 @@ impl Registry {
         .execute(&mut *tx)
         .await
         .map_err(|e| unique_to_exists(e, "binding", &format!("{instance}/{service}")))?;
-        self.event(
-            &mut tx,
+        self.commit_with_event(
+            tx,
             "binding.add",
             &format!("binding:{instance}/{service}"),
             "",
         )
         .await?;
-        tx.commit().await?;
         self.binding(instance, service).await
     }
 
@@ -627,14 +568,19 @@ impl Registry {
     ) -> Result<Binding> {
         let value = names::check_property(key, value)?;
         let mut tx = self.begin_write().await?;
-        let instance_id = require_id(&mut tx, "instances", "instance", instance).await?;
-        let service_id = require_id(&mut tx, "services", "service", service).await?;
-        let id = binding_id(&mut tx, instance_id, service_id)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                kind: "binding",
-                name: format!("{instance}/{service}"),
-            })?;
+        let instance_id = require_id(&mut tx, Named::Instance, instance).await?;
+        let service_id = require_id(&mut tx, Named::Service, service).await?;
+        let id = binding_id(
+            &mut tx,
+            instance_id,
+            service_id,
+            self.backend().lock_clause(),
+        )
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "binding",
+            name: format!("{instance}/{service}"),
+        })?;
         let mut props = binding_props(&mut tx, id).await?;
         let old = props.insert(key.to_string(), value.clone());
         let (closed, no_daemons) = flags(&props);
@@ -661,14 +607,13 @@ impl Registry {
             old.as_deref().unwrap_or("(unset)"),
             if force { " (forced)" } else { "" }
         );
-        self.event(
-            &mut tx,
+        self.commit_with_event(
+            tx,
             "binding.set-property",
             &format!("binding:{instance}/{service}"),
             &detail,
         )
         .await?;
-        tx.commit().await?;
         self.binding(instance, service).await
     }
 
@@ -676,7 +621,7 @@ impl Registry {
     pub async fn bindings(&self, instance: Option<&str>) -> Result<Vec<Binding>> {
         let mut conn = self.read_conn().await?;
         if let Some(instance) = instance {
-            require_id(&mut conn, "instances", "instance", instance).await?;
+            require_id(&mut conn, Named::Instance, instance).await?;
         }
         let rows = sqlx::query(
             "SELECT b.id, b.instance_id, b.service_id, i.name AS instance, s.name AS service FROM bindings b \
@@ -709,7 +654,7 @@ impl Registry {
     pub async fn sync(&self, instance: Option<&str>) -> Result<Vec<SyncChange>> {
         let mut tx = self.begin_write().await?;
         let instance_filter = match instance {
-            Some(name) => Some(require_id(&mut tx, "instances", "instance", name).await?),
+            Some(name) => Some(require_id(&mut tx, Named::Instance, name).await?),
             None => None,
         };
         let rows = sqlx::query(
@@ -775,86 +720,14 @@ impl Registry {
             None => "all".to_string(),
         };
         let changed: usize = changes.iter().map(|c| c.changed.len()).sum();
-        self.event(
-            &mut tx,
+        self.commit_with_event(
+            tx,
             "sync",
             &subject,
             &format!("{} bindings, {changed} properties changed", changes.len()),
         )
         .await?;
-        tx.commit().await?;
         Ok(changes)
-    }
-
-    // ----- repositories (reads; changes are in `repos`) -----
-
-    /// All repositories (optionally of one instance), by instance then name.
-    pub async fn repositories(&self, instance: Option<&str>) -> Result<Vec<Repository>> {
-        let mut conn = self.read_conn().await?;
-        if let Some(instance) = instance {
-            require_id(&mut conn, "instances", "instance", instance).await?;
-        }
-        let rows = sqlx::query(&format!(
-            "{REPO_SELECT} WHERE ($1 = '' OR i.name = $1) ORDER BY i.name, r.name"
-        ))
-        .bind(instance.unwrap_or(""))
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut out = Vec::new();
-        for row in rows {
-            let repo = repo_from_row(&row)?;
-            out.push(self.repository_of(&mut conn, &repo).await?);
-        }
-        Ok(out)
-    }
-
-    /// `repo show REPO` (`INSTANCE/NAME`, or `NAME` when unique).
-    pub async fn repository(&self, reference: &str) -> Result<Repository> {
-        let mut conn = self.read_conn().await?;
-        let row = resolve_repo(&mut conn, reference, "").await?;
-        self.repository_of(&mut conn, &row).await
-    }
-
-    pub(crate) async fn repository_of(
-        &self,
-        conn: &mut AnyConnection,
-        row: &RepoRow,
-    ) -> Result<Repository> {
-        let service: String = sqlx::query("SELECT name FROM services WHERE id = $1")
-            .bind(row.service_id)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get("name")?;
-        let copies = sqlx::query(
-            "SELECT d.name AS device, s.name AS service, w.version, w.updated_at FROM working_copies w \
-             JOIN devices d ON d.id = w.device_id JOIN services s ON s.id = d.service_id \
-             WHERE w.repository_id = $1 ORDER BY d.name",
-        )
-        .bind(row.id)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(WorkingCopy {
-                device: r.try_get("device")?,
-                service: r.try_get("service")?,
-                version: r.try_get("version")?,
-                updated_at: r.try_get("updated_at")?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-        Ok(Repository {
-            instance: row.instance.clone(),
-            name: row.name.clone(),
-            service,
-            path: row.path.clone(),
-            upstream_url: row.upstream_url.clone(),
-            maintenance: row.maintenance,
-            maintenance_message: row.maintenance_message.clone(),
-            maintenance_since: row.maintenance_since,
-            created_at: row.created_at,
-            copies,
-        })
     }
 
     /// The audit log, oldest first, optionally only events whose subject contains `subject`.
@@ -940,13 +813,41 @@ async fn insert_named(
     Ok(())
 }
 
-/// The id of the row named `name` in `table` (services, devices, instances).
+/// The tables whose rows are found by their unique `name`: the closed set [`lookup_id`]
+/// reads, so no table name ever comes from a caller's string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Named {
+    Service,
+    Device,
+    Instance,
+}
+
+impl Named {
+    /// What an operator calls one row (in [`Error::NotFound`]).
+    pub(crate) fn kind(self) -> &'static str {
+        match self {
+            Named::Service => "service",
+            Named::Device => "device",
+            Named::Instance => "instance",
+        }
+    }
+
+    fn id_query(self) -> &'static str {
+        match self {
+            Named::Service => "SELECT id FROM services WHERE name = $1",
+            Named::Device => "SELECT id FROM devices WHERE name = $1",
+            Named::Instance => "SELECT id FROM instances WHERE name = $1",
+        }
+    }
+}
+
+/// The id of the `table` row called `name`.
 pub(crate) async fn lookup_id(
     conn: &mut AnyConnection,
-    table: &str,
+    table: Named,
     name: &str,
 ) -> Result<Option<i64>> {
-    let row = sqlx::query(&format!("SELECT id FROM {table} WHERE name = $1"))
+    let row = sqlx::query(table.id_query())
         .bind(name)
         .fetch_optional(&mut *conn)
         .await?;
@@ -957,30 +858,31 @@ pub(crate) async fn lookup_id(
 }
 
 /// Like [`lookup_id`], but an unknown name is [`Error::NotFound`].
-pub(crate) async fn require_id(
-    conn: &mut AnyConnection,
-    table: &str,
-    kind: &'static str,
-    name: &str,
-) -> Result<i64> {
+pub(crate) async fn require_id(conn: &mut AnyConnection, table: Named, name: &str) -> Result<i64> {
     lookup_id(conn, table, name)
         .await?
         .ok_or_else(|| Error::NotFound {
-            kind,
+            kind: table.kind(),
             name: name.into(),
         })
 }
 
+/// The binding of an instance to a service. `lock` is [`Backend::lock_clause`] inside a
+/// writing transaction that reads the binding's flags and relies on them until commit (a
+/// concurrent `set-property` then waits), `""` otherwise.
 pub(crate) async fn binding_id(
     conn: &mut AnyConnection,
     instance_id: i64,
     service_id: i64,
+    lock: &'static str,
 ) -> Result<Option<i64>> {
-    let row = sqlx::query("SELECT id FROM bindings WHERE instance_id = $1 AND service_id = $2")
-        .bind(instance_id)
-        .bind(service_id)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row = sqlx::query(&format!(
+        "SELECT id FROM bindings WHERE instance_id = $1 AND service_id = $2{lock}"
+    ))
+    .bind(instance_id)
+    .bind(service_id)
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(match row {
         Some(row) => Some(row.try_get("id")?),
         None => None,
@@ -1072,72 +974,4 @@ fn device_from_row(row: &sqlx::any::AnyRow) -> Result<Device> {
         fingerprint: row.try_get("fingerprint")?,
         created_at: row.try_get("created_at")?,
     })
-}
-
-pub(crate) const REPO_SELECT: &str = "SELECT r.id, r.instance_id, i.name AS instance, r.name, r.service_id, r.path, r.upstream_url, \
-     r.maintenance, r.maintenance_message, r.maintenance_since, r.created_at FROM repositories r JOIN instances i ON i.id = r.instance_id";
-
-pub(crate) fn repo_from_row(row: &sqlx::any::AnyRow) -> Result<RepoRow> {
-    Ok(RepoRow {
-        id: row.try_get("id")?,
-        instance_id: row.try_get("instance_id")?,
-        instance: row.try_get("instance")?,
-        name: row.try_get("name")?,
-        service_id: row.try_get("service_id")?,
-        path: row.try_get("path")?,
-        upstream_url: row.try_get("upstream_url")?,
-        maintenance: row.try_get::<i64, _>("maintenance")? != 0,
-        maintenance_message: row.try_get("maintenance_message")?,
-        maintenance_since: row.try_get("maintenance_since")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-/// Finds a repository by `INSTANCE/NAME` or unique `NAME`. With a writing transaction on
-/// PostgreSQL, pass `lock` = [`Backend::lock_clause`] to lock the row until commit.
-pub(crate) async fn resolve_repo(
-    conn: &mut AnyConnection,
-    reference: &str,
-    lock: &str,
-) -> Result<RepoRow> {
-    let not_found = || Error::NotFound {
-        kind: "repository",
-        name: reference.into(),
-    };
-    let ids: Vec<i64> = match reference.split_once('/') {
-        Some((instance, name)) => sqlx::query("SELECT r.id FROM repositories r JOIN instances i ON i.id = r.instance_id WHERE i.name = $1 AND r.name = $2")
-            .bind(instance)
-            .bind(name)
-            .fetch_all(&mut *conn)
-            .await?,
-        None => sqlx::query("SELECT id FROM repositories WHERE name = $1").bind(reference).fetch_all(&mut *conn).await?,
-    }
-    .iter()
-    .map(|r| r.try_get("id"))
-    .collect::<std::result::Result<_, _>>()?;
-    let id = match ids.as_slice() {
-        [] => return Err(not_found()),
-        [id] => *id,
-        _ => {
-            return Err(Error::invalid(
-                format!("repository {reference:?}"),
-                format!(
-                    "{} instances have a repository of that name; use INSTANCE/NAME",
-                    ids.len()
-                ),
-            ))
-        }
-    };
-    if !lock.is_empty() {
-        sqlx::query(&format!("SELECT id FROM repositories WHERE id = $1{lock}"))
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await?;
-    }
-    let row = sqlx::query(&format!("{REPO_SELECT} WHERE r.id = $1"))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(not_found)?;
-    repo_from_row(&row)
 }
