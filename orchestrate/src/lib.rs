@@ -13,7 +13,10 @@
 //! - [`netns`]: a pair of network namespaces joined by a veth pair (the demo's shard hosts).
 //! - [`names`]: validation of operator input.
 //! - [`error`]: the one error enum and its exit codes.
+//! - [`cli`], [`render`]: the `shardmove` command line (clap definitions) and the text it
+//!   prints for each result, so `bin/shardmove.rs` only parses, calls, prints.
 
+pub mod cli;
 pub mod daemons;
 pub mod demo;
 pub mod error;
@@ -23,6 +26,7 @@ pub mod maintenance;
 pub mod migrate;
 pub mod names;
 pub mod netns;
+pub mod render;
 pub mod repos;
 pub mod scripts;
 pub mod store;

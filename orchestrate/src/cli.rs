@@ -1,0 +1,705 @@
+//! The command line of `shardmove`, as clap definitions: every command, argument, default
+//! and help text, with the exit codes in the `--help` epilogue. It lives in the library (not
+//! the binary) so the binary stays a thin parse-call-print loop and tools such as manual
+//! page or completion generators can reach the same definitions.
+//!
+//! Nothing here runs anything or reads the environment: the methods only turn parsed values
+//! into the library's configs (the binary adds what it finds on this machine).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::daemons::{self, WorkerConfig};
+use crate::error::{Error, Result};
+use crate::migrate::host::HostConfig;
+use crate::migrate::{BatchSpec, MigrateConfig};
+use crate::registry::NewDevice;
+use crate::repos::DEFAULT_PUSH_WAIT;
+
+pub const AFTER_HELP: &str = "\
+Registry: --db PATH (SQLite file, created if missing; default ./shardmove.db), --db sqlite:URL,
+or --db postgres://USER:PASS@HOST:PORT/DB; also from SHARDMOVE_DB.
+
+Exit codes:
+  0  success
+  1  internal error
+  2  invalid input (arguments, names, urls, property values)
+  3  unknown service, device, instance, binding or repository
+  4  already exists
+  5  refused in the current state (the message says why; often --force lifts it)
+  6  maintenance not started: pushes still in flight after --wait
+  7  a command on a shard host failed
+  8  registry database error
+  9  a migration ended with repositories not moved (rolled back or stuck; the next
+     `migrate` of the same services goes on with it)";
+
+/// Control plane for moving git repositories between storage shards: registry, maintenance
+/// mode, allocation, clusterize/thaw, daemons. Each runbook step is one command.
+#[derive(Debug, Parser)]
+#[command(name = "shardmove", version, after_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    /// Registry database: a SQLite file path, a sqlite: URL or a postgres:// URL.
+    #[arg(
+        long,
+        global = true,
+        env = "SHARDMOVE_DB",
+        default_value = "shardmove.db"
+    )]
+    pub db: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Who is acting, recorded in events (default: $USER).
+    #[arg(long, global = true, env = "SHARDMOVE_ACTOR")]
+    pub actor: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Storage pools (services).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Hosts holding a service's working copies (devices).
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Tenants (instances).
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+    /// Which services an instance may use, and their flags (closed, no-daemons).
+    #[command(subcommand)]
+    Binding(BindingCmd),
+    /// Copy the central service definitions (flags included) to the instances' views.
+    Sync {
+        /// Only this instance.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Repositories: create, maintenance, observe, clusterize, thaw.
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// Daemons per (instance, service): plan and restart.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// One observation pass, or with --daemon the observation worker that `host restart` starts.
+    Observe(ObserveArgs),
+    /// Repositories in maintenance, with their message and since when; `status serve` runs
+    /// the page that tells users (HTML at /, JSON at /api/status).
+    Status {
+        #[command(subcommand)]
+        command: Option<StatusCmd>,
+    },
+    /// Move an instance's repositories from service A to service B: crash-resumable,
+    /// verified, parallel. `migrate status [ID]` shows where a batch stands.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Migrate(MigrateArgs),
+    /// A full migration between two local shard hosts (keys, daemons, registry, generated
+    /// repositories, a client cloning meanwhile), verified, then cleaned up. No argument needed.
+    ///
+    /// Two network modes; the first progress line says which one runs, and why:
+    ///
+    /// - network namespaces (run as root, `ip netns` working): each shard host is its own
+    ///   network namespace (shardmove-demo-PID-a, -b), linked by a veth pair on a private /30
+    ///   that exists only inside them. Each host's shardrecv listens on its veth address and
+    ///   every step on a host (shardsend towards the other, hooks, git) runs inside its
+    ///   namespace (device host `netns:NAME`). The status page and the cloning client stay on
+    ///   127.0.0.1 here. The namespaces are removed on every exit, Ctrl-C included, after the
+    ///   processes inside are killed.
+    ///
+    /// - loopback (not root, namespaces unavailable, or --no-netns): both shard hosts share
+    ///   this machine's network, both daemons on 127.0.0.1.
+    Demo(DemoArgs),
+    /// The audit log (who changed what, when).
+    Events {
+        /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
+        #[arg(long)]
+        subject: Option<String>,
+        /// At most this many, the most recent.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Add a service.
+    Add {
+        /// Service name (letters, digits, '.', '_', '-').
+        name: String,
+    },
+    /// List services.
+    List,
+    /// Show one service.
+    Show {
+        /// Service name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Add a device to a service.
+    Add(DeviceAdd),
+    /// List devices.
+    List,
+    /// Show one device.
+    Show {
+        /// Device name.
+        name: String,
+    },
+}
+
+/// `device add`'s arguments.
+#[derive(Debug, Args)]
+pub struct DeviceAdd {
+    /// Device name (letters, digits, '.', '_', '-').
+    pub name: String,
+    /// Service the device belongs to.
+    #[arg(long)]
+    pub service: String,
+    /// Host the device is on (`localhost` runs steps locally, `netns:NAME` inside network
+    /// namespace NAME here, any other through ssh).
+    #[arg(long)]
+    pub host: String,
+    /// Transfer address of its `shardrecv`, HOST:PORT.
+    #[arg(long)]
+    pub transfer: String,
+    /// Absolute directory holding the working copies.
+    #[arg(long)]
+    pub root: String,
+    /// Key fingerprint of its `shardrecv`.
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+}
+
+impl DeviceAdd {
+    /// What the registry records.
+    pub fn new_device(&self) -> NewDevice {
+        NewDevice {
+            name: self.name.clone(),
+            service: self.service.clone(),
+            host: self.host.clone(),
+            transfer_addr: self.transfer.clone(),
+            root_path: self.root.clone(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCmd {
+    /// Add an instance.
+    Add {
+        /// Instance name (letters, digits, '.', '_', '-').
+        name: String,
+    },
+    /// List instances.
+    List,
+    /// Show one instance.
+    Show {
+        /// Instance name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BindingRef {
+    /// The instance (tenant).
+    #[arg(long)]
+    pub instance: String,
+    /// The service (storage pool).
+    #[arg(long)]
+    pub service: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BindingCmd {
+    /// Bind an instance to a service (open, with daemons).
+    Add(BindingRef),
+    /// List bindings.
+    List {
+        /// Only this instance's bindings.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Show one binding: central properties and the instance's synced view.
+    Show(BindingRef),
+    /// Set a central property: `closed` / `no-daemons` (true|false) or a free-form key.
+    /// "Open but no-daemons" is refused without --force: repositories would be allocated
+    /// where nothing observes them.
+    SetProperty {
+        #[command(flatten)]
+        binding: BindingRef,
+        /// `closed`, `no-daemons`, or a free-form key ([a-z0-9._-]).
+        key: String,
+        /// `true`/`false` for the flags; free text (no control characters) otherwise.
+        value: String,
+        /// Accept "open but no-daemons".
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCmd {
+    /// Create a bare repository on a service chosen at random among the instance's open bindings.
+    Create {
+        /// Instance the repository belongs to.
+        #[arg(long)]
+        instance: String,
+        /// Repository name (stored as ROOT/INSTANCE/NAME.git on each device).
+        name: String,
+        /// Upstream URL of an observed repository (fetched by observation passes).
+        #[arg(long)]
+        upstream: Option<String>,
+    },
+    /// List repositories.
+    List {
+        /// Only this instance's repositories.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Show one repository (REPO is INSTANCE/NAME, or NAME when unique).
+    Show {
+        /// INSTANCE/NAME, or NAME when unique.
+        repo: String,
+    },
+    /// Start or stop maintenance: pushes refused with MESSAGE, reads keep working,
+    /// observation skips it. --start returns once pushes in flight have finished.
+    Maintenance {
+        /// INSTANCE/NAME, or NAME when unique.
+        repo: String,
+        /// Start maintenance; MESSAGE is what a refused push shows.
+        #[arg(
+            long,
+            value_name = "MESSAGE",
+            conflicts_with = "stop",
+            required_unless_present = "stop"
+        )]
+        start: Option<String>,
+        /// Stop maintenance and restore the repository's own pre-receive hook.
+        #[arg(long)]
+        stop: bool,
+        /// Seconds to wait for pushes in flight before giving up (and lifting maintenance).
+        #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_PUSH_WAIT.as_secs())]
+        wait: u64,
+    },
+    /// One observation pass: git fetch from each observed repository's upstream.
+    Observe {
+        /// Only this instance's repositories.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Move a repository to another service of its instance, in one transaction.
+    Clusterize {
+        /// INSTANCE/NAME, or NAME when unique.
+        repo: String,
+        /// Target service; the instance must be bound to it.
+        #[arg(long)]
+        service: String,
+    },
+    /// Declare a device's copy authoritative (--promote) or stale (--demote).
+    Thaw {
+        /// INSTANCE/NAME, or NAME when unique.
+        repo: String,
+        /// Make DEVICE's copy the newest (DEVICE must be on the repository's service).
+        #[arg(
+            long,
+            value_name = "DEVICE",
+            conflicts_with = "demote",
+            required_unless_present = "demote"
+        )]
+        promote: Option<String>,
+        /// Mark DEVICE's copy stale.
+        #[arg(long, value_name = "DEVICE")]
+        demote: Option<String>,
+        /// Promote even when another copy is newer / demote the newest copy.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    /// Which (instance, service) pairs should run daemons, and why.
+    Plan {
+        /// Only this instance's bindings.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Stop daemons and start them again where the plan allows (never where no-daemons is set).
+    Restart {
+        /// Only this instance's daemons (no-daemons bindings are never started).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Directory of pid and log files.
+        #[arg(long, env = "SHARDMOVE_RUN_DIR", default_value = "shardmove-run")]
+        run_dir: PathBuf,
+        /// Per-device command (run by `sh -c`); placeholders: {exe} {db} {instance} {service}
+        /// {device} {host} {root} {pid_file} {interval}. Default: the bundled worker.
+        #[arg(long, env = "SHARDMOVE_DAEMON_TEMPLATE", default_value = daemons::DEFAULT_TEMPLATE)]
+        template: String,
+        /// Seconds between observation passes ({interval}).
+        #[arg(long, default_value_t = 60)]
+        interval: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
+    /// Run as a daemon: passes every --interval seconds until SIGTERM.
+    #[arg(long, requires_all = ["instance", "service", "pid_file"])]
+    pub daemon: bool,
+    /// Only this instance's repositories.
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Only repositories on this service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only fetch into copies on this device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Pid file the daemon writes (and removes on exit); refuses to start twice.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Seconds between passes.
+    #[arg(long, default_value_t = 60)]
+    pub interval: u64,
+    /// Stop after this many passes.
+    #[arg(long)]
+    pub passes: Option<u64>,
+}
+
+impl ObserveArgs {
+    /// The worker's configuration with `--daemon` (clap requires its three options).
+    pub fn worker_config(&self) -> Result<WorkerConfig> {
+        let (Some(instance), Some(service), Some(pid_file)) =
+            (&self.instance, &self.service, &self.pid_file)
+        else {
+            return Err(Error::invalid(
+                "observe --daemon",
+                "needs --instance, --service and --pid-file",
+            ));
+        };
+        Ok(WorkerConfig {
+            instance: instance.clone(),
+            service: service.clone(),
+            device: self.device.clone(),
+            pid_file: pid_file.clone(),
+            interval: Duration::from_secs(self.interval),
+            max_passes: self.passes,
+        })
+    }
+}
+
+/// Default maintenance message shown to users whose push is refused during a migration.
+pub const DEFAULT_MIGRATE_MESSAGE: &str =
+    "This repository is being moved to another storage shard; pushes are paused for a moment. Reads keep working.";
+
+#[derive(Debug, Subcommand)]
+pub enum StatusCmd {
+    /// Serve the maintenance page until interrupted; prints `serving http://ADDR/` once ready.
+    Serve {
+        /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    pub command: Option<MigrateCmd>,
+    #[arg(long, required = true)]
+    pub instance: Option<String>,
+    /// Service the repositories leave.
+    #[arg(long, required = true)]
+    pub from: Option<String>,
+    /// Service they move to (bound to the instance if needed).
+    #[arg(long, required = true)]
+    pub to: Option<String>,
+    /// Only these repositories (NAME or INSTANCE/NAME); default: all of the instance on --from.
+    #[arg(long, num_args = 1..)]
+    pub repos: Vec<String>,
+    /// Repositories moved at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Repositories moved at once from one source host (one disk, one link).
+    #[arg(long, default_value_t = 2)]
+    pub per_host: usize,
+    /// What users see when a push is refused during their repository's short freeze.
+    #[arg(long, default_value = DEFAULT_MIGRATE_MESSAGE)]
+    pub message: String,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Continue migration ID after the orchestrator was stopped or killed.
+    #[arg(long, value_name = "ID")]
+    pub resume: Option<i64>,
+    /// Sender identity key, as a path on the source hosts.
+    #[arg(long, default_value = "/etc/shard/send.key")]
+    pub identity: String,
+    /// shardsend as run on the source hosts (default: the one beside shardmove, else PATH).
+    #[arg(long)]
+    pub shardsend: Option<String>,
+    /// Seconds maintenance start waits for pushes in flight.
+    #[arg(long, default_value_t = 30)]
+    pub freeze_wait: u64,
+    /// Cap each transfer's send rate (shardsend --bwlimit, e.g. 50M).
+    #[arg(long)]
+    pub bwlimit: Option<String>,
+    /// Run the full `git fsck --connectivity-only` on B while the repository is read-only.
+    /// By default B's pre-copy gets the full check while still live, and the read-only window
+    /// only checks what the final pass brought (as git does for a push).
+    #[arg(long)]
+    pub full_verify: bool,
+    /// After the batch, leave daemons alone instead of running `host restart` for the instance
+    /// (which stops them where A is now no-daemons and starts them where the plan allows).
+    #[arg(long)]
+    pub no_restart_daemons: bool,
+    /// Directory of daemon pid and log files, as for `host restart`.
+    #[arg(long, env = "SHARDMOVE_RUN_DIR", default_value = "shardmove-run")]
+    pub run_dir: PathBuf,
+    /// Per-device daemon command, as for `host restart`.
+    #[arg(long, env = "SHARDMOVE_DAEMON_TEMPLATE", default_value = daemons::DEFAULT_TEMPLATE)]
+    pub daemon_template: String,
+    /// Seconds between observation passes of restarted daemons.
+    #[arg(long, default_value_t = 60)]
+    pub daemon_interval: u64,
+}
+
+impl MigrateArgs {
+    /// The batch to run (clap requires --instance, --from and --to unless a subcommand is
+    /// given); `--parallel 0` and `--per-host 0` mean 1.
+    pub fn config(&self) -> MigrateConfig {
+        MigrateConfig {
+            spec: BatchSpec {
+                instance: self.instance.clone().unwrap_or_default(),
+                from: self.from.clone().unwrap_or_default(),
+                to: self.to.clone().unwrap_or_default(),
+                repos: self.repos.clone(),
+            },
+            parallel: self.parallel.max(1),
+            per_host: self.per_host.max(1),
+            message: self.message.clone(),
+        }
+    }
+
+    /// How steps run on the shard hosts. `shardsend`: `--shardsend`, else `beside` (the one
+    /// found beside this binary), else whichever the hosts' PATH has.
+    pub fn host_config(&self, beside: Option<String>) -> HostConfig {
+        HostConfig {
+            shardsend: (self.shardsend.clone().or(beside)).unwrap_or_else(|| "shardsend".into()),
+            identity: self.identity.clone(),
+            freeze_wait: Duration::from_secs(self.freeze_wait),
+            shardsend_args: (self.bwlimit.iter())
+                .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCmd {
+    /// Per-repository state, bytes and read-only seconds of migration ID (default: the latest).
+    Status { id: Option<i64> },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the work files in DIR instead of a temporary directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Number of repositories.
+    #[arg(long, default_value_t = 6)]
+    pub repos: usize,
+    /// Repositories moved at once.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: usize,
+    /// After the migration, keep both shard hosts and the status page up until Ctrl-C.
+    #[arg(long)]
+    pub keep_serving: bool,
+    /// Loopback mode even as root: no network namespaces.
+    #[arg(long)]
+    pub no_netns: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+    use crate::error::exit_code;
+
+    #[test]
+    fn definitions_are_consistent() {
+        // clap's own checks: no clashing names, valid defaults, requirements that exist.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        for code in [
+            exit_code::OK,
+            exit_code::INTERNAL,
+            exit_code::INVALID,
+            exit_code::NOT_FOUND,
+            exit_code::ALREADY_EXISTS,
+            exit_code::REFUSED,
+            exit_code::PUSHES_IN_FLIGHT,
+            exit_code::HOST_COMMAND,
+            exit_code::DATABASE,
+            exit_code::MIGRATION_INCOMPLETE,
+        ] {
+            assert!(
+                AFTER_HELP.contains(&format!("\n  {code}  ")),
+                "exit code {code} is not in --help"
+            );
+        }
+    }
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("shardmove").chain(args.iter().copied()))
+            .expect("parse")
+            .command
+    }
+
+    #[test]
+    fn migrate_args_become_the_batch_and_host_configs() {
+        let Command::Migrate(args) = parse(&[
+            "migrate",
+            "--instance",
+            "t",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--repos",
+            "r1",
+            "t/r2",
+            "--parallel",
+            "0",
+            "--bwlimit",
+            "50M",
+            "--freeze-wait",
+            "7",
+        ]) else {
+            panic!("not migrate");
+        };
+        let cfg = args.config();
+        assert_eq!(
+            cfg.spec,
+            BatchSpec {
+                instance: "t".into(),
+                from: "a".into(),
+                to: "b".into(),
+                repos: vec!["r1".into(), "t/r2".into()],
+            }
+        );
+        assert_eq!((cfg.parallel, cfg.per_host), (1, 2));
+        assert_eq!(cfg.message, DEFAULT_MIGRATE_MESSAGE);
+        let hosts = args.host_config(Some("/opt/bin/shardsend".into()));
+        assert_eq!(hosts.shardsend, "/opt/bin/shardsend");
+        assert_eq!(hosts.identity, "/etc/shard/send.key");
+        assert_eq!(hosts.shardsend_args, ["--bwlimit", "50M"]);
+        assert_eq!(hosts.freeze_wait, Duration::from_secs(7));
+        assert_eq!(args.host_config(None).shardsend, "shardsend");
+        let Command::Migrate(explicit) = parse(&[
+            "migrate",
+            "--instance",
+            "t",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--shardsend",
+            "/x/ss",
+        ]) else {
+            panic!("not migrate");
+        };
+        assert_eq!(
+            explicit.host_config(Some("/opt/ss".into())).shardsend,
+            "/x/ss"
+        );
+        assert!(explicit.host_config(None).shardsend_args.is_empty());
+    }
+
+    #[test]
+    fn device_and_observe_args_become_library_values() {
+        let Command::Device(DeviceCmd::Add(add)) = parse(&[
+            "device",
+            "add",
+            "a1",
+            "--service",
+            "a",
+            "--host",
+            "h",
+            "--transfer",
+            "h:1",
+            "--root",
+            "/srv",
+        ]) else {
+            panic!("not device add");
+        };
+        let new = add.new_device();
+        assert_eq!(
+            (new.name.as_str(), new.service.as_str(), new.host.as_str()),
+            ("a1", "a", "h")
+        );
+        assert_eq!(
+            (new.transfer_addr.as_str(), new.root_path.as_str()),
+            ("h:1", "/srv")
+        );
+        assert_eq!(new.fingerprint, None);
+        let Command::Observe(daemon) = parse(&[
+            "observe",
+            "--daemon",
+            "--instance",
+            "t",
+            "--service",
+            "a",
+            "--pid-file",
+            "/run/p",
+            "--interval",
+            "5",
+            "--passes",
+            "2",
+        ]) else {
+            panic!("not observe");
+        };
+        let worker = daemon.worker_config().expect("worker config");
+        assert_eq!(
+            (worker.instance.as_str(), worker.service.as_str()),
+            ("t", "a")
+        );
+        assert_eq!(worker.pid_file, PathBuf::from("/run/p"));
+        assert_eq!(
+            (worker.interval, worker.max_passes),
+            (Duration::from_secs(5), Some(2))
+        );
+        // Without --daemon the worker options are optional; asking for a worker is then an error.
+        let Command::Observe(pass) = parse(&["observe", "--instance", "t"]) else {
+            panic!("not observe");
+        };
+        assert!(pass.worker_config().is_err());
+        assert!(
+            Cli::try_parse_from(["shardmove", "observe", "--daemon", "--instance", "t"]).is_err()
+        );
+    }
+
+    #[test]
+    fn migrate_status_needs_no_services_but_a_batch_does() {
+        let status = Cli::try_parse_from(["shardmove", "migrate", "status", "3"]).expect("parse");
+        assert!(matches!(
+            status.command,
+            Command::Migrate(MigrateArgs {
+                command: Some(MigrateCmd::Status { id: Some(3) }),
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["shardmove", "migrate", "--instance", "t"]).is_err());
+    }
+}
