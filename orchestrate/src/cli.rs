@@ -96,6 +96,7 @@ pub enum Command {
     /// verified, parallel. `migrate status [ID]` shows where a batch stands.
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Migrate(MigrateArgs),
+    #[cfg(feature = "demo")]
     /// A full migration between two local shard hosts (keys, daemons, registry, generated
     /// repositories, a client cloning meanwhile), verified, then cleaned up. No argument needed.
     ///
@@ -508,6 +509,7 @@ pub enum MigrateCmd {
     Status { id: Option<i64> },
 }
 
+#[cfg(feature = "demo")]
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Keep the work files in DIR instead of a temporary directory.

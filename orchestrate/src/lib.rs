@@ -18,6 +18,7 @@
 
 pub mod cli;
 pub mod daemons;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod executor;
@@ -37,3 +38,38 @@ pub mod verify;
 
 pub use error::{Error, Result};
 pub use store::{Backend, Registry};
+
+#[cfg(test)]
+mod tests {
+    /// Issue 13 item 6: a library user can drop the demo's dependencies. They must stay
+    /// optional and enabled only by the `demo` feature (building with
+    /// `--no-default-features` then pulls neither).
+    #[test]
+    fn demo_dependencies_stay_optional() {
+        let manifest = include_str!("../Cargo.toml");
+        let dependencies = manifest
+            .split("[dependencies]")
+            .nth(1)
+            .and_then(|rest| rest.split("\n[").next())
+            .expect("a [dependencies] table");
+        for name in ["fixtures", "tempfile"] {
+            let line = dependencies
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}.")))
+                .unwrap_or_else(|| panic!("{name} is not a dependency"));
+            assert!(line.contains("optional = true"), "{name}: {line}");
+        }
+        let demo = manifest
+            .lines()
+            .find(|l| l.starts_with("demo = "))
+            .expect("a demo feature");
+        assert!(
+            demo.contains("dep:fixtures") && demo.contains("dep:tempfile"),
+            "{demo}"
+        );
+        assert!(
+            manifest.contains("default = [\"demo\"]"),
+            "demo is not on by default"
+        );
+    }
+}

@@ -420,6 +420,7 @@ pub fn migration_summary(s: &MigrationSummary) -> String {
     )
 }
 
+#[cfg(feature = "demo")]
 /// `demo`: the migration's status, then what was verified and how the clients fared.
 pub fn demo_summary(s: &crate::demo::DemoSummary) -> String {
     format!(
@@ -817,6 +818,12 @@ mod tests {
             migration_plan(&[], "a", "b"),
             "plan: 0 repositories from a to b (nothing changed)\n"
         );
+        #[cfg(feature = "demo")]
+        demo_summary_follows_the_migration(summary, &st);
+    }
+
+    #[cfg(feature = "demo")]
+    fn demo_summary_follows_the_migration(summary: MigrationSummary, st: &MigrationStatus) {
         let demo = crate::demo::DemoSummary {
             work_dir: "/tmp/d".into(),
             network: "loopback".into(),
@@ -831,7 +838,7 @@ mod tests {
             format!(
                 "{}demo done: 1 repositories moved and verified in 12.3 s; read-only window median 0.42 s, \
                  max 0.00 s; background clones: 5 ok, 0 failed; status page was http://127.0.0.1:1/",
-                migration(&st)
+                migration(st)
             )
         );
     }

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+#[cfg(feature = "demo")]
+use orchestrate::cli::DemoArgs;
 use orchestrate::cli::{
-    BindingCmd, Cli, Command, DemoArgs, DeviceCmd, HostCmd, InstanceCmd, MigrateArgs, MigrateCmd,
+    BindingCmd, Cli, Command, DeviceCmd, HostCmd, InstanceCmd, MigrateArgs, MigrateCmd,
     ObserveArgs, RepoCmd, ServiceCmd, StatusCmd,
 };
 use orchestrate::daemons::{self, RestartConfig};
@@ -95,6 +97,8 @@ fn restart_config(
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // The demo brings its own registry.
+    #[cfg(feature = "demo")]
     if let Command::Demo(args) = &cli.command {
         return demo_command(args, cli.json).await;
     }
@@ -195,6 +199,7 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             render::in_maintenance(r)
         }),
         Command::Migrate(args) => migrate_command(registry, &cli.db, args, json).await,
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo_command(args, json).await,
         Command::Events { subject, limit } => {
             let events = registry.events(subject.as_deref(), *limit).await?;
@@ -366,6 +371,7 @@ async fn migrate_command(
     Ok(())
 }
 
+#[cfg(feature = "demo")]
 async fn demo_command(args: &DemoArgs, json: bool) -> anyhow::Result<()> {
     use orchestrate::demo::{self, DemoConfig, NetworkChoice};
     let exe = std::env::current_exe().context("finding the shardmove binary")?;
