@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod compress;
 pub mod error;
+pub mod gitdir;
 pub mod identity;
 pub mod io;
 pub mod manifest;

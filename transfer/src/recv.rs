@@ -255,7 +255,7 @@ async fn handle_connection(
     };
 
     // Claim the destination before reading a possibly long manifest.
-    let _claim = match claim(&shared, &hello.dest, peer, hello.resume, &conn).await {
+    let claim = match claim(&shared, &hello.dest, peer, hello.resume, &conn).await {
         Ok(c) => c,
         Err(msg) => return Err(fail(&mut send, FailCode::Busy, msg).await),
     };
@@ -342,6 +342,7 @@ async fn handle_connection(
         progress: Notify::new(),
         wire_bytes: std::sync::atomic::AtomicU64::new(0),
         failure: Mutex::new(None),
+        _claim: claim,
     });
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<ControlMsg>();
     let acceptor = tokio::spawn(accept_data_streams(conn.clone(), state.clone(), retry_tx));
@@ -469,6 +470,10 @@ struct TransferState {
     progress: Notify,
     wire_bytes: std::sync::atomic::AtomicU64,
     failure: Mutex<Option<(FailCode, String)>>,
+    /// Released last (fields drop in order): only once the staging lock is gone may the
+    /// next attempt of this destination (a sender restarting with `--resume`) claim it,
+    /// however long aborted data-stream tasks keep this state alive.
+    _claim: Claim,
 }
 
 impl TransferState {

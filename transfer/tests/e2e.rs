@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
+mod live_source;
 mod util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};

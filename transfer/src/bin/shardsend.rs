@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
 use transfer::compress::CompressPolicy;
+use transfer::gitdir::GitMode;
 use transfer::identity::{Fingerprint, Identity};
 use transfer::send::{send, Fault, SendConfig, DEFAULT_CHUNK_SIZE, DEFAULT_STREAMS};
 use transfer::units::parse_size;
@@ -85,6 +86,12 @@ struct SendArgs {
     /// with --resume sends only what changed since, then installs (live pre-copy, short freeze)
     #[arg(long)]
     stage_only: bool,
+    /// Git directory rules: auto (on when SRC has HEAD, objects/ and refs/), on, off. In git
+    /// mode git's transient files (push quarantines objects/tmp_objdir-*, *.lock, tmp_pack_*,
+    /// gc.pid, ...) are never copied, and the refs are read before the objects are listed,
+    /// so a pre-copy of a live repository is consistent
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    git: GitMode,
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
@@ -156,6 +163,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         progress: !a.no_progress && std::io::stderr().is_terminal(),
         fault: a.inject_fault,
         stage_only: a.stage_only,
+        git: a.git,
         connect_timeout: std::time::Duration::try_from_secs_f64(a.connect_timeout)
             .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
     };
