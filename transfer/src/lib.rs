@@ -9,6 +9,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the data flow and invariants.
 
+pub mod admission;
 pub mod cli;
 pub mod compress;
 pub mod error;

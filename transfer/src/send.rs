@@ -10,6 +10,10 @@
 //! `resume`, so the changed file is re-sent whole while everything else is kept. Otherwise
 //! `Done` carries our root hash and we wait for `Installed`.
 //!
+//! A receiver at its transfer limit puts us in line and says where we stand (`Queued`,
+//! protocol version 2; see [`crate::admission`]): we report it ([`SendEvent`]) and wait, up to
+//! `wait_for`, for its `Accept`.
+//!
 //! Resume never re-reads verified data: the root hash uses the chunk hashes the receiver
 //! reports, which it journaled only after they matched the hashes we sent at the time.
 //!
@@ -52,6 +56,8 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// after a pause that lets the gc finish ([`stage_backoff`]); if the source still has not
 /// held still, the last attempt ends with a partial pre-copy rather than an error.
 pub const MAX_STAGE_ATTEMPTS: u32 = 8;
+/// Default of `shardsend --wait-for`: how long a sender waits in a busy receiver's line.
+pub const DEFAULT_WAIT_FOR: Duration = Duration::from_secs(600);
 /// How long the sender lets its endpoint driver flush CONNECTION_CLOSE before returning.
 const CLOSE_FLUSH: Duration = Duration::from_millis(3);
 
@@ -97,7 +103,30 @@ pub struct SendConfig {
     pub git: GitMode,
     /// How long to wait for the receiver to answer the handshake.
     pub connect_timeout: Duration,
+    /// How long to wait in line when the receiver is at its transfer limit (0: not at all).
+    pub wait_for: Duration,
+    /// Where to report what happens while we wait ([`SendEvent`]).
+    pub events: Option<EventSink>,
 }
+
+/// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
+/// JSON object per line with `--json`, whose stdout holds only the summary).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SendEvent {
+    /// The receiver runs `active` transfers, its `limit`: we wait, `position` in line.
+    Queued {
+        position: u64,
+        active: u64,
+        limit: u64,
+        waited_seconds: f64,
+    },
+    /// The receiver took us after we waited in line.
+    Admitted { waited_seconds: f64 },
+}
+
+/// Receives [`SendEvent`]s.
+pub type EventSink = Arc<dyn Fn(&SendEvent) + Send + Sync>;
 
 /// The `--json` summary.
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +170,8 @@ pub struct SendSummary {
     /// False only for a pre-copy whose source never held still over all its attempts: the
     /// receiver keeps what was verified, and the final pass sends the rest.
     pub complete: bool,
+    /// Seconds spent waiting in the receiver's line (included in `seconds`).
+    pub queued_seconds: f64,
     /// QUIC path statistics of the last attempt, for diagnosing slow links.
     pub quic: QuicStats,
 }
@@ -224,6 +255,7 @@ pub fn stage_backoff(attempt: u32) -> Duration {
 
 #[derive(Default)]
 struct Totals {
+    queued_seconds: f64,
     sent_bytes: u64,
     wire_bytes: u64,
     chunks_sent: u64,
@@ -387,10 +419,30 @@ async fn attempt_once(
             scanned.vanished.join(", ")
         )));
     }
-    let manifest = &scanned.manifest;
     let addr = resolve(&cfg.addr).await?;
     let crypto = client_crypto(&cfg.identity, cfg.peer)?;
     let (endpoint, conn) = crate::quic::connect(addr, crypto, cfg.connect_timeout).await?;
+    let result = attempt_on(cfg, resume, last, totals, scanned, &endpoint, &conn).await;
+    if result.is_err() {
+        // Tell the receiver now (it may hold us in line, or a slot): a process that exits
+        // without CONNECTION_CLOSE is noticed only at its idle timeout.
+        conn.close(1u32.into(), b"sender stopped");
+        let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+    }
+    result
+}
+
+/// The part of an attempt that runs on a connection.
+async fn attempt_on(
+    cfg: &SendConfig,
+    resume: bool,
+    last: bool,
+    totals: &mut Totals,
+    scanned: Scan,
+    endpoint: &quinn::Endpoint,
+    conn: &quinn::Connection,
+) -> Result<SendSummary, Error> {
+    let manifest = &scanned.manifest;
     let (mut ctl_send, mut ctl_recv) = conn
         .open_bi()
         .await
@@ -424,8 +476,59 @@ async fn attempt_once(
     let mut hashes: Vec<Vec<Option<Hash>>> = (0..manifest.entries.len())
         .map(|i| vec![None; manifest.chunk_count(i) as usize])
         .collect();
+    let mut queued_since: Option<Instant> = None;
     let resumed_bytes = loop {
-        match read_control(&mut ctl_recv).await? {
+        let answer = match queued_since {
+            None => read_control(&mut ctl_recv).await?,
+            Some(since) => {
+                let deadline = tokio::time::Instant::from_std(since + cfg.wait_for);
+                match tokio::time::timeout_at(deadline, read_control(&mut ctl_recv)).await {
+                    Ok(answer) => answer?,
+                    Err(_) => {
+                        return Err(Error::Refused {
+                            code: FailCode::Busy,
+                            message: format!(
+                                "the receiver is still at its transfer limit after {:.0} s in \
+                                 line; --wait-for waits longer",
+                                since.elapsed().as_secs_f64()
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        match answer {
+            Some(ControlMsg::Queued {
+                position,
+                active,
+                limit,
+            }) => {
+                let since = *queued_since.get_or_insert_with(Instant::now);
+                if cfg.wait_for.is_zero() {
+                    return Err(Error::Refused {
+                        code: FailCode::Busy,
+                        message: format!(
+                            "receiver is running {active} transfers, its limit \
+                             (--wait-for 0: not waiting in line)"
+                        ),
+                    });
+                }
+                tracing::info!(
+                    position,
+                    active,
+                    limit,
+                    "receiver at its limit: waiting in line"
+                );
+                emit(
+                    cfg,
+                    &SendEvent::Queued {
+                        position,
+                        active,
+                        limit,
+                        waited_seconds: since.elapsed().as_secs_f64(),
+                    },
+                );
+            }
             Some(ControlMsg::Have { file, chunks }) => {
                 let slot = hashes.get_mut(file as usize).ok_or_else(|| {
                     Error::Other(format!("receiver reported unknown entry {file}"))
@@ -436,7 +539,14 @@ async fn attempt_once(
                     }
                 }
             }
-            Some(ControlMsg::Accept { verified_bytes }) => break verified_bytes,
+            Some(ControlMsg::Accept { verified_bytes }) => {
+                if let Some(since) = queued_since {
+                    let waited_seconds = since.elapsed().as_secs_f64();
+                    totals.queued_seconds += waited_seconds;
+                    emit(cfg, &SendEvent::Admitted { waited_seconds });
+                }
+                break verified_bytes;
+            }
             Some(ControlMsg::Fail { code, message }) => {
                 return Err(Error::Refused { code, message })
             }
@@ -602,7 +712,7 @@ async fn attempt_once(
         }
         Ending::Partial => Ok(None),
     });
-    let quic = QuicStats::of(&conn);
+    let quic = QuicStats::of(conn);
     tracing::debug!(?quic, "path statistics");
     conn.close(0u32.into(), b"done");
     // The receiver already answered (installed, staged or failed), so nothing is left to
@@ -655,8 +765,15 @@ async fn attempt_once(
         git: shared.scan.git,
         transient_skipped: shared.scan.transient_skipped,
         complete,
+        queued_seconds: totals.queued_seconds,
         quic,
     })
+}
+
+fn emit(cfg: &SendConfig, event: &SendEvent) {
+    if let Some(sink) = &cfg.events {
+        sink(event);
+    }
 }
 
 fn root_hash(shared: &Shared) -> Result<Hash, Error> {

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
+mod busy_receiver;
 mod live_source;
 mod util;
 
