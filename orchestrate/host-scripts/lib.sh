@@ -63,12 +63,15 @@ install_hook() {
   mv -f "$hooks/shardmove-maintenance.msg.tmp" "$hooks/shardmove-maintenance.msg"
   if ! is_ours "$hooks/pre-receive"; then
     if [ -e "$hooks/pre-receive" ] || [ -L "$hooks/pre-receive" ]; then
-      if [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
+      if [ "$hooks/pre-receive" -ef "$hooks/pre-receive.shardmove-orig" ]; then
+        : # linked by an install that died before its rename: go on from there
+      elif [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
         echo "$hooks/pre-receive.shardmove-orig already exists; not overwriting it" >&2
         exit "$EX_ORIG_EXISTS"
+      else
+        ln -P "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"
+        failpoint hook-install-linked
       fi
-      ln -P "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"
-      failpoint hook-install-linked
     fi
     # The hook's own lines are literal text: their $ must not expand here.
     # shellcheck disable=SC2016
