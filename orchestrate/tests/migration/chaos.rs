@@ -100,7 +100,15 @@ impl Pusher {
                     let home = root.join(format!("t/{name}.git"));
                     let work = dir.join(format!("pusher-{name}"));
                     if !work.exists() {
-                        let clone = git(&dir, &["clone", "-q", &home.display().to_string(), &work.display().to_string()]);
+                        let clone = git(
+                            &dir,
+                            &[
+                                "clone",
+                                "-q",
+                                &home.display().to_string(),
+                                &work.display().to_string(),
+                            ],
+                        );
                         if clone.code != 0 {
                             let _ = std::fs::remove_dir_all(&work);
                             continue;
@@ -110,7 +118,10 @@ impl Pusher {
                     let branch = format!("p{n}");
                     let sha = commit(&work, &branch);
                     let url = home.display().to_string();
-                    let push = git(&work, &["push", "-q", &url, &format!("HEAD:refs/heads/{branch}")]);
+                    let push = git(
+                        &work,
+                        &["push", "-q", &url, &format!("HEAD:refs/heads/{branch}")],
+                    );
                     if push.code == 0 {
                         acked.lock().unwrap().push((name, branch, sha));
                     }
@@ -195,14 +206,30 @@ fn assert_invariants(env: &Env, shards: &Shards, name: &str, own: bool) -> f64 {
     let on_a = shards.a.join(format!("t/{name}.git"));
     // Disk agrees with the registry: B unhooked (its own hook back), A stale.
     let b_hooks = on_b.join("hooks");
-    assert!(!b_hooks.join("shardmove-maintenance.msg").exists(), "{name}: B keeps a message");
-    assert!(!b_hooks.join("pre-receive.shardmove-orig").exists(), "{name}");
+    assert!(
+        !b_hooks.join("shardmove-maintenance.msg").exists(),
+        "{name}: B keeps a message"
+    );
+    assert!(
+        !b_hooks.join("pre-receive.shardmove-orig").exists(),
+        "{name}"
+    );
     let b_hook = std::fs::read_to_string(b_hooks.join("pre-receive")).unwrap_or_default();
-    assert!(!b_hook.contains("shardmove-maintenance-hook"), "{name}: B hooked");
-    assert_eq!(b_hook.contains("the forge's own hook"), own, "{name}: B's own hook");
-    let a_msg = std::fs::read_to_string(on_a.join("hooks/shardmove-maintenance.msg"))
-        .unwrap_or_default();
-    assert!(a_msg.contains("this copy is stale"), "{name}: A's message {a_msg:?}");
+    assert!(
+        !b_hook.contains("shardmove-maintenance-hook"),
+        "{name}: B hooked"
+    );
+    assert_eq!(
+        b_hook.contains("the forge's own hook"),
+        own,
+        "{name}: B's own hook"
+    );
+    let a_msg =
+        std::fs::read_to_string(on_a.join("hooks/shardmove-maintenance.msg")).unwrap_or_default();
+    assert!(
+        a_msg.contains("this copy is stale"),
+        "{name}: A's message {a_msg:?}"
+    );
     git_ok(&on_b, &["fsck", "--no-progress"]);
     let work = env.path(&format!("check-{name}"));
     clone_and_commit(&on_b, &work, "after");
@@ -245,7 +272,11 @@ pub(super) fn every_failpoint_is_taken_over_with_the_invariants(env: &Env) {
             exits[0] == "signal 9",
             kills,
             "{scenario}: the first run {} ({exits:?})",
-            if kills { "must be killed" } else { "must not be killed" }
+            if kills {
+                "must be killed"
+            } else {
+                "must not be killed"
+            }
         );
         let window = assert_invariants(env, &shards, name, own);
         println!("{scenario}: runs {exits:?}, read-only window {window:.3} s");

@@ -57,17 +57,27 @@ fn remote_step_dies_with_its_driver(exec: orchestrate::executor::SshExecutor, pi
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let step = tokio::spawn(async move {
-            orchestrate::executor::run(&exec, &["sh", "-c", &script]).await
-        });
+        let step =
+            tokio::spawn(
+                async move { orchestrate::executor::run(&exec, &["sh", "-c", &script]).await },
+            );
         let t0 = Instant::now();
         while !pid_file.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "remote command never started");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "remote command never started"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let pid = std::fs::read_to_string(&pid_file).expect("pid").trim().to_string();
-        assert!(Path::new(&format!("/proc/{pid}")).exists(), "remote command runs");
+        let pid = std::fs::read_to_string(&pid_file)
+            .expect("pid")
+            .trim()
+            .to_string();
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "remote command runs"
+        );
         // The driver's side goes away (its ssh client is killed with it).
         step.abort();
         let _ = step.await;
