@@ -16,6 +16,7 @@
 
 pub mod daemons;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod executor;
 pub mod failpoint;

@@ -29,7 +29,8 @@ Exit codes:
   7  a command on a shard host failed
   8  registry database error
   9  a migration ended with repositories not moved (rolled back or stuck; the next
-     `migrate` of the same services goes on with it)";
+     `migrate` of the same services goes on with it)
+  10 doctor found problems (left after --fix)";
 
 /// Control plane for moving git repositories between storage shards: registry, maintenance
 /// mode, allocation, clusterize/thaw, daemons. Each runbook step is one command.
@@ -108,6 +109,22 @@ enum Command {
     /// - loopback (not root, namespaces unavailable, or --no-netns): both shard hosts share
     ///   this machine's network, both daemons on 127.0.0.1.
     Demo(DemoArgs),
+    /// Compare every device's disk with the registry: hooks that disagree with maintenance,
+    /// long maintenance, stale copies that take pushes, orphaned staging, moved-aside copies,
+    /// batches whose driver is gone. Exits 10 when problems are left (for a timer).
+    Doctor {
+        /// Repair what is safe (wrong hooks, stale copies without their hook, orphaned
+        /// staging, asides past the retention), never a repository a live batch works on;
+        /// each repair is an event in the audit log.
+        #[arg(long)]
+        fix: bool,
+        /// Report copies in maintenance for longer than this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        max_maintenance: u64,
+        /// Days a moved-aside copy is kept before `--fix` removes it.
+        #[arg(long, default_value_t = 14)]
+        retention_days: u64,
+    },
     /// The audit log (who changed what, when).
     Events {
         /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
@@ -1066,6 +1083,42 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             })
         }
         Command::Migrate(args) => migrate_command(registry, &cli.db, args, json).await,
+        Command::Doctor {
+            fix,
+            max_maintenance,
+            retention_days,
+        } => {
+            let cfg = orchestrate::doctor::DoctorConfig {
+                fix: *fix,
+                max_maintenance: Duration::from_secs(*max_maintenance),
+                retention: Duration::from_secs(retention_days.saturating_mul(86_400)),
+            };
+            let report = orchestrate::doctor::run(registry, &cfg).await?;
+            print(json, &report, |r| {
+                let mut out = String::new();
+                for f in &r.findings {
+                    out += &format!(
+                        "{}\t{:?}\t{}\t{}{}\n",
+                        if f.problem { "PROBLEM" } else { "info" },
+                        f.kind,
+                        f.subject,
+                        f.detail,
+                        f.fixed
+                            .as_deref()
+                            .map(|x| format!(" [fixed: {x}]"))
+                            .unwrap_or_default()
+                    );
+                }
+                out + &format!("{} problems left, {} fixed", r.problems, r.fixed)
+            })?;
+            if report.problems > 0 {
+                return Err(orchestrate::Error::ProblemsFound {
+                    count: report.problems,
+                }
+                .into());
+            }
+            Ok(())
+        }
         Command::Demo(args) => demo_command(args, json).await,
         Command::Events { subject, limit } => print(
             json,

@@ -218,6 +218,23 @@ impl Registry {
         Ok(id)
     }
 
+    /// Every batch that is not done (running or incomplete), oldest first.
+    pub async fn open_batches(&self) -> Result<Vec<BatchRecord>> {
+        let mut conn = self.read_conn().await?;
+        let ids: Vec<i64> = sqlx::query("SELECT id FROM batches WHERE state <> 'done' ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<std::result::Result<_, _>>()?;
+        drop(conn);
+        let mut out = Vec::new();
+        for id in ids {
+            out.push(self.batch(id).await?);
+        }
+        Ok(out)
+    }
+
     /// Batch `id`, with its repositories' names as `spec.repos`.
     pub async fn batch(&self, id: i64) -> Result<BatchRecord> {
         let mut conn = self.read_conn().await?;

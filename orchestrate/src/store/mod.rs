@@ -11,6 +11,19 @@ pub mod journal;
 
 pub use catalog::*;
 
+impl Registry {
+    /// An event on its own (e.g. what `doctor --fix` repaired), in one transaction.
+    pub async fn record_event(
+        &self,
+        action: &str,
+        subject: &str,
+        detail: &str,
+    ) -> crate::Result<()> {
+        let tx = self.begin_write().await?;
+        self.commit_with_event(tx, action, subject, detail).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The SQL of one migration file, as both backends must share it: comments dropped,

@@ -10,7 +10,9 @@ use serde_json::Value;
 use crate::util::{clone_and_commit, commit, git, git_ok, Env, Sshd};
 
 mod chaos;
+mod doctor;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
+use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
 
 crate::contract!(
     migrate_moves_verified_repositories_and_disables_the_old_service,
@@ -19,6 +21,7 @@ crate::contract!(
     killed_orchestrator_is_taken_over_from_the_journal,
     kill_after_thawed_takeover_left_b_read_only,
     every_failpoint_is_taken_over_with_the_invariants,
+    doctor_finds_every_planted_problem_and_fixes_the_safe_ones,
     dry_run_changes_nothing,
     status_page_in_chromium_shows_what_is_read_only_and_why,
 );
