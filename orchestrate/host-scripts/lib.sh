@@ -47,6 +47,12 @@ is_ours() {
   return 1
 }
 
+# same_file A B: whether A and B are one file (hard links; symlinks not followed).
+same_file() {
+  { [ -e "$2" ] || [ -L "$2" ]; } &&
+    [ "$(stat -c %d:%i -- "$1")" = "$(stat -c %d:%i -- "$2")" ]
+}
+
 # hooks_dir REPO: where git looks for REPO's hooks (core.hooksPath honoured).
 hooks_dir() {
   git -C "$1" rev-parse --path-format=absolute --git-path hooks || exit "$EX_GIT"
@@ -63,12 +69,15 @@ install_hook() {
   mv -f "$hooks/shardmove-maintenance.msg.tmp" "$hooks/shardmove-maintenance.msg"
   if ! is_ours "$hooks/pre-receive"; then
     if [ -e "$hooks/pre-receive" ] || [ -L "$hooks/pre-receive" ]; then
-      if [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
+      if same_file "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"; then
+        : # linked by an install that died before its rename: go on from there
+      elif [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
         echo "$hooks/pre-receive.shardmove-orig already exists; not overwriting it" >&2
         exit "$EX_ORIG_EXISTS"
+      else
+        ln -P "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"
+        failpoint hook-install-linked
       fi
-      ln -P "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"
-      failpoint hook-install-linked
     fi
     # The hook's own lines are literal text: their $ must not expand here.
     # shellcheck disable=SC2016
@@ -167,4 +176,53 @@ create_bare() {
   if [ -e "$1" ]; then echo "$1 already exists" >&2; exit "$EX_EXISTS"; fi
   mkdir -p "$(dirname "$1")"
   git init --bare --quiet "$1" || exit "$EX_GIT"
+}
+
+# doctor_scan ROOT REL...: what shardmove doctor compares with the registry, one tab-separated
+# line per finding (values never contain a tab or a newline: paths come from the registry,
+# messages are cut at their first line):
+#   repo REL present|missing ours|own|none MESSAGE   for each REL under ROOT
+#   staging NAME locked|free MTIME                   for each transfer staging directory
+#   aside PATH MTIME                                 for each *.replaced-* / *.rolled-back-*
+doctor_scan() {
+  root=$1
+  shift
+  tab=$(printf '\t')
+  for rel in "$@"; do
+    repo="$root/$rel"
+    if [ ! -d "$repo" ]; then
+      printf 'repo\t%s\tmissing\tnone\t\n' "$rel"
+      continue
+    fi
+    hooks=$(git -C "$repo" rev-parse --path-format=absolute --git-path hooks 2>/dev/null) || hooks="$repo/hooks"
+    hook=none
+    if is_ours "$hooks/pre-receive"; then
+      hook=ours
+    elif [ -e "$hooks/pre-receive" ]; then
+      hook=own
+    fi
+    msg=
+    if [ -r "$hooks/shardmove-maintenance.msg" ]; then
+      IFS= read -r msg < "$hooks/shardmove-maintenance.msg" || true
+    fi
+    case $msg in *"$tab"*) msg=$(printf '%s' "$msg" | tr '\t' ' ') ;; esac
+    printf 'repo\t%s\tpresent\t%s\t%s\n' "$rel" "$hook" "$msg"
+  done
+  if [ -d "$root/.shardrecv" ]; then
+    for dir in "$root"/.shardrecv/*; do
+      [ -d "$dir" ] || continue
+      if flock -n "$dir/lock" true 2>/dev/null; then lock=free; else lock=locked; fi
+      printf 'staging\t%s\t%s\t%s\n' "${dir##*/}" "$lock" "$(stat -c %Y "$dir")"
+    done
+  fi
+  find "$root" -maxdepth 4 -path "$root/.shardrecv" -prune -o \
+    \( -name '*.replaced-*' -o -name '*.rolled-back-*' \) -prune -print 2>/dev/null |
+    while IFS= read -r path; do
+      printf 'aside\t%s\t%s\n' "$path" "$(stat -c %Y "$path")"
+    done
+}
+
+# remove_staging DIR: a transfer's staging directory removed, unless a transfer holds it.
+remove_staging() {
+  if [ -d "$1" ]; then flock -n "$1/lock" rm -rf "$1" || exit "$EX_MISSING"; fi
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::daemons::{self, WorkerConfig};
+use crate::doctor::DoctorConfig;
 use crate::error::{Error, Result};
 use crate::migrate::host::HostConfig;
 use crate::migrate::{BatchSpec, MigrateConfig};
@@ -33,7 +34,8 @@ Exit codes:
   7  a command on a shard host failed
   8  registry database error
   9  a migration ended with repositories not moved (rolled back or stuck; the next
-     `migrate` of the same services goes on with it)";
+     `migrate` of the same services goes on with it)
+  10 doctor found problems (left after --fix)";
 
 /// Control plane for moving git repositories between storage shards: registry, maintenance
 /// mode, allocation, clusterize/thaw, daemons. Each runbook step is one command.
@@ -113,6 +115,10 @@ pub enum Command {
     /// - loopback (not root, namespaces unavailable, or --no-netns): both shard hosts share
     ///   this machine's network, both daemons on 127.0.0.1.
     Demo(DemoArgs),
+    /// Compare every device's disk with the registry: hooks that disagree with maintenance,
+    /// long maintenance, stale copies that take pushes, orphaned staging, moved-aside copies,
+    /// batches whose driver is gone. Exits 10 when problems are left (for a timer).
+    Doctor(DoctorArgs),
     /// The audit log (who changed what, when).
     Events {
         /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
@@ -122,6 +128,33 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u64,
     },
+}
+
+/// `doctor`'s arguments.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Repair what is safe (wrong hooks, stale copies without their hook, orphaned
+    /// staging, asides past the retention), never a repository a live batch works on;
+    /// each repair is an event in the audit log.
+    #[arg(long)]
+    pub fix: bool,
+    /// Report copies in maintenance for longer than this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub max_maintenance: u64,
+    /// Days a moved-aside copy is kept before `--fix` removes it.
+    #[arg(long, default_value_t = 14)]
+    pub retention_days: u64,
+}
+
+impl DoctorArgs {
+    /// What the doctor looks for and may repair.
+    pub fn config(&self) -> DoctorConfig {
+        DoctorConfig {
+            fix: self.fix,
+            max_maintenance: Duration::from_secs(self.max_maintenance),
+            retention: Duration::from_secs(self.retention_days.saturating_mul(86_400)),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -529,6 +562,27 @@ pub struct DemoArgs {
     pub no_netns: bool,
 }
 
+#[cfg(feature = "demo")]
+impl DemoArgs {
+    /// The demo's configuration; `bin_dir` holds `shardsend` and `shardrecv` (beside this
+    /// binary). `--repos 0` and `--parallel 0` mean 1.
+    pub fn config(&self, bin_dir: PathBuf) -> crate::demo::DemoConfig {
+        use crate::demo::{DemoConfig, NetworkChoice};
+        DemoConfig {
+            bin_dir,
+            dir: self.dir.clone(),
+            repos: self.repos.max(1),
+            parallel: self.parallel.max(1),
+            keep_serving: self.keep_serving,
+            network: if self.no_netns {
+                NetworkChoice::Loopback
+            } else {
+                NetworkChoice::Auto
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -555,9 +609,10 @@ mod tests {
             exit_code::HOST_COMMAND,
             exit_code::DATABASE,
             exit_code::MIGRATION_INCOMPLETE,
+            exit_code::PROBLEMS_FOUND,
         ] {
             assert!(
-                AFTER_HELP.contains(&format!("\n  {code}  ")),
+                AFTER_HELP.contains(&format!("\n  {code:<2} ")),
                 "exit code {code} is not in --help"
             );
         }
@@ -690,6 +745,43 @@ mod tests {
         assert!(
             Cli::try_parse_from(["shardmove", "observe", "--daemon", "--instance", "t"]).is_err()
         );
+    }
+
+    #[cfg(feature = "demo")]
+    #[test]
+    fn demo_args_become_its_config() {
+        use crate::demo::NetworkChoice;
+        let Command::Demo(args) = parse(&["demo", "--repos", "0", "--no-netns"]) else {
+            panic!("not demo");
+        };
+        let cfg = args.config(PathBuf::from("/opt/bin"));
+        assert_eq!(cfg.bin_dir, PathBuf::from("/opt/bin"));
+        assert_eq!((cfg.repos, cfg.parallel, cfg.dir), (1, 2, None));
+        assert!(matches!(cfg.network, NetworkChoice::Loopback));
+        let Command::Demo(auto) = parse(&["demo"]) else {
+            panic!("not demo");
+        };
+        assert!(matches!(
+            auto.config(PathBuf::new()).network,
+            NetworkChoice::Auto
+        ));
+        assert_eq!(auto.config(PathBuf::new()).repos, 6);
+    }
+
+    #[test]
+    fn doctor_args_become_its_config() {
+        let Command::Doctor(args) = parse(&["doctor", "--fix", "--retention-days", "2"]) else {
+            panic!("not doctor");
+        };
+        let cfg = args.config();
+        assert!(cfg.fix);
+        assert_eq!(cfg.max_maintenance, Duration::from_secs(3600));
+        assert_eq!(cfg.retention, Duration::from_secs(2 * 86_400));
+        let Command::Doctor(huge) = parse(&["doctor", "--retention-days", &u64::MAX.to_string()])
+        else {
+            panic!("not doctor");
+        };
+        assert_eq!(huge.config().retention, Duration::from_secs(u64::MAX));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod daemons;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod executor;
 pub mod failpoint;

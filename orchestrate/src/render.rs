@@ -32,9 +32,9 @@ pub fn utc(unix: i64) -> String {
     )
 }
 
-/// A live progress line of `migrate`/`demo`: `HH:MM:SS.mmm LINE`, `since_epoch` being the
-/// time since the unix epoch.
-pub fn progress_line(since_epoch: std::time::Duration, line: &str) -> String {
+/// A live progress line of `migrate`/`demo`: `HH:MM:SS.mmm LINE` (UTC) at time `at`.
+pub fn progress_line(at: std::time::SystemTime, line: &str) -> String {
+    let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
     format!(
         "{}.{:03} {line}",
@@ -348,6 +348,26 @@ pub fn clusterized(c: &Clusterized) -> String {
     }
 }
 
+/// `doctor`: one tab-separated line per finding (`PROBLEM` or `info`, kind, subject, detail,
+/// what `--fix` did), then the counts.
+pub fn doctor(report: &crate::doctor::Report) -> String {
+    let mut out = String::new();
+    for f in &report.findings {
+        out += &format!(
+            "{}\t{:?}\t{}\t{}{}\n",
+            if f.problem { "PROBLEM" } else { "info" },
+            f.kind,
+            f.subject,
+            f.detail,
+            f.fixed
+                .as_deref()
+                .map(|x| format!(" [fixed: {x}]"))
+                .unwrap_or_default()
+        );
+    }
+    out + &format!("{} problems left, {} fixed", report.problems, report.fixed)
+}
+
 /// `migrate status`, and the head of `migrate`'s and `demo`'s summaries: the batch, then
 /// one tab-separated line per repository.
 pub fn migration(st: &MigrationStatus) -> String {
@@ -457,7 +477,10 @@ mod tests {
         assert_eq!(utc(T), "2026-11-25 15:44:30 UTC");
         assert_eq!(utc(-1), "1969-12-31 23:59:59 UTC");
         assert_eq!(
-            progress_line(std::time::Duration::from_millis(T as u64 * 1000 + 7), "go"),
+            progress_line(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(T as u64 * 1000 + 7),
+                "go"
+            ),
             "15:44:30.007 go"
         );
     }
@@ -716,6 +739,43 @@ mod tests {
             }]),
             "2026-11-25 15:44:30 UTC\tops\trepo.create\trepo:t/r\tservice=a devices=a1\n"
         );
+    }
+
+    #[test]
+    fn doctor_findings_and_counts() {
+        use crate::doctor::{Finding, Kind, Report};
+        let report = Report {
+            findings: vec![
+                Finding {
+                    kind: Kind::StaleCopyWritable,
+                    subject: "a1:/srv/a/t/r.git".into(),
+                    detail: "takes pushes".into(),
+                    problem: true,
+                    fixed: Some("hook installed".into()),
+                },
+                Finding {
+                    kind: Kind::Aside,
+                    subject: "b1:/srv/b/t/r.git.replaced-1".into(),
+                    detail: "3 days old".into(),
+                    problem: false,
+                    fixed: None,
+                },
+            ],
+            problems: 0,
+            fixed: 1,
+        };
+        assert_eq!(
+            doctor(&report),
+            "PROBLEM\tStaleCopyWritable\ta1:/srv/a/t/r.git\ttakes pushes [fixed: hook installed]\n\
+             info\tAside\tb1:/srv/b/t/r.git.replaced-1\t3 days old\n\
+             0 problems left, 1 fixed"
+        );
+        let clean = Report {
+            findings: vec![],
+            problems: 0,
+            fixed: 0,
+        };
+        assert_eq!(doctor(&clean), "0 problems left, 0 fixed");
     }
 
     fn status() -> MigrationStatus {

@@ -35,10 +35,16 @@ pub enum Script {
     VerifySince,
     /// `REPO`: a new bare repository.
     CreateBare,
+    /// `ROOT REL...`: what `shardmove doctor` compares with the registry.
+    DoctorScan,
+    /// `DIR`: a transfer's staging directory removed unless a transfer holds it.
+    RemoveStaging,
+    /// `PATH`: a `*.replaced-*` / `*.rolled-back-*` copy removed.
+    RemoveAside,
 }
 
 impl Script {
-    pub const ALL: [Script; 8] = [
+    pub const ALL: [Script; 11] = [
         Script::InstallHook,
         Script::RemoveHook,
         Script::WaitIdle,
@@ -47,6 +53,9 @@ impl Script {
         Script::FsckConnectivity,
         Script::VerifySince,
         Script::CreateBare,
+        Script::DoctorScan,
+        Script::RemoveStaging,
+        Script::RemoveAside,
     ];
 
     /// Its name (`$0` on the host, and what error messages show).
@@ -60,6 +69,9 @@ impl Script {
             Script::FsckConnectivity => "fsck-connectivity",
             Script::VerifySince => "verify-since",
             Script::CreateBare => "create-bare",
+            Script::DoctorScan => "doctor-scan",
+            Script::RemoveStaging => "remove-staging",
+            Script::RemoveAside => "remove-aside",
         }
     }
 
@@ -75,6 +87,9 @@ impl Script {
             Script::FsckConnectivity => include_str!("../host-scripts/fsck-connectivity.sh"),
             Script::VerifySince => include_str!("../host-scripts/verify-since.sh"),
             Script::CreateBare => include_str!("../host-scripts/create-bare.sh"),
+            Script::DoctorScan => include_str!("../host-scripts/doctor-scan.sh"),
+            Script::RemoveStaging => include_str!("../host-scripts/remove-staging.sh"),
+            Script::RemoveAside => include_str!("../host-scripts/remove-aside.sh"),
         }
     }
 

@@ -9,9 +9,11 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the data flow and invariants.
 
+pub mod admission;
 pub mod cli;
 pub mod compress;
 pub mod error;
+pub mod gitdir;
 pub mod identity;
 pub mod io;
 pub mod manifest;

@@ -3,9 +3,12 @@
 //! One task per connection runs one transfer:
 //! 1. control stream: `Hello` + entries + `ManifestEnd`, validated by
 //!    [`crate::manifest::ManifestBuilder`] before anything touches the disk;
-//! 2. the destination is claimed (in-process map, then the staging `flock`), free space is
-//!    checked, staging is prepared ([`crate::staging`]) and what an earlier attempt verified
-//!    is reported back (`Have`*, `Accept`);
+//! 2. the destination is claimed (in-process map); the transfer waits for one of the
+//!    `max_transfers` slots, first come first served, telling a version 2 sender its place
+//!    (`Queued`; see [`crate::admission`] for why the receiver queues rather than refuses);
+//!    then the staging `flock` is taken, free space is checked, staging is prepared
+//!    ([`crate::staging`]) and what an earlier attempt verified is reported back (`Have`*,
+//!    `Accept`);
 //! 3. data streams carry chunk frames: header checked ([`crate::tracker`]), payload decoded,
 //!    hashed, compared, written with a positioned write, journaled; a mismatch asks for the
 //!    chunk again (`Retry`) up to [`MAX_CHUNK_ATTEMPTS`] times;
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
+use crate::admission::{Admission, Admissions, QueueFull, Ticket};
 use crate::compress::decompress_into;
 use crate::error::Error;
 use crate::identity::{server_crypto, AllowList, Fingerprint, Identity};
@@ -30,7 +34,9 @@ use crate::io::{read_chunk_header, read_control, read_payload, write_control, wr
 use crate::manifest::{Manifest, ManifestBuilder};
 use crate::staging::{PrepareError, Staging};
 use crate::tracker::{ChunkState, ChunkTracker};
-use crate::wire::{hex, ChunkHeader, Codec, ControlMsg, FailCode, Hash, MAX_HAVE_PER_FRAME};
+use crate::wire::{
+    hex, ChunkHeader, Codec, ControlMsg, FailCode, Hash, MAX_HAVE_PER_FRAME, QUEUED_SINCE_VERSION,
+};
 
 /// A chunk failing verification this many times fails the transfer.
 pub const MAX_CHUNK_ATTEMPTS: u32 = 3;
@@ -41,9 +47,18 @@ pub struct ServeConfig {
     pub root: PathBuf,
     pub identity: Identity,
     pub allow: AllowList,
-    /// Transfers served at once; more are refused as busy.
+    /// Transfers served at once; more wait in line.
     pub max_transfers: usize,
+    /// Transfers waiting in line at most; more are refused as busy.
+    pub max_queued: usize,
 }
+
+/// Default of `shardrecv serve --max-transfers`.
+pub const DEFAULT_MAX_TRANSFERS: usize = 32;
+/// Default of `shardrecv serve --max-queued`.
+pub const DEFAULT_MAX_QUEUED: usize = 512;
+/// A waiting sender hears from us at least this often (and whenever its place changes).
+const QUEUE_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// A running receiver; `local_addr` is useful when listening on port 0.
 pub struct Receiver {
@@ -53,8 +68,12 @@ pub struct Receiver {
 
 struct Shared {
     root: PathBuf,
-    max_transfers: usize,
-    /// Destinations being received now, with the sender and connection holding each.
+    /// Transfer slots and the line of transfers waiting for one.
+    admissions: Mutex<Admissions>,
+    /// Woken whenever the line moves (a slot freed, a transfer admitted, a waiter left).
+    line_moved: Notify,
+    /// Destinations being received or waiting now, with the sender and connection holding
+    /// each.
     active: Mutex<HashMap<Vec<u8>, ActiveTransfer>>,
 }
 
@@ -77,10 +96,23 @@ impl Receiver {
             endpoint,
             shared: Arc::new(Shared {
                 root,
-                max_transfers: cfg.max_transfers.max(1),
+                admissions: Mutex::new(Admissions::new(
+                    cfg.max_transfers.max(1) as u64,
+                    cfg.max_queued as u64,
+                )),
+                line_moved: Notify::new(),
                 active: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// The most transfers that were ever active at once (never above `max_transfers`).
+    pub fn max_active(&self) -> u64 {
+        self.shared
+            .admissions
+            .lock()
+            .map(|a| a.max_active())
+            .unwrap_or(0)
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
@@ -120,6 +152,10 @@ impl Receiver {
         }
         self.endpoint.close(0u32.into(), b"receiver shutting down");
         self.endpoint.wait_idle().await;
+        tracing::info!(
+            max_active = self.max_active(),
+            "stopped; most transfers active at once"
+        );
     }
 }
 
@@ -159,6 +195,136 @@ async fn fail(send: &mut quinn::SendStream, code: FailCode, message: String) -> 
     Error::Refused { code, message }
 }
 
+/// One of the receiver's transfer slots, held while a transfer runs.
+struct Slot {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.shared.admissions.lock() {
+            a.release();
+        }
+        self.shared.line_moved.notify_waiters();
+    }
+}
+
+/// A place in line; leaves the line when dropped before being admitted (the sender went
+/// away, or the task was cancelled).
+struct Waiter {
+    shared: Arc<Shared>,
+    ticket: Ticket,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let left = self
+            .shared
+            .admissions
+            .lock()
+            .map(|mut a| a.cancel(self.ticket))
+            .unwrap_or(false);
+        if left {
+            self.shared.line_moved.notify_waiters();
+        }
+    }
+}
+
+/// Waits for a transfer slot, first come first served, telling a sender that understands
+/// it (`tell`) its place in line. Fails only when the line is full or the sender left.
+async fn admit(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    tell: bool,
+    dest: &str,
+) -> Result<Slot, Error> {
+    let ticket = match shared.admissions.lock() {
+        Ok(mut a) => a.enqueue(),
+        Err(_) => return Err(Error::Other("admission lock poisoned".into())),
+    };
+    let ticket = match ticket {
+        Ok(t) => t,
+        Err(QueueFull { queued }) => {
+            return Err(fail(
+                send,
+                FailCode::Busy,
+                format!(
+                    "receiver is at its transfer limit and {queued} transfers already wait                      in line, its limit; retry later"
+                ),
+            )
+            .await)
+        }
+    };
+    let waiter = Waiter {
+        shared: shared.clone(),
+        ticket,
+    };
+    let mut told: Option<(u64, Instant)> = None;
+    loop {
+        let line_moved = shared.line_moved.notified();
+        tokio::pin!(line_moved);
+        line_moved.as_mut().enable();
+        let (admission, active, limit, queued, max_active) = {
+            let mut a = shared
+                .admissions
+                .lock()
+                .map_err(|_| Error::Other("admission lock poisoned".into()))?;
+            (
+                a.poll(ticket),
+                a.active(),
+                a.limit(),
+                a.queued(),
+                a.max_active(),
+            )
+        };
+        match admission {
+            Admission::Admitted => {
+                // Out of the line (dropping the waiter cancels nothing now); the others
+                // moved up.
+                drop(waiter);
+                shared.line_moved.notify_waiters();
+                tracing::info!(dest, active, limit, queued, max_active, "transfer admitted");
+                return Ok(Slot {
+                    shared: shared.clone(),
+                });
+            }
+            Admission::Waiting { position } => {
+                let due =
+                    told.is_none_or(|(p, at)| p != position || at.elapsed() >= QUEUE_HEARTBEAT);
+                if due {
+                    if told.is_none() {
+                        tracing::info!(
+                            dest,
+                            position,
+                            active,
+                            limit,
+                            "at the transfer limit: waiting in line"
+                        );
+                    }
+                    if tell {
+                        let msg = ControlMsg::Queued {
+                            position,
+                            active,
+                            limit,
+                        };
+                        write_control(send, &msg).await?;
+                    }
+                    told = Some((position, Instant::now()));
+                }
+                tokio::select! {
+                    () = &mut line_moved => {}
+                    () = tokio::time::sleep(QUEUE_HEARTBEAT) => {}
+                    reason = conn.closed() => {
+                        drop(waiter);
+                        return Err(Error::Interrupted(format!("sender left the line: {reason}")));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// How long a resumed attempt waits for the attempt it supersedes to let go.
 const SUPERSEDE_WAIT: Duration = Duration::from_secs(10);
 
@@ -182,12 +348,6 @@ async fn claim(
                 .lock()
                 .map_err(|_| "internal error: lock poisoned".to_string())?;
             match active.get(dest) {
-                None if active.len() >= shared.max_transfers => {
-                    return Err(format!(
-                        "receiver is running {} transfers, its limit; retry later",
-                        active.len()
-                    ))
-                }
                 None => {
                     active.insert(
                         dest.to_vec(),
@@ -254,11 +414,13 @@ async fn handle_connection(
         Err(e) => return Err(fail(&mut send, FailCode::BadRequest, e.to_string()).await),
     };
 
-    // Claim the destination before reading a possibly long manifest.
-    let _claim = match claim(&shared, &hello.dest, peer, hello.resume, &conn).await {
+    // Claim the destination before reading a possibly long manifest, then wait for a slot.
+    let claim = match claim(&shared, &hello.dest, peer, hello.resume, &conn).await {
         Ok(c) => c,
         Err(msg) => return Err(fail(&mut send, FailCode::Busy, msg).await),
     };
+    let tell = hello.version >= QUEUED_SINCE_VERSION;
+    let slot = admit(&shared, &conn, &mut send, tell, &dest_text).await?;
 
     let manifest = loop {
         match read_control(&mut recv).await? {
@@ -342,6 +504,8 @@ async fn handle_connection(
         progress: Notify::new(),
         wire_bytes: std::sync::atomic::AtomicU64::new(0),
         failure: Mutex::new(None),
+        _slot: slot,
+        _claim: claim,
     });
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<ControlMsg>();
     let acceptor = tokio::spawn(accept_data_streams(conn.clone(), state.clone(), retry_tx));
@@ -469,6 +633,11 @@ struct TransferState {
     progress: Notify,
     wire_bytes: std::sync::atomic::AtomicU64,
     failure: Mutex<Option<(FailCode, String)>>,
+    /// Released last (fields drop in order): only once the staging lock is gone may the
+    /// next attempt of this destination (a sender restarting with `--resume`) claim it,
+    /// however long aborted data-stream tasks keep this state alive.
+    _slot: Slot,
+    _claim: Claim,
 }
 
 impl TransferState {

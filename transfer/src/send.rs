@@ -10,6 +10,10 @@
 //! `resume`, so the changed file is re-sent whole while everything else is kept. Otherwise
 //! `Done` carries our root hash and we wait for `Installed`.
 //!
+//! A receiver at its transfer limit puts us in line and says where we stand (`Queued`,
+//! protocol version 2; see [`crate::admission`]): we report it ([`SendEvent`]) and wait, up to
+//! `wait_for`, for its `Accept`.
+//!
 //! Resume never re-reads verified data: the root hash uses the chunk hashes the receiver
 //! reports, which it journaled only after they matched the hashes we sent at the time.
 //!
@@ -20,7 +24,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,9 +34,10 @@ use tokio::sync::Notify;
 
 use crate::compress::{AutoDecider, CodecSample, CompressPolicy, Decision};
 use crate::error::Error;
+use crate::gitdir::GitMode;
 use crate::identity::{client_crypto, Fingerprint, Identity};
 use crate::io::{read_control, write_control, write_controls, RateLimiter};
-use crate::scan::{changed_since_scan, scan, Scan};
+use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
 use crate::wire::{
     hex, ChunkHeader, Codec, ControlMsg, EntryKind, FailCode, Hash, Hello, RootHasher,
     PROTOCOL_VERSION,
@@ -43,8 +48,16 @@ use crate::wire::{
 pub const DEFAULT_CHUNK_SIZE: u64 = 2 << 20;
 /// Default number of parallel data streams.
 pub const DEFAULT_STREAMS: usize = 4;
-/// Attempts made when the source keeps changing under us.
+/// Attempts of an installing pass when the source keeps changing under us (it should be
+/// frozen: changes mean someone is still writing).
 pub const MAX_ATTEMPTS: u32 = 3;
+/// Attempts of a pre-copy (`--stage-only`) whose source files vanish while being read (a
+/// `git gc` deleting packs it has just rewritten). Each attempt re-sends only what changed,
+/// after a pause that lets the gc finish ([`stage_backoff`]); if the source still has not
+/// held still, the last attempt ends with a partial pre-copy rather than an error.
+pub const MAX_STAGE_ATTEMPTS: u32 = 8;
+/// Default of `shardsend --wait-for`: how long a sender waits in a busy receiver's line.
+pub const DEFAULT_WAIT_FOR: Duration = Duration::from_secs(600);
 /// How long the sender lets its endpoint driver flush CONNECTION_CLOSE before returning.
 const CLOSE_FLUSH: Duration = Duration::from_millis(3);
 
@@ -86,9 +99,34 @@ pub struct SendConfig {
     pub fault: Option<Fault>,
     /// Verify into the receiver's staging area without installing (pre-copy).
     pub stage_only: bool,
+    /// Git directory rules ([`crate::gitdir`]).
+    pub git: GitMode,
     /// How long to wait for the receiver to answer the handshake.
     pub connect_timeout: Duration,
+    /// How long to wait in line when the receiver is at its transfer limit (0: not at all).
+    pub wait_for: Duration,
+    /// Where to report what happens while we wait ([`SendEvent`]).
+    pub events: Option<EventSink>,
 }
+
+/// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
+/// JSON object per line with `--json`, whose stdout holds only the summary).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SendEvent {
+    /// The receiver runs `active` transfers, its `limit`: we wait, `position` in line.
+    Queued {
+        position: u64,
+        active: u64,
+        limit: u64,
+        waited_seconds: f64,
+    },
+    /// The receiver took us after we waited in line.
+    Admitted { waited_seconds: f64 },
+}
+
+/// Receives [`SendEvent`]s.
+pub type EventSink = Arc<dyn Fn(&SendEvent) + Send + Sync>;
 
 /// The `--json` summary (read back by `shardmove`, hence `Deserialize`).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -125,6 +163,15 @@ pub struct SendSummary {
     pub root_hash: String,
     pub attempts: u32,
     pub skipped: Vec<String>,
+    /// True when the source was sent as a git directory (transient files left out).
+    pub git: bool,
+    /// git's transient files and directories left out (quarantines, locks, temporary packs).
+    pub transient_skipped: u64,
+    /// False only for a pre-copy whose source never held still over all its attempts: the
+    /// receiver keeps what was verified, and the final pass sends the rest.
+    pub complete: bool,
+    /// Seconds spent waiting in the receiver's line (included in `seconds`).
+    pub queued_seconds: f64,
     /// QUIC path statistics of the last attempt, for diagnosing slow links.
     pub quic: QuicStats,
 }
@@ -167,28 +214,48 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
     let started = Instant::now();
     let mut resume = cfg.resume;
     let mut totals = Totals::default();
-    for attempt in 1..=MAX_ATTEMPTS {
-        match attempt_once(cfg, resume, &mut totals).await {
+    let max_attempts = if cfg.stage_only {
+        MAX_STAGE_ATTEMPTS
+    } else {
+        MAX_ATTEMPTS
+    };
+    let mut attempt = 1;
+    loop {
+        let last = attempt >= max_attempts;
+        match attempt_once(cfg, resume, last, &mut totals).await {
             Ok(mut summary) => {
                 summary.attempts = attempt;
                 summary.seconds = started.elapsed().as_secs_f64();
                 summary.mb_per_s = summary.bytes as f64 / summary.seconds.max(1e-9) / 1e6;
                 return Ok(summary);
             }
-            Err(Error::SourceChanged(paths)) if attempt < MAX_ATTEMPTS => {
-                tracing::warn!(%paths, attempt, "source changed during the send; resending changed files whole");
+            Err(Error::SourceChanged(paths)) if !last => {
+                tracing::warn!(%paths, attempt, "source changed during the send; resending changed files");
                 resume = true;
+                if cfg.stage_only {
+                    tokio::time::sleep(stage_backoff(attempt)).await;
+                }
+                attempt += 1;
+            }
+            Err(Error::SourceChanged(paths)) => {
+                return Err(Error::SourceChanged(format!(
+                    "the source kept changing over {max_attempts} attempts (last: {paths}); \
+                     freeze it (maintenance mode) and retry"
+                )))
             }
             Err(e) => return Err(e),
         }
     }
-    Err(Error::SourceChanged(format!(
-        "the source kept changing over {MAX_ATTEMPTS} attempts; freeze it (maintenance mode) and retry"
-    )))
+}
+
+/// Pause before pre-copy attempt `attempt + 1`: 100 ms, doubling, at most 2 s.
+pub fn stage_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(2))
 }
 
 #[derive(Default)]
 struct Totals {
+    queued_seconds: f64,
     sent_bytes: u64,
     wire_bytes: u64,
     chunks_sent: u64,
@@ -279,8 +346,15 @@ impl WorkQueue {
     }
 }
 
-/// What the receiver reported on success: its root hash, installed path, replaced path.
-type Installed = (Hash, Vec<u8>, Option<Vec<u8>>);
+/// How an attempt ended, when it did not fail.
+enum Ending {
+    /// The receiver verified everything: its root hash, installed path (empty when staged),
+    /// replaced path.
+    Verified(Hash, Vec<u8>, Option<Vec<u8>>),
+    /// A pre-copy's last attempt, with sources that vanished: the receiver keeps what it
+    /// verified for the final pass.
+    Partial,
+}
 
 /// State shared by the workers and the control loop of one attempt.
 struct Shared {
@@ -296,6 +370,9 @@ struct Shared {
     fault: Option<Fault>,
     fault_target: Option<(u64, u64)>,
     fault_fired: std::sync::atomic::AtomicBool,
+    /// Sources that vanished or shrank when their chunk was read: this attempt cannot
+    /// complete, the next one re-scans.
+    vanished: Mutex<Vec<String>>,
     started: Instant,
     /// Chunk buffers shared by the encoders; at most one spare per stream is kept.
     pool: crate::io::BufferPool,
@@ -318,20 +395,54 @@ async fn resolve(addr: &str) -> Result<std::net::SocketAddr, Error> {
     })
 }
 
+/// One attempt: scan, handshake, send, and the receiver's verdict. `last` is the last
+/// attempt a pre-copy gets: one whose source files vanish then ends partial, not failed.
 async fn attempt_once(
     cfg: &SendConfig,
     resume: bool,
+    last: bool,
     totals: &mut Totals,
 ) -> Result<SendSummary, Error> {
     let src = cfg.src.clone();
-    let chunk_size = cfg.chunk_size;
-    let scanned = tokio::task::spawn_blocking(move || scan(&src, chunk_size))
+    let opts = ScanOptions {
+        chunk_size: cfg.chunk_size,
+        git: cfg.git,
+    };
+    let scanned = tokio::task::spawn_blocking(move || scan(&src, opts))
         .await
         .map_err(|e| Error::Other(e.to_string()))??;
-    let manifest = &scanned.manifest;
+    // An installing pass needs a frozen source: something vanishing while we list it means
+    // it is not. A pre-copy just leaves the vanished entries out.
+    if !scanned.vanished.is_empty() && !cfg.stage_only {
+        return Err(Error::SourceChanged(format!(
+            "{} vanished during the scan",
+            scanned.vanished.join(", ")
+        )));
+    }
     let addr = resolve(&cfg.addr).await?;
     let crypto = client_crypto(&cfg.identity, cfg.peer)?;
     let (endpoint, conn) = crate::quic::connect(addr, crypto, cfg.connect_timeout).await?;
+    let result = attempt_on(cfg, resume, last, totals, scanned, &endpoint, &conn).await;
+    if result.is_err() {
+        // Tell the receiver now (it may hold us in line, or a slot): a process that exits
+        // without CONNECTION_CLOSE is noticed only at its idle timeout.
+        conn.close(1u32.into(), b"sender stopped");
+        let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+    }
+    result
+}
+
+/// The part of an attempt that runs on a connection.
+async fn attempt_on(
+    cfg: &SendConfig,
+    resume: bool,
+    last: bool,
+    totals: &mut Totals,
+    scanned: Scan,
+    endpoint: &quinn::Endpoint,
+    conn: &quinn::Connection,
+) -> Result<SendSummary, Error> {
+    let manifest = &scanned.manifest;
     let (mut ctl_send, mut ctl_recv) = conn
         .open_bi()
         .await
@@ -365,8 +476,59 @@ async fn attempt_once(
     let mut hashes: Vec<Vec<Option<Hash>>> = (0..manifest.entries.len())
         .map(|i| vec![None; manifest.chunk_count(i) as usize])
         .collect();
+    let mut queued_since: Option<Instant> = None;
     let resumed_bytes = loop {
-        match read_control(&mut ctl_recv).await? {
+        let answer = match queued_since {
+            None => read_control(&mut ctl_recv).await?,
+            Some(since) => {
+                let deadline = tokio::time::Instant::from_std(since + cfg.wait_for);
+                match tokio::time::timeout_at(deadline, read_control(&mut ctl_recv)).await {
+                    Ok(answer) => answer?,
+                    Err(_) => {
+                        return Err(Error::Refused {
+                            code: FailCode::Busy,
+                            message: format!(
+                                "the receiver is still at its transfer limit after {:.0} s in \
+                                 line; --wait-for waits longer",
+                                since.elapsed().as_secs_f64()
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        match answer {
+            Some(ControlMsg::Queued {
+                position,
+                active,
+                limit,
+            }) => {
+                let since = *queued_since.get_or_insert_with(Instant::now);
+                if cfg.wait_for.is_zero() {
+                    return Err(Error::Refused {
+                        code: FailCode::Busy,
+                        message: format!(
+                            "receiver is running {active} transfers, its limit \
+                             (--wait-for 0: not waiting in line)"
+                        ),
+                    });
+                }
+                tracing::info!(
+                    position,
+                    active,
+                    limit,
+                    "receiver at its limit: waiting in line"
+                );
+                emit(
+                    cfg,
+                    &SendEvent::Queued {
+                        position,
+                        active,
+                        limit,
+                        waited_seconds: since.elapsed().as_secs_f64(),
+                    },
+                );
+            }
             Some(ControlMsg::Have { file, chunks }) => {
                 let slot = hashes.get_mut(file as usize).ok_or_else(|| {
                     Error::Other(format!("receiver reported unknown entry {file}"))
@@ -377,7 +539,14 @@ async fn attempt_once(
                     }
                 }
             }
-            Some(ControlMsg::Accept { verified_bytes }) => break verified_bytes,
+            Some(ControlMsg::Accept { verified_bytes }) => {
+                if let Some(since) = queued_since {
+                    let waited_seconds = since.elapsed().as_secs_f64();
+                    totals.queued_seconds += waited_seconds;
+                    emit(cfg, &SendEvent::Admitted { waited_seconds });
+                }
+                break verified_bytes;
+            }
             Some(ControlMsg::Fail { code, message }) => {
                 return Err(Error::Refused { code, message })
             }
@@ -426,6 +595,7 @@ async fn attempt_once(
         fault: cfg.fault,
         fault_target,
         fault_fired: std::sync::atomic::AtomicBool::new(false),
+        vanished: Mutex::new(Vec::new()),
         started: Instant::now(),
         pool: crate::io::BufferPool::new(cfg.streams),
         write_blocked_ns: AtomicU64::new(0),
@@ -441,10 +611,16 @@ async fn attempt_once(
     let mut done_sent = false;
     let mut chunks_retried = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let result: Result<Installed, Error> = loop {
+    let result: Result<Ending, Error> = loop {
         if !done_sent && shared.queue.is_drained() {
-            // A pre-copy of a live tree may see it change: the final pass will resend those
-            // files. Only an install needs a consistent snapshot.
+            // A pre-copy of a live tree may see files change: the final pass will resend
+            // those. Only an install needs a consistent snapshot. A file that vanished (or
+            // shrank) left chunks unsent, so no pass can complete with it.
+            let vanished = shared
+                .vanished
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_default();
             let s2 = shared.clone();
             let changed = if cfg.stage_only {
                 Vec::new()
@@ -453,8 +629,12 @@ async fn attempt_once(
                     .await
                     .map_err(|e| Error::Other(e.to_string()))?
             };
-            if !changed.is_empty() {
-                let msg = format!("{} changed during the send", changed.join(", "));
+            if !changed.is_empty() || !vanished.is_empty() {
+                let mut paths = vanished;
+                paths.extend(changed);
+                paths.sort();
+                paths.dedup();
+                let msg = format!("{} changed during the send", paths.join(", "));
                 let _ = write_control(
                     &mut ctl_send,
                     &ControlMsg::Fail {
@@ -463,6 +643,10 @@ async fn attempt_once(
                     },
                 )
                 .await;
+                if cfg.stage_only && last {
+                    tracing::warn!(%msg, "the source never held still; keeping a partial pre-copy");
+                    break Ok(Ending::Partial);
+                }
                 break Err(Error::SourceChanged(msg));
             }
             let root = root_hash(&shared)?;
@@ -487,10 +671,10 @@ async fn attempt_once(
                     shared.queue.retry((file, chunk));
                 }
                 Some(ControlMsg::Installed { root_hash, path, replaced }) => {
-                    break Ok((root_hash, path, replaced));
+                    break Ok(Ending::Verified(root_hash, path, replaced));
                 }
                 Some(ControlMsg::Staged { root_hash }) if cfg.stage_only => {
-                    break Ok((root_hash, Vec::new(), None));
+                    break Ok(Ending::Verified(root_hash, Vec::new(), None));
                 }
                 Some(ControlMsg::Fail { code, message }) => break Err(match code {
                     FailCode::Verification => Error::Verification(message),
@@ -514,18 +698,21 @@ async fn attempt_once(
     totals.wire_bytes += shared.wire_bytes.load(Ordering::Relaxed);
     totals.chunks_sent += shared.chunks_sent.load(Ordering::Relaxed);
     totals.chunks_retried += chunks_retried;
-    let outcome = result.and_then(|(their_root, path, replaced)| {
-        let ours = root_hash(&shared)?;
-        if ours != their_root {
-            return Err(Error::Verification(format!(
-                "receiver installed root hash {} but ours is {}",
-                hex(&their_root),
-                hex(&ours)
-            )));
+    let outcome = result.and_then(|ending| match ending {
+        Ending::Verified(their_root, path, replaced) => {
+            let ours = root_hash(&shared)?;
+            if ours != their_root {
+                return Err(Error::Verification(format!(
+                    "receiver installed root hash {} but ours is {}",
+                    hex(&their_root),
+                    hex(&ours)
+                )));
+            }
+            Ok(Some((ours, path, replaced)))
         }
-        Ok((ours, path, replaced))
+        Ending::Partial => Ok(None),
     });
-    let quic = QuicStats::of(&conn);
+    let quic = QuicStats::of(conn);
     tracing::debug!(?quic, "path statistics");
     conn.close(0u32.into(), b"done");
     // The receiver already answered (installed, staged or failed), so nothing is left to
@@ -535,7 +722,10 @@ async fn attempt_once(
     // is lost, the receiver drops the connection on its own after its 5 s grace.
     let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
     while workers.join_next().await.is_some() {}
-    let (root, path, replaced) = outcome?;
+    let outcome = outcome?;
+    let complete = outcome.is_some();
+    let (root, path, replaced) =
+        outcome.map_or((None, Vec::new(), None), |(r, p, x)| (Some(r), p, x));
     let m = &shared.scan.manifest;
     let decision = shared
         .decider
@@ -569,11 +759,21 @@ async fn attempt_once(
         streams: cfg.streams,
         bwlimit: cfg.bwlimit,
         compression: decision,
-        root_hash: hex(&root),
+        root_hash: root.as_ref().map(hex).unwrap_or_default(),
         attempts: 1,
         skipped: shared.scan.skipped.clone(),
+        git: shared.scan.git,
+        transient_skipped: shared.scan.transient_skipped,
+        complete,
+        queued_seconds: totals.queued_seconds,
         quic,
     })
+}
+
+fn emit(cfg: &SendConfig, event: &SendEvent) {
+    if let Some(sink) = &cfg.events {
+        sink(event);
+    }
 }
 
 fn root_hash(shared: &Shared) -> Result<Hash, Error> {
@@ -625,8 +825,25 @@ struct Encoded {
     codec: Codec,
     hash: Hash,
     sample: Option<CodecSample>,
-    /// The raw bytes, when they were mapped rather than read into `Buffers::read`.
-    mapped: Option<memmap2::Mmap>,
+    /// The raw bytes, when they were mapped or held in memory rather than read into
+    /// `Buffers::read` (and go raw).
+    borrowed: Option<bytes::Bytes>,
+}
+
+/// Where a chunk's bytes come from.
+enum ChunkSource {
+    File(PathBuf),
+    /// Content the scan already read (a git directory's refs).
+    Memory(bytes::Bytes),
+}
+
+/// True when a read failed because the source vanished or shrank since the scan: a live
+/// source changing, not a broken disk.
+fn source_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+    ) || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
 /// Files at least this large are read through a memory mapping (see `encode_chunk`).
@@ -724,6 +941,10 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
             .ok_or_else(|| Error::Other(format!("chunk {chunk} of entry {file} does not exist")))?;
         let offset = chunk * m.chunk_size;
         let path = shared.scan.sources[file as usize].clone();
+        let source = match shared.scan.captured.get(&(file as usize)) {
+            Some(content) => ChunkSource::Memory(content.clone()),
+            None => ChunkSource::File(path.clone()),
+        };
         let n = shared.encoded.fetch_add(1, Ordering::Relaxed);
         let (compress, sample, level) = {
             let d = shared
@@ -734,19 +955,30 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
             (d.decide_at(now).compress, d.should_sample(n), d.level())
         };
         let (b, encoded) = tokio::task::spawn_blocking(move || {
-            let r = encode_chunk(&path, offset, len, compress, sample, level, &mut bufs);
-            (bufs, r.map_err(|e| Error::io(&path, e)))
+            let r = encode_chunk(&source, offset, len, compress, sample, level, &mut bufs);
+            (bufs, r)
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
         bufs = b;
-        let encoded = encoded?;
+        let encoded = match encoded {
+            Ok(e) => e,
+            Err(e) if source_gone(&e) => {
+                tracing::info!(path = %path.display(), error = %e, "source vanished or shrank since the scan");
+                if let Ok(mut v) = shared.vanished.lock() {
+                    v.push(path.display().to_string());
+                }
+                shared.queue.complete();
+                continue;
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
         if let (Some(s), Ok(mut d)) = (encoded.sample, shared.decider.lock()) {
             d.add_sample(s);
         }
         // The payload leaves with the frame; the next chunk takes a buffer from the pool.
         let mut encoded = encoded;
-        if let Some(m) = encoded.mapped.take() {
+        if let Some(borrowed) = encoded.borrowed.take() {
             let frame = Frame {
                 header: ChunkHeader {
                     file,
@@ -757,7 +989,7 @@ async fn encoder(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<Frame>) -> R
                     payload_len: len,
                     hash: encoded.hash,
                 },
-                payload: bytes::Bytes::from_owner(m),
+                payload: borrowed,
             };
             if shared.fault.is_none() {
                 if tx.send(frame).await.is_err() {
@@ -885,8 +1117,10 @@ fn thread_cpu_secs() -> f64 {
 }
 
 /// Reads, hashes and (maybe) compresses one chunk into `bufs`. Runs on a blocking thread.
+/// A source that vanished or shrank since the scan fails with an error [`source_gone`]
+/// recognises.
 fn encode_chunk(
-    path: &Path,
+    source: &ChunkSource,
     offset: u64,
     len: u64,
     compress: bool,
@@ -894,43 +1128,55 @@ fn encode_chunk(
     level: i32,
     bufs: &mut Buffers,
 ) -> io::Result<Encoded> {
-    let file = File::open(path)?;
-    let shrank = || io::Error::other("file shrank while being read (source changed)");
-    if is_hole(&file, offset, len) {
-        return Ok(Encoded {
-            codec: Codec::Zero,
-            hash: zero_hash(len),
-            sample: None,
-            mapped: None,
-        });
-    }
-    let size = file.metadata()?.len();
-    if size < offset + len {
-        return Err(shrank());
-    }
-    // Large files (packs) are mapped: hashing and quinn read the page cache directly, saving
-    // the pread copy (~15% of the sender's CPU, measured with perf). Git never truncates a
-    // pack in place; a file truncated under the mapping would kill us with SIGBUS, which is
-    // why small, mutable files (refs, config, index) are read with pread instead.
-    let mapped = if size >= MMAP_MIN_FILE_SIZE {
-        // SAFETY: see above; the length was checked against the file size just before.
-        let m = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(len as usize)
-                .populate()
-                .map(&file)?
-        };
-        Some(m)
-    } else {
-        read_exact_at_uninit(&file, &mut bufs.read, len as usize, offset).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                shrank()
-            } else {
-                e
+    let shrank = || {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file shrank while being read (source changed)",
+        )
+    };
+    let mapped: Option<bytes::Bytes> = match source {
+        ChunkSource::Memory(content) => {
+            let end = offset.checked_add(len).ok_or_else(shrank)?;
+            if (content.len() as u64) < end {
+                return Err(shrank());
             }
-        })?;
-        None
+            Some(content.slice(offset as usize..end as usize))
+        }
+        ChunkSource::File(path) => {
+            let file = File::open(path)?;
+            if is_hole(&file, offset, len) {
+                return Ok(Encoded {
+                    codec: Codec::Zero,
+                    hash: zero_hash(len),
+                    sample: None,
+                    borrowed: None,
+                });
+            }
+            let size = file.metadata()?.len();
+            if size < offset + len {
+                return Err(shrank());
+            }
+            // Large files (packs) are mapped: hashing and quinn read the page cache
+            // directly, saving the pread copy (~15% of the sender's CPU, measured with
+            // perf). Git never truncates a pack in place; a file truncated under the mapping
+            // would kill us with SIGBUS, which is why small, mutable files (refs, config,
+            // index) are read with pread instead.
+            if size >= MMAP_MIN_FILE_SIZE {
+                // SAFETY: see above; the length was checked against the file size just
+                // before.
+                let m = unsafe {
+                    memmap2::MmapOptions::new()
+                        .offset(offset)
+                        .len(len as usize)
+                        .populate()
+                        .map(&file)?
+                };
+                Some(bytes::Bytes::from_owner(m))
+            } else {
+                read_exact_at_uninit(&file, &mut bufs.read, len as usize, offset)?;
+                None
+            }
+        }
     };
     let raw: &[u8] = match &mapped {
         Some(m) => m,
@@ -942,7 +1188,7 @@ fn encode_chunk(
             codec: Codec::Zero,
             hash,
             sample: None,
-            mapped: None,
+            borrowed: None,
         });
     }
     if !compress && !sample {
@@ -950,7 +1196,7 @@ fn encode_chunk(
             codec: Codec::Raw,
             hash,
             sample: None,
-            mapped,
+            borrowed: mapped,
         });
     }
     let t0 = thread_cpu_secs();
@@ -994,6 +1240,6 @@ fn encode_chunk(
         codec,
         hash,
         sample: sample_out,
-        mapped: mapped.filter(|_| codec == Codec::Raw),
+        borrowed: mapped.filter(|_| codec == Codec::Raw),
     })
 }

@@ -1,5 +1,7 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
+mod busy_receiver;
+mod live_source;
 mod util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};

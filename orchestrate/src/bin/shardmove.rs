@@ -4,7 +4,7 @@
 //! and maps errors to the documented exit codes.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::Parser;
@@ -66,11 +66,8 @@ fn print<T: Serialize + ?Sized>(
 /// Live progress goes to stderr in both modes, so `--json` keeps stdout a single document
 /// while a script (or its log) still sees what the batch is doing.
 fn reporter() -> orchestrate::migrate::Reporter {
-    std::sync::Arc::new(move |line: &str| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        eprintln!("{}", render::progress_line(now, line));
+    std::sync::Arc::new(|line: &str| {
+        eprintln!("{}", render::progress_line(SystemTime::now(), line));
     })
 }
 
@@ -199,6 +196,14 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             render::in_maintenance(r)
         }),
         Command::Migrate(args) => migrate_command(registry, &cli.db, args, json).await,
+        Command::Doctor(args) => {
+            let report = orchestrate::doctor::run(registry, &args.config()).await?;
+            print(json, &report, render::doctor)?;
+            match report.problems {
+                0 => Ok(()),
+                count => Err(orchestrate::Error::ProblemsFound { count }.into()),
+            }
+        }
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo_command(args, json).await,
         Command::Events { subject, limit } => {
@@ -373,22 +378,10 @@ async fn migrate_command(
 
 #[cfg(feature = "demo")]
 async fn demo_command(args: &DemoArgs, json: bool) -> anyhow::Result<()> {
-    use orchestrate::demo::{self, DemoConfig, NetworkChoice};
     let exe = std::env::current_exe().context("finding the shardmove binary")?;
-    let cfg = DemoConfig {
-        bin_dir: exe
-            .parent()
-            .map_or_else(|| PathBuf::from("."), PathBuf::from),
-        dir: args.dir.clone(),
-        repos: args.repos.max(1),
-        parallel: args.parallel.max(1),
-        keep_serving: args.keep_serving,
-        network: if args.no_netns {
-            NetworkChoice::Loopback
-        } else {
-            NetworkChoice::Auto
-        },
-    };
-    let summary = demo::run(&cfg, reporter()).await?;
+    let bin_dir = exe
+        .parent()
+        .map_or_else(|| PathBuf::from("."), PathBuf::from);
+    let summary = orchestrate::demo::run(&args.config(bin_dir), reporter()).await?;
     print(json, &summary, render::demo_summary)
 }

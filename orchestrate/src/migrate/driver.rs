@@ -306,6 +306,11 @@ async fn drive_repo(
                 ports.store.write(id, &plan.repository, write).await?;
                 Event::Completed(Completion::Nothing)
             }
+            Action::Host(_) | Action::Control(_)
+                if crate::failpoint::error(&format!("before-{}", action.name())) =>
+            {
+                Event::Failed(format!("failpoint error:before-{}", action.name()))
+            }
             Action::Host(op) => outcome(ports.hosts.run(plan, op).await)?,
             Action::Control(op) => outcome(ports.plane.apply(spec, plan, op).await)?,
             Action::Wait(pause) => {

@@ -218,6 +218,23 @@ impl Registry {
         Ok(id)
     }
 
+    /// Every batch that is not done (running or incomplete), oldest first.
+    pub async fn open_batches(&self) -> Result<Vec<BatchRecord>> {
+        let mut conn = self.read_conn().await?;
+        let ids: Vec<i64> = sqlx::query("SELECT id FROM batches WHERE state <> 'done' ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<std::result::Result<_, _>>()?;
+        drop(conn);
+        let mut out = Vec::new();
+        for id in ids {
+            out.push(self.batch(id).await?);
+        }
+        Ok(out)
+    }
+
     /// Batch `id`, with its repositories' names as `spec.repos`.
     pub async fn batch(&self, id: i64) -> Result<BatchRecord> {
         let mut conn = self.read_conn().await?;
@@ -390,9 +407,11 @@ impl Registry {
         let done = sqlx::query(
             "UPDATE batch_repos SET state = COALESCE($1, state), step = $2, \
              error = CASE WHEN $3 = 1 THEN NULL ELSE COALESCE($4, error) END, \
-             bytes = bytes + $5, sent_bytes = sent_bytes + $6, \
-             frozen_at_ms = COALESCE(frozen_at_ms, $7), \
-             thawed_at_ms = CASE WHEN frozen_at_ms IS NULL AND $7 IS NULL THEN thawed_at_ms \
+             bytes = CASE WHEN $1 = 'pending' THEN 0 ELSE bytes + $5 END, \
+             sent_bytes = sent_bytes + $6, \
+             frozen_at_ms = CASE WHEN $1 = 'pending' THEN NULL ELSE COALESCE(frozen_at_ms, $7) END, \
+             thawed_at_ms = CASE WHEN $1 = 'pending' THEN NULL \
+                                 WHEN frozen_at_ms IS NULL AND $7 IS NULL THEN thawed_at_ms \
                                  ELSE COALESCE(thawed_at_ms, $8) END, \
              verified_tips = CASE WHEN $1 = 'pending' THEN NULL ELSE COALESCE($9, verified_tips) END, \
              updated_at = $10 WHERE batch_id = $11 AND repository = $12",
@@ -422,6 +441,8 @@ impl Registry {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        // A crash with the update written but not committed: nothing of it may survive.
+        crate::failpoint::hit("in-tx-journal");
         match write.state {
             Some(state) => {
                 let detail = format!(

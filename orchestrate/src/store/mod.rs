@@ -15,6 +15,19 @@ mod repos;
 pub use catalog::*;
 pub use repos::*;
 
+impl Registry {
+    /// An event on its own (e.g. what `doctor --fix` repaired), in one transaction.
+    pub async fn record_event(
+        &self,
+        action: &str,
+        subject: &str,
+        detail: &str,
+    ) -> crate::Result<()> {
+        let tx = self.begin_write().await?;
+        self.commit_with_event(tx, action, subject, detail).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};

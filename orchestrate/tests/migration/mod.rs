@@ -7,7 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{clone_and_commit, git, git_ok, Env, Sshd};
+use crate::util::{clone_and_commit, commit, git, git_ok, Env, Sshd};
+
+mod chaos;
+mod doctor;
+use chaos::every_failpoint_is_taken_over_with_the_invariants;
+use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
 
 crate::contract!(
     migrate_moves_verified_repositories_and_disables_the_old_service,
@@ -15,9 +20,86 @@ crate::contract!(
     migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
     killed_orchestrator_is_taken_over_from_the_journal,
     kill_after_thawed_takeover_left_b_read_only,
+    every_failpoint_is_taken_over_with_the_invariants,
+    doctor_finds_every_planted_problem_and_fixes_the_safe_ones,
     dry_run_changes_nothing,
     status_page_in_chromium_shows_what_is_read_only_and_why,
 );
+
+/// Issue 10, item 5: over ssh, killing the driver killed only the local ssh client; the remote
+/// `shardsend` went on and raced the next driver's pass. A watched remote command dies with
+/// the session.
+#[test]
+fn dead_driver_remote_shardsend_is_killed() {
+    if let Some(why) = Sshd::unavailable() {
+        println!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sshd = Sshd::start(dir.path());
+    // Both ways the executor reaches a host: a connection of its own, and one shared by all
+    // steps (the default), where killing the client leaves the master connection up.
+    let sockets = dir.path().join("sockets");
+    std::fs::create_dir(&sockets).expect("socket dir");
+    for control_dir in [None, Some(sockets)] {
+        let exec = orchestrate::executor::SshExecutor {
+            host: sshd.alias.to_string(),
+            config: Some(sshd.config.clone()),
+            control_dir,
+        };
+        remote_step_dies_with_its_driver(exec, &dir.path().join("remote.pid"));
+    }
+}
+
+fn remote_step_dies_with_its_driver(exec: orchestrate::executor::SshExecutor, pid_file: &Path) {
+    let _ = std::fs::remove_file(pid_file);
+    let pid_file = pid_file.to_path_buf();
+    let script = format!("echo $$ > '{}'; exec sleep 120", pid_file.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let step =
+            tokio::spawn(
+                async move { orchestrate::executor::run(&exec, &["sh", "-c", &script]).await },
+            );
+        let t0 = Instant::now();
+        while !pid_file.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "remote command never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pid = std::fs::read_to_string(&pid_file)
+            .expect("pid")
+            .trim()
+            .to_string();
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "remote command runs"
+        );
+        // The driver's side goes away (its ssh client is killed with it).
+        step.abort();
+        let _ = step.await;
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && !zombie(&pid) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "remote command {pid} outlived its driver's ssh session"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+fn zombie(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(true)
+}
 
 /// The transfer tools, built beside `shardmove` by `cargo test --workspace`.
 fn tool(name: &str) -> PathBuf {

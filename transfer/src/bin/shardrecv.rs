@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
 use transfer::identity::{AllowList, Identity};
-use transfer::recv::{Receiver, ServeConfig};
+use transfer::recv::{Receiver, ServeConfig, DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
 use transfer::Error;
 
 #[derive(Parser)]
@@ -40,6 +40,8 @@ enum Command {
         long_about = "Accept transfers into ROOT until interrupted (SIGINT/SIGTERM).\n\n\
         Each transfer is staged under ROOT/.shardrecv/, verified chunk by chunk (BLAKE3), fsynced and \
         renamed into place as ROOT/DEST; an existing DEST is moved aside to DEST.replaced-<unix-time>. \
+        At most --max-transfers run at once; the next ones wait in line. Each admission is logged with \
+        max_active, the most transfers active at once so far. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
         per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready."
     )]
@@ -56,9 +58,13 @@ enum Command {
         /// Allow-list of sender fingerprints
         #[arg(long)]
         allow: PathBuf,
-        /// Transfers served at once; more are refused as busy
-        #[arg(long, default_value_t = 32)]
+        /// Transfers served at once; more wait in line, first come first served, and are
+        /// told their place (a waiting sender keeps its connection open)
+        #[arg(long, default_value_t = DEFAULT_MAX_TRANSFERS)]
         max_transfers: usize,
+        /// Transfers waiting in line at most; beyond that senders are refused as busy
+        #[arg(long, default_value_t = DEFAULT_MAX_QUEUED)]
+        max_queued: usize,
     },
 }
 
@@ -93,6 +99,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             identity,
             allow,
             max_transfers,
+            max_queued,
         } => {
             let identity = Identity::load(&identity)?;
             let allow = AllowList::load(&allow)?;
@@ -111,6 +118,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     identity,
                     allow,
                     max_transfers,
+                    max_queued,
                 })?;
                 let addr = receiver.local_addr()?;
                 println!("listening {addr} fingerprint {fingerprint}");
