@@ -24,6 +24,7 @@ pub mod maintenance;
 pub mod migrate;
 pub mod names;
 pub mod netns;
+pub mod phorge;
 pub mod repos;
 pub mod scripts;
 pub mod store;
