@@ -220,3 +220,63 @@ impl Drop for PooledBuf {
         self.pool.give(std::mem::take(&mut self.buf));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_cross_an_in_memory_pipe_and_a_cut_one_is_an_error() {
+        let (mut w, mut r) = tokio::io::duplex(1 << 16);
+        let msgs = [
+            ControlMsg::Accept { verified_bytes: 7 },
+            ControlMsg::Done { root_hash: [3; 32] },
+        ];
+        write_controls(&mut w, &msgs).await.unwrap();
+        write_control(&mut w, &ControlMsg::Staged { root_hash: [1; 32] })
+            .await
+            .unwrap();
+        let header = ChunkHeader {
+            file: 1,
+            chunk: 2,
+            offset: 3,
+            raw_len: 4,
+            codec: crate::wire::Codec::Raw,
+            payload_len: 4,
+            hash: [9; 32],
+        };
+        w.write_all(&header.encode()).await.unwrap();
+        w.write_all(b"abcd").await.unwrap();
+        drop(w);
+        assert_eq!(read_control(&mut r).await.unwrap(), Some(msgs[0].clone()));
+        assert_eq!(read_control(&mut r).await.unwrap(), Some(msgs[1].clone()));
+        assert!(matches!(
+            read_control(&mut r).await.unwrap(),
+            Some(ControlMsg::Staged { .. })
+        ));
+        assert_eq!(read_chunk_header(&mut r).await.unwrap(), Some(header));
+        let mut payload = [0u8; 4];
+        read_payload(&mut r, &mut payload).await.unwrap();
+        assert_eq!(&payload, b"abcd");
+        // A clean end between frames.
+        assert_eq!(read_control(&mut r).await.unwrap(), None);
+
+        // Cut inside a frame: truncated, not a clean end.
+        let (mut w, mut r) = tokio::io::duplex(1 << 16);
+        let mut frame = Vec::new();
+        ControlMsg::Accept { verified_bytes: 1 }.encode_frame(&mut frame);
+        w.write_all(&frame[..frame.len() - 2]).await.unwrap();
+        drop(w);
+        assert!(matches!(
+            read_control(&mut r).await,
+            Err(Error::Wire(WireError::Truncated { needed: 2 }))
+        ));
+        // A length prefix over the limit is refused before any allocation.
+        let (mut w, mut r) = tokio::io::duplex(64);
+        w.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        assert!(matches!(
+            read_control(&mut r).await,
+            Err(Error::Wire(WireError::FrameTooLarge(_)))
+        ));
+    }
+}

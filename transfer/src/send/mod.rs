@@ -3,9 +3,10 @@
 //! This is the async driver; the protocol's decisions live in [`session::SenderSession`]
 //! (sans-io). One attempt: scan the source ([`crate::scan`]), connect with the pinned key,
 //! write the session's manifest, then loop: feed the session every event (control messages,
-//! read by their own task; chunk frames written or sources vanished, reported by the data
-//! streams; timeouts) and carry out its outputs (write a control message, enqueue the plan,
-//! re-stat the sources, report progress, finish). Each data stream is a worker: an encoder
+//! read by their own task; timeouts) and carry out its outputs (write a control message,
+//! enqueue the plan, re-stat the sources, report progress, finish). The data streams feed
+//! the session what they did (chunk written, source vanished) under its lock, without waking
+//! the control loop, and pass on what it then asks. Each data stream is a worker: an encoder
 //! ([`codec`], reading through [`source`]) feeding a writer through a one-slot channel, so the
 //! next chunk is read while the current one is written; chunks come from the shared
 //! [`queue::WorkQueue`].
@@ -52,7 +53,7 @@ use codec::{encode_chunk, Buffers, EncodeChoice};
 pub use fault::Fault;
 use fault::FaultInjector;
 use queue::WorkQueue;
-use session::{Ending, SenderInput, SenderOutput, SenderSession, SenderSessionConfig};
+use session::{Ending, SenderInput, SenderOutput, SenderSession, SenderSessionConfig, SenderStats};
 use source::{source_gone, ChunkSource};
 
 /// Default chunk size: large enough to amortise per-frame cost, small enough that a resume
@@ -270,13 +271,39 @@ struct Shared {
     write_blocked_ns: AtomicU64,
     write_idle_ns: AtomicU64,
     fault: Option<FaultInjector>,
-    /// Where the data streams report to the control loop.
+    /// The protocol state. The data streams feed it their chunks directly (a lock per
+    /// chunk, no wake-up of the control loop), and pass on what it asks, which is rare.
+    session: Mutex<SenderSession>,
+    /// Where the data streams pass the session's requests to the control loop.
     events: mpsc::UnboundedSender<DriverEvent>,
+}
+
+impl Shared {
+    /// Feeds the session from a data stream; its requests go to the control loop. False when
+    /// the control loop is gone.
+    fn feed(&self, input: SenderInput) -> bool {
+        let outputs = match self.session.lock() {
+            Ok(mut s) => s.handle(input, Instant::now()),
+            Err(_) => return false,
+        };
+        outputs.is_empty() || self.events.send(DriverEvent::Outputs(outputs)).is_ok()
+    }
+
+    fn handle(&self, input: SenderInput) -> Vec<SenderOutput> {
+        match self.session.lock() {
+            Ok(mut s) => s.handle(input, Instant::now()),
+            Err(_) => vec![SenderOutput::Finished(Err(Error::Other(
+                "sender session lock poisoned".into(),
+            )))],
+        }
+    }
 }
 
 /// What reaches the control loop.
 enum DriverEvent {
     Input(SenderInput),
+    /// What the session asked while fed by a data stream.
+    Outputs(Vec<SenderOutput>),
     /// Reading the control stream failed.
     Failed(Error),
 }
@@ -350,8 +377,7 @@ async fn attempt_once(
     let quic = QuicStats::of(&conn);
     conn.close(code.into(), reason);
     let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
-    let (session, ending, scan) = result?;
-    let stats = session.stats();
+    let (stats, ending, scan) = result?;
     totals.queued_seconds += stats.queued_seconds;
     totals.sent_bytes += stats.sent_bytes;
     totals.wire_bytes += stats.wire_bytes;
@@ -413,10 +439,10 @@ struct AttemptEnd {
 /// The part of an attempt that runs on a connection: the control loop.
 async fn attempt_on(
     cfg: &SendConfig,
-    mut session: SenderSession,
+    session: SenderSession,
     scan: Arc<Scan>,
     conn: &quinn::Connection,
-) -> Result<(SenderSession, AttemptEnd, Arc<Scan>), Error> {
+) -> Result<(SenderStats, AttemptEnd, Arc<Scan>), Error> {
     let (mut ctl_send, ctl_recv) = conn
         .open_bi()
         .await
@@ -437,9 +463,17 @@ async fn attempt_on(
         write_blocked_ns: AtomicU64::new(0),
         write_idle_ns: AtomicU64::new(0),
         fault: cfg.fault.map(FaultInjector::new),
+        session: Mutex::new(session),
         events: events_tx,
         scan: scan.clone(),
     });
+    let stats = || {
+        shared
+            .session
+            .lock()
+            .map(|s| s.stats().clone())
+            .unwrap_or_default()
+    };
     let progress = make_progress_bar(cfg.progress, scan.manifest.total_bytes);
     let mut workers = tokio::task::JoinSet::new();
     let mut pending: VecDeque<SenderOutput> = VecDeque::new();
@@ -458,7 +492,7 @@ async fn attempt_on(
                     }
                 }
                 SenderOutput::Enqueue(plan) => {
-                    let stats = session.stats();
+                    let stats = stats();
                     tracing::info!(
                         chunks = scan.manifest.total_chunks(),
                         to_send = plan.len(),
@@ -489,7 +523,7 @@ async fn attempt_on(
                     match tokio::task::spawn_blocking(move || changed_since_scan(&s)).await {
                         Ok(changed) => {
                             let input = SenderInput::SourceChecked { changed };
-                            pending.extend(session.handle(input, Instant::now()));
+                            pending.extend(shared.handle(input));
                         }
                         Err(e) => break Err(Error::Other(format!("source check failed: {e}"))),
                     }
@@ -498,7 +532,7 @@ async fn attempt_on(
                     verified_bytes,
                     wire_bytes,
                 } => {
-                    progress.set_position(session.stats().resumed_bytes + verified_bytes);
+                    progress.set_position(stats().resumed_bytes + verified_bytes);
                     let blocked = shared.write_blocked_ns.swap(0, Ordering::Relaxed);
                     let idle = shared.write_idle_ns.swap(0, Ordering::Relaxed);
                     if let Ok(mut d) = shared.decider.lock() {
@@ -529,10 +563,14 @@ async fn attempt_on(
             }
             continue;
         }
-        let timeout = session.poll_timeout();
+        let timeout = shared.session.lock().ok().and_then(|s| s.poll_timeout());
         let input = tokio::select! {
             event = events.recv() => match event {
                 Some(DriverEvent::Input(input)) => input,
+                Some(DriverEvent::Outputs(outputs)) => {
+                    pending.extend(outputs);
+                    continue;
+                }
                 Some(DriverEvent::Failed(e)) => break Err(e),
                 None => SenderInput::ControlClosed,
             },
@@ -543,7 +581,7 @@ async fn attempt_on(
                 Err(e) => break Err(Error::Other(format!("data stream task failed: {e}"))),
             },
         };
-        pending.extend(session.handle(input, Instant::now()));
+        pending.extend(shared.handle(input));
     };
     shared.queue.close();
     reader.abort();
@@ -557,7 +595,7 @@ async fn attempt_on(
     workers.abort_all();
     let decision = result?;
     Ok((
-        session,
+        stats(),
         AttemptEnd {
             decision,
             compression: compression?,
@@ -670,7 +708,7 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
             raw_len: h.raw_len,
             wire_len,
         };
-        if shared.events.send(DriverEvent::Input(written)).is_err() {
+        if !shared.feed(written) {
             break;
         }
     }
@@ -724,7 +762,7 @@ async fn encoder(shared: Arc<Shared>, tx: mpsc::Sender<Frame>) -> Result<(), Err
                     chunk,
                     path: path.display().to_string(),
                 };
-                if shared.events.send(DriverEvent::Input(gone)).is_err() {
+                if !shared.feed(gone) {
                     break;
                 }
                 continue;

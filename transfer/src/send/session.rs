@@ -395,7 +395,7 @@ impl SenderSession {
             }
             other => Err(Error::Other(format!(
                 "unexpected answer from the receiver: {}",
-                describe(&other)
+                other.brief()
             ))),
         }
     }
@@ -463,7 +463,7 @@ impl SenderSession {
             }
             other => Err(Error::Other(format!(
                 "unexpected message from the receiver: {}",
-                describe(&other)
+                other.brief()
             ))),
         }
     }
@@ -562,15 +562,6 @@ impl SenderSession {
         } else {
             self.finish(Err(Error::SourceChanged(message)), out);
         }
-    }
-}
-
-/// A message named for an error, without dumping a whole manifest entry.
-fn describe(msg: &ControlMsg) -> String {
-    let text = format!("{msg:?}");
-    match text.char_indices().nth(200) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text,
     }
 }
 
