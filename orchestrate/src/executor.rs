@@ -28,7 +28,29 @@ pub trait Executor: std::fmt::Debug + Send + Sync {
 
     /// The command that runs `argv` on the host.
     fn command(&self, argv: &[&str]) -> std::process::Command;
+
+    /// For hosts whose processes would outlive this one (ssh: killing the client does not
+    /// stop the remote command), a command that runs `argv` and kills it once its stdin
+    /// closes. The runner keeps that stdin open until the command ends, so it closes exactly
+    /// when this process dies. `None` where [`die_with_parent`] already covers it.
+    fn command_watched(&self, _argv: &[&str]) -> Option<std::process::Command> {
+        None
+    }
 }
+
+/// Run on the remote host around a watched command (see [`Executor::command_watched`]):
+/// the command runs with stdin from /dev/null while a watcher reads the session's stdin
+/// (kept on fd 3: an asynchronous list's own stdin is /dev/null); at end of file (the ssh
+/// session closed: the driver died) it sends SIGTERM to the command.
+const WATCH_SCRIPT: &str = r#"exec 3<&0
+"$@" </dev/null &
+c=$!
+{ while read -r _ <&3; do :; done; kill -TERM "$c" 2>/dev/null; } &
+w=$!
+wait "$c"
+s=$?
+kill "$w" 2>/dev/null
+exit "$s""#;
 
 /// Runs commands as local processes.
 #[derive(Debug, Clone, Default)]
@@ -155,12 +177,24 @@ impl Executor for SshExecutor {
     }
 
     fn command(&self, argv: &[&str]) -> std::process::Command {
+        self.ssh(argv)
+    }
+
+    fn command_watched(&self, argv: &[&str]) -> Option<std::process::Command> {
+        let mut remote = vec!["sh", "-c", WATCH_SCRIPT, "shardmove-watch"];
+        remote.extend_from_slice(argv);
+        Some(self.ssh(&remote))
+    }
+}
+
+impl SshExecutor {
+    fn ssh(&self, remote: &[&str]) -> std::process::Command {
         let mut command = std::process::Command::new("ssh");
         if let Some(config) = &self.config {
             command.arg("-F").arg(config);
         }
         // The remote side runs the command through the login shell: quote every word.
-        let remote: Vec<String> = argv.iter().map(|word| shell_quote(word)).collect();
+        let remote: Vec<String> = remote.iter().map(|word| shell_quote(word)).collect();
         if let Some(dir) = &self.control_dir {
             // %C: a hash of host, port and user, so the socket path stays short.
             command
@@ -204,26 +238,25 @@ pub fn shell_quote(value: &str) -> String {
 /// Hosts that [`executor_for`] treats as this machine.
 pub const LOCAL_HOSTS: [&str; 4] = ["localhost", "local", "127.0.0.1", "::1"];
 
-/// The executor for a device's host: local for [`LOCAL_HOSTS`], a network namespace of this
-/// machine for `netns:NAME`, ssh for any other.
+/// The executor for a device's host (see [`executor_for_host`]).
 pub fn executor_for(device: &Device) -> Result<Box<dyn Executor>> {
-    if LOCAL_HOSTS.contains(&device.host.as_str()) {
+    executor_for_host(&device.name, &device.host)
+}
+
+/// The executor for `host` (of device `device`, for messages): local for [`LOCAL_HOSTS`], a
+/// network namespace of this machine for `netns:NAME`, ssh for any other.
+pub fn executor_for_host(device: &str, host: &str) -> Result<Box<dyn Executor>> {
+    let invalid = |why: String| Error::invalid(format!("host {host:?} of device {device}"), why);
+    if LOCAL_HOSTS.contains(&host) {
         Ok(Box::new(LocalExecutor))
-    } else if let Some(name) = device.host.strip_prefix(NETNS_HOST_PREFIX) {
-        let netns = NetnsExecutor::new(name).map_err(|e| {
-            Error::invalid(
-                format!("host {:?} of device {}", device.host, device.name),
-                e.to_string(),
-            )
-        })?;
-        Ok(Box::new(netns))
-    } else if device.host.starts_with('-') {
-        Err(Error::invalid(
-            format!("host {:?} of device {}", device.host, device.name),
-            "must not start with '-'",
+    } else if let Some(name) = host.strip_prefix(NETNS_HOST_PREFIX) {
+        Ok(Box::new(
+            NetnsExecutor::new(name).map_err(|e| invalid(e.to_string()))?,
         ))
+    } else if host.starts_with('-') {
+        Err(invalid("must not start with '-'".into()))
     } else {
-        Ok(Box::new(SshExecutor::from_env(&device.host)))
+        Ok(Box::new(SshExecutor::from_env(host)))
     }
 }
 
@@ -263,10 +296,18 @@ pub async fn run_status_with_input(
         status: "not started".into(),
         stderr: e.to_string(),
     };
-    let mut command = tokio::process::Command::from(executor.command(argv));
+    // Without input, a host whose processes would outlive ours gets the watched form, its
+    // stdin held open by `_watch` until the command ends.
+    let watched = match input {
+        None => executor.command_watched(argv),
+        Some(_) => None,
+    };
+    let is_watched = watched.is_some();
+    let mut command =
+        tokio::process::Command::from(watched.unwrap_or_else(|| executor.command(argv)));
     die_with_parent(&mut command);
     command
-        .stdin(if input.is_some() {
+        .stdin(if input.is_some() || is_watched {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -278,6 +319,10 @@ pub async fn run_status_with_input(
     // Feed stdin while stdout and stderr are drained, so a command that answers before it has
     // read everything cannot deadlock on a full pipe.
     let stdin = child.stdin.take();
+    let (stdin, _watch) = match is_watched {
+        true => (None, stdin),
+        false => (stdin, None),
+    };
     let feed = async move {
         if let (Some(input), Some(mut stdin)) = (input, stdin) {
             // A command that exits without reading all of it closes the pipe: not our error,
