@@ -120,8 +120,8 @@ pub enum SendEvent {
 /// Receives [`SendEvent`]s.
 pub type EventSink = Arc<dyn Fn(&SendEvent) + Send + Sync>;
 
-/// The `--json` summary.
-#[derive(Debug, Clone, Serialize)]
+/// The `--json` summary (read back by `shardmove`, hence `Deserialize`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SendSummary {
     pub source: String,
     pub receiver: String,
@@ -169,7 +169,7 @@ pub struct SendSummary {
 }
 
 /// What quinn saw of the path.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct QuicStats {
     pub mtu: u16,
     pub rtt_ms: f64,
