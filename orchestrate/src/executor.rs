@@ -114,6 +114,32 @@ impl Executor for NetnsExecutor {
     }
 }
 
+/// Host prefix that [`executor_for_host`] maps to a [`PrefixExecutor`]: `exec:COMMAND WORDS`.
+pub const EXEC_HOST_PREFIX: &str = "exec:";
+
+/// Runs commands through a command prefix on this machine: `exec:/lab/tools/ondev.sh a` runs
+/// `ARGV` as `/lab/tools/ondev.sh a ARGV...`. For hosts that are reached by a wrapper rather
+/// than a network: the Phorge lab's devices are mount namespaces entered by `ondev.sh`, a
+/// container is `exec:docker exec -i NAME`. The words of the prefix are split on whitespace
+/// (no quoting); the arguments are passed as they are.
+#[derive(Debug, Clone)]
+pub struct PrefixExecutor {
+    host: String,
+    prefix: Vec<String>,
+}
+
+impl Executor for PrefixExecutor {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn command(&self, argv: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(&self.prefix[0]);
+        command.args(&self.prefix[1..]).args(argv);
+        command
+    }
+}
+
 /// Runs commands on another host through `ssh` (batch mode: never prompts).
 #[derive(Debug, Clone)]
 pub struct SshExecutor {
@@ -253,6 +279,15 @@ pub fn executor_for_host(device: &str, host: &str) -> Result<Box<dyn Executor>> 
         Ok(Box::new(
             NetnsExecutor::new(name).map_err(|e| invalid(e.to_string()))?,
         ))
+    } else if let Some(prefix) = host.strip_prefix(EXEC_HOST_PREFIX) {
+        let prefix: Vec<String> = prefix.split_whitespace().map(str::to_string).collect();
+        if prefix.is_empty() {
+            return Err(invalid("`exec:` needs a command".into()));
+        }
+        Ok(Box::new(PrefixExecutor {
+            host: host.to_string(),
+            prefix,
+        }))
     } else if host.starts_with('-') {
         Err(invalid("must not start with '-'".into()))
     } else {
@@ -336,6 +371,25 @@ pub async fn run_status_with_input(
         status: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Starts `argv` on the host with piped stdin and stdout (stderr inherited), for a long-lived
+/// helper that talks over them (the Phorge agent). It dies with this process; over ssh its
+/// stdin closes with the session, which the helper treats as its end.
+pub fn spawn_piped(executor: &dyn Executor, argv: &[&str]) -> Result<tokio::process::Child> {
+    let mut command = tokio::process::Command::from(executor.command(argv));
+    die_with_parent(&mut command);
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command.spawn().map_err(|e| Error::HostCommand {
+        host: executor.host().to_string(),
+        command: describe(argv),
+        status: "not started".into(),
+        stderr: e.to_string(),
     })
 }
 

@@ -28,6 +28,7 @@ pub mod maintenance;
 pub mod migrate;
 pub mod names;
 pub mod netns;
+pub mod phorge;
 pub mod render;
 pub mod repos;
 pub mod scripts;

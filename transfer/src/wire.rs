@@ -312,6 +312,16 @@ fn put(w: &mut &mut [u8], bytes: &[u8]) {
 }
 
 impl ControlMsg {
+    /// The message for an error text: its debug form, cut at 200 characters (an `Entry` or
+    /// a `Have` can be long).
+    pub fn brief(&self) -> String {
+        let text = format!("{self:?}");
+        match text.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text,
+        }
+    }
+
     /// Appends this message as one length-prefixed frame to `out`.
     pub fn encode_frame(&self, out: &mut Vec<u8>) {
         let start = out.len();

@@ -187,6 +187,32 @@ fn unauthorised_sender_is_refused_before_anything_is_staged() {
 }
 
 #[test]
+fn both_binaries_share_keygen_and_fingerprint() {
+    let keys = Keys::new();
+    let key = keys.path("new.key");
+    let made = std::process::Command::new(shardsend())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(stderr(&made).contains("allow-list"), "{}", stderr(&made));
+    let printed = std::process::Command::new(shardrecv())
+        .args(["fingerprint", "--identity"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{}", stderr(&printed));
+    assert_eq!(made.stdout, printed.stdout);
+    let again = std::process::Command::new(shardrecv())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+}
+
+#[test]
 fn wrong_receiver_key_and_unreachable_receiver_are_clear_errors() {
     let keys = Keys::new();
     let root = keys.path("root");

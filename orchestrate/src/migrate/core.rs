@@ -260,6 +260,11 @@ pub enum HostOp {
     /// On A: the maintenance hook with the freeze message, then the wait until no push is
     /// in flight.
     HookSource { message: String },
+    /// On B and A, after a crash inside the window: whether B's copy is already installed with
+    /// A's refs (the dead driver's final pass finished on the receiver just before the
+    /// crash). Then the final pass is skipped: sending it again would re-send the whole tree
+    /// inside the read-only window and move the installed copy aside.
+    ProbeInstalled,
     /// On A: send what changed and install on B (`shardsend --resume`); A's refs are read
     /// meanwhile.
     FinalPass,
@@ -335,6 +340,7 @@ impl Action {
                 HostOp::Precopy => "host-precopy",
                 HostOp::CheckStaged => "host-check-staged",
                 HostOp::HookSource { .. } => "host-hook-source",
+                HostOp::ProbeInstalled => "host-probe-installed",
                 HostOp::FinalPass => "host-final-pass",
                 HostOp::ReadSourceRefs => "host-read-source-refs",
                 HostOp::VerifyTarget { .. } => "host-verify-target",
@@ -388,6 +394,10 @@ pub enum Completion {
         source_refs: String,
     },
     SourceRefs(String),
+    /// B's copy is installed and has A's refs (these).
+    AlreadyInstalled {
+        source_refs: String,
+    },
     /// Maintenance lifted at this instant (unix ms): the end of the read-only window.
     Unfrozen {
         at_ms: i64,
@@ -425,6 +435,11 @@ pub struct RepoMachine {
     thawed_at_ms: Option<i64>,
     /// Tips found by the staged check, journaled with `precopied`.
     new_tips: Option<Vec<String>>,
+    /// Built from the journal in a frozen state: a dead driver's last action may have taken
+    /// effect (see [`HostOp::ProbeInstalled`]).
+    resumed_frozen: bool,
+    /// The probe found B's copy installed: no final pass.
+    installed: bool,
 }
 
 impl RepoMachine {
@@ -446,6 +461,8 @@ impl RepoMachine {
             sent_bytes: 0,
             thawed_at_ms: None,
             new_tips: None,
+            resumed_frozen: state == RepoState::Frozen,
+            installed: false,
         };
         match state {
             RepoState::Done => m.finished = Some(Finish::Done),
@@ -485,8 +502,13 @@ impl RepoMachine {
     fn current(&self) -> (usize, Action) {
         let script = self.script();
         let mut pos = self.pos;
-        while let Some(Action::Host(HostOp::ReadSourceRefs)) = script.get(pos) {
-            if self.source_refs.is_none() {
+        loop {
+            let needless = match script.get(pos) {
+                Some(Action::Host(HostOp::ReadSourceRefs)) => self.source_refs.is_some(),
+                Some(Action::Host(HostOp::FinalPass)) => self.installed,
+                _ => false,
+            };
+            if !needless {
                 break;
             }
             pos += 1;
@@ -538,6 +560,10 @@ impl RepoMachine {
                 self.source_refs = Some(source_refs);
             }
             Completion::SourceRefs(refs) => self.source_refs = Some(refs),
+            Completion::AlreadyInstalled { source_refs } => {
+                self.installed = true;
+                self.source_refs = Some(source_refs);
+            }
             Completion::Unfrozen { at_ms } => self.thawed_at_ms = Some(at_ms),
         }
         match action {
@@ -557,6 +583,7 @@ impl RepoMachine {
 
     fn enter(&mut self, next: RepoState) {
         self.state = next;
+        self.resumed_frozen = false;
         self.pos = 0;
         self.attempts = 0;
         self.bytes = 0;
@@ -643,6 +670,10 @@ impl RepoMachine {
                 s.push(next(RepoState::Frozen));
             }
             RepoState::Frozen => {
+                if self.resumed_frozen {
+                    s.push(Action::Host(HostOp::ProbeInstalled));
+                }
+                // Skipped by `current` when the probe found the copy installed.
                 s.push(Action::Host(HostOp::FinalPass));
                 s.push(Action::Journal(JournalWrite {
                     state: Some(RepoState::Copied),

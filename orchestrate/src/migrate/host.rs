@@ -118,6 +118,21 @@ impl ExecutorHostOps {
                     source_refs: refs?,
                 }
             }
+            HostOp::ProbeInstalled => {
+                let (a_exec, b_exec) = (source(repo)?, target(repo)?);
+                if !maintenance::exists(b_exec.as_ref(), &dst).await? {
+                    return Ok(Completion::Nothing);
+                }
+                let (a, b) = tokio::join!(
+                    verify::refs_digest(a_exec.as_ref(), &src),
+                    verify::refs_digest(b_exec.as_ref(), &dst)
+                );
+                let a = a?;
+                match b {
+                    Ok(b) if b == a => Completion::AlreadyInstalled { source_refs: a },
+                    _ => Completion::Nothing,
+                }
+            }
             HostOp::ReadSourceRefs => {
                 Completion::SourceRefs(verify::refs_digest(source(repo)?.as_ref(), &src).await?)
             }

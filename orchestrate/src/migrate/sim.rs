@@ -169,6 +169,12 @@ impl World {
                     }
                 }
                 HostOp::ReadSourceRefs => Completion::SourceRefs(refs_text(&self.a_refs)),
+                HostOp::ProbeInstalled => match &self.b_copy {
+                    Some((refs, _)) if *refs == self.a_refs => Completion::AlreadyInstalled {
+                        source_refs: refs_text(&self.a_refs),
+                    },
+                    _ => Completion::Nothing,
+                },
                 HostOp::VerifyTarget { source_refs, .. } => match &self.b_copy {
                     Some((refs, _)) if refs_text(refs) == *source_refs => Completion::Nothing,
                     Some(_) => return Err("refs differ".into()),
@@ -423,6 +429,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A driver killed just after its final pass installed B's copy: the next one finds it
+    /// installed and does not send it again (nor move it aside).
+    #[test]
+    fn a_final_pass_that_finished_before_the_crash_is_not_sent_again() {
+        let profile = Profile::builtin();
+        let (_, happy) = drive(profile.clone(), &[]);
+        let final_pass = happy
+            .iter()
+            .position(|t| t.contains("host-final-pass"))
+            .expect("final pass");
+        let mut twists = vec![Twist::Normal; final_pass];
+        twists.push(Twist::Crash);
+        let (world, trace) = drive(profile, &twists);
+        assert_eq!(world.record.state, Some(RepoState::Done), "{trace:#?}");
+        assert_eq!(
+            world.b_aside, 0,
+            "the installed copy was sent again\n{trace:#?}"
+        );
+        assert_eq!(
+            trace
+                .iter()
+                .filter(|t| t.contains("host-final-pass"))
+                .count(),
+            1,
+            "{trace:#?}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
+use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
 use transfer::identity::{AllowList, Identity};
 use transfer::recv::{Receiver, ServeConfig, DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
 use transfer::Error;
@@ -24,17 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a new identity key (prints the fingerprint senders pin with --peer)
-    Keygen {
-        /// Where to write the private key (mode 0600; never overwritten)
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Print the fingerprint of an existing identity key
-    Fingerprint {
-        #[arg(long)]
-        identity: PathBuf,
-    },
+    #[command(flatten)]
+    Identity(IdentityCommand),
     /// Accept transfers into ROOT until interrupted (SIGINT/SIGTERM)
     #[command(
         long_about = "Accept transfers into ROOT until interrupted (SIGINT/SIGTERM).\n\n\
@@ -80,19 +71,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Keygen { out } => {
-            let id = Identity::generate(&out)?;
-            eprintln!(
-                "wrote {}; senders pin this fingerprint with --peer:",
-                out.display()
-            );
-            println!("{}", id.fingerprint);
-            Ok(())
-        }
-        Command::Fingerprint { identity } => {
-            println!("{}", Identity::load(&identity)?.fingerprint);
-            Ok(())
-        }
+        Command::Identity(command) => command.run(Role::Receiver),
         Command::Serve {
             listen,
             root,

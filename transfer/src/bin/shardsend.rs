@@ -4,8 +4,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
-use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
+use clap::{Args, Parser};
+use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
 use transfer::compress::CompressPolicy;
 use transfer::gitdir::GitMode;
 use transfer::identity::{Fingerprint, Identity};
@@ -33,24 +33,9 @@ use transfer::Error;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<IdentityCommand>,
     #[command(flatten)]
     send: SendArgs,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Create a new identity key (prints its fingerprint for the receiver's allow-list)
-    Keygen {
-        /// Where to write the private key (mode 0600; never overwritten)
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Print the fingerprint of an existing identity key
-    Fingerprint {
-        #[arg(long)]
-        identity: PathBuf,
-    },
 }
 
 #[derive(Args)]
@@ -131,19 +116,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Some(Command::Keygen { out }) => {
-            let id = Identity::generate(&out)?;
-            eprintln!(
-                "wrote {}; add this fingerprint to the receiver's allow-list:",
-                out.display()
-            );
-            println!("{}", id.fingerprint);
-            Ok(())
-        }
-        Some(Command::Fingerprint { identity }) => {
-            println!("{}", Identity::load(&identity)?.fingerprint);
-            Ok(())
-        }
+        Some(identity) => identity.run(Role::Sender),
         None => send_main(cli.send),
     }
 }
