@@ -87,6 +87,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 now() { date +%s.%N; }
+num2() { printf %.2f "$1" 2>/dev/null || echo "?"; }
+pct0() { awk -v v="$1" 'BEGIN { if (v ~ /^[0-9.]+$/) printf "%.0f", v; else printf "?" }'; }
 # utime+stime+cutime+cstime of PID, in seconds.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15+$16+$17)/hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
@@ -250,9 +252,9 @@ if [ "$do_wan" = 1 ]; then
       xscp="?"; [ -n "$scp_s" ] && xscp=$(printf %.2f "$(echo "$scp_s / $s" | bc -l)")
       shown_s=$(printf %.2f "$s"); [ "${okay[$tr]}" = 1 ] || shown_s="> $shown_s (failed)"
       echo "$r,$t,$l,$tool,$cc,$s,$mbit,$pct,$xscp,${send[$tr]},${recv[$tr]},${okay[$tr]}" >> "$csv"
-      table+=$'\n'"$(printf '| %s | %s ms | %s | %s | %s | %.1f | %.0f%% | %s | %.2f | %.2f |' \
+      table+=$'\n'"$(printf '| %s | %s ms | %s | %s | %s | %.1f | %.0f%% | %s | %s | %s |' \
         "$r" "$t" "$([ "$l" = bursty ] && echo "bursty ~1%" || echo "$l%")" "$tool${cc:+ ($cc)}" \
-        "$shown_s" "$mbit" "$pct" "$xscp" "${send[$tr]}" "${recv[$tr]}")"
+        "$shown_s" "$mbit" "$pct" "$xscp" "$(num2 "${send[$tr]}")" "$(num2 "${recv[$tr]}")")"
     done
   done
   chart=bench/out/wan-link-share.svg
@@ -314,7 +316,10 @@ while True: c.sendall(buf)
     sleep 8 # TCP alone: past BBR startup
     shardsend_cmd "$ns_a" "$work/fair.bin" fair.bin off "$cc"
     t0=$(now)
-    timeout "$timeout_s" "${cmd[@]}" > "$work/send.json" 2> "$work/send.err" || echo "shardsend failed: $(tail -c 300 "$work/send.err")" >&2
+    fair_ok=1
+    # A scavenger may take long here: give it at least 10 minutes before cutting it.
+    timeout "$(( timeout_s > 600 ? timeout_s : 600 ))" "${cmd[@]}" > "$work/send.json" 2> "$work/send.err" || {
+      fair_ok=0; echo "shardsend failed or was cut: $(tail -c 300 "$work/send.err")" >&2; }
     t1=$(now)
     sleep 1
     kill "$tcp_tx" 2>/dev/null || true; wait "$tcp_tx" 2>/dev/null || true
@@ -337,8 +342,10 @@ print(f"{size * 8 / (t1 - t0) / 1e6:.1f} {during:.1f} {alone:.1f}")
 PY
 )
     stop_link
-    table+=$'\n'"$(printf '| %s | %s | %.0f%% | %s | %.0f%% | %s |' "${cc:-default}" "$ss_mbit" \
-      "$(echo "$ss_mbit" | awk '{print $1}')" "$tcp_mbit" "$(echo "$tcp_mbit" | awk '{print $1}')" "$tcp_alone")"
+    [ "$fair_ok" = 1 ] || ss_mbit="? (cut)"
+    # On a 100 Mbit/s link the share in % is the rate in Mbit/s.
+    table+=$'\n'"$(printf '| %s | %s | %s%% | %s | %s%% | %s |' "${cc:-default}" "$ss_mbit" \
+      "$(pct0 "$ss_mbit")" "$tcp_mbit" "$(pct0 "$tcp_mbit")" "$tcp_alone")"
     echo "fairness ${cc:-default}: shardsend $ss_mbit Mbit/s, TCP $tcp_mbit Mbit/s (alone $tcp_alone)" >&2
   done
   section="## WAN fairness (issue 12): shardsend and one TCP flow on a 100 Mbit link

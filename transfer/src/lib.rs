@@ -4,11 +4,13 @@
 //! - sans-io: [`wire`] (frames), [`manifest`] (what may be staged), [`tracker`] (verified
 //!   chunks, root hash), [`compress`] (the `auto` decision), [`units`];
 //! - I/O: [`scan`] (source tree), [`staging`] (receiver's disk side), [`identity`] (keys,
-//!   pinned-fingerprint TLS), [`quic`] (endpoint tuning), [`io`] (frames on streams),
+//!   pinned-fingerprint TLS), [`quic`] (endpoint tuning, congestion control; [`background`] is
+//!   the delay-based controller of `--congestion background`), [`io`] (frames on streams),
 //!   [`send`] and [`recv`] (the two drivers used by the `shardsend` / `shardrecv` binaries).
 //!
 //! See `ARCHITECTURE.md` at the repository root for the data flow and invariants.
 
+pub mod background;
 pub mod cli;
 pub mod compress;
 pub mod error;

@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub allow: AllowList,
     /// Transfers served at once; more are refused as busy.
     pub max_transfers: usize,
+    /// Congestion controller and other transport choices.
+    pub transport: crate::quic::TransportOptions,
 }
 
 /// A running receiver; `local_addr` is useful when listening on port 0.
@@ -72,7 +74,7 @@ impl Receiver {
             .canonicalize()
             .map_err(|e| Error::io(&cfg.root, e))?;
         let crypto = server_crypto(&cfg.identity, Arc::new(cfg.allow))?;
-        let endpoint = crate::quic::server_endpoint(cfg.listen, crypto)?;
+        let endpoint = crate::quic::server_endpoint(cfg.listen, crypto, &cfg.transport)?;
         Ok(Receiver {
             endpoint,
             shared: Arc::new(Shared {

@@ -88,6 +88,8 @@ pub struct SendConfig {
     pub stage_only: bool,
     /// How long to wait for the receiver to answer the handshake.
     pub connect_timeout: Duration,
+    /// Congestion controller and other transport choices.
+    pub transport: crate::quic::TransportOptions,
 }
 
 /// The `--json` summary.
@@ -331,7 +333,8 @@ async fn attempt_once(
     let manifest = &scanned.manifest;
     let addr = resolve(&cfg.addr).await?;
     let crypto = client_crypto(&cfg.identity, cfg.peer)?;
-    let (endpoint, conn) = crate::quic::connect(addr, crypto, cfg.connect_timeout).await?;
+    let (endpoint, conn) =
+        crate::quic::connect(addr, crypto, cfg.connect_timeout, &cfg.transport).await?;
     let (mut ctl_send, mut ctl_recv) = conn
         .open_bi()
         .await

@@ -581,10 +581,14 @@ mod hostile {
         rt.block_on(async {
             let id = Identity::load(&keys.send_key).unwrap();
             let crypto = client_crypto(&id, keys.recv_fp).unwrap();
-            let (_ep, conn) =
-                transfer::quic::connect(addr.parse().unwrap(), crypto, Duration::from_secs(5))
-                    .await
-                    .unwrap();
+            let (_ep, conn) = transfer::quic::connect(
+                addr.parse().unwrap(),
+                crypto,
+                Duration::from_secs(5),
+                &transfer::quic::TransportOptions::default(),
+            )
+            .await
+            .unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             // Every tree starts with its root directory entry.
             let mut entries = entries;

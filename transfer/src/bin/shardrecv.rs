@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
 use transfer::identity::{AllowList, Identity};
+use transfer::quic::{Congestion, TransportOptions};
 use transfer::recv::{Receiver, ServeConfig};
 use transfer::Error;
 
@@ -59,6 +60,10 @@ enum Command {
         /// Transfers served at once; more are refused as busy
         #[arg(long, default_value_t = 32)]
         max_transfers: usize,
+        /// Congestion controller of our sending side (control messages): bbr, cubic or
+        /// newreno. The data direction follows the sender's --congestion
+        #[arg(long, default_value_t = Congestion::default())]
+        congestion: Congestion,
     },
 }
 
@@ -93,6 +98,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             identity,
             allow,
             max_transfers,
+            congestion,
         } => {
             let identity = Identity::load(&identity)?;
             let allow = AllowList::load(&allow)?;
@@ -111,6 +117,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     identity,
                     allow,
                     max_transfers,
+                    transport: TransportOptions { congestion },
                 })?;
                 let addr = receiver.local_addr()?;
                 println!("listening {addr} fingerprint {fingerprint}");

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
 use transfer::compress::CompressPolicy;
 use transfer::identity::{Fingerprint, Identity};
+use transfer::quic::{Congestion, TransportOptions};
 use transfer::send::{send, Fault, SendConfig, DEFAULT_CHUNK_SIZE, DEFAULT_STREAMS};
 use transfer::units::parse_size;
 use transfer::Error;
@@ -97,6 +98,11 @@ struct SendArgs {
     /// Seconds to wait for the receiver to answer before giving up
     #[arg(long, default_value_t = 15.0)]
     connect_timeout: f64,
+    /// Congestion controller: bbr (default: keeps the link full under random loss, where
+    /// cubic and newreno collapse), cubic, newreno, or background (delay-based: backs off
+    /// when a queue builds, so users' traffic on a shared link keeps its share)
+    #[arg(long, default_value_t = Congestion::default())]
+    congestion: Congestion,
     /// Test-only fault injection: corrupt-once | corrupt-always
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
@@ -158,6 +164,9 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         stage_only: a.stage_only,
         connect_timeout: std::time::Duration::try_from_secs_f64(a.connect_timeout)
             .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
+        transport: TransportOptions {
+            congestion: a.congestion,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
