@@ -3,7 +3,7 @@
 #
 #   scripts/bench-wan.sh [--rates "100M 1G"] [--rtts "2 50 150"] [--losses "0 0.1 1"] [--no-bursty]
 #                        [--size 100M] [--timeout 300] [--tools "ss-off ss-auto scp rsync"]
-#                        [--congestion "bbr cubic"] [--queue 50ms]
+#                        [--congestion "bbr cubic"] [--queue 50ms] [--window 64M]
 #                        [--fairness] [--auto-matrix] [--no-wan] [--smoke]
 #                        [--out bench/RESULTS.md] [--no-write]
 #
@@ -15,7 +15,8 @@
 # /usr/bin/time; receiver from /proc/PID/stat of shardrecv or of the sshd master, whose
 # cutime+cstime include the finished session). A copy slower than --timeout is cut and shown as
 # "> T". --congestion LIST runs every shardsend tool once per controller (shardsend and
-# shardrecv --congestion); empty (the default) uses the binaries' default.
+# shardrecv --congestion); empty (the default) uses the binaries' default. --window SIZE is
+# given to both shardsend and shardrecv (bytes in flight per connection).
 # --fairness: one TCP flow (python, kernel TCP: BBR here) and shardsend share a 100 Mbit, 50 ms
 #   link; each one's share while both run (shardsend with each --congestion, or the default).
 # --auto-matrix: compression off vs zstd:1 vs zstd:3 vs auto on text-heavy (a worktree
@@ -39,6 +40,7 @@ timeout_s=300
 tools="ss-off ss-auto scp rsync"
 congestions=""
 queue=50ms
+window=""
 do_wan=1
 do_fair=0
 do_auto=0
@@ -56,6 +58,7 @@ while [ $# -gt 0 ]; do
     --tools) tools=$2; shift 2 ;;
     --congestion) congestions=$2; shift 2 ;;
     --queue) queue=$2; shift 2 ;;
+    --window) window=$2; shift 2 ;;
     --fairness) do_fair=1; shift ;;
     --auto-matrix) do_auto=1; shift ;;
     --no-wan) do_wan=0; shift ;;
@@ -117,7 +120,7 @@ start_recv() {
   mkdir -p "$dst_base/dst"
   : > "$work/recv.out"
   "${run[@]}" "$bin/shardrecv" serve --listen "$listen" --root "$dst_base/dst" \
-    --identity "$work/recv.key" --allow "$work/allow" ${recv_cc:+--congestion "$recv_cc"} \
+    --identity "$work/recv.key" --allow "$work/allow" ${recv_cc:+--congestion "$recv_cc"} ${window:+--window "$window"} \
     > "$work/recv.out" 2> "$work/recv.log" &
   recv_pid=$!
   for _ in $(seq 200); do [ -s "$work/recv.out" ] && break; sleep 0.05; done
@@ -149,6 +152,7 @@ shardsend_cmd() {
   cmd+=("$bin/shardsend" "$src" "$recv_addr" "$name" --identity "$work/send.key"
     --peer "$(cat "$work/recv.fp")" --no-progress --json --compress "$compress")
   [ -n "$cc" ] && cmd+=(--congestion "$cc")
+  [ -n "$window" ] && cmd+=(--window "$window")
   return 0
 }
 

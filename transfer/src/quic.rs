@@ -17,9 +17,16 @@
 //!   for `shardmove migrate` (background traffic by nature). Cubic and NewReno stay
 //!   available for comparison.
 //! - **Flow-control windows.** quinn's defaults (stream receive 1.25 MB, send 10 MB) cap a
-//!   single connection near `window / RTT`. The connection window ([`CONNECTION_WINDOW`])
-//!   must cover the bandwidth-delay product, and it is also the receiver's memory bound
-//!   (unread data sits in quinn's buffers), so it is bounded by the 128 MiB RSS budget per end.
+//!   single connection near `window / RTT`. What may be in flight is the smallest of the
+//!   sender's send window ([`SEND_WINDOW`], 16 MiB), the receiver's connection window
+//!   ([`CONNECTION_WINDOW`], 32 MiB) and streams x [`STREAM_WINDOW`] (4 x 4 MiB): 16 MiB,
+//!   which covers 1 Gbit/s up to ~130 ms of RTT. Both ends take `--window SIZE` (4M-256M) for
+//!   longer or faster paths; shardsend then opens at least SIZE / 4M streams. The windows are
+//!   also each end's memory bound (unacknowledged data on the sender, unread data on the
+//!   receiver), which is why they are an explicit, bounded option rather than unbounded
+//!   growth. Measured over linkemu at 1 Gbit/s, 150 ms (load 8-10, bench/RESULTS.md "WAN
+//!   windows"): 60-74 MB/s with the defaults and the same with `--window 64M` on both ends,
+//!   whatever the stream count (4, 8, 16): on this machine CPU, not the windows, held it.
 //!   The *stream* window is kept at [`STREAM_WINDOW`] = 4 MiB for a different reason:
 //!   quinn-proto 0.11.19 aborts a connection ("too many gaps in stream buffer") when a stream's
 //!   reassembly buffer holds more than 1024 separate pieces; with 16 MiB stream windows BBR's
@@ -119,10 +126,28 @@ impl std::str::FromStr for Congestion {
     }
 }
 
-/// Transport choices an operator can make (`--congestion`); the rest is chosen per path.
+/// Transport choices an operator can make (`--congestion`, `--window`); the rest is chosen
+/// per path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TransportOptions {
     pub congestion: Congestion,
+    /// Bytes in flight per connection (send window, and connection receive window on the
+    /// receiving side); `None` keeps [`CONNECTION_WINDOW`] / [`SEND_WINDOW`].
+    pub window: Option<u64>,
+}
+
+/// Smallest and largest `--window`: below 4 MiB a single stream stalls; above 256 MiB one
+/// transfer's buffers would dwarf the per-end memory budget.
+pub const MIN_WINDOW: u64 = 4 << 20;
+pub const MAX_WINDOW: u64 = 256 << 20;
+
+/// Parses `--window` (`64M`, binary suffixes) within [`MIN_WINDOW`, `MAX_WINDOW`].
+pub fn parse_window(text: &str) -> Result<u64, String> {
+    let bytes = crate::units::parse_size(text)?;
+    if !(MIN_WINDOW..=MAX_WINDOW).contains(&bytes) {
+        return Err(format!("--window {text}: must be between 4M and 256M"));
+    }
+    Ok(bytes)
 }
 
 /// Transport settings chosen for one path.
@@ -148,9 +173,9 @@ impl QuicTuning {
         QuicTuning {
             initial_mtu,
             mtu_upper_bound,
-            connection_window: CONNECTION_WINDOW,
+            connection_window: options.window.unwrap_or(CONNECTION_WINDOW),
             stream_window: STREAM_WINDOW,
-            send_window: SEND_WINDOW,
+            send_window: options.window.unwrap_or(SEND_WINDOW),
             congestion: options.congestion,
         }
     }
@@ -379,6 +404,24 @@ mod tests {
             packets / 4 <= QUINN_MAX_CHUNKS,
             "{packets} packets per stream window"
         );
+    }
+
+    #[test]
+    fn window_option_is_bounded_and_sets_both_windows() {
+        assert_eq!(parse_window("64M"), Ok(64 << 20));
+        assert!(parse_window("1M")
+            .unwrap_err()
+            .contains("between 4M and 256M"));
+        assert!(parse_window("1G").is_err());
+        assert!(parse_window("lots").is_err());
+        let opts = TransportOptions {
+            window: Some(64 << 20),
+            ..TransportOptions::default()
+        };
+        let t = QuicTuning::for_peer("10.9.0.2".parse().unwrap(), &opts);
+        assert_eq!((t.send_window, t.connection_window), (64 << 20, 64 << 20));
+        // The stream window never grows with it (quinn's reassembly limit).
+        assert_eq!(t.stream_window, STREAM_WINDOW);
     }
 
     #[test]

@@ -244,6 +244,42 @@ fn bad_local_input_is_refused_with_a_clear_message() {
 }
 
 #[test]
+fn every_congestion_controller_and_a_larger_window_complete_a_transfer() {
+    let keys = Keys::new();
+    let root = keys.path("root");
+    let d = Daemon::start(&keys, &root);
+    let src = keys.path("src");
+    std::fs::create_dir(&src).unwrap();
+    write_random(&src.join("data"), 6_000_000, 11);
+    for (i, extra) in [
+        vec!["--congestion", "bbr"],
+        vec!["--congestion", "cubic"],
+        vec!["--congestion", "newreno"],
+        vec!["--congestion", "background"],
+        vec!["--window", "64M", "--congestion", "background"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dest = format!("cc{i}.git");
+        let mut args = vec!["--compress", "off"];
+        args.extend(extra.iter().copied());
+        assert_ok(&send(&keys, &src, &d.addr, &dest, &args));
+        assert_same_tree(&src, &root.join(&dest));
+    }
+    let out = send(&keys, &src, &d.addr, "x.git", &["--congestion", "vegas"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("bbr, cubic, newreno, background"));
+    let out = send(&keys, &src, &d.addr, "x.git", &["--window", "1M"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("between 4M and 256M"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn corrupted_chunk_is_requested_again_and_persistent_corruption_fails() {
     let keys = Keys::new();
     let root = keys.path("root");

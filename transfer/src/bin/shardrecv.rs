@@ -64,6 +64,10 @@ enum Command {
         /// newreno. The data direction follows the sender's --congestion
         #[arg(long, default_value_t = Congestion::default())]
         congestion: Congestion,
+        /// Connection receive window per transfer, K/M suffixes: the most unread data one
+        /// transfer may buffer here; it must cover the sender's rate x RTT
+        #[arg(long, value_parser = transfer::quic::parse_window)]
+        window: Option<u64>,
     },
 }
 
@@ -99,6 +103,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             allow,
             max_transfers,
             congestion,
+            window,
         } => {
             let identity = Identity::load(&identity)?;
             let allow = AllowList::load(&allow)?;
@@ -117,7 +122,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     identity,
                     allow,
                     max_transfers,
-                    transport: TransportOptions { congestion },
+                    transport: TransportOptions { congestion, window },
                 })?;
                 let addr = receiver.local_addr()?;
                 println!("listening {addr} fingerprint {fingerprint}");

@@ -103,9 +103,26 @@ struct SendArgs {
     /// when a queue builds, so users' traffic on a shared link keeps its share)
     #[arg(long, default_value_t = Congestion::default())]
     congestion: Congestion,
+    /// Most bytes in flight (unacknowledged) on the connection, K/M suffixes, 4M-256M
+    /// (default 16M). It must cover rate x RTT (1 Gbit/s x 150 ms = 19 MB; the default covers
+    /// 1 Gbit/s up to ~130 ms) and it is memory this end may hold; give shardrecv the same
+    /// --window. Opens at least WINDOW / 4M data streams
+    #[arg(long, value_parser = parse_window)]
+    window: Option<u64>,
     /// Test-only fault injection: corrupt-once | corrupt-always
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
+}
+
+fn parse_window(text: &str) -> Result<u64, String> {
+    transfer::quic::parse_window(text)
+}
+
+/// A stream carries at most `quic::STREAM_WINDOW` unacknowledged bytes, so a larger
+/// `--window` needs enough streams to fill it.
+fn streams_for_window(streams: usize, window: Option<u64>) -> usize {
+    let needed = window.map_or(0, |w| w.div_ceil(transfer::quic::STREAM_WINDOW)) as usize;
+    streams.max(needed)
 }
 
 fn main() {
@@ -155,7 +172,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         identity: Arc::new(identity),
         peer: Fingerprint::parse(&a.peer.ok_or_else(|| missing("--peer"))?)?,
         compress: a.compress,
-        streams: a.streams,
+        streams: streams_for_window(a.streams, a.window),
         bwlimit: a.bwlimit,
         resume: a.resume,
         chunk_size: a.chunk_size,
@@ -166,6 +183,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
             .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
         transport: TransportOptions {
             congestion: a.congestion,
+            window: a.window,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
