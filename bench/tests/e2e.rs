@@ -15,15 +15,7 @@ fn linkemu_applies_delay_loss_and_cuts_and_sigkill_removes_its_namespaces() {
     }
     let p = prefix("k");
     let emu = LinkemuProcess::start(&p, &["--delay", "20ms", "--loss", "10%"]);
-    let echo = probe::udp_echo(
-        &emu.ns_a,
-        &emu.ns_b,
-        emu.addr_b,
-        400,
-        Duration::from_millis(2),
-        Duration::from_millis(300),
-    )
-    .expect("probe");
+    let echo = emu.echo(400);
     // 20 ms each way; 10% per direction loses 1 - 0.9^2 = 19% of round trips.
     assert!(echo.min_rtt_ms >= 40.0, "{echo:?}");
     assert!((0.08..0.35).contains(&echo.loss), "{echo:?}");
@@ -31,27 +23,11 @@ fn linkemu_applies_delay_loss_and_cuts_and_sigkill_removes_its_namespaces() {
     // SIGUSR1 cuts the link: nothing comes back. SIGUSR2 restores it.
     emu.signal(libc::SIGUSR1);
     std::thread::sleep(Duration::from_millis(100));
-    let cut = probe::udp_echo(
-        &emu.ns_a,
-        &emu.ns_b,
-        emu.addr_b,
-        50,
-        Duration::from_millis(2),
-        Duration::from_millis(200),
-    )
-    .expect("probe while cut");
+    let cut = emu.echo(50);
     assert_eq!(cut.received, 0, "{cut:?}");
     emu.signal(libc::SIGUSR2);
     std::thread::sleep(Duration::from_millis(100));
-    let back = probe::udp_echo(
-        &emu.ns_a,
-        &emu.ns_b,
-        emu.addr_b,
-        50,
-        Duration::from_millis(2),
-        Duration::from_millis(300),
-    )
-    .expect("probe after the cut");
+    let back = emu.echo(50);
     assert!(back.received > 0, "{back:?}");
 
     let (a, b) = (emu.ns_a.clone(), emu.ns_b.clone());

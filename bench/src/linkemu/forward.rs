@@ -132,6 +132,20 @@ impl Ord for Held {
     }
 }
 
+/// Writes one packet to the far side's TUN device and counts it.
+fn deliver(out_fd: libc::c_int, packet: &[u8], counters: &Counters) {
+    // SAFETY: write(2) from a buffer we own, of its length.
+    let n = unsafe { libc::write(out_fd, packet.as_ptr().cast(), packet.len()) };
+    if n < 0 {
+        counters.write_errors.fetch_add(1, Ordering::Relaxed);
+    } else {
+        counters.packets_out.fetch_add(1, Ordering::Relaxed);
+        counters
+            .bytes_out
+            .fetch_add(packet.len() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Moves packets from `input` to `output` through `model` until `control.stop` is set.
 pub fn run_direction(
     input: &OwnedFd,
@@ -160,16 +174,7 @@ pub fn run_direction(
             if control.is_down(now) {
                 counters.lost_down.fetch_add(1, Ordering::Relaxed);
             } else {
-                // SAFETY: write(2) from a buffer we own, of its length.
-                let n = unsafe { libc::write(out_fd, held.data.as_ptr().cast(), held.data.len()) };
-                if n < 0 {
-                    counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    counters.packets_out.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .bytes_out
-                        .fetch_add(held.data.len() as u64, Ordering::Relaxed);
-                }
+                deliver(out_fd, &held.data, counters);
             }
             pool.push(held.data);
         }
@@ -230,14 +235,7 @@ pub fn run_direction(
                     }
                     if at <= now && line.is_empty() {
                         // Due now and nothing ahead of it: skip the heap.
-                        // SAFETY: write(2) from a buffer we own, of its length.
-                        let w = unsafe { libc::write(out_fd, buf.as_ptr().cast(), buf.len()) };
-                        if w < 0 {
-                            counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            counters.packets_out.fetch_add(1, Ordering::Relaxed);
-                            counters.bytes_out.fetch_add(len, Ordering::Relaxed);
-                        }
+                        deliver(out_fd, &buf, counters);
                         pool.push(buf);
                         continue;
                     }

@@ -53,6 +53,19 @@ impl LinkemuProcess {
         }
     }
 
+    /// `count` UDP echo probes A -> B -> A, 2 ms apart, waiting 300 ms for stragglers.
+    pub fn echo(&self, count: u64) -> bench::linkemu::probe::EchoResult {
+        bench::linkemu::probe::udp_echo(
+            &self.ns_a,
+            &self.ns_b,
+            self.addr_b,
+            count,
+            Duration::from_millis(2),
+            Duration::from_millis(300),
+        )
+        .expect("UDP echo probe")
+    }
+
     pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
