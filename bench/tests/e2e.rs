@@ -68,6 +68,33 @@ fn linkemu_rate_caps_a_tcp_stream_and_sigterm_reports_and_cleans_up() {
 }
 
 #[test]
+fn linkemu_sigint_from_a_background_shell_job_still_cleans_up() {
+    // Regression: a non-interactive shell starts background jobs with SIGINT ignored, and an
+    // ignored signal never reached linkemu's sigtimedwait, so `kill -INT` did nothing.
+    if !root_or_skip("linkemu_sigint_from_a_background_shell_job_still_cleans_up") {
+        return;
+    }
+    let p = prefix("i");
+    let script = format!(
+        "{} --name {p} --rate 10M >/dev/null 2>&1 & pid=$!; \
+         for i in $(seq 100); do [ -e /run/netns/{p}-b ] && break; sleep 0.05; done; \
+         sleep 0.3; kill -INT $pid; \
+         for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.05; done; \
+         if kill -0 $pid 2>/dev/null; then kill -KILL $pid; wait $pid; exit 99; fi; wait $pid",
+        env!("CARGO_BIN_EXE_linkemu")
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .expect("run sh");
+    // 99: linkemu ignored SIGINT and had to be killed.
+    assert_eq!(status.code(), Some(128 + libc::SIGINT));
+    let a = format!("{p}-a");
+    let b = format!("{p}-b");
+    assert!(namespaces_gone(&[&a, &b], Duration::from_secs(1)));
+}
+
+#[test]
 fn linkemu_runs_a_command_and_passes_its_exit_code() {
     if !root_or_skip("linkemu_runs_a_command_and_passes_its_exit_code") {
         return;
