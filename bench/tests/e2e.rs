@@ -69,8 +69,8 @@ fn linkemu_rate_caps_a_tcp_stream_and_sigterm_reports_and_cleans_up() {
 
 #[test]
 fn linkemu_sigint_from_a_background_shell_job_still_cleans_up() {
-    // Regression: a non-interactive shell starts background jobs with SIGINT ignored, and an
-    // ignored signal never reached linkemu's sigtimedwait, so `kill -INT` did nothing.
+    // Ctrl-C's signal, sent to a linkemu that a script started in the background (where the
+    // shell sets SIGINT to "ignore"): it must still end the link and remove the namespaces.
     if !root_or_skip("linkemu_sigint_from_a_background_shell_job_still_cleans_up") {
         return;
     }

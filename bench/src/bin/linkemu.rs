@@ -143,17 +143,12 @@ fn run(cli: Cli) -> Result<i32> {
         prefix: cli.name.clone(),
     };
     // Block the signals before any thread exists, so every thread inherits the mask and only
-    // the main thread's sigtimedwait sees them. A shell starts background jobs with SIGINT
-    // ignored, and an ignored signal is discarded rather than left pending: restore the
-    // default disposition first (blocked, it never runs).
+    // the main thread's sigtimedwait sees them. (Linux keeps a blocked signal pending even
+    // when its disposition is "ignore", as a shell sets SIGINT for background jobs, so
+    // sigtimedwait still receives it.)
     let set = signal_set();
-    // SAFETY: signal(2) with SIG_DFL and pthread_sigmask with a valid set, before any thread.
-    unsafe {
-        for sig in SIGNALS {
-            libc::signal(sig, libc::SIG_DFL);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    // SAFETY: a valid set; the previous mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     let exe = std::env::current_exe().context("cannot find our own executable")?;
     let emu = Emulator::start(&spec, Some(&exe))?;
     if cli.measure_ceiling {
