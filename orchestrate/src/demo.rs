@@ -573,30 +573,39 @@ async fn demo(
 
     // The migration itself.
     let mcfg = MigrateConfig {
-        instance: "demo".into(),
-        from: "repo001".into(),
-        to: "repo002".into(),
-        repos: Vec::new(),
+        spec: migrate::BatchSpec {
+            instance: "demo".into(),
+            from: "repo001".into(),
+            to: "repo002".into(),
+            repos: Vec::new(),
+        },
         parallel: cfg.parallel,
         per_host: cfg.parallel,
         message: "demo: this repository is moving to shard repo002; pushes resume in a few seconds"
             .into(),
-        shardsend: cfg.bin_dir.join("shardsend").display().to_string(),
-        identity: keys.join("shard-a.key").display().to_string(),
-        freeze_wait: Duration::from_secs(30),
-        shardsend_args: Vec::new(),
-        full_verify: false,
-        // The demo's shard hosts run no observation daemons.
-        daemons: None,
     };
-    let plan = registry.migration_plan(&mcfg).await?;
+    let ports = migrate::builtin_ports(
+        migrate::builtin::BuiltinPlane {
+            registry: registry.clone(),
+            // The demo's shard hosts run no observation daemons.
+            daemons: None,
+            full_verify: false,
+        },
+        migrate::host::HostConfig {
+            shardsend: cfg.bin_dir.join("shardsend").display().to_string(),
+            identity: keys.join("shard-a.key").display().to_string(),
+            freeze_wait: Duration::from_secs(30),
+            shardsend_args: Vec::new(),
+        },
+    );
+    let (id, _) = migrate::start(&registry, ports.plane.as_ref(), &mcfg, None).await?;
+    let plan = registry.batch(id).await?.spec.repos;
     report(&format!(
         "migrating {} repositories from repo001 to repo002, {} at a time",
         plan.len(),
         cfg.parallel
     ));
-    let id = registry.create_migration(&mcfg).await?;
-    let summary = migrate::run(&registry, &mcfg, id, report.clone()).await;
+    let summary = migrate::run(&ports, &mcfg, id, report.clone()).await;
     stop.store(true, Ordering::Relaxed);
     let _ = (&mut cloner.0).await;
     let summary = summary?;

@@ -53,6 +53,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A migration batch ended with repositories not moved.
+    #[error("migration {id} ended with {left} repositories not moved (see above); `shardmove migrate` of the same services goes on with it")]
+    MigrationIncomplete { id: i64, left: usize },
+
+    /// `doctor` found problems it did not (or could not) fix.
+    #[error("doctor found {count} problems (see above)")]
+    ProblemsFound { count: usize },
+
     /// The registry database failed (connection, query, constraint).
     #[error("registry: {0}")]
     Database(#[from] sqlx::Error),
@@ -85,6 +93,10 @@ pub mod exit_code {
     pub const HOST_COMMAND: i32 = 7;
     /// The registry database failed.
     pub const DATABASE: i32 = 8;
+    /// A migration ended with repositories not moved (rolled back or stuck).
+    pub const MIGRATION_INCOMPLETE: i32 = 9;
+    /// `doctor` found problems (left after `--fix`).
+    pub const PROBLEMS_FOUND: i32 = 10;
 }
 
 impl Error {
@@ -98,6 +110,8 @@ impl Error {
             Error::PushesInFlight { .. } => exit_code::PUSHES_IN_FLIGHT,
             Error::HostCommand { .. } => exit_code::HOST_COMMAND,
             Error::Io { .. } => exit_code::INTERNAL,
+            Error::MigrationIncomplete { .. } => exit_code::MIGRATION_INCOMPLETE,
+            Error::ProblemsFound { .. } => exit_code::PROBLEMS_FOUND,
             Error::Database(_) | Error::Migrate(_) => exit_code::DATABASE,
         }
     }

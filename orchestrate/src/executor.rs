@@ -28,7 +28,29 @@ pub trait Executor: std::fmt::Debug + Send + Sync {
 
     /// The command that runs `argv` on the host.
     fn command(&self, argv: &[&str]) -> std::process::Command;
+
+    /// For hosts whose processes would outlive this one (ssh: killing the client does not
+    /// stop the remote command), a command that runs `argv` and kills it once its stdin
+    /// closes. The runner keeps that stdin open until the command ends, so it closes exactly
+    /// when this process dies. `None` where [`die_with_parent`] already covers it.
+    fn command_watched(&self, _argv: &[&str]) -> Option<std::process::Command> {
+        None
+    }
 }
+
+/// Run on the remote host around a watched command (see [`Executor::command_watched`]):
+/// the command runs with stdin from /dev/null while a watcher reads the session's stdin
+/// (kept on fd 3: an asynchronous list's own stdin is /dev/null); at end of file (the ssh
+/// session closed: the driver died) it sends SIGTERM to the command.
+const WATCH_SCRIPT: &str = r#"exec 3<&0
+"$@" </dev/null &
+c=$!
+{ while read -r _ <&3; do :; done; kill -TERM "$c" 2>/dev/null; } &
+w=$!
+wait "$c"
+s=$?
+kill "$w" 2>/dev/null
+exit "$s""#;
 
 /// Runs commands as local processes.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +110,32 @@ impl Executor for NetnsExecutor {
         let argv = if argv.is_empty() { &["true"][..] } else { argv };
         let mut command = std::process::Command::new("ip");
         command.args(["netns", "exec", &self.name]).args(argv);
+        command
+    }
+}
+
+/// Host prefix that [`executor_for_host`] maps to a [`PrefixExecutor`]: `exec:COMMAND WORDS`.
+pub const EXEC_HOST_PREFIX: &str = "exec:";
+
+/// Runs commands through a command prefix on this machine: `exec:/lab/tools/ondev.sh a` runs
+/// `ARGV` as `/lab/tools/ondev.sh a ARGV...`. For hosts that are reached by a wrapper rather
+/// than a network: the Phorge lab's devices are mount namespaces entered by `ondev.sh`, a
+/// container is `exec:docker exec -i NAME`. The words of the prefix are split on whitespace
+/// (no quoting); the arguments are passed as they are.
+#[derive(Debug, Clone)]
+pub struct PrefixExecutor {
+    host: String,
+    prefix: Vec<String>,
+}
+
+impl Executor for PrefixExecutor {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn command(&self, argv: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(&self.prefix[0]);
+        command.args(&self.prefix[1..]).args(argv);
         command
     }
 }
@@ -155,12 +203,24 @@ impl Executor for SshExecutor {
     }
 
     fn command(&self, argv: &[&str]) -> std::process::Command {
+        self.ssh(argv)
+    }
+
+    fn command_watched(&self, argv: &[&str]) -> Option<std::process::Command> {
+        let mut remote = vec!["sh", "-c", WATCH_SCRIPT, "shardmove-watch"];
+        remote.extend_from_slice(argv);
+        Some(self.ssh(&remote))
+    }
+}
+
+impl SshExecutor {
+    fn ssh(&self, remote: &[&str]) -> std::process::Command {
         let mut command = std::process::Command::new("ssh");
         if let Some(config) = &self.config {
             command.arg("-F").arg(config);
         }
         // The remote side runs the command through the login shell: quote every word.
-        let remote: Vec<String> = argv.iter().map(|word| shell_quote(word)).collect();
+        let remote: Vec<String> = remote.iter().map(|word| shell_quote(word)).collect();
         if let Some(dir) = &self.control_dir {
             // %C: a hash of host, port and user, so the socket path stays short.
             command
@@ -204,26 +264,34 @@ pub fn shell_quote(value: &str) -> String {
 /// Hosts that [`executor_for`] treats as this machine.
 pub const LOCAL_HOSTS: [&str; 4] = ["localhost", "local", "127.0.0.1", "::1"];
 
-/// The executor for a device's host: local for [`LOCAL_HOSTS`], a network namespace of this
-/// machine for `netns:NAME`, ssh for any other.
+/// The executor for a device's host (see [`executor_for_host`]).
 pub fn executor_for(device: &Device) -> Result<Box<dyn Executor>> {
-    if LOCAL_HOSTS.contains(&device.host.as_str()) {
+    executor_for_host(&device.name, &device.host)
+}
+
+/// The executor for `host` (of device `device`, for messages): local for [`LOCAL_HOSTS`], a
+/// network namespace of this machine for `netns:NAME`, ssh for any other.
+pub fn executor_for_host(device: &str, host: &str) -> Result<Box<dyn Executor>> {
+    let invalid = |why: String| Error::invalid(format!("host {host:?} of device {device}"), why);
+    if LOCAL_HOSTS.contains(&host) {
         Ok(Box::new(LocalExecutor))
-    } else if let Some(name) = device.host.strip_prefix(NETNS_HOST_PREFIX) {
-        let netns = NetnsExecutor::new(name).map_err(|e| {
-            Error::invalid(
-                format!("host {:?} of device {}", device.host, device.name),
-                e.to_string(),
-            )
-        })?;
-        Ok(Box::new(netns))
-    } else if device.host.starts_with('-') {
-        Err(Error::invalid(
-            format!("host {:?} of device {}", device.host, device.name),
-            "must not start with '-'",
+    } else if let Some(name) = host.strip_prefix(NETNS_HOST_PREFIX) {
+        Ok(Box::new(
+            NetnsExecutor::new(name).map_err(|e| invalid(e.to_string()))?,
         ))
+    } else if let Some(prefix) = host.strip_prefix(EXEC_HOST_PREFIX) {
+        let prefix: Vec<String> = prefix.split_whitespace().map(str::to_string).collect();
+        if prefix.is_empty() {
+            return Err(invalid("`exec:` needs a command".into()));
+        }
+        Ok(Box::new(PrefixExecutor {
+            host: host.to_string(),
+            prefix,
+        }))
+    } else if host.starts_with('-') {
+        Err(invalid("must not start with '-'".into()))
     } else {
-        Ok(Box::new(SshExecutor::from_env(&device.host)))
+        Ok(Box::new(SshExecutor::from_env(host)))
     }
 }
 
@@ -263,10 +331,18 @@ pub async fn run_status_with_input(
         status: "not started".into(),
         stderr: e.to_string(),
     };
-    let mut command = tokio::process::Command::from(executor.command(argv));
+    // Without input, a host whose processes would outlive ours gets the watched form, its
+    // stdin held open by `_watch` until the command ends.
+    let watched = match input {
+        None => executor.command_watched(argv),
+        Some(_) => None,
+    };
+    let is_watched = watched.is_some();
+    let mut command =
+        tokio::process::Command::from(watched.unwrap_or_else(|| executor.command(argv)));
     die_with_parent(&mut command);
     command
-        .stdin(if input.is_some() {
+        .stdin(if input.is_some() || is_watched {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -278,6 +354,10 @@ pub async fn run_status_with_input(
     // Feed stdin while stdout and stderr are drained, so a command that answers before it has
     // read everything cannot deadlock on a full pipe.
     let stdin = child.stdin.take();
+    let (stdin, _watch) = match is_watched {
+        true => (None, stdin),
+        false => (stdin, None),
+    };
     let feed = async move {
         if let (Some(input), Some(mut stdin)) = (input, stdin) {
             // A command that exits without reading all of it closes the pipe: not our error,
@@ -291,6 +371,25 @@ pub async fn run_status_with_input(
         status: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Starts `argv` on the host with piped stdin and stdout (stderr inherited), for a long-lived
+/// helper that talks over them (the Phorge agent). It dies with this process; over ssh its
+/// stdin closes with the session, which the helper treats as its end.
+pub fn spawn_piped(executor: &dyn Executor, argv: &[&str]) -> Result<tokio::process::Child> {
+    let mut command = tokio::process::Command::from(executor.command(argv));
+    die_with_parent(&mut command);
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command.spawn().map_err(|e| Error::HostCommand {
+        host: executor.host().to_string(),
+        command: describe(argv),
+        status: "not started".into(),
+        stderr: e.to_string(),
     })
 }
 

@@ -16,16 +16,22 @@
 
 pub mod daemons;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod executor;
+pub mod failpoint;
 pub mod maintenance;
 pub mod migrate;
 pub mod names;
 pub mod netns;
-pub mod registry;
+pub mod phorge;
 pub mod repos;
+pub mod scripts;
+pub mod store;
+/// The registry's catalog, by its older name.
+pub use store as registry;
 pub mod status_page;
 pub mod verify;
 
 pub use error::{Error, Result};
-pub use registry::{Backend, Registry};
+pub use store::{Backend, Registry};

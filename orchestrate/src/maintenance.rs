@@ -1,5 +1,6 @@
 //! Maintenance mode on disk: the `pre-receive` hook that refuses pushes, and the wait for
-//! pushes already past it.
+//! pushes already past it (the scripts are `install_hook`, `remove_hook` and `wait_idle` in
+//! `host-scripts/lib.sh`).
 //!
 //! **Hook.** `start` installs a `pre-receive` hook that prints the operator's message and
 //! exits 1, so git refuses every push (SSH, HTTP, local) while `clone`/`fetch` (which never
@@ -21,99 +22,20 @@
 //! considered: `fuser`/`lsof` on the refs (not installed everywhere, and misses a push
 //! between pack receipt and ref locking), or a `reference-transaction` hook counting
 //! transactions (needs git >= 2.28 on every shard and does not see pushes that started
-//! before it was installed). The scan is a small `sh` script run through the executor, so it
-//! works over ssh unchanged.
+//! before it was installed).
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::executor::{self, Executor};
+use crate::executor::Executor;
+use crate::scripts::{exit, Script};
 
-/// Marker line identifying our hook.
+/// Marker line identifying our hook (`HOOK_MARKER` in `host-scripts/lib.sh`).
 pub const HOOK_MARKER: &str = "shardmove-maintenance-hook";
-
-// The scripts run inside the read-only window, where every process costs milliseconds on a
-// busy host: they use shell builtins (`read`, `printf`, `[`) wherever an external command is
-// not needed. `is_ours` reads only the first lines of `pre-receive`, where our marker sits.
-const IS_OURS: &str = r#"is_ours() {
-  [ -f "$1" ] || return 1
-  n=0
-  while [ $n -lt 3 ] && IFS= read -r line; do
-    case $line in *shardmove-maintenance-hook*) return 0 ;; esac
-    n=$((n + 1))
-  done < "$1"
-  return 1
-}
-"#;
-
-const INSTALL_SCRIPT: &str = r#"set -eu
-repo=$1
-hooks=$(git -C "$repo" rev-parse --path-format=absolute --git-path hooks)
-[ -d "$hooks" ] || mkdir -p "$hooks"
-printf '%s\n' "$2" > "$hooks/shardmove-maintenance.msg.tmp"
-mv -f "$hooks/shardmove-maintenance.msg.tmp" "$hooks/shardmove-maintenance.msg"
-if ! is_ours "$hooks/pre-receive"; then
-  if [ -e "$hooks/pre-receive" ] || [ -L "$hooks/pre-receive" ]; then
-    if [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
-      echo "$hooks/pre-receive.shardmove-orig already exists; not overwriting it" >&2
-      exit 3
-    fi
-    ln -P "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"
-  fi
-  printf '%s\n' '#!/bin/sh' \
-    '# shardmove-maintenance-hook: installed by `shardmove repo maintenance --start`, removed by' \
-    '# `--stop` (which restores any original hook from pre-receive.shardmove-orig).' \
-    '# Refuses every push with the operator'"'"'s message; clone and fetch are not affected.' \
-    'msg="$(dirname "$0")/shardmove-maintenance.msg"' \
-    'if [ -r "$msg" ]; then cat "$msg" >&2; else echo "repository in maintenance" >&2; fi' \
-    'exit 1' > "$hooks/pre-receive.shardmove-tmp"
-  chmod 755 "$hooks/pre-receive.shardmove-tmp"
-  mv -f "$hooks/pre-receive.shardmove-tmp" "$hooks/pre-receive"
-fi
-"#;
-
-const REMOVE_SCRIPT: &str = r#"set -eu
-repo=$1
-hooks=$(git -C "$repo" rev-parse --path-format=absolute --git-path hooks)
-if [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
-  mv -f "$hooks/pre-receive.shardmove-orig" "$hooks/pre-receive"
-  rm -f "$hooks/shardmove-maintenance.msg"
-elif is_ours "$hooks/pre-receive"; then
-  rm -f "$hooks/pre-receive" "$hooks/shardmove-maintenance.msg"
-else
-  rm -f "$hooks/shardmove-maintenance.msg"
-fi
-"#;
-
-const WAIT_IDLE_SCRIPT: &str = r#"set -u
-repo=$(cd "$1" && pwd -P) || exit 2
-pat=$repo
-case $repo in *[][*?\\]*) pat=$(printf '%s' "$repo" | sed 's/[][*?\\]/\\&/g') ;; esac
-end=
-busy() {
-  for link in $(find /proc -mindepth 2 -maxdepth 2 -name cwd -lname "$pat" 2>/dev/null); do
-    dir=${link%/cwd}
-    cmd=$(tr '\0' ' ' < "$dir/cmdline" 2>/dev/null) || continue
-    case "$cmd" in
-      *receive-pack*|*" fetch "*) echo "process ${dir#/proc/}: $cmd"; return 0 ;;
-    esac
-  done
-  if [ -e "$repo/packed-refs.lock" ]; then echo "lock file $repo/packed-refs.lock"; return 0; fi
-  lock=$(find "$repo/refs" -name '*.lock' -print -quit 2>/dev/null)
-  if [ -n "$lock" ]; then echo "lock file $lock"; return 0; fi
-  return 1
-}
-while what=$(busy); do
-  now=$(date +%s)
-  [ -n "$end" ] || end=$((now + $2))
-  if [ "$now" -ge "$end" ]; then echo "$what"; exit 3; fi
-  sleep 0.1
-done
-"#;
 
 /// Whether a directory exists on the host.
 pub async fn exists(executor: &dyn Executor, path: &str) -> Result<bool> {
-    Ok(executor::run_status(executor, &["test", "-d", path])
+    Ok(crate::executor::run_status(executor, &["test", "-d", path])
         .await?
         .status
         == 0)
@@ -121,34 +43,15 @@ pub async fn exists(executor: &dyn Executor, path: &str) -> Result<bool> {
 
 /// Installs the maintenance hook with `message` in the repository at `repo_path`.
 pub async fn install_hook(executor: &dyn Executor, repo_path: &str, message: &str) -> Result<()> {
-    executor::run(
-        executor,
-        &[
-            "sh",
-            "-c",
-            &format!("{IS_OURS}{INSTALL_SCRIPT}"),
-            "install-maintenance-hook",
-            repo_path,
-            message,
-        ],
-    )
-    .await?;
+    Script::InstallHook
+        .run_ok(executor, &[repo_path, message])
+        .await?;
     Ok(())
 }
 
 /// Removes the maintenance hook, restoring the original `pre-receive` if there was one.
 pub async fn remove_hook(executor: &dyn Executor, repo_path: &str) -> Result<()> {
-    executor::run(
-        executor,
-        &[
-            "sh",
-            "-c",
-            &format!("{IS_OURS}{REMOVE_SCRIPT}"),
-            "remove-maintenance-hook",
-            repo_path,
-        ],
-    )
-    .await?;
+    Script::RemoveHook.run_ok(executor, &[repo_path]).await?;
     Ok(())
 }
 
@@ -160,15 +63,9 @@ pub async fn wait_idle(
     wait: Duration,
 ) -> Result<()> {
     let secs = wait.as_secs().to_string();
-    let argv = [
-        "sh",
-        "-c",
-        WAIT_IDLE_SCRIPT,
-        "wait-for-pushes",
-        repo_path,
-        &secs,
-    ];
-    wait_outcome(executor, &argv, repo_name, wait).await
+    let args = [repo_path, secs.as_str()];
+    let out = Script::WaitIdle.run(executor, &args, None).await?;
+    wait_outcome(Script::WaitIdle, executor, &args, out, repo_name, wait)
 }
 
 /// [`install_hook`] then [`wait_idle`] in one process: one round trip (one ssh session) less
@@ -180,35 +77,43 @@ pub async fn install_hook_and_wait_idle(
     message: &str,
     wait: Duration,
 ) -> Result<()> {
-    let script =
-        format!("{IS_OURS}{INSTALL_SCRIPT}set +e\nset -- \"$1\" \"$3\"\n{WAIT_IDLE_SCRIPT}");
     let secs = wait.as_secs().to_string();
-    let argv = [
-        "sh",
-        "-c",
-        &script,
-        "install-hook-and-wait-for-pushes",
-        repo_path,
-        message,
-        &secs,
-    ];
-    wait_outcome(executor, &argv, repo_name, wait).await
+    let args = [repo_path, message, secs.as_str()];
+    let script = Script::InstallHookAndWaitIdle;
+    let out = script.run(executor, &args, None).await?;
+    wait_outcome(script, executor, &args, out, repo_name, wait)
 }
 
-async fn wait_outcome(
+fn wait_outcome(
+    script: Script,
     executor: &dyn Executor,
-    argv: &[&str],
+    args: &[&str],
+    out: crate::executor::CommandOutput,
     repo_name: &str,
     wait: Duration,
 ) -> Result<()> {
-    let output = executor::run_status(executor, argv).await?;
-    match output.status {
+    match out.status {
         0 => Ok(()),
-        3 => Err(Error::PushesInFlight {
+        exit::PUSHES_IN_FLIGHT => Err(Error::PushesInFlight {
             repo: repo_name.to_string(),
             waited_secs: wait.as_secs(),
-            detail: output.stdout.trim().to_string(),
+            detail: out.stdout.trim().to_string(),
         }),
-        _ => Err(executor::host_error(executor, argv, &output)),
+        _ => Err(script.failed(executor, args, &out)),
     }
+}
+
+/// A rolled-back copy at `dest` moved aside as `DEST.rolled-back-STAMP`, and the transfer's
+/// `staging` directory discarded unless a transfer still holds its lock.
+pub async fn discard_copy(
+    executor: &dyn Executor,
+    dest: &str,
+    staging: &str,
+    stamp: i64,
+) -> Result<()> {
+    let stamp = stamp.to_string();
+    Script::DiscardCopy
+        .run_ok(executor, &[dest, &stamp, staging])
+        .await?;
+    Ok(())
 }

@@ -55,16 +55,20 @@ pub enum Thaw {
     Demote,
 }
 
+fn check_message(message: &str) -> Result<()> {
+    if message.trim().is_empty() || message.len() > MAX_MESSAGE_LEN || message.contains('\0') {
+        return Err(Error::invalid(
+            "maintenance message",
+            format!("must be 1-{MAX_MESSAGE_LEN} characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// Full path of a repository on a device.
 pub fn path_on(device: &Device, relative: &str) -> String {
     format!("{}/{}", device.root_path.trim_end_matches('/'), relative)
 }
-
-const CREATE_SCRIPT: &str = r#"set -eu
-if [ -e "$1" ]; then echo "$1 already exists" >&2; exit 3; fi
-mkdir -p "$(dirname "$1")"
-git init --bare --quiet "$1"
-"#;
 
 impl Registry {
     /// `repo create --instance I NAME [--upstream URL]`: picks a service at random among the
@@ -140,11 +144,9 @@ impl Registry {
             let step = async {
                 let exec = executor_for(device)?;
                 let path = path_on(device, &relative);
-                executor::run(
-                    exec.as_ref(),
-                    &["sh", "-c", CREATE_SCRIPT, "create-bare-repository", &path],
-                )
-                .await?;
+                crate::scripts::Script::CreateBare
+                    .run_ok(exec.as_ref(), &[&path])
+                    .await?;
                 created.push((exec, path));
                 let device_id = require_id(&mut tx, "devices", "device", &device.name).await?;
                 sqlx::query("INSERT INTO working_copies (repository_id, device_id, version, updated_at) VALUES ($1, $2, 1, $3)")
@@ -225,31 +227,10 @@ impl Registry {
         message: &str,
         wait: Duration,
     ) -> Result<Repository> {
-        if message.trim().is_empty() || message.len() > MAX_MESSAGE_LEN || message.contains('\0') {
-            return Err(Error::invalid(
-                "maintenance message",
-                format!("must be 1-{MAX_MESSAGE_LEN} characters"),
-            ));
-        }
-        let mut tx = self.begin_write().await?;
-        let row = resolve_repo(&mut tx, reference, self.backend().lock_clause()).await?;
-        let was_in_maintenance = row.maintenance;
-        sqlx::query("UPDATE repositories SET maintenance = 1, maintenance_message = $1, maintenance_since = $2 WHERE id = $3")
-            .bind(message)
-            .bind(row.maintenance_since.filter(|_| was_in_maintenance).unwrap_or_else(registry::now))
-            .bind(row.id)
-            .execute(&mut *tx)
-            .await?;
-        self.event(
-            &mut tx,
-            "repo.maintenance.start",
-            &format!("repo:{}", row.full_name()),
-            message,
-        )
-        .await?;
-        tx.commit().await?;
-
-        let repo = self.repository(&row.full_name()).await?;
+        check_message(message)?;
+        let was_in_maintenance = self.repository(reference).await?.maintenance;
+        let full_name = self.mark_maintenance(reference, message).await?;
+        let repo = self.repository(&full_name).await?;
         let on_disk = async {
             let mut targets = Vec::new();
             for (device, required) in &self.hook_devices(&repo).await? {
@@ -293,6 +274,29 @@ impl Registry {
         self.repository(&repo.full_name()).await
     }
 
+    /// The registry half of maintenance start: the flag and message, in one transaction with
+    /// its event, touching no disk (observation pulls read the flag, so they stop first).
+    /// Returns the repository's full name.
+    pub(crate) async fn mark_maintenance(&self, reference: &str, message: &str) -> Result<String> {
+        check_message(message)?;
+        let mut tx = self.begin_write().await?;
+        let row = resolve_repo(&mut tx, reference, self.backend().lock_clause()).await?;
+        sqlx::query("UPDATE repositories SET maintenance = 1, maintenance_message = $1, maintenance_since = $2 WHERE id = $3")
+            .bind(message)
+            .bind(row.maintenance_since.filter(|_| row.maintenance).unwrap_or_else(registry::now))
+            .bind(row.id)
+            .execute(&mut *tx)
+            .await?;
+        self.commit_with_event(
+            tx,
+            "repo.maintenance.start",
+            &format!("repo:{}", row.full_name()),
+            message,
+        )
+        .await?;
+        Ok(row.full_name())
+    }
+
     /// `repo maintenance REPO --stop`: removes the hook (restoring any original) and clears
     /// maintenance.
     pub async fn stop_maintenance(&self, reference: &str) -> Result<Repository> {
@@ -327,6 +331,10 @@ impl Registry {
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
         let row = resolve_repo(&mut tx, reference, self.backend().lock_clause()).await?;
+        if !row.maintenance {
+            // Already lifted (a resumed unfreeze, a rollback of a repository never frozen).
+            return Ok(());
+        }
         sqlx::query("UPDATE repositories SET maintenance = 0, maintenance_message = NULL, maintenance_since = NULL WHERE id = $1")
             .bind(row.id)
             .execute(&mut *tx)

@@ -47,7 +47,7 @@ pub struct StatusReport {
 pub async fn report(registry: &Registry) -> Result<StatusReport> {
     let now = registry::now();
     let migration = match registry.migration_ids().await?.first() {
-        Some(id) => Some(registry.migration_status(*id).await?),
+        Some(id) => Some(crate::migrate::status(registry, *id).await?),
         None => None,
     };
     // The median read-only window of what the migration already finished.
@@ -137,7 +137,7 @@ pub fn render(report: &StatusReport) -> String {
                 escape(&m.instance),
                 escape(&m.from),
                 escape(&m.to),
-                escape(&m.state),
+                escape(m.state.as_str()),
                 moved / 1_000_000
             )
         }

@@ -21,6 +21,7 @@ use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
 use crate::executor::{self, Executor};
+use crate::scripts::{exit, Script};
 
 /// `git for-each-ref` of a copy, as one string (object ids and names, sorted by git).
 pub async fn refs_digest(exec: &dyn Executor, path: &str) -> Result<String> {
@@ -38,31 +39,21 @@ pub async fn refs_digest(exec: &dyn Executor, path: &str) -> Result<String> {
     Ok(out.stdout)
 }
 
-/// Exit status of [`FULL_SCRIPT`] when the tree is not there (no staging to check).
-const MISSING: i32 = 3;
-
-const FULL_SCRIPT: &str = r#"set -eu
-[ -d "$1" ] || exit 3
-git -C "$1" fsck --connectivity-only --no-progress >&2
-git -C "$1" for-each-ref --format='%(objectname)'
-"#;
-
 /// `git fsck --connectivity-only` of the repository at `path`; returns its refs' object ids
 /// (sorted, unique), or `None` when `path` does not exist.
 pub async fn full_connectivity(exec: &dyn Executor, path: &str) -> Result<Option<Vec<String>>> {
-    let argv = ["sh", "-c", FULL_SCRIPT, "fsck-connectivity", path];
-    let out = executor::run_status(exec, &argv).await?;
+    let script = Script::FsckConnectivity;
+    let out = script.run(exec, &[path], None).await?;
     match out.status {
         0 => Ok(Some(tips(&out.stdout))),
-        MISSING => Ok(None),
-        _ => Err(executor::host_error(exec, &argv, &out)),
+        exit::MISSING => Ok(None),
+        exit::CORRUPT => Err(Error::Refused(format!(
+            "git fsck found {path} broken: {}",
+            last_line(&out.stderr)
+        ))),
+        _ => Err(script.failed(exec, &[path], &out)),
     }
 }
-
-const SINCE_SCRIPT: &str = r#"set -u
-git -C "$1" for-each-ref --format='%(objectname) %(refname)' || exit 4
-git -C "$1" rev-list --objects --quiet --all --stdin || exit 5
-"#;
 
 /// In one process on B: its refs must equal `expected_refs` (A's [`refs_digest`]), and every
 /// object reachable from them must be present, trusting the history of those
@@ -79,17 +70,21 @@ pub async fn refs_and_connected_since(
         .filter(|tip| known.contains(tip.as_str()))
         .map(|tip| format!("^{tip}\n"))
         .collect();
-    let argv = ["sh", "-c", SINCE_SCRIPT, "verify-since-precopy", path];
-    let out = executor::run_status_with_input(exec, &argv, Some(input.as_bytes())).await?;
+    let script = Script::VerifySince;
+    let out = script.run(exec, &[path], Some(input.as_bytes())).await?;
     match out.status {
-        0 | 5 if out.stdout != expected_refs => Err(refs_differ(path)),
+        0 | exit::OBJECTS_MISSING if out.stdout != expected_refs => Err(refs_differ(path)),
         0 => Ok(()),
-        5 => Err(Error::Refused(format!(
+        exit::OBJECTS_MISSING => Err(Error::Refused(format!(
             "{path} is missing objects its refs need: {}",
-            out.stderr.trim().lines().last().unwrap_or("")
+            last_line(&out.stderr)
         ))),
-        _ => Err(executor::host_error(exec, &argv, &out)),
+        _ => Err(script.failed(exec, &[path], &out)),
     }
+}
+
+fn last_line(text: &str) -> &str {
+    text.trim().lines().last().unwrap_or("")
 }
 
 /// Without recorded tips: B's refs must equal `expected_refs`, and the full

@@ -94,7 +94,7 @@ pub struct CodecSample {
 }
 
 /// What `auto` (or a fixed policy) decided, with the figures behind it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Decision {
     pub policy: String,
     /// Whether chunks are being compressed now.

@@ -1,12 +1,18 @@
-//! Thin async glue between quinn streams and the sans-io [`crate::wire`] codec, plus the
-//! send-rate limiter. Nothing here interprets messages.
+//! Thin async glue between byte streams and the sans-io [`crate::wire`] codec, plus the
+//! send-rate limiter and the chunk buffer pool. Nothing here interprets messages.
+//!
+//! The frame helpers are generic over tokio's `AsyncRead`/`AsyncWrite`: the drivers use them on
+//! quinn's streams, and protocol tests on in-memory pipes (`tokio::io::duplex`), no socket.
+//! An I/O error that wraps one of quinn's stream errors is mapped back to what the connection
+//! says ([`connection_error`]), so a refused key still reads as one.
 
+use std::io;
 use std::time::{Duration, Instant};
 
-use quinn::{ReadExactError, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::Error;
-use crate::wire::{control_frame_len, ChunkHeader, ControlMsg};
+use crate::wire::{control_frame_len, ChunkHeader, ControlMsg, WireError};
 
 /// Maps a lost connection to an error; a TLS alert means the peer refused our key.
 pub fn connection_error(e: &quinn::ConnectionError) -> Error {
@@ -26,104 +32,99 @@ pub fn connection_error(e: &quinn::ConnectionError) -> Error {
     Error::Interrupted(e.to_string())
 }
 
-fn lost(e: impl Into<LostError>) -> Error {
-    match e.into() {
-        LostError::Read(quinn::ReadError::ConnectionLost(c))
-        | LostError::Write(quinn::WriteError::ConnectionLost(c)) => connection_error(&c),
-        LostError::Read(e) => Error::Interrupted(e.to_string()),
-        LostError::Write(e) => Error::Interrupted(e.to_string()),
+/// Maps a stream I/O error: quinn's (wrapped by its `AsyncRead`/`AsyncWrite`) by what the
+/// connection says, any other as an interruption.
+pub fn stream_error(e: io::Error) -> Error {
+    if let Some(inner) = e.get_ref() {
+        if let Some(quinn::ReadError::ConnectionLost(c)) = inner.downcast_ref::<quinn::ReadError>()
+        {
+            return connection_error(c);
+        }
+        if let Some(quinn::WriteError::ConnectionLost(c)) =
+            inner.downcast_ref::<quinn::WriteError>()
+        {
+            return connection_error(c);
+        }
     }
+    Error::Interrupted(e.to_string())
 }
 
-/// The stream errors that end a transfer.
-pub enum LostError {
-    Read(quinn::ReadError),
-    Write(quinn::WriteError),
-}
-
-impl From<quinn::ReadError> for LostError {
-    fn from(e: quinn::ReadError) -> Self {
-        LostError::Read(e)
+/// Fills `buf` from `r`. `Ok(false)` when the stream ended cleanly before its first byte;
+/// an end after some bytes is a truncated frame.
+async fn read_frame_part<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<bool, Error> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = r.read(&mut buf[filled..]).await.map_err(stream_error)?;
+        if n == 0 {
+            if filled == 0 {
+                return Ok(false);
+            }
+            return Err(Error::Wire(WireError::Truncated {
+                needed: (buf.len() - filled) as u64,
+            }));
+        }
+        filled += n;
     }
-}
-
-impl From<quinn::WriteError> for LostError {
-    fn from(e: quinn::WriteError) -> Self {
-        LostError::Write(e)
-    }
+    Ok(true)
 }
 
 /// Reads one control message; `Ok(None)` when the peer finished the stream cleanly.
-pub async fn read_control(recv: &mut RecvStream) -> Result<Option<ControlMsg>, Error> {
+pub async fn read_control<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<ControlMsg>, Error> {
     let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(n)) => {
-            return Err(Error::Wire(crate::wire::WireError::Truncated {
-                needed: (4 - n) as u64,
-            }))
-        }
-        Err(ReadExactError::ReadError(e)) => return Err(lost(e)),
+    if !read_frame_part(r, &mut prefix).await? {
+        return Ok(None);
     }
     let len = control_frame_len(prefix)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        ReadExactError::FinishedEarly(n) => Error::Wire(crate::wire::WireError::Truncated {
-            needed: (len - n) as u64,
-        }),
-        ReadExactError::ReadError(e) => lost(e),
-    })?;
+    read_payload(r, &mut body).await?;
     Ok(Some(ControlMsg::decode_body(&body)?))
 }
 
 /// Writes one control message.
-pub async fn write_control(send: &mut SendStream, msg: &ControlMsg) -> Result<(), Error> {
+pub async fn write_control<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &ControlMsg,
+) -> Result<(), Error> {
     let mut buf = Vec::with_capacity(64);
     msg.encode_frame(&mut buf);
-    send.write_all(&buf).await.map_err(lost)
+    w.write_all(&buf).await.map_err(stream_error)
 }
 
 /// Writes several control messages in one buffer (the manifest: many small frames).
-pub async fn write_controls<'a>(
-    send: &mut SendStream,
+pub async fn write_controls<'a, W: AsyncWrite + Unpin>(
+    w: &mut W,
     msgs: impl IntoIterator<Item = &'a ControlMsg>,
 ) -> Result<(), Error> {
     let mut buf = Vec::with_capacity(64 * 1024);
     for m in msgs {
         m.encode_frame(&mut buf);
         if buf.len() >= 60 * 1024 {
-            send.write_all(&buf).await.map_err(lost)?;
+            w.write_all(&buf).await.map_err(stream_error)?;
             buf.clear();
         }
     }
-    send.write_all(&buf).await.map_err(lost)
+    w.write_all(&buf).await.map_err(stream_error)
 }
 
 /// Reads one chunk frame header; `Ok(None)` at a clean end of stream.
-pub async fn read_chunk_header(recv: &mut RecvStream) -> Result<Option<ChunkHeader>, Error> {
+pub async fn read_chunk_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<ChunkHeader>, Error> {
     let mut buf = [0u8; ChunkHeader::LEN];
-    match recv.read_exact(&mut buf).await {
-        Ok(()) => Ok(Some(ChunkHeader::decode(&buf)?)),
-        Err(ReadExactError::FinishedEarly(0)) => Ok(None),
-        Err(ReadExactError::FinishedEarly(n)) => {
-            Err(Error::Wire(crate::wire::WireError::Truncated {
-                needed: (ChunkHeader::LEN - n) as u64,
-            }))
-        }
-        Err(ReadExactError::ReadError(e)) => Err(lost(e)),
+    if !read_frame_part(r, &mut buf).await? {
+        return Ok(None);
     }
+    Ok(Some(ChunkHeader::decode(&buf)?))
 }
 
 /// Reads exactly `buf.len()` payload bytes.
-pub async fn read_payload(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), Error> {
-    let len = buf.len();
-    recv.read_exact(buf).await.map_err(|e| match e {
-        ReadExactError::FinishedEarly(n) => Error::Wire(crate::wire::WireError::Truncated {
-            needed: (len - n) as u64,
-        }),
-        ReadExactError::ReadError(e) => lost(e),
-    })
+pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), Error> {
+    if buf.is_empty() || read_frame_part(r, buf).await? {
+        return Ok(());
+    }
+    Err(Error::Wire(WireError::Truncated {
+        needed: buf.len() as u64,
+    }))
 }
 
 /// Paces writes to at most `rate` bytes/s (`--bwlimit`), shared by all data streams.
@@ -217,5 +218,65 @@ impl AsRef<[u8]> for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_cross_an_in_memory_pipe_and_a_cut_one_is_an_error() {
+        let (mut w, mut r) = tokio::io::duplex(1 << 16);
+        let msgs = [
+            ControlMsg::Accept { verified_bytes: 7 },
+            ControlMsg::Done { root_hash: [3; 32] },
+        ];
+        write_controls(&mut w, &msgs).await.unwrap();
+        write_control(&mut w, &ControlMsg::Staged { root_hash: [1; 32] })
+            .await
+            .unwrap();
+        let header = ChunkHeader {
+            file: 1,
+            chunk: 2,
+            offset: 3,
+            raw_len: 4,
+            codec: crate::wire::Codec::Raw,
+            payload_len: 4,
+            hash: [9; 32],
+        };
+        w.write_all(&header.encode()).await.unwrap();
+        w.write_all(b"abcd").await.unwrap();
+        drop(w);
+        assert_eq!(read_control(&mut r).await.unwrap(), Some(msgs[0].clone()));
+        assert_eq!(read_control(&mut r).await.unwrap(), Some(msgs[1].clone()));
+        assert!(matches!(
+            read_control(&mut r).await.unwrap(),
+            Some(ControlMsg::Staged { .. })
+        ));
+        assert_eq!(read_chunk_header(&mut r).await.unwrap(), Some(header));
+        let mut payload = [0u8; 4];
+        read_payload(&mut r, &mut payload).await.unwrap();
+        assert_eq!(&payload, b"abcd");
+        // A clean end between frames.
+        assert_eq!(read_control(&mut r).await.unwrap(), None);
+
+        // Cut inside a frame: truncated, not a clean end.
+        let (mut w, mut r) = tokio::io::duplex(1 << 16);
+        let mut frame = Vec::new();
+        ControlMsg::Accept { verified_bytes: 1 }.encode_frame(&mut frame);
+        w.write_all(&frame[..frame.len() - 2]).await.unwrap();
+        drop(w);
+        assert!(matches!(
+            read_control(&mut r).await,
+            Err(Error::Wire(WireError::Truncated { needed: 2 }))
+        ));
+        // A length prefix over the limit is refused before any allocation.
+        let (mut w, mut r) = tokio::io::duplex(64);
+        w.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        assert!(matches!(
+            read_control(&mut r).await,
+            Err(Error::Wire(WireError::FrameTooLarge(_)))
+        ));
     }
 }

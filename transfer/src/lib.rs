@@ -2,18 +2,25 @@
 //!
 //! The crate is split so that protocol logic is testable without sockets:
 //! - sans-io: [`wire`] (frames), [`manifest`] (what may be staged), [`tracker`] (verified
-//!   chunks, root hash), [`compress`] (the `auto` decision), [`units`];
-//! - I/O: [`scan`] (source tree), [`staging`] (receiver's disk side), [`identity`] (keys,
+//!   chunks, retry limit, root hash), [`compress`] (the `auto` decision), [`admission`] (a
+//!   receiver's slots and line), [`gitdir`] (git's transient files), [`units`], and the two
+//!   protocol state machines [`send::session::SenderSession`] and
+//!   [`recv::session::ReceiverSession`] (`handle(input) -> outputs`, quinn-proto style);
+//! - I/O: [`scan`] (source tree), [`send::source`] and [`send::codec`] (reading and encoding
+//!   chunks), [`staging`] and [`recv::store`] (receiver's disk side), [`identity`] (keys,
 //!   pinned-fingerprint TLS), [`quic`] (endpoint tuning, congestion control; [`background`] is
-//!   the delay-based controller of `--congestion background`), [`io`] (frames on streams),
-//!   [`send`] and [`recv`] (the two drivers used by the `shardsend` / `shardrecv` binaries).
+//!   the delay-based controller of `--congestion background`), [`io`] (frames on any
+//!   `AsyncRead`/`AsyncWrite`), and the two thin async drivers [`send`] and [`recv`] used by
+//!   the `shardsend` / `shardrecv` binaries.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the data flow and invariants.
 
+pub mod admission;
 pub mod background;
 pub mod cli;
 pub mod compress;
 pub mod error;
+pub mod gitdir;
 pub mod identity;
 pub mod io;
 pub mod manifest;

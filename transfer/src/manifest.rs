@@ -14,7 +14,9 @@ use std::collections::HashSet;
 
 use thiserror::Error;
 
-use crate::wire::{Entry, EntryKind, Hash, Hello, ManifestHasher, RootKind, PROTOCOL_VERSION};
+use crate::wire::{
+    Entry, EntryKind, Hash, Hello, ManifestHasher, RootKind, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 /// Smallest chunk size a receiver accepts.
 pub const MIN_CHUNK_SIZE: u64 = 64 * 1024;
@@ -30,7 +32,7 @@ pub const STAGING_DIR_NAME: &str = ".shardrecv";
 /// Why a manifest (or one entry of it) was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ManifestError {
-    #[error("unsupported protocol version {0} (this receiver speaks {PROTOCOL_VERSION})")]
+    #[error("unsupported protocol version {0} (this receiver speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade receivers before senders)")]
     Version(u16),
     #[error("invalid destination name {name:?}: {reason}")]
     Destination { name: String, reason: &'static str },
@@ -217,7 +219,7 @@ pub struct ManifestBuilder {
 impl ManifestBuilder {
     /// Starts from a sender's [`Hello`]; refuses bad versions, destinations and chunk sizes.
     pub fn new(hello: &Hello) -> Result<Self, ManifestError> {
-        if hello.version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
             return Err(ManifestError::Version(hello.version));
         }
         validate_destination(&hello.dest)?;

@@ -5,15 +5,44 @@
 //! Kept: regular files, directories, symlinks that stay inside the tree. Skipped with a
 //! warning (and listed in the summary): symlinks that leave the tree, sockets, FIFOs and
 //! devices, which have no meaning on another host.
+//!
+//! **A live source.** Entries may vanish between a directory's listing and their `stat`, or
+//! a directory between its `stat` and its listing (git removes a push's quarantine directory
+//! when the push ends; gc deletes packs). The walk never fails on that: the entry is left
+//! out and named in [`Scan::vanished`], and the caller decides what it means (a pre-copy
+//! carries on; an installing pass, whose source must be frozen, starts over).
+//!
+//! **Git directories** ([`crate::gitdir`]): git's transient files are left out (counted in
+//! [`Scan::transient_skipped`]), and the refs (`HEAD`, `packed-refs`, `refs/`) are read into
+//! memory *before* any other part of the tree is listed, so the objects listed afterwards
+//! include everything those refs reach. Their content travels from memory
+//! ([`Scan::captured`]), never re-read: a ref rewritten during the send cannot point the copy
+//! at objects it lacks. The entry of a captured file carries the `stat` taken before its
+//! content was read, and the content is kept only when a second `stat` after the read is
+//! unchanged, so content and version always belong together.
 
+use std::collections::HashMap;
 use std::fs;
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
+use crate::gitdir::{self, GitMode};
 use crate::manifest::{symlink_stays_inside, Manifest};
 use crate::wire::{Entry, EntryKind, RootKind};
+
+/// Most bytes of ref files held in memory per scan; larger `packed-refs` are read at send
+/// time like any other file (their copy is then only as consistent as a plain copy).
+pub const MAX_CAPTURED_BYTES: u64 = 64 << 20;
+
+/// What to scan and how.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanOptions {
+    pub chunk_size: u64,
+    pub git: GitMode,
+}
 
 /// A scanned source: the manifest plus where each entry lives locally.
 pub struct Scan {
@@ -21,6 +50,14 @@ pub struct Scan {
     pub sources: Vec<PathBuf>,
     /// Entries left out, with the reason.
     pub skipped: Vec<String>,
+    /// Content read during the scan, by entry index (a git directory's refs).
+    pub captured: HashMap<usize, bytes::Bytes>,
+    /// True when git's rules applied ([`crate::gitdir`]).
+    pub git: bool,
+    /// Transient git files and directories left out.
+    pub transient_skipped: u64,
+    /// Paths that vanished (or turned into something else) while being scanned.
+    pub vanished: Vec<String>,
 }
 
 /// Builds the entry describing `meta` at relative path `rel`.
@@ -51,10 +88,15 @@ pub fn entry_from_metadata(rel: Vec<u8>, meta: &fs::Metadata, link_target: Vec<u
     }
 }
 
+/// True for the errors by which a path tells us it is no longer what was listed.
+fn is_vanished(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
 /// Scans `src` (a directory or a regular file).
-pub fn scan(src: &Path, chunk_size: u64) -> Result<Scan, Error> {
+pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
     let meta = fs::symlink_metadata(src).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
+        if e.kind() == io::ErrorKind::NotFound {
             Error::Input(format!("source {} does not exist", src.display()))
         } else {
             Error::io(src, e)
@@ -68,11 +110,18 @@ pub fn scan(src: &Path, chunk_size: u64) -> Result<Scan, Error> {
         )));
     }
     if ft.is_file() {
+        if opts.git == GitMode::On {
+            return Err(not_a_git_dir(src));
+        }
         let entry = entry_from_metadata(Vec::new(), &meta, Vec::new());
         return Ok(Scan {
-            manifest: Manifest::from_scan(RootKind::File, chunk_size, vec![entry]),
+            manifest: Manifest::from_scan(RootKind::File, opts.chunk_size, vec![entry]),
             sources: vec![src.to_path_buf()],
             skipped: Vec::new(),
+            captured: HashMap::new(),
+            git: false,
+            transient_skipped: 0,
+            vanished: Vec::new(),
         });
     }
     if !ft.is_dir() {
@@ -81,72 +130,244 @@ pub fn scan(src: &Path, chunk_size: u64) -> Result<Scan, Error> {
             src.display()
         )));
     }
+    let git = match opts.git {
+        GitMode::Off => false,
+        GitMode::Auto => gitdir::looks_like_git_dir(src),
+        GitMode::On if gitdir::looks_like_git_dir(src) => true,
+        GitMode::On => return Err(not_a_git_dir(src)),
+    };
+    let mut walker = Walker {
+        git,
+        skipped: Vec::new(),
+        vanished: Vec::new(),
+        transient_skipped: 0,
+        capture_budget: MAX_CAPTURED_BYTES,
+    };
     // The root directory itself is entry 0 (empty path): its mode and mtime travel too.
-    let mut entries = vec![entry_from_metadata(Vec::new(), &meta, Vec::new())];
-    let mut sources = vec![src.to_path_buf()];
-    let mut skipped = Vec::new();
-    walk(src, Vec::new(), &mut entries, &mut sources, &mut skipped)?;
+    let mut items = vec![Item {
+        entry: entry_from_metadata(Vec::new(), &meta, Vec::new()),
+        source: src.to_path_buf(),
+        content: None,
+    }];
+    let mut children = walker.list(src)?.unwrap_or_default();
+    if git {
+        // Refs first (captured), then the rest: see the module doc. Each top-level child's
+        // subtree is a contiguous run of items, so the runs are put back in name order.
+        let (refs, rest): (Vec<_>, Vec<_>) = children
+            .into_iter()
+            .partition(|(name, _)| gitdir::is_ref_path(name));
+        let mut runs: Vec<(Vec<u8>, Vec<Item>)> = Vec::new();
+        for (name, path) in refs.into_iter().chain(rest) {
+            let mut run = Vec::new();
+            walker.child(&path, name.clone(), &mut run)?;
+            runs.push((name, run));
+        }
+        runs.sort_by(|a, b| a.0.cmp(&b.0));
+        items.extend(runs.into_iter().flat_map(|(_, run)| run));
+    } else {
+        children.sort();
+        for (name, path) in children {
+            walker.child(&path, name, &mut items)?;
+        }
+    }
+    let mut entries = Vec::with_capacity(items.len());
+    let mut sources = Vec::with_capacity(items.len());
+    let mut captured = HashMap::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if let Some(c) = item.content {
+            captured.insert(i, c);
+        }
+        entries.push(item.entry);
+        sources.push(item.source);
+    }
     Ok(Scan {
-        manifest: Manifest::from_scan(RootKind::Dir, chunk_size, entries),
+        manifest: Manifest::from_scan(RootKind::Dir, opts.chunk_size, entries),
         sources,
-        skipped,
+        skipped: walker.skipped,
+        captured,
+        git,
+        transient_skipped: walker.transient_skipped,
+        vanished: walker.vanished,
     })
 }
 
-fn walk(
-    dir: &Path,
-    prefix: Vec<u8>,
-    entries: &mut Vec<Entry>,
-    sources: &mut Vec<PathBuf>,
-    skipped: &mut Vec<String>,
-) -> Result<(), Error> {
-    let mut children: Vec<(Vec<u8>, PathBuf)> = fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .map(|r| {
-            r.map(|d| (d.file_name().as_bytes().to_vec(), d.path()))
-                .map_err(|e| Error::io(dir, e))
-        })
-        .collect::<Result<_, _>>()?;
-    children.sort();
-    for (name, path) in children {
-        let rel = if prefix.is_empty() {
-            name
-        } else {
-            let mut r = prefix.clone();
-            r.push(b'/');
-            r.extend_from_slice(&name);
-            r
+fn not_a_git_dir(src: &Path) -> Error {
+    Error::Input(format!(
+        "--git on: source {} is not a git directory (it needs HEAD, objects/ and refs/)",
+        src.display()
+    ))
+}
+
+/// A directory's child: its name and path.
+type Child = (Vec<u8>, PathBuf);
+
+/// One scanned entry and where it lives.
+struct Item {
+    entry: Entry,
+    source: PathBuf,
+    content: Option<bytes::Bytes>,
+}
+
+struct Walker {
+    git: bool,
+    skipped: Vec<String>,
+    vanished: Vec<String>,
+    transient_skipped: u64,
+    capture_budget: u64,
+}
+
+impl Walker {
+    /// The children of `dir`, or `None` when `dir` vanished.
+    fn list(&mut self, dir: &Path) -> Result<Option<Vec<Child>>, Error> {
+        let listing = match fs::read_dir(dir) {
+            Ok(l) => l,
+            Err(e) if is_vanished(&e) => {
+                self.vanished.push(dir.display().to_string());
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io(dir, e)),
         };
-        let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let mut children = Vec::new();
+        for d in listing {
+            match d {
+                Ok(d) => children.push((d.file_name().as_bytes().to_vec(), d.path())),
+                Err(e) if is_vanished(&e) => {
+                    self.vanished.push(dir.display().to_string());
+                    return Ok(None);
+                }
+                Err(e) => return Err(Error::io(dir, e)),
+            }
+        }
+        Ok(Some(children))
+    }
+
+    /// Walks the subtree of `dir` (already an item) into `out`.
+    fn walk(&mut self, dir: &Path, prefix: &[u8], out: &mut Vec<Item>) -> Result<(), Error> {
+        let Some(mut children) = self.list(dir)? else {
+            return Ok(());
+        };
+        children.sort();
+        for (name, path) in children {
+            let mut rel = prefix.to_vec();
+            rel.push(b'/');
+            rel.extend_from_slice(&name);
+            self.child(&path, rel, out)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `path` (at relative path `rel`) and, for a directory, its subtree to `out`.
+    fn child(&mut self, path: &Path, rel: Vec<u8>, out: &mut Vec<Item>) -> Result<(), Error> {
+        if self.git && gitdir::is_transient(&rel) {
+            self.transient_skipped += 1;
+            return Ok(());
+        }
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if is_vanished(&e) => {
+                self.vanished.push(path.display().to_string());
+                return Ok(());
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
         let ft = meta.file_type();
         if ft.is_symlink() {
-            let target = fs::read_link(&path).map_err(|e| Error::io(&path, e))?;
-            let target = target.as_os_str().as_bytes().to_vec();
+            let target = match fs::read_link(path) {
+                Ok(t) => t.as_os_str().as_bytes().to_vec(),
+                Err(e) if is_vanished(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Gone, or replaced by something that is not a symlink.
+                    self.vanished.push(path.display().to_string());
+                    return Ok(());
+                }
+                Err(e) => return Err(Error::io(path, e)),
+            };
             if !symlink_stays_inside(&rel, &target) {
                 tracing::warn!(path = %path.display(), target = %String::from_utf8_lossy(&target),
                     "skipping a symlink that points outside the tree");
-                skipped.push(format!(
+                self.skipped.push(format!(
                     "{}: symlink to {} leaves the tree",
                     String::from_utf8_lossy(&rel),
                     String::from_utf8_lossy(&target)
                 ));
-                continue;
+                return Ok(());
             }
-            entries.push(entry_from_metadata(rel, &meta, target));
-            sources.push(path);
+            out.push(Item {
+                entry: entry_from_metadata(rel, &meta, target),
+                source: path.to_path_buf(),
+                content: None,
+            });
         } else if ft.is_dir() {
-            entries.push(entry_from_metadata(rel.clone(), &meta, Vec::new()));
-            sources.push(path.clone());
-            walk(&path, rel, entries, sources, skipped)?;
+            out.push(Item {
+                entry: entry_from_metadata(rel.clone(), &meta, Vec::new()),
+                source: path.to_path_buf(),
+                content: None,
+            });
+            self.walk(path, &rel, out)?;
         } else if ft.is_file() {
-            entries.push(entry_from_metadata(rel, &meta, Vec::new()));
-            sources.push(path);
+            let captured = if self.git && gitdir::is_ref_path(&rel) {
+                self.capture(path, &meta)?
+            } else {
+                None
+            };
+            match captured {
+                Some(Captured::Vanished) => self.vanished.push(path.display().to_string()),
+                Some(Captured::Read(meta, content)) => out.push(Item {
+                    entry: entry_from_metadata(rel, &meta, Vec::new()),
+                    source: path.to_path_buf(),
+                    content: Some(content),
+                }),
+                None => out.push(Item {
+                    entry: entry_from_metadata(rel, &meta, Vec::new()),
+                    source: path.to_path_buf(),
+                    content: None,
+                }),
+            }
         } else {
             tracing::warn!(path = %path.display(), "skipping a special file (socket, FIFO or device)");
-            skipped.push(format!("{}: special file", String::from_utf8_lossy(&rel)));
+            self.skipped
+                .push(format!("{}: special file", String::from_utf8_lossy(&rel)));
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Reads a ref file into memory, with the `stat` of the version read. `None` when it
+    /// does not fit the budget or kept changing while read (it is then read at send time).
+    fn capture(&mut self, path: &Path, listed: &fs::Metadata) -> Result<Option<Captured>, Error> {
+        if listed.len() > self.capture_budget {
+            return Ok(None);
+        }
+        for _ in 0..3 {
+            let mut file = match fs::File::open(path) {
+                Ok(f) => f,
+                Err(e) if is_vanished(&e) => return Ok(Some(Captured::Vanished)),
+                Err(e) => return Err(Error::io(path, e)),
+            };
+            let before = file.metadata().map_err(|e| Error::io(path, e))?;
+            if !before.is_file() || before.len() > self.capture_budget {
+                return Ok(None);
+            }
+            let mut content = Vec::with_capacity(before.len() as usize);
+            file.by_ref()
+                .take(before.len() + 1)
+                .read_to_end(&mut content)
+                .map_err(|e| Error::io(path, e))?;
+            let after = file.metadata().map_err(|e| Error::io(path, e))?;
+            let unchanged = content.len() as u64 == before.len()
+                && entry_from_metadata(Vec::new(), &after, Vec::new())
+                    .same_version(&entry_from_metadata(Vec::new(), &before, Vec::new()));
+            if unchanged {
+                self.capture_budget -= before.len();
+                return Ok(Some(Captured::Read(Box::new(before), content.into())));
+            }
+        }
+        Ok(None)
+    }
+}
+
+enum Captured {
+    Vanished,
+    /// The content and the `stat` of the version read.
+    Read(Box<fs::Metadata>, bytes::Bytes),
 }
 
 /// Paths whose source changed since the scan (size, mtime, inode or ctime), or vanished.
@@ -164,4 +385,171 @@ pub fn changed_since_scan(scan: &Scan) -> Vec<String> {
         }
     }
     changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(git: GitMode) -> ScanOptions {
+        ScanOptions {
+            chunk_size: 1 << 20,
+            git,
+        }
+    }
+
+    fn paths(s: &Scan) -> Vec<String> {
+        s.manifest
+            .entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .collect()
+    }
+
+    /// A bare repository's skeleton with a push and a repack in progress.
+    fn busy_git_dir(dir: &Path) {
+        for d in [
+            "objects/pack",
+            "objects/4b",
+            "objects/tmp_objdir-incoming-Ab12Cd/4b",
+            "refs/heads",
+            "refs/tags",
+        ] {
+            fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        for (f, text) in [
+            ("HEAD", "ref: refs/heads/main\n"),
+            ("config", "[core]\n\tbare = true\n"),
+            ("packed-refs", "# pack-refs with: peeled\n"),
+            (
+                "refs/heads/main",
+                "4b825dc642cb6eb9a060e54bf8d69288fbee4904\n",
+            ),
+            (
+                "refs/heads/main.lock",
+                "1111111111111111111111111111111111111111\n",
+            ),
+            ("objects/4b/825dc642cb6eb9a060e54bf8d69288fbee4904", "x"),
+            ("objects/tmp_objdir-incoming-Ab12Cd/4b/0000", "y"),
+            ("objects/pack/pack-1.pack", "pack"),
+            ("objects/pack/tmp_pack_XyZ", "partial"),
+            ("objects/pack/.tmp-99-pack-1.idx", "partial"),
+            ("gc.pid", "123 host"),
+        ] {
+            fs::write(dir.join(f), text).unwrap();
+        }
+    }
+
+    #[test]
+    fn git_mode_leaves_transient_files_out_and_captures_refs() {
+        let t = tempfile::tempdir().unwrap();
+        busy_git_dir(t.path());
+        let s = scan(t.path(), opts(GitMode::Auto)).unwrap();
+        assert!(s.git);
+        assert_eq!(
+            paths(&s),
+            [
+                "",
+                "HEAD",
+                "config",
+                "objects",
+                "objects/4b",
+                "objects/4b/825dc642cb6eb9a060e54bf8d69288fbee4904",
+                "objects/pack",
+                "objects/pack/pack-1.pack",
+                "packed-refs",
+                "refs",
+                "refs/heads",
+                "refs/heads/main",
+                "refs/tags",
+            ]
+        );
+        // The quarantine directory, the lock, two temporary pack files and gc.pid.
+        assert_eq!(s.transient_skipped, 5);
+        assert!(s.vanished.is_empty());
+        let captured: Vec<&str> = {
+            let mut v: Vec<usize> = s.captured.keys().copied().collect();
+            v.sort();
+            v.into_iter()
+                .map(|i| std::str::from_utf8(&s.manifest.entries[i].path).unwrap())
+                .collect()
+        };
+        assert_eq!(captured, ["HEAD", "packed-refs", "refs/heads/main"]);
+        let main = s
+            .manifest
+            .entries
+            .iter()
+            .position(|e| e.path == b"refs/heads/main")
+            .unwrap();
+        assert_eq!(
+            &s.captured[&main][..],
+            b"4b825dc642cb6eb9a060e54bf8d69288fbee4904\n"
+        );
+        assert_eq!(s.manifest.entries[main].size, 41);
+    }
+
+    #[test]
+    fn the_same_tree_scans_to_the_same_manifest_in_both_modes_when_nothing_is_transient() {
+        let t = tempfile::tempdir().unwrap();
+        busy_git_dir(t.path());
+        for f in [
+            "refs/heads/main.lock",
+            "objects/pack/tmp_pack_XyZ",
+            "objects/pack/.tmp-99-pack-1.idx",
+            "gc.pid",
+        ] {
+            fs::remove_file(t.path().join(f)).unwrap();
+        }
+        fs::remove_dir_all(t.path().join("objects/tmp_objdir-incoming-Ab12Cd")).unwrap();
+        let git = scan(t.path(), opts(GitMode::On)).unwrap();
+        let plain = scan(t.path(), opts(GitMode::Off)).unwrap();
+        assert!(git.git && !plain.git);
+        assert_eq!(git.manifest, plain.manifest);
+        assert!(plain.captured.is_empty());
+    }
+
+    #[test]
+    fn git_off_copies_everything_and_git_on_requires_a_git_dir() {
+        let t = tempfile::tempdir().unwrap();
+        busy_git_dir(t.path());
+        let s = scan(t.path(), opts(GitMode::Off)).unwrap();
+        assert!(!s.git);
+        assert_eq!(s.transient_skipped, 0);
+        assert!(paths(&s).contains(&"gc.pid".to_string()));
+        assert!(paths(&s).contains(&"objects/pack/tmp_pack_XyZ".to_string()));
+
+        let plain = tempfile::tempdir().unwrap();
+        fs::write(plain.path().join("HEAD"), "not git").unwrap();
+        fs::write(plain.path().join("gc.pid"), "1").unwrap();
+        let s = scan(plain.path(), opts(GitMode::Auto)).unwrap();
+        assert!(!s.git, "auto needs HEAD, objects/ and refs/");
+        assert_eq!(paths(&s), ["", "HEAD", "gc.pid"]);
+        let err = scan(plain.path(), opts(GitMode::On)).err().unwrap();
+        assert!(err.to_string().contains("not a git directory"), "{err}");
+    }
+
+    #[test]
+    fn vanished_entries_are_reported_not_fatal() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("d")).unwrap();
+        fs::write(t.path().join("d/f"), "x").unwrap();
+        let mut w = Walker {
+            git: false,
+            skipped: Vec::new(),
+            vanished: Vec::new(),
+            transient_skipped: 0,
+            capture_budget: MAX_CAPTURED_BYTES,
+        };
+        let mut out = Vec::new();
+        // Listed, then gone before its stat; a directory gone before its listing.
+        w.child(&t.path().join("gone"), b"gone".to_vec(), &mut out)
+            .unwrap();
+        w.walk(&t.path().join("gone-dir"), b"gone-dir", &mut out)
+            .unwrap();
+        // A file that turned into a directory's parent mid-walk (ENOTDIR).
+        w.child(&t.path().join("d/f/x"), b"d/f/x".to_vec(), &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+        assert_eq!(w.vanished.len(), 3, "{:?}", w.vanished);
+    }
 }

@@ -5,6 +5,10 @@
 //! frame, then [`ChunkTracker::mark_verified`] once the decoded bytes hashed to the header's
 //! hash and were written. The root hash is computed from the hashes held here, in manifest
 //! order, so it covers chunks verified in earlier attempts (resume) without re-reading them.
+//! A chunk whose bytes fail verification is counted ([`ChunkTracker::record_mismatch`]):
+//! it is asked for again until [`MAX_CHUNK_ATTEMPTS`] failures, then the transfer fails.
+
+use std::collections::HashMap;
 
 use thiserror::Error;
 
@@ -39,6 +43,19 @@ pub enum HeaderError {
     },
 }
 
+/// A chunk failing verification this many times fails the transfer: the path corrupts data
+/// persistently, and asking again forever would only hide it.
+pub const MAX_CHUNK_ATTEMPTS: u32 = 3;
+
+/// What to do about a chunk whose bytes did not hash to its header's hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mismatch {
+    /// Ask the sender for it again; this was failure number `attempts`.
+    Retry { attempts: u32 },
+    /// It failed [`MAX_CHUNK_ATTEMPTS`] times: fail the transfer.
+    GiveUp { attempts: u32 },
+}
+
 /// Whether a checked frame carries something new.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkState {
@@ -62,6 +79,8 @@ pub struct ChunkTracker {
     total_chunks: u64,
     verified_chunks: u64,
     verified_bytes: u64,
+    /// Failed verifications per (file, chunk), for chunks that failed at least once.
+    mismatches: HashMap<(u64, u64), u32>,
 }
 
 impl ChunkTracker {
@@ -90,6 +109,7 @@ impl ChunkTracker {
             total_chunks,
             verified_chunks: 0,
             verified_bytes: 0,
+            mismatches: HashMap::new(),
         }
     }
 
@@ -160,6 +180,21 @@ impl ChunkTracker {
         self.verified_chunks += 1;
         self.verified_bytes += chunk_len(f.size, self.chunk_size, chunk).unwrap_or(0);
         true
+    }
+
+    /// Counts a failed verification of a chunk (one that passed [`Self::check_header`]).
+    pub fn record_mismatch(&mut self, file: u64, chunk: u64) -> Mismatch {
+        let attempts = self.mismatches.entry((file, chunk)).or_insert(0);
+        *attempts = attempts.saturating_add(1);
+        if *attempts >= MAX_CHUNK_ATTEMPTS {
+            Mismatch::GiveUp {
+                attempts: *attempts,
+            }
+        } else {
+            Mismatch::Retry {
+                attempts: *attempts,
+            }
+        }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -313,5 +348,19 @@ mod tests {
         r.add_chunk(&[2; 32]);
         assert_eq!(t.root_hash(&m.manifest_hash), Some(r.finish()));
         assert_eq!(t.verified_of(1), vec![(0, [1; 32]), (1, [2; 32])]);
+    }
+
+    #[test]
+    fn a_chunk_is_asked_for_again_until_the_attempt_limit() {
+        let mut t = ChunkTracker::new(&manifest());
+        assert_eq!(t.record_mismatch(1, 0), Mismatch::Retry { attempts: 1 });
+        assert_eq!(t.record_mismatch(1, 1), Mismatch::Retry { attempts: 1 });
+        assert_eq!(t.record_mismatch(1, 0), Mismatch::Retry { attempts: 2 });
+        assert_eq!(
+            t.record_mismatch(1, 0),
+            Mismatch::GiveUp {
+                attempts: MAX_CHUNK_ATTEMPTS
+            }
+        );
     }
 }

@@ -13,13 +13,23 @@
 //!   be UTF-8).
 //!
 //! The protocol version travels in [`Hello`]; an unknown version is refused with a message.
+//! Versions:
+//! - 1: the original protocol;
+//! - 2: the receiver may answer [`ControlMsg::Queued`] (repeatedly) before `Have`/`Accept`
+//!   while it is at its transfer limit. A receiver speaks both: it never sends `Queued` to a
+//!   version 1 sender (which simply waits for `Accept`). A version 2 sender is refused by a
+//!   version 1 receiver, so receivers are upgraded first.
 
 use thiserror::Error;
 
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"shardxfer/1";
 /// Version carried in [`Hello`]; bumped on any incompatible change of this module.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest sender version a receiver still serves.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// First version whose senders understand [`ControlMsg::Queued`].
+pub const QUEUED_SINCE_VERSION: u16 = 2;
 /// Largest control frame accepted (type byte + body).
 pub const MAX_CONTROL_FRAME: u32 = 1 << 20;
 /// Most chunk hashes carried by one [`ControlMsg::Have`] frame (keeps it under the cap).
@@ -172,6 +182,14 @@ pub enum ControlMsg {
     Have { file: u64, chunks: Vec<(u64, Hash)> },
     /// R->S: the receiver accepted the manifest; all `Have` frames were sent before it.
     Accept { verified_bytes: u64 },
+    /// R->S (version 2): the receiver is running `active` transfers, its `limit`; this one
+    /// waits, `position` in line (1 = next). Repeated when the position changes and every
+    /// few seconds; `Have`/`Accept` follow once it is admitted.
+    Queued {
+        position: u64,
+        active: u64,
+        limit: u64,
+    },
     /// R->S: progress: chunks and raw bytes verified so far, wire bytes received.
     Progress {
         verified_chunks: u64,
@@ -209,6 +227,7 @@ const T_DONE: u8 = 8;
 const T_INSTALLED: u8 = 9;
 const T_FAIL: u8 = 10;
 const T_STAGED: u8 = 11;
+const T_QUEUED: u8 = 12;
 
 /// How a chunk's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +312,16 @@ fn put(w: &mut &mut [u8], bytes: &[u8]) {
 }
 
 impl ControlMsg {
+    /// The message for an error text: its debug form, cut at 200 characters (an `Entry` or
+    /// a `Have` can be long).
+    pub fn brief(&self) -> String {
+        let text = format!("{self:?}");
+        match text.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text,
+        }
+    }
+
     /// Appends this message as one length-prefixed frame to `out`.
     pub fn encode_frame(&self, out: &mut Vec<u8>) {
         let start = out.len();
@@ -399,6 +428,16 @@ impl ControlMsg {
                 out.push(T_STAGED);
                 out.extend_from_slice(root_hash);
             }
+            ControlMsg::Queued {
+                position,
+                active,
+                limit,
+            } => {
+                out.push(T_QUEUED);
+                put_u64(out, *position);
+                put_u64(out, *active);
+                put_u64(out, *limit);
+            }
             ControlMsg::Fail { code, message } => {
                 out.push(T_FAIL);
                 out.push(*code as u8);
@@ -504,6 +543,11 @@ impl ControlMsg {
             },
             T_STAGED => ControlMsg::Staged {
                 root_hash: r.hash()?,
+            },
+            T_QUEUED => ControlMsg::Queued {
+                position: r.u64()?,
+                active: r.u64()?,
+                limit: r.u64()?,
             },
             T_FAIL => ControlMsg::Fail {
                 code: FailCode::from_u8(r.u8()?)?,
@@ -732,6 +776,13 @@ mod tests {
             }),
             arb_hash().prop_map(|h| ControlMsg::Done { root_hash: h }),
             arb_hash().prop_map(|h| ControlMsg::Staged { root_hash: h }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(position, active, limit)| {
+                ControlMsg::Queued {
+                    position,
+                    active,
+                    limit,
+                }
+            }),
             (
                 arb_hash(),
                 proptest::collection::vec(any::<u8>(), 0..30),

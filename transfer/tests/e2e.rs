@@ -1,5 +1,7 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
+mod busy_receiver;
+mod live_source;
 mod util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -182,6 +184,32 @@ fn unauthorised_sender_is_refused_before_anything_is_staged() {
     assert!(!root.join(".shardrecv").exists());
     assert!(visible_entries(&root).is_empty());
     assert!(d.log().contains("not in the allow-list"), "{}", d.log());
+}
+
+#[test]
+fn both_binaries_share_keygen_and_fingerprint() {
+    let keys = Keys::new();
+    let key = keys.path("new.key");
+    let made = std::process::Command::new(shardsend())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert!(stderr(&made).contains("allow-list"), "{}", stderr(&made));
+    let printed = std::process::Command::new(shardrecv())
+        .args(["fingerprint", "--identity"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{}", stderr(&printed));
+    assert_eq!(made.stdout, printed.stdout);
+    let again = std::process::Command::new(shardrecv())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
 }
 
 #[test]

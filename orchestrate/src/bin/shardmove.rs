@@ -27,7 +27,10 @@ Exit codes:
   5  refused in the current state (the message says why; often --force lifts it)
   6  maintenance not started: pushes still in flight after --wait
   7  a command on a shard host failed
-  8  registry database error";
+  8  registry database error
+  9  a migration ended with repositories not moved (rolled back or stuck; the next
+     `migrate` of the same services goes on with it)
+  10 doctor found problems (left after --fix)";
 
 /// Control plane for moving git repositories between storage shards: registry, maintenance
 /// mode, allocation, clusterize/thaw, daemons. Each runbook step is one command.
@@ -106,6 +109,22 @@ enum Command {
     /// - loopback (not root, namespaces unavailable, or --no-netns): both shard hosts share
     ///   this machine's network, both daemons on 127.0.0.1.
     Demo(DemoArgs),
+    /// Compare every device's disk with the registry: hooks that disagree with maintenance,
+    /// long maintenance, stale copies that take pushes, orphaned staging, moved-aside copies,
+    /// batches whose driver is gone. Exits 10 when problems are left (for a timer).
+    Doctor {
+        /// Repair what is safe (wrong hooks, stale copies without their hook, orphaned
+        /// staging, asides past the retention), never a repository a live batch works on;
+        /// each repair is an event in the audit log.
+        #[arg(long)]
+        fix: bool,
+        /// Report copies in maintenance for longer than this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        max_maintenance: u64,
+        /// Days a moved-aside copy is kept before `--fix` removes it.
+        #[arg(long, default_value_t = 14)]
+        retention_days: u64,
+    },
     /// The audit log (who changed what, when).
     Events {
         /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
@@ -490,7 +509,7 @@ fn migration_text(st: &orchestrate::migrate::MigrationStatus) -> String {
         st.instance,
         st.from,
         st.to,
-        st.state,
+        st.state.as_str(),
         st.repositories.len()
     );
     if let Some(gone) = &st.owner_gone {
@@ -527,7 +546,7 @@ async fn migrate_command(
     args: &MigrateArgs,
     json: bool,
 ) -> anyhow::Result<()> {
-    use orchestrate::migrate::{self, MigrateConfig};
+    use orchestrate::migrate::{self, builtin::BuiltinPlane, host::HostConfig, MigrateConfig};
     if let Some(MigrateCmd::Status { id }) = &args.command {
         let id = match id {
             Some(id) => *id,
@@ -537,111 +556,102 @@ async fn migrate_command(
                 .first()
                 .ok_or_else(|| orchestrate::Error::Refused("no migration yet".into()))?,
         };
-        return print(json, &registry.migration_status(id).await?, migration_text);
+        return print(json, &migrate::status(registry, id).await?, migration_text);
     }
     let shardsend = args
         .shardsend
         .clone()
         .or_else(|| beside_me("shardsend").map(|p| p.display().to_string()))
         .unwrap_or_else(|| "shardsend".into());
-    let mut cfg = MigrateConfig {
+    let spec = migrate::BatchSpec {
         instance: args.instance.clone().unwrap_or_default(),
         from: args.from.clone().unwrap_or_default(),
         to: args.to.clone().unwrap_or_default(),
         repos: args.repos.clone(),
+    };
+    let cfg = MigrateConfig {
+        spec,
         parallel: args.parallel.max(1),
         per_host: args.per_host.max(1),
         message: args.message.clone(),
-        shardsend,
-        identity: args.identity.clone(),
-        freeze_wait: Duration::from_secs(args.freeze_wait),
-        shardsend_args: args
-            .bwlimit
-            .iter()
-            .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
-            .collect(),
-        full_verify: args.full_verify,
-        daemons: if args.no_restart_daemons {
-            None
-        } else {
-            Some(RestartConfig {
-                run_dir: std::path::absolute(&args.run_dir).context("resolving --run-dir")?,
-                template: args.daemon_template.clone(),
-                exe: std::env::current_exe().context("finding the shardmove binary")?,
-                db: db.to_string(),
-                interval_secs: args.daemon_interval,
-                settle: Duration::from_secs(10),
-            })
+    };
+    let daemons = if args.no_restart_daemons {
+        None
+    } else {
+        Some(RestartConfig {
+            run_dir: std::path::absolute(&args.run_dir).context("resolving --run-dir")?,
+            template: args.daemon_template.clone(),
+            exe: std::env::current_exe().context("finding the shardmove binary")?,
+            db: db.to_string(),
+            interval_secs: args.daemon_interval,
+            settle: Duration::from_secs(10),
+        })
+    };
+    let ports = migrate::builtin_ports(
+        BuiltinPlane {
+            registry: registry.clone(),
+            daemons,
+            full_verify: args.full_verify,
         },
-    };
-    let id = match args.resume {
-        Some(id) => {
-            cfg = registry.migration_config(id, &cfg).await?;
-            id
-        }
-        None => {
-            if args.dry_run {
-                return print(json, &registry.migration_plan(&cfg).await?, |plan| {
-                    let mut out = format!(
-                        "plan: {} repositories from {} to {} (nothing changed)\n",
-                        plan.len(),
-                        cfg.from,
-                        cfg.to
-                    );
-                    for l in plan {
-                        out.push_str(&format!(
-                            "  {}\t{}:{} -> {} ({})\n",
-                            l.repository, l.from_device, l.from_path, l.to_device, l.to_addr
-                        ));
-                    }
-                    out
-                });
+        HostConfig {
+            shardsend,
+            identity: args.identity.clone(),
+            freeze_wait: Duration::from_secs(args.freeze_wait),
+            shardsend_args: args
+                .bwlimit
+                .iter()
+                .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
+                .collect(),
+        },
+    );
+    if args.dry_run && args.resume.is_none() {
+        return print(json, &ports.plane.plan(&cfg.spec).await?, |plan| {
+            let mut out = format!(
+                "plan: {} repositories from {} to {} (nothing changed)\n",
+                plan.len(),
+                cfg.spec.from,
+                cfg.spec.to
+            );
+            for l in plan {
+                out.push_str(&format!(
+                    "  {}\t{}:{} -> {} ({})\n",
+                    l.repository,
+                    l.source.device,
+                    l.source.path(&l.path),
+                    l.target.device,
+                    l.target.transfer_addr
+                ));
             }
-            // One batch per instance and pair of services at a time; a batch whose driver
-            // died is taken over rather than started again beside its journal.
-            match registry
-                .unfinished_migration(&cfg.instance, &cfg.from, &cfg.to)
-                .await?
-            {
-                Some((old, Some(gone))) => {
-                    reporter()(&format!(
-                        "taking over migration {old}: its owner is gone ({gone})"
-                    ));
-                    cfg = registry.migration_config(old, &cfg).await?;
-                    old
-                }
-                Some((old, None)) => {
-                    return Err(orchestrate::Error::Refused(format!(
-                        "migration {old} of {} from {} to {} is still running; \
-                         see `shardmove migrate status {old}`",
-                        cfg.instance, cfg.from, cfg.to
-                    ))
-                    .into())
-                }
-                None => registry.create_migration(&cfg).await?,
-            }
-        }
-    };
+            out
+        });
+    }
+    let (id, started) = migrate::start(registry, ports.plane.as_ref(), &cfg, args.resume).await?;
+    if let migrate::Started::Continued { why } = &started {
+        reporter()(why);
+    }
     reporter()(&format!(
         "migration {id} started (resume with `shardmove migrate --resume {id}`)"
     ));
-    let summary = migrate::run(registry, &cfg, id, reporter()).await?;
+    let summary = migrate::run(&ports, &cfg, id, reporter()).await?;
     print(json, &summary, |s| {
         format!(
             "{}migration {} {} in {:.1} s; read-only window median {:.2} s, max {:.2} s",
             migration_text(&s.status),
             s.id,
-            s.state,
+            s.state.as_str(),
             s.seconds,
             s.readonly_median_seconds.unwrap_or(0.0),
             s.readonly_max_seconds.unwrap_or(0.0)
         )
     })?;
-    if summary.state != "done" {
-        return Err(orchestrate::Error::Refused(format!(
-            "migration {id} finished with repositories not moved (see above)"
-        ))
-        .into());
+    if summary.state != migrate::BatchState::Done {
+        let left = summary
+            .status
+            .repositories
+            .iter()
+            .filter(|r| r.state != migrate::RepoState::Done)
+            .count();
+        return Err(orchestrate::Error::MigrationIncomplete { id, left }.into());
     }
     Ok(())
 }
@@ -1073,6 +1083,42 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             })
         }
         Command::Migrate(args) => migrate_command(registry, &cli.db, args, json).await,
+        Command::Doctor {
+            fix,
+            max_maintenance,
+            retention_days,
+        } => {
+            let cfg = orchestrate::doctor::DoctorConfig {
+                fix: *fix,
+                max_maintenance: Duration::from_secs(*max_maintenance),
+                retention: Duration::from_secs(retention_days.saturating_mul(86_400)),
+            };
+            let report = orchestrate::doctor::run(registry, &cfg).await?;
+            print(json, &report, |r| {
+                let mut out = String::new();
+                for f in &r.findings {
+                    out += &format!(
+                        "{}\t{:?}\t{}\t{}{}\n",
+                        if f.problem { "PROBLEM" } else { "info" },
+                        f.kind,
+                        f.subject,
+                        f.detail,
+                        f.fixed
+                            .as_deref()
+                            .map(|x| format!(" [fixed: {x}]"))
+                            .unwrap_or_default()
+                    );
+                }
+                out + &format!("{} problems left, {} fixed", r.problems, r.fixed)
+            })?;
+            if report.problems > 0 {
+                return Err(orchestrate::Error::ProblemsFound {
+                    count: report.problems,
+                }
+                .into());
+            }
+            Ok(())
+        }
         Command::Demo(args) => demo_command(args, json).await,
         Command::Events { subject, limit } => print(
             json,

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
+use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
 use transfer::identity::{AllowList, Identity};
 use transfer::quic::{Congestion, TransportOptions};
-use transfer::recv::{Receiver, ServeConfig};
+use transfer::recv::{Receiver, ServeConfig, DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
 use transfer::Error;
 
 #[derive(Parser)]
@@ -25,22 +25,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a new identity key (prints the fingerprint senders pin with --peer)
-    Keygen {
-        /// Where to write the private key (mode 0600; never overwritten)
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Print the fingerprint of an existing identity key
-    Fingerprint {
-        #[arg(long)]
-        identity: PathBuf,
-    },
+    #[command(flatten)]
+    Identity(IdentityCommand),
     /// Accept transfers into ROOT until interrupted (SIGINT/SIGTERM)
     #[command(
         long_about = "Accept transfers into ROOT until interrupted (SIGINT/SIGTERM).\n\n\
         Each transfer is staged under ROOT/.shardrecv/, verified chunk by chunk (BLAKE3), fsynced and \
         renamed into place as ROOT/DEST; an existing DEST is moved aside to DEST.replaced-<unix-time>. \
+        At most --max-transfers run at once; the next ones wait in line. Each admission is logged with \
+        max_active, the most transfers active at once so far. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
         per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready."
     )]
@@ -57,8 +50,9 @@ enum Command {
         /// Allow-list of sender fingerprints
         #[arg(long)]
         allow: PathBuf,
-        /// Transfers served at once; more are refused as busy
-        #[arg(long, default_value_t = 32)]
+        /// Transfers served at once; more wait in line, first come first served, and are
+        /// told their place (a waiting sender keeps its connection open)
+        #[arg(long, default_value_t = DEFAULT_MAX_TRANSFERS)]
         max_transfers: usize,
         /// Congestion controller of our sending side (control messages): bbr, cubic or
         /// newreno. The data direction follows the sender's --congestion
@@ -68,6 +62,9 @@ enum Command {
         /// transfer may buffer here; it must cover the sender's rate x RTT
         #[arg(long, value_parser = transfer::quic::parse_window)]
         window: Option<u64>,
+        /// Transfers waiting in line at most; beyond that senders are refused as busy
+        #[arg(long, default_value_t = DEFAULT_MAX_QUEUED)]
+        max_queued: usize,
     },
 }
 
@@ -83,19 +80,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Keygen { out } => {
-            let id = Identity::generate(&out)?;
-            eprintln!(
-                "wrote {}; senders pin this fingerprint with --peer:",
-                out.display()
-            );
-            println!("{}", id.fingerprint);
-            Ok(())
-        }
-        Command::Fingerprint { identity } => {
-            println!("{}", Identity::load(&identity)?.fingerprint);
-            Ok(())
-        }
+        Command::Identity(command) => command.run(Role::Receiver),
         Command::Serve {
             listen,
             root,
@@ -104,6 +89,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             max_transfers,
             congestion,
             window,
+            max_queued,
         } => {
             let identity = Identity::load(&identity)?;
             let allow = AllowList::load(&allow)?;
@@ -123,6 +109,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     allow,
                     max_transfers,
                     transport: TransportOptions { congestion, window },
+                    max_queued,
                 })?;
                 let addr = receiver.local_addr()?;
                 println!("listening {addr} fingerprint {fingerprint}");

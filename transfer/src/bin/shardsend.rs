@@ -4,12 +4,15 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
-use transfer::cli::{init_logging, report_error, EXIT_CODES_HELP};
+use clap::{Args, Parser};
+use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
 use transfer::compress::CompressPolicy;
+use transfer::gitdir::GitMode;
 use transfer::identity::{Fingerprint, Identity};
 use transfer::quic::{Congestion, TransportOptions};
-use transfer::send::{send, Fault, SendConfig, DEFAULT_CHUNK_SIZE, DEFAULT_STREAMS};
+use transfer::send::{
+    send, EventSink, Fault, SendConfig, SendEvent, DEFAULT_CHUNK_SIZE, DEFAULT_STREAMS,
+};
 use transfer::units::parse_size;
 use transfer::Error;
 
@@ -31,24 +34,9 @@ use transfer::Error;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<IdentityCommand>,
     #[command(flatten)]
     send: SendArgs,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Create a new identity key (prints its fingerprint for the receiver's allow-list)
-    Keygen {
-        /// Where to write the private key (mode 0600; never overwritten)
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Print the fingerprint of an existing identity key
-    Fingerprint {
-        #[arg(long)]
-        identity: PathBuf,
-    },
 }
 
 #[derive(Args)]
@@ -83,9 +71,17 @@ struct SendArgs {
     #[arg(long)]
     resume: bool,
     /// Pre-copy: verify into the receiver's staging area but do not install. A later run
-    /// with --resume sends only what changed since, then installs (live pre-copy, short freeze)
+    /// with --resume sends only what changed since, then installs (live pre-copy, short
+    /// freeze). Files that change or vanish meanwhile never fail a pre-copy; the JSON
+    /// summary says "complete": false if the source never held still
     #[arg(long)]
     stage_only: bool,
+    /// Git directory rules: auto (on when SRC has HEAD, objects/ and refs/), on, off. In git
+    /// mode git's transient files (push quarantines objects/tmp_objdir-*, *.lock, tmp_pack_*,
+    /// gc.pid, ...) are never copied, and the refs are read before the objects are listed,
+    /// so a pre-copy of a live repository is consistent
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    git: GitMode,
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
@@ -109,6 +105,11 @@ struct SendArgs {
     /// --window. Opens at least WINDOW / 4M data streams
     #[arg(long, value_parser = parse_window)]
     window: Option<u64>,
+    /// How long to wait in line when the receiver is running its limit of transfers, e.g.
+    /// 90s, 10m, 1h; 0 fails at once (exit 4). While waiting, a line on stderr says where we
+    /// stand (with --json: one JSON object per line, {"event":"queued",...})
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m", value_name = "DURATION")]
+    wait_for: std::time::Duration,
     /// Test-only fault injection: corrupt-once | corrupt-always
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
@@ -138,21 +139,36 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Some(Command::Keygen { out }) => {
-            let id = Identity::generate(&out)?;
-            eprintln!(
-                "wrote {}; add this fingerprint to the receiver's allow-list:",
-                out.display()
-            );
-            println!("{}", id.fingerprint);
-            Ok(())
-        }
-        Some(Command::Fingerprint { identity }) => {
-            println!("{}", Identity::load(&identity)?.fingerprint);
-            Ok(())
-        }
+        Some(identity) => identity.run(Role::Sender),
         None => send_main(cli.send),
     }
+}
+
+/// Prints [`SendEvent`]s on stderr: a sentence, or one JSON object per line with `--json`
+/// (stdout carries only the summary).
+fn event_printer(json: bool) -> EventSink {
+    Arc::new(move |event: &SendEvent| {
+        use std::io::Write;
+        let line = if json {
+            serde_json::to_string(event).unwrap_or_default()
+        } else {
+            match event {
+                SendEvent::Queued {
+                    position,
+                    active,
+                    limit,
+                    waited_seconds,
+                } => format!(
+                    "waiting for the receiver: number {position} in line, {active} of its \
+                     {limit} transfers running (waited {waited_seconds:.0} s)"
+                ),
+                SendEvent::Admitted { waited_seconds } => {
+                    format!("the receiver took the transfer after {waited_seconds:.1} s in line")
+                }
+            }
+        };
+        let _ = writeln!(std::io::stderr(), "{line}");
+    })
 }
 
 fn send_main(a: SendArgs) -> Result<(), Error> {
@@ -179,12 +195,15 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         progress: !a.no_progress && std::io::stderr().is_terminal(),
         fault: a.inject_fault,
         stage_only: a.stage_only,
+        git: a.git,
         connect_timeout: std::time::Duration::try_from_secs_f64(a.connect_timeout)
             .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
         transport: TransportOptions {
             congestion: a.congestion,
             window: a.window,
         },
+        wait_for: a.wait_for,
+        events: Some(event_printer(a.json)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

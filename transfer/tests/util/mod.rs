@@ -72,6 +72,17 @@ impl Daemon {
 
     /// Starts the daemon through `wrapper` (e.g. `ip netns exec NS`).
     pub fn start_in(keys: &Keys, root: &Path, listen: &str, wrapper: &[&str]) -> Daemon {
+        Daemon::start_with(keys, root, listen, wrapper, &[])
+    }
+
+    /// Starts the daemon with extra `serve` arguments (e.g. `--max-transfers 4`).
+    pub fn start_with(
+        keys: &Keys,
+        root: &Path,
+        listen: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+    ) -> Daemon {
         std::fs::create_dir_all(root).unwrap();
         let log = root
             .parent()
@@ -92,6 +103,7 @@ impl Daemon {
             .arg(&keys.recv_key)
             .arg("--allow")
             .arg(&keys.allow)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))

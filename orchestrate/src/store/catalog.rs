@@ -347,6 +347,19 @@ impl Registry {
         Ok(())
     }
 
+    /// Writes the event and commits: the tail of every registry change.
+    pub(crate) async fn commit_with_event(
+        &self,
+        mut tx: WriteTx,
+        action: &str,
+        subject: &str,
+        detail: &str,
+    ) -> Result<()> {
+        self.event(&mut tx, action, subject, detail).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     // ----- services -----
 
     /// `service add NAME`.

@@ -1,0 +1,2 @@
+set -eu
+create_bare "$1"

@@ -1,0 +1,2 @@
+set -eu
+discard_copy "$1" "$2" "$3"

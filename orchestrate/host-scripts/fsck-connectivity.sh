@@ -1,0 +1,2 @@
+set -eu
+fsck_connectivity "$1"

@@ -1,0 +1,2 @@
+set -eu
+install_hook "$1" "$2"

@@ -1,0 +1,228 @@
+# shellcheck shell=sh
+# The functions every host script of shardmove is made of. Each script sent to a shard host
+# is this file followed by one entry file (see orchestrate/src/scripts.rs), run as
+# `sh -c SCRIPT NAME ARGS...`, so values only ever arrive as positional arguments.
+#
+# These run inside read-only windows, where every process costs milliseconds on a busy host:
+# shell builtins (read, printf, [) wherever an external command is not needed.
+
+# The exit codes shardmove reads, one table for every script (orchestrate::scripts::exit
+# holds the same values; a unit test compares them). A git command's own status never
+# passes through: git fsck's status is a bitmask that covers this range too, so each git
+# failure maps to a code of ours, with git's message on stderr.
+# shellcheck disable=SC2034
+EX_ORIG_EXISTS=80      # pre-receive.shardmove-orig exists and is not ours to overwrite
+# shellcheck disable=SC2034
+EX_PUSHES_IN_FLIGHT=81 # pushes (or fetches) still working after the wait; stdout says which
+# shellcheck disable=SC2034
+EX_MISSING=82          # the repository or tree to check is not there
+# shellcheck disable=SC2034
+EX_GIT=83              # a git command failed
+# shellcheck disable=SC2034
+EX_OBJECTS_MISSING=84  # objects the refs need are missing
+# shellcheck disable=SC2034
+EX_EXISTS=85           # the path to create already exists
+# shellcheck disable=SC2034
+EX_FAILPOINT=86        # a test failpoint fired here
+# shellcheck disable=SC2034
+EX_CORRUPT=87          # git fsck found the repository broken
+
+# The line that marks our pre-receive hook (orchestrate::maintenance::HOOK_MARKER).
+HOOK_MARKER=shardmove-maintenance-hook
+
+# failpoint NAME: in tests (SHARDMOVE_FAILPOINTS names it), stop here the way a crash would,
+# with part of the work done (see orchestrate::failpoint).
+failpoint() {
+  case ",${SHARDMOVE_FAILPOINTS-}," in *",$1,"*) exit "$EX_FAILPOINT" ;; esac
+}
+
+# is_ours FILE: whether FILE is our maintenance hook (the marker sits in its first lines).
+is_ours() {
+  [ -f "$1" ] || return 1
+  n=0
+  while [ $n -lt 3 ] && IFS= read -r line; do
+    case $line in *"$HOOK_MARKER"*) return 0 ;; esac
+    n=$((n + 1))
+  done < "$1"
+  return 1
+}
+
+# same_file A B: whether A and B are one file (hard links; symlinks not followed).
+same_file() {
+  { [ -e "$2" ] || [ -L "$2" ]; } &&
+    [ "$(stat -c %d:%i -- "$1")" = "$(stat -c %d:%i -- "$2")" ]
+}
+
+# hooks_dir REPO: where git looks for REPO's hooks (core.hooksPath honoured).
+hooks_dir() {
+  git -C "$1" rev-parse --path-format=absolute --git-path hooks || exit "$EX_GIT"
+}
+
+# install_hook REPO MESSAGE: our pre-receive hook refuses every push with MESSAGE. An existing
+# hook is hard-linked to pre-receive.shardmove-orig before ours is renamed over it: there is
+# no instant without a hook, and remove_hook restores the very same file. Installing again
+# only changes the message.
+install_hook() {
+  hooks=$(hooks_dir "$1")
+  [ -d "$hooks" ] || mkdir -p "$hooks"
+  printf '%s\n' "$2" > "$hooks/shardmove-maintenance.msg.tmp"
+  mv -f "$hooks/shardmove-maintenance.msg.tmp" "$hooks/shardmove-maintenance.msg"
+  if ! is_ours "$hooks/pre-receive"; then
+    if [ -e "$hooks/pre-receive" ] || [ -L "$hooks/pre-receive" ]; then
+      if same_file "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"; then
+        : # linked by an install that died before its rename: go on from there
+      elif [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
+        echo "$hooks/pre-receive.shardmove-orig already exists; not overwriting it" >&2
+        exit "$EX_ORIG_EXISTS"
+      else
+        ln -P "$hooks/pre-receive" "$hooks/pre-receive.shardmove-orig"
+        failpoint hook-install-linked
+      fi
+    fi
+    # The hook's own lines are literal text: their $ must not expand here.
+    # shellcheck disable=SC2016
+    printf '%s\n' '#!/bin/sh' \
+      "# $HOOK_MARKER: installed by \`shardmove repo maintenance --start\`, removed by" \
+      '# `--stop` (which restores any original hook from pre-receive.shardmove-orig).' \
+      "# Refuses every push with the operator's message; clone and fetch are not affected." \
+      'msg="$(dirname "$0")/shardmove-maintenance.msg"' \
+      'if [ -r "$msg" ]; then cat "$msg" >&2; else echo "repository in maintenance" >&2; fi' \
+      'exit 1' > "$hooks/pre-receive.shardmove-tmp"
+    chmod 755 "$hooks/pre-receive.shardmove-tmp"
+    mv -f "$hooks/pre-receive.shardmove-tmp" "$hooks/pre-receive"
+  fi
+}
+
+# remove_hook REPO: our hook gone, any original pre-receive back (a no-op without ours).
+remove_hook() {
+  hooks=$(hooks_dir "$1")
+  if [ -e "$hooks/pre-receive.shardmove-orig" ] || [ -L "$hooks/pre-receive.shardmove-orig" ]; then
+    mv -f "$hooks/pre-receive.shardmove-orig" "$hooks/pre-receive"
+    failpoint hook-remove-restored
+    rm -f "$hooks/shardmove-maintenance.msg"
+  elif is_ours "$hooks/pre-receive"; then
+    rm -f "$hooks/pre-receive"
+    failpoint hook-remove-removed
+    rm -f "$hooks/shardmove-maintenance.msg"
+  else
+    rm -f "$hooks/shardmove-maintenance.msg"
+  fi
+}
+
+# wait_idle REPO SECONDS: returns once no process working in REPO runs receive-pack (or an
+# observation fetch) and no ref lock is held; after SECONDS, prints what is still busy and
+# exits EX_PUSHES_IN_FLIGHT. git receive-pack always chdirs into the repository, and git holds
+# a ref's lock for the whole ref update, so "no such process and no lock" means no ref can
+# change any more.
+wait_idle() {
+  repo=$(cd "$1" && pwd -P) || exit "$EX_MISSING"
+  pat=$repo
+  case $repo in *[][*?\\]*) pat=$(printf '%s' "$repo" | sed 's/[][*?\\]/\\&/g') ;; esac
+  end=
+  while what=$(busy "$repo" "$pat"); do
+    now=$(date +%s)
+    [ -n "$end" ] || end=$((now + $2))
+    if [ "$now" -ge "$end" ]; then echo "$what"; exit "$EX_PUSHES_IN_FLIGHT"; fi
+    sleep 0.1
+  done
+}
+
+# busy REPO PATTERN: prints the first thing still working in REPO, or fails when idle.
+busy() {
+  if find /proc -mindepth 2 -maxdepth 2 -name cwd -lname "$2" 2>/dev/null | {
+    while IFS= read -r link; do
+      dir=${link%/cwd}
+      cmd=$(tr '\0' ' ' < "$dir/cmdline" 2>/dev/null) || continue
+      case "$cmd" in
+        *receive-pack*|*" fetch "*) echo "process ${dir#/proc/}: $cmd"; exit 0 ;;
+      esac
+    done
+    exit 1
+  }; then
+    return 0
+  fi
+  if [ -e "$1/packed-refs.lock" ]; then echo "lock file $1/packed-refs.lock"; return 0; fi
+  lock=$(find "$1/refs" -name '*.lock' -print -quit 2>/dev/null)
+  if [ -n "$lock" ]; then echo "lock file $lock"; return 0; fi
+  return 1
+}
+
+# discard_copy DEST STAMP STAGING: a rolled-back copy moved aside as DEST.rolled-back-STAMP,
+# and the transfer's staging directory removed (left alone while a transfer holds its lock).
+discard_copy() {
+  if [ -e "$1" ]; then
+    mv "$1" "$1.rolled-back-$2"
+    failpoint discard-moved-aside
+  fi
+  if [ -d "$3" ]; then flock -n "$3/lock" rm -rf "$3" || true; fi
+}
+
+# fsck_connectivity REPO: git's full connectivity check, then the refs' object ids.
+fsck_connectivity() {
+  [ -d "$1" ] || exit "$EX_MISSING"
+  git -C "$1" fsck --connectivity-only --no-progress >&2 || exit "$EX_CORRUPT"
+  git -C "$1" for-each-ref --format='%(objectname)' || exit "$EX_GIT"
+}
+
+# refs_and_connected_since REPO: prints REPO's refs, then walks every object reachable from
+# them but not from the ^TIP lines on stdin (git's push-time connectivity check).
+refs_and_connected_since() {
+  git -C "$1" for-each-ref --format='%(objectname) %(refname)' || exit "$EX_GIT"
+  git -C "$1" rev-list --objects --quiet --all --stdin || exit "$EX_OBJECTS_MISSING"
+}
+
+# create_bare REPO: a new bare repository at REPO (refused if anything is there).
+create_bare() {
+  if [ -e "$1" ]; then echo "$1 already exists" >&2; exit "$EX_EXISTS"; fi
+  mkdir -p "$(dirname "$1")"
+  git init --bare --quiet "$1" || exit "$EX_GIT"
+}
+
+# doctor_scan ROOT REL...: what shardmove doctor compares with the registry, one tab-separated
+# line per finding (values never contain a tab or a newline: paths come from the registry,
+# messages are cut at their first line):
+#   repo REL present|missing ours|own|none MESSAGE   for each REL under ROOT
+#   staging NAME locked|free MTIME                   for each transfer staging directory
+#   aside PATH MTIME                                 for each *.replaced-* / *.rolled-back-*
+doctor_scan() {
+  root=$1
+  shift
+  tab=$(printf '\t')
+  for rel in "$@"; do
+    repo="$root/$rel"
+    if [ ! -d "$repo" ]; then
+      printf 'repo\t%s\tmissing\tnone\t\n' "$rel"
+      continue
+    fi
+    hooks=$(git -C "$repo" rev-parse --path-format=absolute --git-path hooks 2>/dev/null) || hooks="$repo/hooks"
+    hook=none
+    if is_ours "$hooks/pre-receive"; then
+      hook=ours
+    elif [ -e "$hooks/pre-receive" ]; then
+      hook=own
+    fi
+    msg=
+    if [ -r "$hooks/shardmove-maintenance.msg" ]; then
+      IFS= read -r msg < "$hooks/shardmove-maintenance.msg" || true
+    fi
+    case $msg in *"$tab"*) msg=$(printf '%s' "$msg" | tr '\t' ' ') ;; esac
+    printf 'repo\t%s\tpresent\t%s\t%s\n' "$rel" "$hook" "$msg"
+  done
+  if [ -d "$root/.shardrecv" ]; then
+    for dir in "$root"/.shardrecv/*; do
+      [ -d "$dir" ] || continue
+      if flock -n "$dir/lock" true 2>/dev/null; then lock=free; else lock=locked; fi
+      printf 'staging\t%s\t%s\t%s\n' "${dir##*/}" "$lock" "$(stat -c %Y "$dir")"
+    done
+  fi
+  find "$root" -maxdepth 4 -path "$root/.shardrecv" -prune -o \
+    \( -name '*.replaced-*' -o -name '*.rolled-back-*' \) -prune -print 2>/dev/null |
+    while IFS= read -r path; do
+      printf 'aside\t%s\t%s\n' "$path" "$(stat -c %Y "$path")"
+    done
+}
+
+# remove_staging DIR: a transfer's staging directory removed, unless a transfer holds it.
+remove_staging() {
+  if [ -d "$1" ]; then flock -n "$1/lock" rm -rf "$1" || exit "$EX_MISSING"; fi
+}

@@ -1,0 +1,2 @@
+set -eu
+remove_hook "$1"

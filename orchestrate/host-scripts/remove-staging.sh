@@ -1,0 +1,2 @@
+set -eu
+remove_staging "$1"

@@ -1,0 +1,2 @@
+set -u
+refs_and_connected_since "$1"

@@ -1,0 +1,2 @@
+set -eu
+wait_idle "$1" "$2"

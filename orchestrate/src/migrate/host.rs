@@ -1,0 +1,196 @@
+//! [`HostOps`] over the shard hosts' executors: `shardsend` passes, hooks, and git checks.
+//! The same operations serve both control planes; the core simply emits no hook operation
+//! where the plane freezes by a flag (Phorge).
+//!
+//! Transfers run `shardsend` on the source's host towards the target's `shardrecv`, pinned to
+//! the target's fingerprint; its `--json` summary is read as [`transfer::send::SendSummary`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::core::{Completion, HostOp};
+use super::ports::{BoxFuture, HostOps, RepoPlan};
+use crate::error::{Error, Result};
+use crate::executor::{self, executor_for_host, Executor};
+use crate::{maintenance, verify};
+
+/// How transfers and the push wait run.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// `shardsend` as run on the source hosts.
+    pub shardsend: String,
+    /// The sender identity key, as a path on the source hosts.
+    pub identity: String,
+    /// Extra `shardsend` arguments (e.g. `--bwlimit 50M`).
+    pub shardsend_args: Vec<String>,
+    /// How long the freeze waits for pushes in flight.
+    pub freeze_wait: Duration,
+}
+
+/// Host operations through each device's executor.
+#[derive(Debug, Clone)]
+pub struct ExecutorHostOps {
+    pub cfg: HostConfig,
+}
+
+fn source(repo: &RepoPlan) -> Result<Box<dyn Executor>> {
+    executor_for_host(&repo.source.device, &repo.source.host)
+}
+
+fn target(repo: &RepoPlan) -> Result<Box<dyn Executor>> {
+    executor_for_host(&repo.target.device, &repo.target.host)
+}
+
+impl ExecutorHostOps {
+    /// One `shardsend` pass (`stage_only`: the live pre-copy), its summary.
+    async fn send(&self, repo: &RepoPlan, stage_only: bool) -> Result<transfer::send::SendSummary> {
+        let fingerprint = repo.target.fingerprint.as_deref().ok_or_else(|| {
+            Error::Refused(format!(
+                "device {} has no key fingerprint: shardsend must pin its shardrecv",
+                repo.target.device
+            ))
+        })?;
+        let src = repo.source.path(&repo.path);
+        let mut argv: Vec<&str> = vec![
+            &self.cfg.shardsend,
+            &src,
+            &repo.target.transfer_addr,
+            &repo.path,
+            "--identity",
+            &self.cfg.identity,
+            "--peer",
+            fingerprint,
+            "--json",
+            "--no-progress",
+            "--resume",
+        ];
+        if stage_only {
+            argv.push("--stage-only");
+        }
+        argv.extend(self.cfg.shardsend_args.iter().map(String::as_str));
+        let out = executor::run(source(repo)?.as_ref(), &argv).await?;
+        serde_json::from_str(&out.stdout)
+            .map_err(|e| Error::Refused(format!("shardsend printed no JSON summary ({e})")))
+    }
+
+    async fn run_op(&self, repo: &RepoPlan, op: &HostOp) -> Result<Completion> {
+        let src = repo.source.path(&repo.path);
+        let dst = repo.target.path(&repo.path);
+        Ok(match op {
+            HostOp::Precopy => Completion::Precopied {
+                sent_bytes: self.send(repo, true).await?.sent_bytes,
+            },
+            HostOp::CheckStaged => {
+                // The pre-copy waits in shardrecv's staging area under B's root; fsck it now,
+                // while the repository is live.
+                let staged = transfer::staging::staging_dir(
+                    Path::new(&repo.target.root),
+                    repo.path.as_bytes(),
+                )
+                .join("tree");
+                let tips =
+                    verify::full_connectivity(target(repo)?.as_ref(), &staged.to_string_lossy())
+                        .await?;
+                Completion::Staged { tips }
+            }
+            HostOp::HookSource { message } => {
+                maintenance::install_hook_and_wait_idle(
+                    source(repo)?.as_ref(),
+                    &src,
+                    &repo.repository,
+                    message,
+                    self.cfg.freeze_wait,
+                )
+                .await?;
+                Completion::Nothing
+            }
+            HostOp::FinalPass => {
+                let exec = source(repo)?;
+                // A is frozen and idle: its refs are read while the pass runs.
+                let (sent, refs) = tokio::join!(
+                    self.send(repo, false),
+                    verify::refs_digest(exec.as_ref(), &src)
+                );
+                let sent = sent?;
+                Completion::FinalPass {
+                    bytes: sent.bytes,
+                    sent_bytes: sent.sent_bytes,
+                    source_refs: refs?,
+                }
+            }
+            HostOp::ProbeInstalled => {
+                let (a_exec, b_exec) = (source(repo)?, target(repo)?);
+                if !maintenance::exists(b_exec.as_ref(), &dst).await? {
+                    return Ok(Completion::Nothing);
+                }
+                let (a, b) = tokio::join!(
+                    verify::refs_digest(a_exec.as_ref(), &src),
+                    verify::refs_digest(b_exec.as_ref(), &dst)
+                );
+                let a = a?;
+                match b {
+                    Ok(b) if b == a => Completion::AlreadyInstalled { source_refs: a },
+                    _ => Completion::Nothing,
+                }
+            }
+            HostOp::ReadSourceRefs => {
+                Completion::SourceRefs(verify::refs_digest(source(repo)?.as_ref(), &src).await?)
+            }
+            HostOp::VerifyTarget {
+                source_refs,
+                verified_tips,
+            } => {
+                let exec = target(repo)?;
+                let checked = match verified_tips {
+                    Some(tips) => {
+                        verify::refs_and_connected_since(exec.as_ref(), &dst, source_refs, tips)
+                            .await
+                    }
+                    None => {
+                        verify::refs_and_full_connectivity(exec.as_ref(), &dst, source_refs).await
+                    }
+                };
+                checked.map_err(|e| match e {
+                    Error::Refused(why) => Error::Refused(format!(
+                        "verification of {} on {} against {} failed: {why}",
+                        repo.repository, repo.target.device, repo.source.device
+                    )),
+                    other => other,
+                })?;
+                Completion::Nothing
+            }
+            HostOp::UnhookTarget => {
+                maintenance::remove_hook(target(repo)?.as_ref(), &dst).await?;
+                Completion::Nothing
+            }
+            HostOp::MarkSourceStale { message } => {
+                maintenance::install_hook(source(repo)?.as_ref(), &src, message).await?;
+                Completion::Nothing
+            }
+            HostOp::UnhookSource => {
+                maintenance::remove_hook(source(repo)?.as_ref(), &src).await?;
+                Completion::Nothing
+            }
+            HostOp::DiscardTarget => {
+                let staging = transfer::staging::staging_dir(
+                    Path::new(&repo.target.root),
+                    repo.path.as_bytes(),
+                );
+                maintenance::discard_copy(
+                    target(repo)?.as_ref(),
+                    &dst,
+                    &staging.to_string_lossy(),
+                    crate::registry::now(),
+                )
+                .await?;
+                Completion::Nothing
+            }
+        })
+    }
+}
+
+impl HostOps for ExecutorHostOps {
+    fn run<'a>(&'a self, repo: &'a RepoPlan, op: &'a HostOp) -> BoxFuture<'a, Completion> {
+        Box::pin(self.run_op(repo, op))
+    }
+}

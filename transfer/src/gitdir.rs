@@ -1,0 +1,196 @@
+//! What is special about sending a git directory (a bare repository, or a `.git` directory):
+//! which of git's files are transient, and which files are its refs.
+//!
+//! A live repository keeps changing while a pre-copy (`shardsend --stage-only`) reads it:
+//! a push writes into a quarantine directory (`objects/tmp_objdir-incoming-*`, or
+//! `objects/incoming-*` before git 2.11) that vanishes when the push ends, takes `*.lock`
+//! files, and `index-pack`, `repack` and `gc` write `tmp_*`/`.tmp-*` files and `gc.pid`, then
+//! rename or delete them. Those files are never part of the repository's state: copying them
+//! is useless at best, and harmful at worst (a stale `refs/heads/main.lock` on the target
+//! refuses every push to that branch; a stale `gc.pid` blocks gc). So in git mode they are
+//! left out of the manifest, in every pass (a frozen repository may hold stale ones too).
+//!
+//! **Refs are what make a copy consistent.** git writes objects before the refs that point
+//! to them, and never deletes a reachable object without first writing it elsewhere. So a
+//! copy whose refs were read *before* its object directories were listed holds every object
+//! those refs reach, as long as no listed object file vanished before it was read (the
+//! sender restarts the pass then). [`is_ref_path`] names the files the scan reads first.
+//!
+//! How git mode is switched on: `shardsend --git auto` (the default) turns it on when the
+//! source directory looks like a git directory ([`looks_like_git_dir`]: `HEAD`, `objects/`
+//! and `refs/`); `--git on` requires it, `--git off` sends the tree exactly as it is.
+//!
+//! The rules are sans-io (byte paths relative to the git directory) and unit-tested here;
+//! only [`looks_like_git_dir`] touches the file system.
+
+use std::fmt;
+use std::path::Path;
+
+/// Whether the source is treated as a git directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GitMode {
+    /// On when the source looks like a git directory.
+    #[default]
+    Auto,
+    /// Always on; a source that is not a git directory is refused.
+    On,
+    /// Never: every file is copied as it is.
+    Off,
+}
+
+impl std::str::FromStr for GitMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(GitMode::Auto),
+            "on" => Ok(GitMode::On),
+            "off" => Ok(GitMode::Off),
+            _ => Err(format!("invalid git mode {s:?}: expected auto, on or off")),
+        }
+    }
+}
+
+impl fmt::Display for GitMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GitMode::Auto => "auto",
+            GitMode::On => "on",
+            GitMode::Off => "off",
+        })
+    }
+}
+
+/// True when `dir` has what every git directory has: a `HEAD` file and `objects/` and
+/// `refs/` directories.
+pub fn looks_like_git_dir(dir: &Path) -> bool {
+    let is_dir = |name: &str| {
+        std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.file_type().is_dir())
+    };
+    let head_is_file = std::fs::symlink_metadata(dir.join("HEAD")).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_file() || t.is_symlink()
+    });
+    head_is_file && is_dir("objects") && is_dir("refs")
+}
+
+/// True when `rel` (a `/`-separated path relative to the git directory) is one of git's
+/// transient files or directories, which come and go while git works and are never copied.
+/// A directory for which this holds is skipped with everything below it.
+pub fn is_transient(rel: &[u8]) -> bool {
+    let name = rel.rsplit(|b| *b == b'/').next().unwrap_or(rel);
+    // Lock files anywhere: refs, packed-refs, config, index, HEAD, shallow, commit-graph,
+    // multi-pack-index, gc.log.
+    if name.ends_with(b".lock") {
+        return true;
+    }
+    if rel == b"gc.pid" {
+        return true;
+    }
+    let Some(in_objects) = rel.strip_prefix(b"objects/") else {
+        return false;
+    };
+    // Push quarantine: `objects/tmp_objdir-incoming-XXXXXX` (git >= 2.11) or
+    // `objects/incoming-XXXXXX` (older), removed or migrated when the push ends.
+    let top = in_objects
+        .split(|b| *b == b'/')
+        .next()
+        .unwrap_or(in_objects);
+    if top.starts_with(b"tmp_objdir-") || top.starts_with(b"incoming-") {
+        return true;
+    }
+    // Objects being written: `xx/tmp_obj_*`, `pack/tmp_pack_*`, `pack/tmp_idx_*`,
+    // `pack/tmp_rev_*`, `info/commit-graphs/tmp_graph_*`, ...; and repack's
+    // `pack/.tmp-PID-pack-*` before its rename.
+    name.starts_with(b"tmp_") || name.starts_with(b".tmp-")
+}
+
+/// True for the files and directories that hold refs: `HEAD`, `packed-refs` and everything
+/// under `refs/`. The scan reads these before it lists any object (see the module doc).
+pub fn is_ref_path(rel: &[u8]) -> bool {
+    rel == b"HEAD" || rel == b"packed-refs" || rel == b"refs" || rel.starts_with(b"refs/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_files_of_pushes_and_gc_are_recognised() {
+        for p in [
+            "objects/tmp_objdir-incoming-Ab12Cd",
+            "objects/tmp_objdir-incoming-Ab12Cd/4b/825dc642cb6eb9a060e54bf8d69288fbee4904",
+            "objects/incoming-XyZ123/pack/pack-1.pack",
+            "objects/pack/tmp_pack_aBcDeF",
+            "objects/pack/tmp_idx_aBcDeF",
+            "objects/pack/tmp_rev_aBcDeF",
+            "objects/pack/.tmp-1234-pack-0123abcd.pack",
+            "objects/4b/tmp_obj_XyZ",
+            "objects/info/commit-graphs/tmp_graph_123",
+            "refs/heads/main.lock",
+            "packed-refs.lock",
+            "HEAD.lock",
+            "config.lock",
+            "objects/info/commit-graph.lock",
+            "gc.pid",
+            "gc.log.lock",
+        ] {
+            assert!(is_transient(p.as_bytes()), "{p} is transient");
+        }
+    }
+
+    #[test]
+    fn the_repository_itself_is_never_transient() {
+        for p in [
+            "HEAD",
+            "config",
+            "packed-refs",
+            "refs/heads/main",
+            "refs/heads/tmp_branch",
+            "refs/heads/feature/incoming-changes",
+            "objects/4b/825dc642cb6eb9a060e54bf8d69288fbee4904",
+            "objects/pack/pack-0123abcd.pack",
+            "objects/pack/pack-0123abcd.idx",
+            "objects/pack/pack-0123abcd.keep",
+            "objects/info/packs",
+            "objects/info/commit-graph",
+            "gc.log",
+            "hooks/pre-receive",
+            "tmp_notes",
+            "logs/refs/heads/main",
+            "objects",
+        ] {
+            assert!(!is_transient(p.as_bytes()), "{p} is not transient");
+        }
+    }
+
+    #[test]
+    fn ref_paths() {
+        for p in [
+            "HEAD",
+            "packed-refs",
+            "refs",
+            "refs/heads/main",
+            "refs/tags",
+        ] {
+            assert!(is_ref_path(p.as_bytes()), "{p}");
+        }
+        for p in [
+            "HEADS",
+            "refsx",
+            "logs/refs/heads/main",
+            "objects",
+            "config",
+        ] {
+            assert!(!is_ref_path(p.as_bytes()), "{p}");
+        }
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("auto".parse(), Ok(GitMode::Auto));
+        assert_eq!("on".parse(), Ok(GitMode::On));
+        assert_eq!("off".parse(), Ok(GitMode::Off));
+        assert!("yes".parse::<GitMode>().is_err());
+        assert_eq!(GitMode::Off.to_string(), "off");
+    }
+}

@@ -1,0 +1,805 @@
+//! `shardrecv serve`: the receiving daemon.
+//!
+//! This is the async driver; the protocol's decisions live in [`session::ReceiverSession`]
+//! (sans-io). One task per connection runs one transfer: it reads the sender's `Hello`,
+//! claims the destination and waits for one of the `max_transfers` slots (first come first
+//! served; see [`crate::admission`] for why the receiver queues rather than refuses), then
+//! reads the rest of the control stream on its own task and loops: feed the session every
+//! event (control messages, chunk frames and their results from the data streams, progress
+//! ticks) and carry out its outputs (write a control message, prepare staging, accept data
+//! streams, install, discard staging). Each data stream checks a frame header with the
+//! session, then decodes, verifies, writes ([`store`]) and journals its payload on a
+//! blocking thread.
+//!
+//! What is shared between connections lives here: the destination claims (a resumed
+//! attempt of the same sender supersedes its previous connection) and the admissions.
+//!
+//! Memory per transfer is bounded by the data streams (two chunk buffers each, at most
+//! `MAX_CHUNK_SIZE`) plus quinn's receive window ([`crate::quic::CONNECTION_WINDOW`]); a
+//! transfer waiting in line holds only its unread manifest in quinn's stream buffer.
+
+pub mod session;
+pub mod store;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::admission::{Admission, Admissions, QueueFull, Ticket};
+use crate::error::Error;
+use crate::identity::{server_crypto, AllowList, Fingerprint, Identity};
+use crate::io::{read_chunk_header, read_control, read_payload, write_control};
+use crate::manifest::Manifest;
+use crate::staging::{PrepareError, Staging};
+use crate::wire::{hex, ControlMsg, FailCode};
+
+use session::{Outcome, ReceiverInput, ReceiverOutput, ReceiverSession};
+use store::{store_chunk, Stored};
+
+/// How `shardrecv serve` runs.
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub root: PathBuf,
+    pub identity: Identity,
+    pub allow: AllowList,
+    /// Transfers served at once; more wait in line.
+    pub max_transfers: usize,
+    /// Transfers waiting in line at most; more are refused as busy.
+    pub max_queued: usize,
+    /// Congestion controller and other transport choices.
+    pub transport: crate::quic::TransportOptions,
+}
+
+/// Default of `shardrecv serve --max-transfers`.
+pub const DEFAULT_MAX_TRANSFERS: usize = 32;
+/// Default of `shardrecv serve --max-queued`.
+pub const DEFAULT_MAX_QUEUED: usize = 512;
+/// A waiting sender hears from us at least this often (and whenever its place changes).
+const QUEUE_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// A running receiver; `local_addr` is useful when listening on port 0.
+pub struct Receiver {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    root: PathBuf,
+    /// Transfer slots and the line of transfers waiting for one.
+    admissions: Mutex<Admissions>,
+    /// Woken whenever the line moves (a slot freed, a transfer admitted, a waiter left).
+    line_moved: Notify,
+    /// Destinations being received or waiting now, with the sender and connection holding
+    /// each.
+    active: Mutex<HashMap<Vec<u8>, ActiveTransfer>>,
+}
+
+struct ActiveTransfer {
+    sender: Fingerprint,
+    since: Instant,
+    conn: quinn::Connection,
+}
+
+impl Receiver {
+    pub fn bind(cfg: ServeConfig) -> Result<Receiver, Error> {
+        std::fs::create_dir_all(&cfg.root).map_err(|e| Error::io(&cfg.root, e))?;
+        let root = cfg
+            .root
+            .canonicalize()
+            .map_err(|e| Error::io(&cfg.root, e))?;
+        let crypto = server_crypto(&cfg.identity, Arc::new(cfg.allow))?;
+        let endpoint = crate::quic::server_endpoint(cfg.listen, crypto, &cfg.transport)?;
+        Ok(Receiver {
+            endpoint,
+            shared: Arc::new(Shared {
+                root,
+                admissions: Mutex::new(Admissions::new(
+                    cfg.max_transfers.max(1) as u64,
+                    cfg.max_queued as u64,
+                )),
+                line_moved: Notify::new(),
+                active: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The most transfers that were ever active at once (never above `max_transfers`).
+    pub fn max_active(&self) -> u64 {
+        self.shared
+            .admissions
+            .lock()
+            .map(|a| a.max_active())
+            .unwrap_or(0)
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| Error::io("endpoint", e))
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let incoming = tokio::select! {
+                () = &mut shutdown => break,
+                inc = self.endpoint.accept() => match inc {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%remote, error = %e, "handshake failed");
+                        return;
+                    }
+                };
+                let peer = peer_fingerprint(&conn);
+                if let Err(e) = handle_connection(shared, conn.clone(), peer).await {
+                    tracing::warn!(%remote, error = %e, "transfer ended with an error");
+                }
+                // The destination is released; let the sender read our last frame and close.
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            });
+        }
+        self.endpoint.close(0u32.into(), b"receiver shutting down");
+        self.endpoint.wait_idle().await;
+        tracing::info!(
+            max_active = self.max_active(),
+            "stopped; most transfers active at once"
+        );
+    }
+}
+
+fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let any = conn.peer_identity()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    Fingerprint::of_certificate(certs.first()?).ok()
+}
+
+/// Releases the in-process claim on a destination when the transfer ends.
+struct Claim {
+    shared: Arc<Shared>,
+    dest: Vec<u8>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.shared.active.lock() {
+            a.remove(&self.dest);
+        }
+    }
+}
+
+/// One of the receiver's transfer slots, held while a transfer runs.
+struct Slot {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.shared.admissions.lock() {
+            a.release();
+        }
+        self.shared.line_moved.notify_waiters();
+    }
+}
+
+/// A place in line; leaves the line when dropped before being admitted (the sender went
+/// away, or the task was cancelled).
+struct Waiter {
+    shared: Arc<Shared>,
+    ticket: Ticket,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let left = self
+            .shared
+            .admissions
+            .lock()
+            .map(|mut a| a.cancel(self.ticket))
+            .unwrap_or(false);
+        if left {
+            self.shared.line_moved.notify_waiters();
+        }
+    }
+}
+
+/// How long a resumed attempt waits for the attempt it supersedes to let go.
+const SUPERSEDE_WAIT: Duration = Duration::from_secs(10);
+
+/// Claims `dest` for this connection. A sender that comes back with `--resume` while its
+/// previous attempt still holds the destination (a killed process leaves a QUIC connection
+/// that only times out later) supersedes that attempt: same key, so same operator. Anyone
+/// else is refused as busy.
+async fn claim(
+    shared: &Arc<Shared>,
+    dest: &[u8],
+    peer: Fingerprint,
+    resume: bool,
+    conn: &quinn::Connection,
+) -> Result<Claim, String> {
+    let dest_text = String::from_utf8_lossy(dest).into_owned();
+    let deadline = Instant::now() + SUPERSEDE_WAIT;
+    loop {
+        {
+            let mut active = shared
+                .active
+                .lock()
+                .map_err(|_| "internal error: lock poisoned".to_string())?;
+            match active.get(dest) {
+                None => {
+                    active.insert(
+                        dest.to_vec(),
+                        ActiveTransfer {
+                            sender: peer,
+                            since: Instant::now(),
+                            conn: conn.clone(),
+                        },
+                    );
+                    return Ok(Claim {
+                        shared: shared.clone(),
+                        dest: dest.to_vec(),
+                    });
+                }
+                Some(t) if t.sender == peer && resume && Instant::now() < deadline => {
+                    if t.conn.close_reason().is_none() {
+                        tracing::info!(dest = %dest_text, "a resumed attempt supersedes the previous one");
+                        t.conn
+                            .close(1u32.into(), b"superseded by a resumed attempt of this transfer");
+                    }
+                }
+                Some(t) => {
+                    return Err(format!(
+                        "destination {dest_text:?} is already being received (from sender {}, for {} s); \
+                         retry when that transfer ends",
+                        t.sender,
+                        t.since.elapsed().as_secs()
+                    ))
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// State of one transfer, shared by its control loop and its data streams. Fields drop in
+/// order: the staging lock goes before the slot and the destination claim, so the next
+/// attempt of this destination (a sender restarting with `--resume`) can take all three,
+/// however long aborted data-stream tasks keep this state alive.
+struct Transfer {
+    session: Mutex<ReceiverSession>,
+    staging: Mutex<Option<Staging>>,
+    manifest: Mutex<Option<Arc<Manifest>>>,
+    /// Where the data streams send what the control loop must carry out.
+    to_control: mpsc::UnboundedSender<ReceiverOutput>,
+    slot: Mutex<Option<Slot>>,
+    claim: Mutex<Option<Claim>>,
+}
+
+impl Transfer {
+    /// Feeds the session; the outputs are returned for the caller to carry out.
+    fn handle(&self, input: ReceiverInput) -> Vec<ReceiverOutput> {
+        match self.session.lock() {
+            Ok(mut s) => s.handle(input),
+            Err(_) => vec![ReceiverOutput::Finished(Err(Error::Other(
+                "receiver session lock poisoned".into(),
+            )))],
+        }
+    }
+
+    /// Feeds the session from a data stream: what it asks is the control loop's to do.
+    fn handle_for_control(&self, input: ReceiverInput) {
+        for output in self.handle(input) {
+            let _ = self.to_control.send(output);
+        }
+    }
+}
+
+/// What the control loop waits for.
+enum Event {
+    Input(ReceiverInput),
+    Output(ReceiverOutput),
+}
+
+async fn handle_connection(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    peer: Option<Fingerprint>,
+) -> Result<(), Error> {
+    let peer = peer.ok_or_else(|| Error::Other("peer presented no certificate".into()))?;
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| Error::Interrupted(e.to_string()))?;
+    let (to_control, mut from_streams) = mpsc::unbounded_channel();
+    let t = Arc::new(Transfer {
+        session: Mutex::new(ReceiverSession::new()),
+        staging: Mutex::new(None),
+        manifest: Mutex::new(None),
+        to_control,
+        slot: Mutex::new(None),
+        claim: Mutex::new(None),
+    });
+    // The first message is read here: until a slot is ours, the rest of the control stream
+    // (the manifest) stays unread in quinn's flow-controlled buffer.
+    let first = control_input(read_control(&mut recv).await);
+    if let ReceiverInput::Control(ControlMsg::Hello(h)) = &first {
+        tracing::info!(dest = %String::from_utf8_lossy(&h.dest), entries = h.entry_count,
+            bytes = h.total_bytes, resume = h.resume, version = h.version,
+            sender = %h.sender_info, %peer, "transfer requested");
+    }
+    let mut pending: VecDeque<ReceiverOutput> = t.handle(first).into();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let mut recv = Some(recv);
+    let mut reader: Option<tokio::task::JoinHandle<()>> = None;
+    let mut acceptor: Option<tokio::task::JoinHandle<()>> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let result = loop {
+        if let Some(output) = pending.pop_front() {
+            match output {
+                ReceiverOutput::Send(msg) => {
+                    if let ControlMsg::Fail { code, message } = &msg {
+                        tracing::warn!(?code, %message, "refusing transfer");
+                    }
+                    if let ControlMsg::Accept { verified_bytes } = &msg {
+                        tracing::info!(resumed_bytes = verified_bytes, "accepted");
+                    }
+                    if let Err(e) = write_control(&mut send, &msg).await {
+                        pending.extend(t.handle(ReceiverInput::ConnectionLost(e.to_string())));
+                    }
+                }
+                ReceiverOutput::Claim { dest, resume } => {
+                    let admitted = admit(
+                        &shared,
+                        &t,
+                        &conn,
+                        &mut send,
+                        &dest,
+                        peer,
+                        resume,
+                        &mut pending,
+                    )
+                    .await;
+                    if admitted {
+                        if let Some(r) = recv.take() {
+                            reader = Some(tokio::spawn(read_controls(r, events_tx.clone())));
+                        }
+                    }
+                }
+                ReceiverOutput::Prepare { manifest, resume } => {
+                    let input = prepare(&shared, &t, manifest, resume).await;
+                    pending.extend(t.handle(input));
+                }
+                ReceiverOutput::AcceptData => {
+                    acceptor = Some(tokio::spawn(accept_data_streams(conn.clone(), t.clone())));
+                }
+                ReceiverOutput::Install => {
+                    let input = install(&t).await;
+                    pending.extend(t.handle(input));
+                }
+                ReceiverOutput::DiscardStaging => {
+                    if let Some(s) = t.staging.lock().ok().and_then(|mut s| s.take()) {
+                        s.discard();
+                    }
+                }
+                // Only a data stream acts on these, for the frame it read.
+                ReceiverOutput::StoreChunk(_) | ReceiverOutput::SkipChunk => {}
+                ReceiverOutput::Finished(result) => break result,
+            }
+            continue;
+        }
+        let event = tokio::select! {
+            e = events.recv() => e,
+            o = from_streams.recv() => o.map(Event::Output),
+            _ = tick.tick() => Some(Event::Input(ReceiverInput::Tick)),
+        };
+        match event {
+            Some(Event::Input(input)) => pending.extend(t.handle(input)),
+            Some(Event::Output(output)) => pending.push_back(output),
+            None => pending.extend(t.handle(ReceiverInput::ConnectionLost(
+                "control stream reader stopped".into(),
+            ))),
+        }
+    };
+    if let Some(a) = acceptor {
+        a.abort();
+    }
+    if let Some(r) = reader {
+        r.abort();
+    }
+    let _ = send.finish();
+    match result {
+        Ok(Outcome::Installed {
+            root_hash,
+            path,
+            replaced,
+        }) => {
+            tracing::info!(path = %String::from_utf8_lossy(&path),
+                replaced = ?replaced.map(|r| String::from_utf8_lossy(&r).into_owned()),
+                root = %hex(&root_hash), "installed");
+            Ok(())
+        }
+        Ok(Outcome::Staged { root_hash }) => {
+            tracing::info!(root = %hex(&root_hash), "verified and kept staged (pre-copy)");
+            Ok(())
+        }
+        Err(Error::Refused {
+            code: FailCode::Aborted,
+            message,
+        }) => {
+            tracing::warn!(%message, "sender aborted; staging kept for --resume");
+            Err(Error::Refused {
+                code: FailCode::Aborted,
+                message,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A control-stream read as a session input.
+fn control_input(read: Result<Option<ControlMsg>, Error>) -> ReceiverInput {
+    match read {
+        Ok(Some(msg)) => ReceiverInput::Control(msg),
+        Ok(None) => ReceiverInput::ControlClosed,
+        Err(Error::Wire(e)) => ReceiverInput::ControlUnreadable(e.to_string()),
+        Err(e) => ReceiverInput::ConnectionLost(e.to_string()),
+    }
+}
+
+/// Reads the control stream into the control loop until it ends.
+async fn read_controls(mut recv: quinn::RecvStream, tx: mpsc::UnboundedSender<Event>) {
+    loop {
+        let input = control_input(read_control(&mut recv).await);
+        let last = !matches!(input, ReceiverInput::Control(_));
+        if tx.send(Event::Input(input)).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Claims the destination and waits for a slot, feeding the session where we stand and
+/// writing what it says at once (`Queued`). Returns whether the transfer was admitted;
+/// anything else the session asked is left in `pending`.
+#[allow(clippy::too_many_arguments)]
+async fn admit(
+    shared: &Arc<Shared>,
+    t: &Arc<Transfer>,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    dest: &[u8],
+    peer: Fingerprint,
+    resume: bool,
+    pending: &mut VecDeque<ReceiverOutput>,
+) -> bool {
+    let dest_text = String::from_utf8_lossy(dest).into_owned();
+    let refused = |message: String| ReceiverInput::Refused(message);
+    let claimed = match claim(shared, dest, peer, resume, conn).await {
+        Ok(c) => c,
+        Err(message) => {
+            pending.extend(t.handle(refused(message)));
+            return false;
+        }
+    };
+    if let Ok(mut c) = t.claim.lock() {
+        *c = Some(claimed);
+    }
+    let slot = wait_for_slot(
+        shared,
+        conn,
+        &dest_text,
+        |position, active, limit| {
+            t.handle(ReceiverInput::InLine {
+                position,
+                active,
+                limit,
+            })
+        },
+        send,
+    )
+    .await;
+    match slot {
+        Ok(slot) => {
+            if let Ok(mut s) = t.slot.lock() {
+                *s = Some(slot);
+            }
+            pending.extend(t.handle(ReceiverInput::Admitted));
+            true
+        }
+        Err(SlotError::Refused(message)) => {
+            pending.extend(t.handle(refused(message)));
+            false
+        }
+        Err(SlotError::Lost(why)) => {
+            pending.extend(t.handle(ReceiverInput::ConnectionLost(why)));
+            false
+        }
+    }
+}
+
+/// Why no slot came.
+enum SlotError {
+    /// The line is full.
+    Refused(String),
+    /// The sender left (its connection closed, or writing to it failed).
+    Lost(String),
+}
+
+/// Waits for a transfer slot, first come first served. `in_line` is told the place at every
+/// move and every [`QUEUE_HEARTBEAT`]; what it returns (the session's `Queued`) is written.
+async fn wait_for_slot(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    dest: &str,
+    mut in_line: impl FnMut(u64, u64, u64) -> Vec<ReceiverOutput>,
+    send: &mut quinn::SendStream,
+) -> Result<Slot, SlotError> {
+    let poisoned = || SlotError::Lost("admission lock poisoned".into());
+    let ticket = match shared.admissions.lock().map_err(|_| poisoned())?.enqueue() {
+        Ok(t) => t,
+        Err(QueueFull { queued }) => {
+            return Err(SlotError::Refused(format!(
+                "receiver is at its transfer limit and {queued} transfers already wait in \
+                 line, its limit; retry later"
+            )))
+        }
+    };
+    let waiter = Waiter {
+        shared: shared.clone(),
+        ticket,
+    };
+    let mut told: Option<(u64, Instant)> = None;
+    loop {
+        let line_moved = shared.line_moved.notified();
+        tokio::pin!(line_moved);
+        line_moved.as_mut().enable();
+        let (admission, active, limit, queued, max_active) = {
+            let mut a = shared.admissions.lock().map_err(|_| poisoned())?;
+            (
+                a.poll(ticket),
+                a.active(),
+                a.limit(),
+                a.queued(),
+                a.max_active(),
+            )
+        };
+        match admission {
+            Admission::Admitted => {
+                // Out of the line (dropping the waiter cancels nothing now); the others
+                // moved up.
+                drop(waiter);
+                shared.line_moved.notify_waiters();
+                tracing::info!(dest, active, limit, queued, max_active, "transfer admitted");
+                return Ok(Slot {
+                    shared: shared.clone(),
+                });
+            }
+            Admission::Waiting { position } => {
+                let due =
+                    told.is_none_or(|(p, at)| p != position || at.elapsed() >= QUEUE_HEARTBEAT);
+                if due {
+                    if told.is_none() {
+                        tracing::info!(
+                            dest,
+                            position,
+                            active,
+                            limit,
+                            "at the transfer limit: waiting in line"
+                        );
+                    }
+                    for output in in_line(position, active, limit) {
+                        if let ReceiverOutput::Send(msg) = output {
+                            write_control(send, &msg)
+                                .await
+                                .map_err(|e| SlotError::Lost(e.to_string()))?;
+                        }
+                    }
+                    told = Some((position, Instant::now()));
+                }
+                tokio::select! {
+                    () = &mut line_moved => {}
+                    () = tokio::time::sleep(QUEUE_HEARTBEAT) => {}
+                    reason = conn.closed() => {
+                        return Err(SlotError::Lost(format!("sender left the line: {reason}")));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Prepares staging for `manifest` on a blocking thread; the answer for the session.
+async fn prepare(
+    shared: &Arc<Shared>,
+    t: &Arc<Transfer>,
+    manifest: Arc<Manifest>,
+    resume: bool,
+) -> ReceiverInput {
+    let dest = t
+        .claim
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
+        .unwrap_or_default();
+    let dest_text = String::from_utf8_lossy(&dest).into_owned();
+    let root = shared.root.clone();
+    let m = manifest.clone();
+    let prepared = tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, resume))
+        .await
+        .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
+    let failed = |code, message| ReceiverInput::PrepareFailed { code, message };
+    match prepared.and_then(|r| r) {
+        Ok((staging, tracker)) => {
+            if let Ok(mut s) = t.staging.lock() {
+                *s = Some(staging);
+            }
+            if let Ok(mut m) = t.manifest.lock() {
+                *m = Some(manifest);
+            }
+            ReceiverInput::Prepared(tracker)
+        }
+        Err(PrepareError::Busy) => failed(
+            FailCode::Busy,
+            format!("destination {dest_text:?} is locked by another receiver process"),
+        ),
+        Err(PrepareError::NoSpace { needed, available }) => failed(
+            FailCode::NoSpace,
+            format!(
+                "not enough space on the receiver: need {needed} bytes, {available} available \
+                 under {}",
+                shared.root.display()
+            ),
+        ),
+        Err(PrepareError::Io(e)) => failed(FailCode::Io, format!("cannot prepare staging: {e}")),
+    }
+}
+
+/// Installs the verified staging on a blocking thread; the answer for the session.
+async fn install(t: &Arc<Transfer>) -> ReceiverInput {
+    let staging = t.staging.lock().ok().and_then(|mut s| s.take());
+    let manifest = t.manifest.lock().ok().and_then(|m| m.clone());
+    let (Some(staging), Some(manifest)) = (staging, manifest) else {
+        return ReceiverInput::InstallFailed("staging vanished".into());
+    };
+    match tokio::task::spawn_blocking(move || staging.install(&manifest)).await {
+        Ok(Ok((path, replaced))) => ReceiverInput::Installed {
+            path: path.as_os_str().as_bytes().to_vec(),
+            replaced: replaced.map(|p| p.as_os_str().as_bytes().to_vec()),
+        },
+        Ok(Err(e)) => ReceiverInput::InstallFailed(e.to_string()),
+        Err(e) => ReceiverInput::InstallFailed(e.to_string()),
+    }
+}
+
+async fn accept_data_streams(conn: quinn::Connection, t: Arc<Transfer>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Ok(stream) = conn.accept_uni().await {
+        tasks.spawn(receive_stream(stream, t.clone()));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Chunks of one data stream being verified at once while the next frame is read: enough to
+/// keep the stream flowing while hashing and writing, few enough to bound memory.
+const CHUNKS_IN_PROCESS_PER_STREAM: usize = 2;
+
+async fn receive_stream(mut stream: quinn::RecvStream, t: Arc<Transfer>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(CHUNKS_IN_PROCESS_PER_STREAM));
+    let pool = crate::io::BufferPool::new(CHUNKS_IN_PROCESS_PER_STREAM + 1);
+    let mut processing = tokio::task::JoinSet::new();
+    loop {
+        let header = match read_chunk_header(&mut stream).await {
+            Ok(Some(h)) => h,
+            Ok(None) | Err(Error::Interrupted(_)) => break,
+            Err(e) => {
+                t.handle_for_control(ReceiverInput::FrameUnreadable(e.to_string()));
+                break;
+            }
+        };
+        // The session checks the header against the manifest before a byte of payload is
+        // read; what it says beyond this frame is the control loop's to do.
+        let mut store = None;
+        for output in t.handle(ReceiverInput::ChunkFrame(header.clone())) {
+            match output {
+                ReceiverOutput::StoreChunk(_) => store = Some(true),
+                ReceiverOutput::SkipChunk => store = Some(false),
+                other => {
+                    let _ = t.to_control.send(other);
+                }
+            }
+        }
+        let Some(store) = store else {
+            break; // refused: the session ends the transfer
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        // Pooled buffers keep their initialised length: resizing to the usual chunk size
+        // zero-fills nothing after the first use. The session checked the length against
+        // the manifest (at most the chunk size).
+        let mut payload = pool.take();
+        payload.resize(header.payload_len as usize, 0);
+        if read_payload(&mut stream, &mut payload).await.is_err() {
+            break;
+        }
+        if !store {
+            pool.give(payload);
+            continue;
+        }
+        let path = {
+            let Ok(staging) = t.staging.lock() else {
+                break;
+            };
+            let manifest = t.manifest.lock().ok().and_then(|m| m.clone());
+            match (staging.as_ref(), manifest) {
+                (Some(s), Some(m)) => s.entry_path(&m, header.file as usize),
+                _ => break,
+            }
+        };
+        let (t, pool) = (t.clone(), pool.clone());
+        processing.spawn(async move {
+            let (file, chunk) = (header.file, header.chunk);
+            let t2 = t.clone();
+            let input = tokio::task::spawn_blocking(move || {
+                let stored = store_chunk(&header, &payload, &path);
+                pool.give(payload);
+                match stored {
+                    // Journaled only once written and verified.
+                    Stored::Verified(hash) => match journal(&t2, file, chunk, &hash) {
+                        Ok(()) => ReceiverInput::ChunkStored { file, chunk, hash },
+                        Err(e) => ReceiverInput::StoreFailed {
+                            no_space: e.raw_os_error() == Some(libc::ENOSPC),
+                            error: format!("journal: {e}"),
+                        },
+                    },
+                    Stored::Mismatch(reason) => ReceiverInput::ChunkMismatch {
+                        file,
+                        chunk,
+                        reason,
+                    },
+                    Stored::WriteFailed(e) => ReceiverInput::StoreFailed {
+                        no_space: e.raw_os_error() == Some(libc::ENOSPC),
+                        error: e.to_string(),
+                    },
+                }
+            })
+            .await
+            .unwrap_or_else(|e| ReceiverInput::StoreFailed {
+                no_space: false,
+                error: format!("chunk worker failed: {e}"),
+            });
+            if let ReceiverInput::ChunkMismatch { reason, .. } = &input {
+                tracing::warn!(file, chunk, %reason, "chunk failed verification");
+            }
+            t.handle_for_control(input);
+            drop(permit);
+        });
+        // Reap finished chunks so the set stays small.
+        while processing.try_join_next().is_some() {}
+    }
+    while processing.join_next().await.is_some() {}
+}
+
+fn journal(t: &Transfer, file: u64, chunk: u64, hash: &[u8; 32]) -> std::io::Result<()> {
+    match t.staging.lock() {
+        Ok(mut s) => match s.as_mut() {
+            Some(s) => s.journal_append(file, chunk, hash),
+            None => Err(std::io::Error::other("staging is gone")),
+        },
+        Err(_) => Err(std::io::Error::other("staging lock poisoned")),
+    }
+}

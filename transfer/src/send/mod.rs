@@ -1,0 +1,800 @@
+//! `shardsend`: scan, connect, send what the receiver lacks, verify, report.
+//!
+//! This is the async driver; the protocol's decisions live in [`session::SenderSession`]
+//! (sans-io). One attempt: scan the source ([`crate::scan`]), connect with the pinned key,
+//! write the session's manifest, then loop: feed the session every event (control messages,
+//! read by their own task; timeouts) and carry out its outputs (write a control message,
+//! enqueue the plan, re-stat the sources, report progress, finish). The data streams feed
+//! the session what they did (chunk written, source vanished) under its lock, without waking
+//! the control loop, and pass on what it then asks. Each data stream is a worker: an encoder
+//! ([`codec`], reading through [`source`]) feeding a writer through a one-slot channel, so the
+//! next chunk is read while the current one is written; chunks come from the shared
+//! [`queue::WorkQueue`].
+//!
+//! Around attempts ([`send`]): an attempt whose source changed is abandoned and a resumed one
+//! starts (the changed files are re-sent whole, everything else is kept): up to
+//! [`MAX_ATTEMPTS`] for an installing pass, [`MAX_STAGE_ATTEMPTS`] with a pause between them
+//! for a pre-copy, whose last attempt ends partial rather than failed.
+//!
+//! A receiver at its transfer limit puts us in line and says where we stand (`Queued`,
+//! protocol version 2; see [`crate::admission`]): we report it ([`SendEvent`]) and wait, up to
+//! `wait_for`, for its `Accept`.
+//!
+//! Resume never re-reads verified data: the root hash uses the chunk hashes the receiver
+//! reports, which it journaled only after they matched the hashes we sent at the time.
+//!
+//! Memory: each worker owns one read buffer and one compression buffer of `chunk_size`;
+//! quinn buffers at most its send window. Neither grows with the transfer's size.
+
+pub mod codec;
+pub mod fault;
+pub mod queue;
+pub mod session;
+pub mod source;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::compress::{AutoDecider, CompressPolicy, Decision};
+use crate::error::Error;
+use crate::gitdir::GitMode;
+use crate::identity::{client_crypto, Fingerprint, Identity};
+use crate::io::{read_control, write_control, write_controls, BufferPool, RateLimiter};
+use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
+use crate::wire::{hex, ChunkHeader, ControlMsg, EntryKind};
+
+use codec::{encode_chunk, Buffers, EncodeChoice};
+pub use fault::Fault;
+use fault::FaultInjector;
+use queue::WorkQueue;
+use session::{Ending, SenderInput, SenderOutput, SenderSession, SenderSessionConfig, SenderStats};
+use source::{source_gone, ChunkSource};
+
+/// Default chunk size: large enough to amortise per-frame cost, small enough that a resume
+/// re-sends little (at most `streams` chunks were in flight).
+pub const DEFAULT_CHUNK_SIZE: u64 = 2 << 20;
+/// Default number of parallel data streams.
+pub const DEFAULT_STREAMS: usize = 4;
+/// Attempts of an installing pass when the source keeps changing under us (it should be
+/// frozen: changes mean someone is still writing).
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Attempts of a pre-copy (`--stage-only`) whose source files vanish while being read (a
+/// `git gc` deleting packs it has just rewritten). Each attempt re-sends only what changed,
+/// after a pause that lets the gc finish ([`stage_backoff`]); if the source still has not
+/// held still, the last attempt ends with a partial pre-copy rather than an error.
+pub const MAX_STAGE_ATTEMPTS: u32 = 8;
+/// Default of `shardsend --wait-for`: how long a sender waits in a busy receiver's line.
+pub const DEFAULT_WAIT_FOR: Duration = Duration::from_secs(600);
+/// How long the sender lets its endpoint driver flush CONNECTION_CLOSE before returning.
+const CLOSE_FLUSH: Duration = Duration::from_millis(3);
+
+/// Everything `shardsend` needs for one transfer.
+pub struct SendConfig {
+    pub src: PathBuf,
+    /// `HOST:PORT` of the receiver.
+    pub addr: String,
+    pub dest: String,
+    pub identity: Arc<Identity>,
+    pub peer: Fingerprint,
+    pub compress: CompressPolicy,
+    pub streams: usize,
+    pub bwlimit: Option<u64>,
+    pub resume: bool,
+    pub chunk_size: u64,
+    pub progress: bool,
+    pub fault: Option<Fault>,
+    /// Verify into the receiver's staging area without installing (pre-copy).
+    pub stage_only: bool,
+    /// Git directory rules ([`crate::gitdir`]).
+    pub git: GitMode,
+    /// How long to wait for the receiver to answer the handshake.
+    pub connect_timeout: Duration,
+    /// How long to wait in line when the receiver is at its transfer limit (0: not at all).
+    pub wait_for: Duration,
+    /// Where to report what happens while we wait ([`SendEvent`]).
+    pub events: Option<EventSink>,
+    /// Congestion controller and other transport choices.
+    pub transport: crate::quic::TransportOptions,
+}
+
+/// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
+/// JSON object per line with `--json`, whose stdout holds only the summary).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SendEvent {
+    /// The receiver runs `active` transfers, its `limit`: we wait, `position` in line.
+    Queued {
+        position: u64,
+        active: u64,
+        limit: u64,
+        waited_seconds: f64,
+    },
+    /// The receiver took us after we waited in line.
+    Admitted { waited_seconds: f64 },
+}
+
+/// Receives [`SendEvent`]s.
+pub type EventSink = Arc<dyn Fn(&SendEvent) + Send + Sync>;
+
+/// The `--json` summary (read back by `shardmove`, hence `Deserialize`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SendSummary {
+    pub source: String,
+    pub receiver: String,
+    pub dest: String,
+    /// Where the tree was installed; empty for `--stage-only`.
+    pub installed_path: String,
+    /// True for a `--stage-only` pre-copy: verified, kept in staging, not installed.
+    pub staged_only: bool,
+    pub replaced: Option<String>,
+    pub entries: u64,
+    pub files: u64,
+    /// Size of the tree (all file bytes).
+    pub bytes: u64,
+    /// Raw bytes sent in this run (excludes what an earlier attempt left verified).
+    pub sent_bytes: u64,
+    /// Bytes already verified on the receiver from an earlier attempt (`--resume`).
+    pub resumed_bytes: u64,
+    /// Bytes written to the data streams (headers + payloads, before QUIC/TLS overhead).
+    pub wire_bytes: u64,
+    pub chunk_size: u64,
+    pub chunks: u64,
+    pub chunks_sent: u64,
+    pub chunks_resumed: u64,
+    pub chunks_retried: u64,
+    pub seconds: f64,
+    /// Tree size over wall time, MB/s (10^6).
+    pub mb_per_s: f64,
+    pub streams: usize,
+    pub bwlimit: Option<u64>,
+    pub compression: Decision,
+    pub root_hash: String,
+    pub attempts: u32,
+    pub skipped: Vec<String>,
+    /// True when the source was sent as a git directory (transient files left out).
+    pub git: bool,
+    /// git's transient files and directories left out (quarantines, locks, temporary packs).
+    pub transient_skipped: u64,
+    /// False only for a pre-copy whose source never held still over all its attempts: the
+    /// receiver keeps what was verified, and the final pass sends the rest.
+    pub complete: bool,
+    /// Seconds spent waiting in the receiver's line (included in `seconds`).
+    pub queued_seconds: f64,
+    /// QUIC path statistics of the last attempt, for diagnosing slow links.
+    pub quic: QuicStats,
+}
+
+/// What quinn saw of the path.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct QuicStats {
+    pub mtu: u16,
+    pub rtt_ms: f64,
+    pub cwnd: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+}
+
+impl QuicStats {
+    fn of(conn: &quinn::Connection) -> Self {
+        let p = conn.stats().path;
+        QuicStats {
+            mtu: p.current_mtu,
+            rtt_ms: p.rtt.as_secs_f64() * 1e3,
+            cwnd: p.cwnd,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            congestion_events: p.congestion_events,
+        }
+    }
+}
+
+/// Sends `cfg.src`, retrying (with resume) when the source changes during the send.
+pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
+    if cfg.streams == 0 || cfg.streams > crate::quic::MAX_DATA_STREAMS as usize {
+        return Err(Error::Input(format!(
+            "--streams must be between 1 and {}",
+            crate::quic::MAX_DATA_STREAMS
+        )));
+    }
+    crate::manifest::validate_destination(cfg.dest.as_bytes())
+        .map_err(|e| Error::Input(e.to_string()))?;
+    let started = Instant::now();
+    let mut resume = cfg.resume;
+    let mut totals = Totals::default();
+    let max_attempts = if cfg.stage_only {
+        MAX_STAGE_ATTEMPTS
+    } else {
+        MAX_ATTEMPTS
+    };
+    let mut attempt = 1;
+    loop {
+        let last = attempt >= max_attempts;
+        match attempt_once(cfg, resume, last, &mut totals).await {
+            Ok(mut summary) => {
+                summary.attempts = attempt;
+                summary.seconds = started.elapsed().as_secs_f64();
+                summary.mb_per_s = summary.bytes as f64 / summary.seconds.max(1e-9) / 1e6;
+                return Ok(summary);
+            }
+            Err(Error::SourceChanged(paths)) if !last => {
+                tracing::warn!(%paths, attempt, "source changed during the send; resending changed files");
+                resume = true;
+                if cfg.stage_only {
+                    tokio::time::sleep(stage_backoff(attempt)).await;
+                }
+                attempt += 1;
+            }
+            Err(Error::SourceChanged(paths)) => {
+                return Err(Error::SourceChanged(format!(
+                    "the source kept changing over {max_attempts} attempts (last: {paths}); \
+                     freeze it (maintenance mode) and retry"
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Pause before pre-copy attempt `attempt + 1`: 100 ms, doubling, at most 2 s.
+pub fn stage_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(2))
+}
+
+/// Counters summed over attempts.
+#[derive(Default)]
+struct Totals {
+    queued_seconds: f64,
+    sent_bytes: u64,
+    wire_bytes: u64,
+    chunks_sent: u64,
+    chunks_retried: u64,
+}
+
+/// State shared by the control loop and the data streams of one attempt.
+struct Shared {
+    scan: Arc<Scan>,
+    queue: WorkQueue,
+    decider: Mutex<AutoDecider>,
+    limiter: Option<RateLimiter>,
+    /// Chunks handed to encoders so far (which ones to sample).
+    encoded: AtomicU64,
+    started: Instant,
+    /// Chunk buffers shared by the encoders; at most one spare per stream is kept.
+    pool: BufferPool,
+    /// Time the data streams spent blocked writing (link-bound) and waiting for a frame from
+    /// their encoder (encoder-bound) since the last progress report, for `auto`.
+    write_blocked_ns: AtomicU64,
+    write_idle_ns: AtomicU64,
+    fault: Option<FaultInjector>,
+    /// The protocol state. The data streams feed it their chunks directly (a lock per
+    /// chunk, no wake-up of the control loop), and pass on what it asks, which is rare.
+    session: Mutex<SenderSession>,
+    /// Where the data streams pass the session's requests to the control loop.
+    events: mpsc::UnboundedSender<DriverEvent>,
+}
+
+impl Shared {
+    /// Feeds the session from a data stream; its requests go to the control loop. False when
+    /// the control loop is gone.
+    fn feed(&self, input: SenderInput) -> bool {
+        let outputs = match self.session.lock() {
+            Ok(mut s) => s.handle(input, Instant::now()),
+            Err(_) => return false,
+        };
+        outputs.is_empty() || self.events.send(DriverEvent::Outputs(outputs)).is_ok()
+    }
+
+    fn handle(&self, input: SenderInput) -> Vec<SenderOutput> {
+        match self.session.lock() {
+            Ok(mut s) => s.handle(input, Instant::now()),
+            Err(_) => vec![SenderOutput::Finished(Err(Error::Other(
+                "sender session lock poisoned".into(),
+            )))],
+        }
+    }
+}
+
+/// What reaches the control loop.
+enum DriverEvent {
+    Input(SenderInput),
+    /// What the session asked while fed by a data stream.
+    Outputs(Vec<SenderOutput>),
+    /// Reading the control stream failed.
+    Failed(Error),
+}
+
+async fn resolve(addr: &str) -> Result<std::net::SocketAddr, Error> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::Connect {
+            addr: addr.to_string(),
+            reason: format!("cannot resolve: {e} (expected HOST:PORT)"),
+        })?;
+    addrs.next().ok_or_else(|| Error::Connect {
+        addr: addr.to_string(),
+        reason: "resolves to no address".into(),
+    })
+}
+
+/// One attempt: scan, handshake, send, and the receiver's verdict. `last` is the last
+/// attempt a pre-copy gets: one whose source files vanish then ends partial, not failed.
+async fn attempt_once(
+    cfg: &SendConfig,
+    resume: bool,
+    last: bool,
+    totals: &mut Totals,
+) -> Result<SendSummary, Error> {
+    let src = cfg.src.clone();
+    let opts = ScanOptions {
+        chunk_size: cfg.chunk_size,
+        git: cfg.git,
+    };
+    let scanned = tokio::task::spawn_blocking(move || scan(&src, opts))
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+    // An installing pass needs a frozen source: something vanishing while we list it means
+    // it is not. A pre-copy just leaves the vanished entries out.
+    if !scanned.vanished.is_empty() && !cfg.stage_only {
+        return Err(Error::SourceChanged(format!(
+            "{} vanished during the scan",
+            scanned.vanished.join(", ")
+        )));
+    }
+    let addr = resolve(&cfg.addr).await?;
+    let crypto = client_crypto(&cfg.identity, cfg.peer)?;
+    let (endpoint, conn) =
+        crate::quic::connect(addr, crypto, cfg.connect_timeout, &cfg.transport).await?;
+    let session = SenderSession::new(
+        &scanned.manifest,
+        SenderSessionConfig {
+            dest: cfg.dest.as_bytes().to_vec(),
+            resume,
+            stage_only: cfg.stage_only,
+            last_attempt: last,
+            wait_for: cfg.wait_for,
+            sender_info: format!(
+                "shardsend {} compress={}",
+                env!("CARGO_PKG_VERSION"),
+                cfg.compress
+            ),
+        },
+    );
+    let result = attempt_on(cfg, session, Arc::new(scanned), &conn).await;
+    // The receiver has answered (installed, staged or failed), or we give up: either way it
+    // must hear CONNECTION_CLOSE now, which the endpoint driver sends on its next poll (a
+    // process that exits without it is noticed only at the receiver's idle timeout, holding
+    // a slot or a place in line). Waiting out the whole draining period (3 PTOs, ~80 ms even
+    // on loopback) would only add to every pass, and a migration's final pass runs while
+    // the repository is read-only.
+    let (code, reason): (u32, &[u8]) = match &result {
+        Ok(_) => (0, b"done"),
+        Err(_) => (1, b"sender stopped"),
+    };
+    let quic = QuicStats::of(&conn);
+    conn.close(code.into(), reason);
+    let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+    let (stats, ending, scan) = result?;
+    totals.queued_seconds += stats.queued_seconds;
+    totals.sent_bytes += stats.sent_bytes;
+    totals.wire_bytes += stats.wire_bytes;
+    totals.chunks_sent += stats.chunks_sent;
+    totals.chunks_retried += stats.chunks_retried;
+    let (root, path, replaced) = match ending.decision {
+        Ending::Verified {
+            root_hash,
+            path,
+            replaced,
+        } => (Some(root_hash), path, replaced),
+        Ending::Partial => (None, Vec::new(), None),
+    };
+    let m = &scan.manifest;
+    Ok(SendSummary {
+        source: cfg.src.display().to_string(),
+        receiver: cfg.addr.clone(),
+        dest: cfg.dest.clone(),
+        installed_path: String::from_utf8_lossy(&path).into_owned(),
+        staged_only: cfg.stage_only,
+        replaced: replaced.map(|r| String::from_utf8_lossy(&r).into_owned()),
+        entries: m.entries.len() as u64,
+        files: m
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .count() as u64,
+        bytes: m.total_bytes,
+        sent_bytes: totals.sent_bytes,
+        resumed_bytes: stats.resumed_bytes,
+        wire_bytes: totals.wire_bytes,
+        chunk_size: m.chunk_size,
+        chunks: m.total_chunks(),
+        chunks_sent: totals.chunks_sent,
+        chunks_resumed: stats.chunks_resumed,
+        chunks_retried: totals.chunks_retried,
+        seconds: 0.0,
+        mb_per_s: 0.0,
+        streams: cfg.streams,
+        bwlimit: cfg.bwlimit,
+        compression: ending.compression,
+        root_hash: root.as_ref().map(hex).unwrap_or_default(),
+        attempts: 1,
+        skipped: scan.skipped.clone(),
+        git: scan.git,
+        transient_skipped: scan.transient_skipped,
+        complete: root.is_some(),
+        queued_seconds: totals.queued_seconds,
+        quic,
+    })
+}
+
+/// How an attempt ended, with the compression decision at that point.
+struct AttemptEnd {
+    decision: Ending,
+    compression: Decision,
+}
+
+/// The part of an attempt that runs on a connection: the control loop.
+async fn attempt_on(
+    cfg: &SendConfig,
+    session: SenderSession,
+    scan: Arc<Scan>,
+    conn: &quinn::Connection,
+) -> Result<(SenderStats, AttemptEnd, Arc<Scan>), Error> {
+    let (mut ctl_send, ctl_recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| crate::io::connection_error(&e))?;
+    write_controls(&mut ctl_send, &session.start(&scan.manifest)).await?;
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    // The control stream has its own reader: a read is not cancel-safe, and the loop below
+    // waits on several things at once.
+    let reader = tokio::spawn(read_controls(ctl_recv, events_tx.clone()));
+    let shared = Arc::new(Shared {
+        queue: WorkQueue::default(),
+        decider: Mutex::new(AutoDecider::new(cfg.compress, cfg.bwlimit)),
+        limiter: cfg.bwlimit.map(RateLimiter::new),
+        encoded: AtomicU64::new(0),
+        started: Instant::now(),
+        pool: BufferPool::new(cfg.streams),
+        write_blocked_ns: AtomicU64::new(0),
+        write_idle_ns: AtomicU64::new(0),
+        fault: cfg.fault.map(FaultInjector::new),
+        session: Mutex::new(session),
+        events: events_tx,
+        scan: scan.clone(),
+    });
+    let stats = || {
+        shared
+            .session
+            .lock()
+            .map(|s| s.stats().clone())
+            .unwrap_or_default()
+    };
+    let progress = make_progress_bar(cfg.progress, scan.manifest.total_bytes);
+    let mut workers = tokio::task::JoinSet::new();
+    let mut pending: VecDeque<SenderOutput> = VecDeque::new();
+    let result: Result<Ending, Error> = loop {
+        if let Some(output) = pending.pop_front() {
+            match output {
+                SenderOutput::Send(msg) => {
+                    let is_fail = matches!(msg, ControlMsg::Fail { .. });
+                    if matches!(msg, ControlMsg::Done { .. }) {
+                        progress.set_message("verifying and installing");
+                    }
+                    match write_control(&mut ctl_send, &msg).await {
+                        // Our own `Fail` is a courtesy: the attempt ends either way.
+                        Err(e) if !is_fail => break Err(e),
+                        _ => {}
+                    }
+                }
+                SenderOutput::Enqueue(plan) => {
+                    let stats = stats();
+                    tracing::info!(
+                        chunks = scan.manifest.total_chunks(),
+                        to_send = plan.len(),
+                        resumed_bytes = stats.resumed_bytes,
+                        "receiver accepted"
+                    );
+                    progress.set_position(stats.resumed_bytes);
+                    if let Some(f) = &shared.fault {
+                        f.aim(&plan);
+                    }
+                    shared.queue.extend(plan);
+                    if workers.is_empty() {
+                        for _ in 0..cfg.streams {
+                            workers.spawn(worker(conn.clone(), shared.clone()));
+                        }
+                    }
+                }
+                SenderOutput::Resend {
+                    file,
+                    chunk,
+                    reason,
+                } => {
+                    tracing::warn!(file, chunk, %reason, "receiver asked for a chunk again");
+                    shared.queue.retry((file, chunk));
+                }
+                SenderOutput::CheckSource => {
+                    let s = scan.clone();
+                    match tokio::task::spawn_blocking(move || changed_since_scan(&s)).await {
+                        Ok(changed) => {
+                            let input = SenderInput::SourceChecked { changed };
+                            pending.extend(shared.handle(input));
+                        }
+                        Err(e) => break Err(Error::Other(format!("source check failed: {e}"))),
+                    }
+                }
+                SenderOutput::Progress {
+                    verified_bytes,
+                    wire_bytes,
+                } => {
+                    progress.set_position(stats().resumed_bytes + verified_bytes);
+                    let blocked = shared.write_blocked_ns.swap(0, Ordering::Relaxed);
+                    let idle = shared.write_idle_ns.swap(0, Ordering::Relaxed);
+                    if let Ok(mut d) = shared.decider.lock() {
+                        let now = shared.started.elapsed().as_secs_f64();
+                        d.observe_wire(now, wire_bytes, blocked > idle);
+                    }
+                }
+                SenderOutput::Event(event) => {
+                    if let SendEvent::Queued {
+                        position,
+                        active,
+                        limit,
+                        ..
+                    } = &event
+                    {
+                        tracing::info!(
+                            position,
+                            active,
+                            limit,
+                            "receiver at its limit: waiting in line"
+                        );
+                    }
+                    if let Some(sink) = &cfg.events {
+                        sink(&event);
+                    }
+                }
+                SenderOutput::Finished(result) => break result,
+            }
+            continue;
+        }
+        let timeout = shared.session.lock().ok().and_then(|s| s.poll_timeout());
+        let input = tokio::select! {
+            event = events.recv() => match event {
+                Some(DriverEvent::Input(input)) => input,
+                Some(DriverEvent::Outputs(outputs)) => {
+                    pending.extend(outputs);
+                    continue;
+                }
+                Some(DriverEvent::Failed(e)) => break Err(e),
+                None => SenderInput::ControlClosed,
+            },
+            () = sleep_until(timeout) => SenderInput::Timeout,
+            Some(joined) = workers.join_next() => match joined {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => break Err(e),
+                Err(e) => break Err(Error::Other(format!("data stream task failed: {e}"))),
+            },
+        };
+        pending.extend(shared.handle(input));
+    };
+    shared.queue.close();
+    reader.abort();
+    progress.finish_and_clear();
+    let compression = shared
+        .decider
+        .lock()
+        .map(|d| d.decide_at(shared.started.elapsed().as_secs_f64()))
+        .map_err(|_| Error::Other("decider lock poisoned".into()));
+    // Workers blocked on a write end when the connection closes; the caller closes it.
+    workers.abort_all();
+    let decision = result?;
+    Ok((
+        stats(),
+        AttemptEnd {
+            decision,
+            compression: compression?,
+        },
+        scan,
+    ))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the control stream into the control loop until it ends.
+async fn read_controls(mut recv: quinn::RecvStream, tx: mpsc::UnboundedSender<DriverEvent>) {
+    loop {
+        let event = match read_control(&mut recv).await {
+            Ok(Some(msg)) => DriverEvent::Input(SenderInput::Control(msg)),
+            Ok(None) => DriverEvent::Input(SenderInput::ControlClosed),
+            Err(e) => DriverEvent::Failed(e),
+        };
+        let last = !matches!(event, DriverEvent::Input(SenderInput::Control(_)));
+        if tx.send(event).is_err() || last {
+            return;
+        }
+    }
+}
+
+fn make_progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// A chunk frame ready to be written.
+struct Frame {
+    header: ChunkHeader,
+    payload: bytes::Bytes,
+}
+
+/// One data stream: an encoder task (read, hash, compress on a blocking thread) feeding a
+/// writer (this task) through a one-slot channel, so the next chunk is read while the
+/// current one is written. Payloads move into quinn as `Bytes`, without a copy.
+async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Error> {
+    let mut stream = conn
+        .open_uni()
+        .await
+        .map_err(|e| crate::io::connection_error(&e))?;
+    let (tx, mut rx) = mpsc::channel::<Frame>(1);
+    let encoder = tokio::spawn(encoder(shared.clone(), tx));
+    let lost = |e: quinn::WriteError| match e {
+        quinn::WriteError::ConnectionLost(c) => crate::io::connection_error(&c),
+        other => Error::Interrupted(other.to_string()),
+    };
+    loop {
+        let waited = Instant::now();
+        let Some(frame) = rx.recv().await else {
+            break;
+        };
+        shared
+            .write_idle_ns
+            .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let writing = Instant::now();
+        let h = &frame.header;
+        let wire_len = ChunkHeader::LEN as u64 + h.payload_len;
+        let header = bytes::Bytes::copy_from_slice(&h.encode());
+        let payload = match &shared.fault {
+            None => frame.payload,
+            Some(f) => f.apply((h.file, h.chunk), frame.payload),
+        };
+        match &shared.limiter {
+            None => {
+                let mut parts = [header, payload];
+                stream.write_all_chunks(&mut parts).await.map_err(lost)?;
+            }
+            Some(limiter) => {
+                // Paced in small pieces (zero-copy slices) so a capped send has no bursts.
+                stream.write_all(&header).await.map_err(lost)?;
+                limiter.reserve(header.len() as u64).await;
+                let mut at = 0;
+                while at < payload.len() {
+                    let end = (at + RateLimiter::PIECE).min(payload.len());
+                    limiter.reserve((end - at) as u64).await;
+                    stream
+                        .write_chunk(payload.slice(at..end))
+                        .await
+                        .map_err(lost)?;
+                    at = end;
+                }
+            }
+        }
+        shared
+            .write_blocked_ns
+            .fetch_add(writing.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let written = SenderInput::ChunkWritten {
+            file: h.file,
+            chunk: h.chunk,
+            hash: h.hash,
+            raw_len: h.raw_len,
+            wire_len,
+        };
+        if !shared.feed(written) {
+            break;
+        }
+    }
+    let _ = stream.finish();
+    encoder
+        .await
+        .map_err(|e| Error::Other(format!("encoder task failed: {e}")))?
+}
+
+async fn encoder(shared: Arc<Shared>, tx: mpsc::Sender<Frame>) -> Result<(), Error> {
+    // Payloads stay alive in quinn until acknowledged; the shared pool gets them back then.
+    let pool = shared.pool.clone();
+    let mut bufs = Buffers::new(&pool);
+    while let Some((file, chunk)) = shared.queue.next().await {
+        let m = &shared.scan.manifest;
+        let len = m
+            .chunk_len(file as usize, chunk)
+            .ok_or_else(|| Error::Other(format!("chunk {chunk} of entry {file} does not exist")))?;
+        let offset = chunk * m.chunk_size;
+        let path = shared.scan.sources[file as usize].clone();
+        let source = match shared.scan.captured.get(&(file as usize)) {
+            Some(content) => ChunkSource::Memory(content.clone()),
+            None => ChunkSource::File(path.clone()),
+        };
+        let n = shared.encoded.fetch_add(1, Ordering::Relaxed);
+        let choice = {
+            let d = shared
+                .decider
+                .lock()
+                .map_err(|_| Error::Other("decider lock poisoned".into()))?;
+            let now = shared.started.elapsed().as_secs_f64();
+            EncodeChoice {
+                compress: d.decide_at(now).compress,
+                sample: d.should_sample(n),
+                level: d.level(),
+            }
+        };
+        let (b, encoded) = tokio::task::spawn_blocking(move || {
+            let r = encode_chunk(&source, offset, len, choice, &mut bufs);
+            (bufs, r)
+        })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))?;
+        bufs = b;
+        let encoded = match encoded {
+            Ok(e) => e,
+            Err(e) if source_gone(&e) => {
+                tracing::info!(path = %path.display(), error = %e, "source vanished or shrank since the scan");
+                let gone = SenderInput::ChunkVanished {
+                    file,
+                    chunk,
+                    path: path.display().to_string(),
+                };
+                if !shared.feed(gone) {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        if let (Some(s), Ok(mut d)) = (encoded.sample, shared.decider.lock()) {
+            d.add_sample(s);
+        }
+        let header = ChunkHeader {
+            file,
+            chunk,
+            offset,
+            raw_len: len,
+            codec: encoded.codec,
+            payload_len: 0,
+            hash: encoded.hash,
+        };
+        let payload = encoded.take_payload(&mut bufs, &pool);
+        let frame = Frame {
+            header: ChunkHeader {
+                payload_len: payload.len() as u64,
+                ..header
+            },
+            payload,
+        };
+        if tx.send(frame).await.is_err() {
+            break; // the writer stopped: its error is the one reported
+        }
+    }
+    Ok(())
+}
