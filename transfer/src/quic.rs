@@ -68,6 +68,9 @@ pub const SEND_WINDOW: u64 = 16 << 20;
 pub const STREAM_WINDOW: u64 = 4 << 20;
 /// UDP socket buffer size requested from the kernel.
 pub const SOCKET_BUFFER: usize = 32 << 20;
+/// Silence after which a connection counts as lost (a cut link); the sender then reconnects
+/// and resumes (`send::reconnect`).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most concurrent data streams a receiver allows per connection.
 pub const MAX_DATA_STREAMS: u32 = 64;
 
@@ -195,7 +198,7 @@ impl QuicTuning {
             // A cut link is noticed within the idle timeout; keep-alives stop a quiet
             // control stream (the receiver fsyncing a large tree) from tripping it.
             .max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s fits"),
+                quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s fits"),
             ))
             .keep_alive_interval(Some(Duration::from_secs(3)));
         let mut mtu = MtuDiscoveryConfig::default();
@@ -327,12 +330,28 @@ pub async fn connect(
         })?;
     let conn = match tokio::time::timeout(timeout, connecting).await {
         Err(_) => {
-            return Err(Error::Connect {
+            return Err(Error::Unreachable {
                 addr: addr.to_string(),
                 reason: format!(
                     "no answer within {} s (is shardrecv running and the UDP port open?)",
                     timeout.as_secs_f64()
                 ),
+            })
+        }
+        // No answer, or a receiver that is shutting down (its endpoint refuses new
+        // connections): worth another try when reconnecting, unlike a refused key.
+        Ok(Err(e @ (quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset))) => {
+            return Err(Error::Unreachable {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })
+        }
+        Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            return Err(Error::Unreachable {
+                addr: addr.to_string(),
+                reason: "the receiver refused new connections (shutting down?)".into(),
             })
         }
         Ok(Err(e)) => {

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
 mod busy_receiver;
+mod cut_link;
 mod live_source;
 mod util;
 
@@ -414,7 +415,10 @@ fn resume_after_kill(kill_receiver: bool) {
         "--compress",
         "off",
     ];
-    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &args)
+    // This sender gives up at the loss (--retry-for 0), so the resume is ours to make.
+    let mut first_args = args.to_vec();
+    first_args.extend(["--retry-for", "0"]);
+    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &first_args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -475,7 +479,10 @@ fn source_changed_since_the_first_attempt_is_resent_whole() {
         "--compress",
         "off",
     ];
-    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &args)
+    // This sender gives up at the loss (--retry-for 0), so the resume is ours to make.
+    let mut first_args = args.to_vec();
+    first_args.extend(["--retry-for", "0"]);
+    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &first_args)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

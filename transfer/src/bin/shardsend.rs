@@ -25,8 +25,10 @@ use transfer::Error;
         The tree is streamed in chunks over several QUIC streams, each chunk hashed with BLAKE3 and \
         checked by the receiver, then the receiver fsyncs and installs it atomically as \
         ROOT/DEST_NAME (an existing DEST_NAME is moved aside to DEST_NAME.replaced-<unix-time>). \
-        Both ends authenticate with pinned key fingerprints. After an interruption, run the same \
-        command with --resume: only chunks the receiver has not verified are sent again.\n\n\
+        Both ends authenticate with pinned key fingerprints. A connection lost mid-transfer (a cut \
+        link, a receiver restarting) is made again and resumed on its own, for up to --retry-for \
+        per outage; after a longer interruption, run the same command with --resume. Either way \
+        only chunks the receiver has not verified are sent again.\n\n\
         Example: shardsend /srv/repos/r1.git 10.0.0.2:7400 r1.git --identity ~/.shard/send.key --peer <fingerprint>",
     after_help = EXIT_CODES_HELP,
     args_conflicts_with_subcommands = true,
@@ -110,6 +112,13 @@ struct SendArgs {
     /// stand (with --json: one JSON object per line, {"event":"queued",...})
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m", value_name = "DURATION")]
     wait_for: std::time::Duration,
+    /// How long to keep reconnecting when the connection to the receiver is lost mid-transfer
+    /// (a cut link is noticed after 30 s of silence), e.g. 90s, 5m, 1h; each new connection
+    /// resumes, so only what the receiver has not verified is sent again. The clock restarts
+    /// whenever a connection is made again. While reconnecting, a line on stderr says so
+    /// (with --json: {"event":"reconnecting",...}). 0: exit 6 at once, like before
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", value_name = "DURATION")]
+    retry_for: std::time::Duration,
     /// Test-only fault injection: corrupt-once | corrupt-always
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
@@ -165,6 +174,22 @@ fn event_printer(json: bool) -> EventSink {
                 SendEvent::Admitted { waited_seconds } => {
                     format!("the receiver took the transfer after {waited_seconds:.1} s in line")
                 }
+                SendEvent::Reconnecting {
+                    reason,
+                    try_number,
+                    waited_seconds,
+                    retry_for_seconds,
+                } => format!(
+                    "no connection to the receiver ({reason}): reconnecting to resume, try \
+                     {try_number}, {waited_seconds:.0} s of --retry-for {retry_for_seconds:.0} s"
+                ),
+                SendEvent::Reconnected {
+                    waited_seconds,
+                    tries,
+                } => format!(
+                    "connected to the receiver again after {waited_seconds:.1} s ({tries} tries): \
+                     resuming"
+                ),
             }
         };
         let _ = writeln!(std::io::stderr(), "{line}");
@@ -204,6 +229,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         },
         wait_for: a.wait_for,
         events: Some(event_printer(a.json)),
+        retry_for: a.retry_for,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -16,6 +16,11 @@
 //! [`MAX_ATTEMPTS`] for an installing pass, [`MAX_STAGE_ATTEMPTS`] with a pause between them
 //! for a pre-copy, whose last attempt ends partial rather than failed.
 //!
+//! A connection lost mid-transfer (a cut link, a receiver that restarted) is connected again
+//! and resumed, within `retry_for` per outage; [`reconnect`] decides when, what is worth it,
+//! and when to give up. Each new connection asks to resume, so the receiver's `Have` leaves
+//! out every chunk it verified before the loss.
+//!
 //! A receiver at its transfer limit puts us in line and says where we stand (`Queued`,
 //! protocol version 2; see [`crate::admission`]): we report it ([`SendEvent`]) and wait, up to
 //! `wait_for`, for its `Accept`.
@@ -29,6 +34,7 @@
 pub mod codec;
 pub mod fault;
 pub mod queue;
+pub mod reconnect;
 pub mod session;
 pub mod source;
 
@@ -53,6 +59,7 @@ use codec::{encode_chunk, Buffers, EncodeChoice};
 pub use fault::Fault;
 use fault::FaultInjector;
 use queue::WorkQueue;
+use reconnect::{Reconnector, Verdict};
 use session::{Ending, SenderInput, SenderOutput, SenderSession, SenderSessionConfig, SenderStats};
 use source::{source_gone, ChunkSource};
 
@@ -101,6 +108,9 @@ pub struct SendConfig {
     pub events: Option<EventSink>,
     /// Congestion controller and other transport choices.
     pub transport: crate::quic::TransportOptions,
+    /// How long one outage may last while we reconnect to resume (0: fail at once);
+    /// see [`reconnect`].
+    pub retry_for: Duration,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -117,6 +127,16 @@ pub enum SendEvent {
     },
     /// The receiver took us after we waited in line.
     Admitted { waited_seconds: f64 },
+    /// The connection to the receiver was lost (or a new one got no answer): we connect
+    /// again to resume, try `try_number` of this outage, which began `waited_seconds` ago.
+    Reconnecting {
+        reason: String,
+        try_number: u32,
+        waited_seconds: f64,
+        retry_for_seconds: f64,
+    },
+    /// Connected again after an outage of `waited_seconds`; resuming.
+    Reconnected { waited_seconds: f64, tries: u32 },
 }
 
 /// Receives [`SendEvent`]s.
@@ -166,6 +186,9 @@ pub struct SendSummary {
     pub complete: bool,
     /// Seconds spent waiting in the receiver's line (included in `seconds`).
     pub queued_seconds: f64,
+    /// Times the connection was made again after it was lost (each attempt after it resumed).
+    #[serde(default)]
+    pub reconnects: u32,
     /// QUIC path statistics of the last attempt, for diagnosing slow links.
     pub quic: QuicStats,
 }
@@ -195,7 +218,8 @@ impl QuicStats {
     }
 }
 
-/// Sends `cfg.src`, retrying (with resume) when the source changes during the send.
+/// Sends `cfg.src`, retrying (with resume) when the source changes during the send or the
+/// connection is lost.
 pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
     if cfg.streams == 0 || cfg.streams > crate::quic::MAX_DATA_STREAMS as usize {
         return Err(Error::Input(format!(
@@ -213,12 +237,24 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
     } else {
         MAX_ATTEMPTS
     };
+    // Attempts restarted because the source changed (bounded by `max_attempts`); `attempts`
+    // also counts those after a lost connection.
     let mut attempt = 1;
+    let mut attempts = 1;
+    let mut reconnector = Reconnector::new(cfg.retry_for);
+    let mut connect_timeout = cfg.connect_timeout;
     loop {
         let last = attempt >= max_attempts;
-        match attempt_once(cfg, resume, last, &mut totals).await {
+        let link = Link {
+            connect_timeout,
+            reconnector: &mut reconnector,
+        };
+        let result = attempt_once(cfg, resume, last, link, &mut totals).await;
+        connect_timeout = cfg.connect_timeout;
+        match result {
             Ok(mut summary) => {
-                summary.attempts = attempt;
+                summary.attempts = attempts;
+                summary.reconnects = reconnector.reconnects();
                 summary.seconds = started.elapsed().as_secs_f64();
                 summary.mb_per_s = summary.bytes as f64 / summary.seconds.max(1e-9) / 1e6;
                 return Ok(summary);
@@ -237,9 +273,41 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
                      freeze it (maintenance mode) and retry"
                 )))
             }
-            Err(e) => return Err(e),
+            Err(e) => match reconnector.failed(e, Instant::now(), cfg.connect_timeout) {
+                Verdict::GiveUp(e) => return Err(e),
+                Verdict::Retry {
+                    pause,
+                    connect_timeout: timeout,
+                    event,
+                } => {
+                    if let SendEvent::Reconnecting {
+                        reason, try_number, ..
+                    } = &event
+                    {
+                        tracing::info!(%reason, try_number, "connection to the receiver lost; reconnecting to resume");
+                    }
+                    report(cfg, &event);
+                    tokio::time::sleep(pause).await;
+                    connect_timeout = timeout;
+                    resume = true;
+                }
+            },
         }
+        attempts += 1;
     }
+}
+
+/// Passes `event` to the caller's sink, if any.
+fn report(cfg: &SendConfig, event: &SendEvent) {
+    if let Some(sink) = &cfg.events {
+        sink(event);
+    }
+}
+
+/// How one attempt connects: its connect timeout, and who hears that it did.
+struct Link<'a> {
+    connect_timeout: Duration,
+    reconnector: &'a mut Reconnector,
 }
 
 /// Pause before pre-copy attempt `attempt + 1`: 100 ms, doubling, at most 2 s.
@@ -255,6 +323,16 @@ struct Totals {
     wire_bytes: u64,
     chunks_sent: u64,
     chunks_retried: u64,
+}
+
+impl Totals {
+    fn add(&mut self, stats: &SenderStats) {
+        self.queued_seconds += stats.queued_seconds;
+        self.sent_bytes += stats.sent_bytes;
+        self.wire_bytes += stats.wire_bytes;
+        self.chunks_sent += stats.chunks_sent;
+        self.chunks_retried += stats.chunks_retried;
+    }
 }
 
 /// State shared by the control loop and the data streams of one attempt.
@@ -310,14 +388,16 @@ enum DriverEvent {
     Failed(Error),
 }
 
+/// A name that does not resolve is `Unreachable`: while a lost connection is retried, the
+/// resolver may be cut off too; a first attempt reports it at once either way.
 async fn resolve(addr: &str) -> Result<std::net::SocketAddr, Error> {
     let mut addrs = tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| Error::Connect {
+        .map_err(|e| Error::Unreachable {
             addr: addr.to_string(),
             reason: format!("cannot resolve: {e} (expected HOST:PORT)"),
         })?;
-    addrs.next().ok_or_else(|| Error::Connect {
+    addrs.next().ok_or_else(|| Error::Unreachable {
         addr: addr.to_string(),
         reason: "resolves to no address".into(),
     })
@@ -329,6 +409,7 @@ async fn attempt_once(
     cfg: &SendConfig,
     resume: bool,
     last: bool,
+    link: Link<'_>,
     totals: &mut Totals,
 ) -> Result<SendSummary, Error> {
     let src = cfg.src.clone();
@@ -350,7 +431,11 @@ async fn attempt_once(
     let addr = resolve(&cfg.addr).await?;
     let crypto = client_crypto(&cfg.identity, cfg.peer)?;
     let (endpoint, conn) =
-        crate::quic::connect(addr, crypto, cfg.connect_timeout, &cfg.transport).await?;
+        crate::quic::connect(addr, crypto, link.connect_timeout, &cfg.transport).await?;
+    if let Some(event) = link.reconnector.connected(Instant::now()) {
+        tracing::info!(?event, "connected to the receiver again; resuming");
+        report(cfg, &event);
+    }
     let session = SenderSession::new(
         &scanned.manifest,
         SenderSessionConfig {
@@ -366,7 +451,7 @@ async fn attempt_once(
             ),
         },
     );
-    let result = attempt_on(cfg, session, Arc::new(scanned), &conn).await;
+    let result = attempt_on(cfg, session, Arc::new(scanned), &conn, totals).await;
     // The receiver has answered (installed, staged or failed), or we give up: either way it
     // must hear CONNECTION_CLOSE now, which the endpoint driver sends on its next poll (a
     // process that exits without it is noticed only at the receiver's idle timeout, holding
@@ -381,11 +466,6 @@ async fn attempt_once(
     conn.close(code.into(), reason);
     let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
     let (stats, ending, scan) = result?;
-    totals.queued_seconds += stats.queued_seconds;
-    totals.sent_bytes += stats.sent_bytes;
-    totals.wire_bytes += stats.wire_bytes;
-    totals.chunks_sent += stats.chunks_sent;
-    totals.chunks_retried += stats.chunks_retried;
     let (root, path, replaced) = match ending.decision {
         Ending::Verified {
             root_hash,
@@ -429,6 +509,7 @@ async fn attempt_once(
         transient_skipped: scan.transient_skipped,
         complete: root.is_some(),
         queued_seconds: totals.queued_seconds,
+        reconnects: 0,
         quic,
     })
 }
@@ -445,6 +526,7 @@ async fn attempt_on(
     session: SenderSession,
     scan: Arc<Scan>,
     conn: &quinn::Connection,
+    totals: &mut Totals,
 ) -> Result<(SenderStats, AttemptEnd, Arc<Scan>), Error> {
     let (mut ctl_send, ctl_recv) = conn
         .open_bi()
@@ -558,9 +640,7 @@ async fn attempt_on(
                             "receiver at its limit: waiting in line"
                         );
                     }
-                    if let Some(sink) = &cfg.events {
-                        sink(&event);
-                    }
+                    report(cfg, &event);
                 }
                 SenderOutput::Finished(result) => break result,
             }
@@ -596,9 +676,13 @@ async fn attempt_on(
         .map_err(|_| Error::Other("decider lock poisoned".into()));
     // Workers blocked on a write end when the connection closes; the caller closes it.
     workers.abort_all();
+    // What went out counts whether or not the attempt ended well (a lost connection, a
+    // changed source): the summary reports what this run put on the wire.
+    let stats = stats();
+    totals.add(&stats);
     let decision = result?;
     Ok((
-        stats(),
+        stats,
         AttemptEnd {
             decision,
             compression: compression?,
