@@ -268,7 +268,7 @@ if [ "$do_wan" = 1 ]; then
 
 - date: $(date -u +%Y-%m-%dT%H:%MZ); load before the run: $(cut -d' ' -f1-3 /proc/loadavg)
 - machine: $machine
-- command: \`scripts/bench-wan.sh $*\`
+- command: \`scripts/bench-wan.sh $orig_args\`
 - link: linkemu (userspace, TUN in two namespaces), rate per direction, drop-tail queue $queue,
   RTT = 2 x one-way delay, random loss per packet and direction; bursty = Gilbert-Elliott
   0.25%,25% (~1% in bursts of 4). $ceiling
@@ -356,7 +356,7 @@ PY
 
 - date: $(date -u +%Y-%m-%dT%H:%MZ); load before the run: $(cut -d' ' -f1-3 /proc/loadavg)
 - machine: $machine
-- command: \`scripts/bench-wan.sh $*\`
+- command: \`scripts/bench-wan.sh $orig_args\`
 - link: linkemu 100 Mbit/s, RTT 50 ms, no loss, queue $queue; TCP flow: python sender in A to
   a receiver in B, kernel TCP ($(sysctl -n net.ipv4.tcp_congestion_control)), running alone for 8 s
   before shardsend (\`--compress off\`, $fbytes random bytes) starts; shares are of the link
@@ -400,7 +400,7 @@ if [ "$do_auto" = 1 ]; then
         timeout "$timeout_s" "${cmd[@]}" > "$work/send.json" 2> "$work/send.err" || echo "shardsend $c failed: $(tail -c 300 "$work/send.err")" >&2
         t1=$(now)
         tm[$c]=$(echo "$t1 - $t0" | bc -l)
-        [ "$c" = auto ] && reason=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["compression"]["reason"])' "$work/send.json" 2>/dev/null | tr '|' '/' || echo "?")
+        [ "$c" = auto ] && reason=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["compression"]; print("%s (%d probes)" % (c["reason"], c["probes"]))' "$work/send.json" 2>/dev/null | tr '|' '/' || echo "?")
         echo "auto matrix $link $data $c: ${tm[$c]}s" >&2
       done
       best=$(printf '%s\n' "${tm[off]}" "${tm[zstd:1]}" "${tm[zstd:3]}" | sort -g | head -1)
@@ -413,7 +413,7 @@ if [ "$do_auto" = 1 ]; then
 
 - date: $(date -u +%Y-%m-%dT%H:%MZ); load before the run: $(cut -d' ' -f1-3 /proc/loadavg)
 - machine: $machine
-- command: \`scripts/bench-wan.sh $*\`
+- command: \`AUTO_LINKS=\"$auto_links\" AUTO_TEXT_SIZE=$text_size AUTO_DATA_SIZE=$data_size scripts/bench-wan.sh $orig_args\`
 - links: linkemu at the given rate, RTT 10 ms, no loss; loopback without linkemu. Data: text =
   the checkout of \`mkfixture worktree --size $text_size\` (no .git), pack = \`mkfixture bare
   --size $data_size\`, random = $data_size of /dev/urandom. One run each; auto / best < 1.10 is the bar.

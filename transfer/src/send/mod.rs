@@ -47,13 +47,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::compress::{AutoDecider, CompressPolicy, Decision};
+use crate::compress::{AutoDecider, CompressPolicy, Decision, Handed};
 use crate::error::Error;
 use crate::gitdir::GitMode;
 use crate::identity::{client_crypto, Fingerprint, Identity};
 use crate::io::{read_control, write_control, write_controls, BufferPool, RateLimiter};
 use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
-use crate::wire::{hex, ChunkHeader, ControlMsg, EntryKind};
+use crate::wire::{hex, ChunkHeader, Codec, ControlMsg, EntryKind};
 
 use codec::{encode_chunk, Buffers, EncodeChoice};
 pub use fault::Fault;
@@ -346,10 +346,13 @@ struct Shared {
     started: Instant,
     /// Chunk buffers shared by the encoders; at most one spare per stream is kept.
     pool: BufferPool,
-    /// Time the data streams spent blocked writing (link-bound) and waiting for a frame from
-    /// their encoder (encoder-bound) since the last progress report, for `auto`.
-    write_blocked_ns: AtomicU64,
-    write_idle_ns: AtomicU64,
+    /// Frame bytes handed to quinn so far: with the receiver's count, the backlog that tells
+    /// `auto` whether the link or the encoders are the bottleneck, and that it bounds. And
+    /// the raw bytes of the chunks handed compressed and as they are, whose rates `auto`
+    /// compares.
+    handed_wire_compressed: AtomicU64,
+    handed_wire_plain: AtomicU64,
+    handed_raw_compressed: AtomicU64,
     fault: Option<FaultInjector>,
     /// The protocol state. The data streams feed it their chunks directly (a lock per
     /// chunk, no wake-up of the control loop), and pass on what it asks, which is rare.
@@ -367,6 +370,36 @@ impl Shared {
             Err(_) => return false,
         };
         outputs.is_empty() || self.events.send(DriverEvent::Outputs(outputs)).is_ok()
+    }
+
+    /// Counts a frame handed to quinn.
+    fn hand(&self, header: &ChunkHeader, wire_len: u64) {
+        if header.codec == Codec::Zstd {
+            self.handed_wire_compressed
+                .fetch_add(wire_len, Ordering::Relaxed);
+            self.handed_raw_compressed
+                .fetch_add(header.raw_len, Ordering::Relaxed);
+        } else {
+            self.handed_wire_plain
+                .fetch_add(wire_len, Ordering::Relaxed);
+        }
+    }
+
+    fn handed(&self) -> Handed {
+        Handed {
+            wire_compressed: self.handed_wire_compressed.load(Ordering::Relaxed),
+            wire_plain: self.handed_wire_plain.load(Ordering::Relaxed),
+            raw_compressed: self.handed_raw_compressed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How long a writer must wait before handing quinn its next frame (`auto`'s bound on
+    /// the backlog); `None`: now.
+    fn write_delay(&self) -> Option<Duration> {
+        let d = self.decider.lock().ok()?;
+        let now = self.started.elapsed().as_secs_f64();
+        d.write_delay(now, self.handed().wire())
+            .map(Duration::from_secs_f64)
     }
 
     fn handle(&self, input: SenderInput) -> Vec<SenderOutput> {
@@ -540,13 +573,18 @@ async fn attempt_on(
     let reader = tokio::spawn(read_controls(ctl_recv, events_tx.clone()));
     let shared = Arc::new(Shared {
         queue: WorkQueue::default(),
-        decider: Mutex::new(AutoDecider::new(cfg.compress, cfg.bwlimit)),
+        decider: Mutex::new(AutoDecider::new(
+            cfg.compress,
+            cfg.bwlimit,
+            cfg.transport.window.unwrap_or(crate::quic::SEND_WINDOW),
+        )),
         limiter: cfg.bwlimit.map(RateLimiter::new),
         encoded: AtomicU64::new(0),
         started: Instant::now(),
         pool: BufferPool::new(cfg.streams),
-        write_blocked_ns: AtomicU64::new(0),
-        write_idle_ns: AtomicU64::new(0),
+        handed_wire_compressed: AtomicU64::new(0),
+        handed_wire_plain: AtomicU64::new(0),
+        handed_raw_compressed: AtomicU64::new(0),
         fault: cfg.fault.map(FaultInjector::new),
         session: Mutex::new(session),
         events: events_tx,
@@ -618,11 +656,10 @@ async fn attempt_on(
                     wire_bytes,
                 } => {
                     progress.set_position(stats().resumed_bytes + verified_bytes);
-                    let blocked = shared.write_blocked_ns.swap(0, Ordering::Relaxed);
-                    let idle = shared.write_idle_ns.swap(0, Ordering::Relaxed);
+                    let handed = shared.handed();
                     if let Ok(mut d) = shared.decider.lock() {
                         let now = shared.started.elapsed().as_secs_f64();
-                        d.observe_wire(now, wire_bytes, blocked > idle);
+                        d.observe_progress(now, handed, wire_bytes, conn.rtt().as_secs_f64());
                     }
                 }
                 SenderOutput::Event(event) => {
@@ -672,7 +709,7 @@ async fn attempt_on(
     let compression = shared
         .decider
         .lock()
-        .map(|d| d.decide_at(shared.started.elapsed().as_secs_f64()))
+        .map(|d| d.decide())
         .map_err(|_| Error::Other("decider lock poisoned".into()));
     // Workers blocked on a write end when the connection closes; the caller closes it.
     workers.abort_all();
@@ -749,16 +786,17 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
         other => Error::Interrupted(other.to_string()),
     };
     loop {
-        let waited = Instant::now();
         let Some(frame) = rx.recv().await else {
             break;
         };
-        shared
-            .write_idle_ns
-            .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let writing = Instant::now();
         let h = &frame.header;
         let wire_len = ChunkHeader::LEN as u64 + h.payload_len;
+        // `auto` bounds what waits in quinn, so its next decision applies to data about to
+        // leave (the encoder behind us waits too: its frame is already encoded).
+        while let Some(wait) = shared.write_delay() {
+            tokio::time::sleep(wait).await;
+        }
+        shared.hand(h, wire_len);
         let header = bytes::Bytes::copy_from_slice(&h.encode());
         let payload = match &shared.fault {
             None => frame.payload,
@@ -785,9 +823,6 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
                 }
             }
         }
-        shared
-            .write_blocked_ns
-            .fetch_add(writing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let written = SenderInput::ChunkWritten {
             file: h.file,
             chunk: h.chunk,
@@ -826,9 +861,8 @@ async fn encoder(shared: Arc<Shared>, tx: mpsc::Sender<Frame>) -> Result<(), Err
                 .decider
                 .lock()
                 .map_err(|_| Error::Other("decider lock poisoned".into()))?;
-            let now = shared.started.elapsed().as_secs_f64();
             EncodeChoice {
-                compress: d.decide_at(now).compress,
+                compress: d.decide().compress,
                 sample: d.should_sample(n),
                 level: d.level(),
             }
