@@ -21,7 +21,9 @@
 #   link; each one's share while both run (shardsend with each --congestion, or the default).
 # --auto-matrix: compression off vs zstd:1 vs zstd:3 vs auto on text-heavy (a worktree
 #   fixture's checkout), pack (a bare fixture) and random data at 16 Mbit, 100 Mbit, 1 Gbit
-#   (10 ms RTT) and loopback; prints auto's own reason.
+#   (10 ms RTT) and loopback; prints auto's own reason, level and probes. Environment:
+#   AUTO_LINKS, AUTO_TEXT_SIZE/AUTO_DATA_SIZE (below 1 Gbit; 60M/50M),
+#   AUTO_FAST_TEXT_SIZE/AUTO_FAST_DATA_SIZE (1 Gbit, loopback; 1G/400M), AUTO_RUNS (1).
 # --smoke: a tiny run to check the script (100M link, RTT 2 and 50 ms, loss 0 and 1%, 8M file);
 #   it never writes RESULTS.md.
 # Results: sections of bench/RESULTS.md (scripts/lib/results.sh), CSV under bench/out/, and the
@@ -65,7 +67,7 @@ while [ $# -gt 0 ]; do
     --smoke) smoke=1; rates=100M; rtts="2 50"; losses="0 1"; size=8M; timeout_s=60; shift ;;
     --out) out=$2; shift 2 ;;
     --no-write) write=0; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -368,21 +370,39 @@ $table"
 fi
 
 # --- auto matrix: is `auto` within 10% of the best fixed choice? ---------------------------
+# Slow links get small data (a 16 Mbit cell of 400 MB would take minutes per run), fast ones
+# (1G, loopback) data large enough that a run lasts seconds, not a fraction of one (startup
+# and one measurement window would decide it). Each cell: one untimed warm-up run (page
+# cache, the receiver's first transfer), then AUTO_RUNS timed runs per choice, median.
+make_auto_data() { # DIR TEXT_SIZE DATA_SIZE
+  local dir=$1
+  mkdir -p "$dir"
+  "$bin/mkfixture" worktree --size "$2" --out "$work/wt" --seed 1 >/dev/null
+  (cd "$work/wt" && tar --exclude=.git -cf - .) | (mkdir -p "$dir/text" && cd "$dir/text" && tar -xf -)
+  rm -rf "$work/wt"
+  "$bin/mkfixture" bare --size "$3" --out "$dir/pack.git" --seed 2 >/dev/null
+  head -c "$(numfmt --from=iec "$3")" /dev/urandom > "$dir/random.bin"
+}
+median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 if [ "$do_auto" = 1 ]; then
   text_size=${AUTO_TEXT_SIZE:-60M}; data_size=${AUTO_DATA_SIZE:-50M}
-  [ "$smoke" = 1 ] && { text_size=8M; data_size=4M; }
-  echo "making fixtures..." >&2
-  "$bin/mkfixture" worktree --size "$text_size" --out "$work/wt" --seed 1 >/dev/null
-  mkdir -p "$work/auto"
-  (cd "$work/wt" && tar --exclude=.git -cf - .) | (mkdir -p "$work/auto/text" && cd "$work/auto/text" && tar -xf -)
-  "$bin/mkfixture" bare --size "$data_size" --out "$work/auto/pack.git" --seed 2 >/dev/null
-  head -c "$(numfmt --from=iec "$data_size")" /dev/urandom > "$work/auto/random.bin"
-  rm -rf "$work/wt"
+  fast_text_size=${AUTO_FAST_TEXT_SIZE:-1G}; fast_data_size=${AUTO_FAST_DATA_SIZE:-400M}
+  runs=${AUTO_RUNS:-1}
   auto_links=${AUTO_LINKS:-"16M 100M 1G loopback"}
-  [ "$smoke" = 1 ] && auto_links="100M loopback"
+  if [ "$smoke" = 1 ]; then
+    text_size=8M; data_size=4M; fast_text_size=8M; fast_data_size=4M; auto_links="100M loopback"
+  fi
   table="| data | link | off s | zstd:1 s | zstd:3 s | auto s | auto / best | auto's reason |
 |---|---|---|---|---|---|---|---|"
   for link in $auto_links; do
+    case "$link" in
+      loopback|*G) set_dir=$work/auto-fast; t_size=$fast_text_size; d_size=$fast_data_size ;;
+      *) set_dir=$work/auto-slow; t_size=$text_size; d_size=$data_size ;;
+    esac
+    if [ ! -d "$set_dir" ]; then
+      echo "making fixtures ($t_size text, $d_size pack and random)..." >&2
+      make_auto_data "$set_dir" "$t_size" "$d_size"
+    fi
     recv_cc=""
     if [ "$link" = loopback ]; then
       start_recv "" 127.0.0.1:0; ns_a=""
@@ -390,17 +410,24 @@ if [ "$do_auto" = 1 ]; then
       start_link --rate "$link" --delay 5ms
     fi
     for data in text pack.git random.bin; do
-      src=$work/auto/$data
+      src=$set_dir/$data
       bytes=$(du -sb "$src" | cut -f1)
       declare -A tm=()
+      rm -rf "$dst_base/dst/$data"
+      shardsend_cmd "$ns_a" "$src" "$data" auto ""
+      timeout "$timeout_s" "${cmd[@]}" > /dev/null 2>&1 || true
       for c in off zstd:1 zstd:3 auto; do
-        rm -rf "$dst_base/dst/$data"
-        shardsend_cmd "$ns_a" "$src" "$data" "$c" ""
-        t0=$(now)
-        timeout "$timeout_s" "${cmd[@]}" > "$work/send.json" 2> "$work/send.err" || echo "shardsend $c failed: $(tail -c 300 "$work/send.err")" >&2
-        t1=$(now)
-        tm[$c]=$(echo "$t1 - $t0" | bc -l)
-        [ "$c" = auto ] && reason=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["compression"]; print("%s (%d probes)" % (c["reason"], c["probes"]))' "$work/send.json" 2>/dev/null | tr '|' '/' || echo "?")
+        times=""
+        for _ in $(seq "$runs"); do
+          rm -rf "$dst_base/dst/$data"
+          shardsend_cmd "$ns_a" "$src" "$data" "$c" ""
+          t0=$(now)
+          timeout "$timeout_s" "${cmd[@]}" > "$work/send.json" 2> "$work/send.err" || echo "shardsend $c failed: $(tail -c 300 "$work/send.err")" >&2
+          t1=$(now)
+          times+="$(echo "$t1 - $t0" | bc -l)"$'\n'
+        done
+        tm[$c]=$(printf '%s' "$times" | median)
+        [ "$c" = auto ] && reason=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["compression"]; print("%s (level %d, %d probes)" % (c["reason"], c["level"], c["probes"]))' "$work/send.json" 2>/dev/null | tr '|' '/' || echo "?")
         echo "auto matrix $link $data $c: ${tm[$c]}s" >&2
       done
       best=$(printf '%s\n' "${tm[off]}" "${tm[zstd:1]}" "${tm[zstd:3]}" | sort -g | head -1)
@@ -413,10 +440,12 @@ if [ "$do_auto" = 1 ]; then
 
 - date: $(date -u +%Y-%m-%dT%H:%MZ); load before the run: $(cut -d' ' -f1-3 /proc/loadavg)
 - machine: $machine
-- command: \`AUTO_LINKS=\"$auto_links\" AUTO_TEXT_SIZE=$text_size AUTO_DATA_SIZE=$data_size scripts/bench-wan.sh $orig_args\`
+- command: \`AUTO_LINKS=\"$auto_links\" AUTO_TEXT_SIZE=$text_size AUTO_DATA_SIZE=$data_size AUTO_FAST_TEXT_SIZE=$fast_text_size AUTO_FAST_DATA_SIZE=$fast_data_size AUTO_RUNS=$runs scripts/bench-wan.sh $orig_args\`
 - links: linkemu at the given rate, RTT 10 ms, no loss; loopback without linkemu. Data: text =
-  the checkout of \`mkfixture worktree --size $text_size\` (no .git), pack = \`mkfixture bare
-  --size $data_size\`, random = $data_size of /dev/urandom. One run each; auto / best < 1.10 is the bar.
+  the checkout of \`mkfixture worktree --size SIZE\` (no .git), pack = \`mkfixture bare
+  --size SIZE\`, random = SIZE of /dev/urandom; SIZE $text_size / $data_size below 1 Gbit,
+  $fast_text_size / $fast_data_size at 1 Gbit and on loopback. One warm-up run per cell, then
+  the median of $runs run(s) per choice; auto / best < 1.10 is the bar.
 
 $table"
   echo "$section"

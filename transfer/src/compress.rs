@@ -30,7 +30,9 @@
 //! It compresses only while `link < breakpoint`. Three refinements keep that honest:
 //! - before the link is measured, data whose breakpoint exceeds [`OPTIMISTIC_LINK`] (source
 //!   text: zstd saves most of it at hundreds of MB/s) is compressed at once: otherwise a
-//!   small transfer over a slow link would be gone, raw, before the first measurement;
+//!   small transfer over a slow link would be gone, raw, before the first measurement. Not
+//!   on a loopback path ([`AutoDecider::on_loopback`]): there is no network there, only CPU,
+//!   which compressing can only take;
 //! - while compressing, a window in which the encoders, not the link, were the bottleneck
 //!   (a small backlog) says the link's speed is unknown, only bounded below by what the
 //!   encoders produced: data is sent raw until a window of raw data was measured (at most
@@ -45,6 +47,13 @@
 //!   bound by CPU (encryption, packet handling) sending a quarter of the bytes can win even
 //!   above the breakpoint. Where compressing is link-bound no such measurement exists, and
 //!   none is needed: the breakpoint's verdict (compress) stands.
+//!
+//! The level follows the same signal: `auto` starts at [`FAST_LEVEL`], compresses at
+//! [`DEFAULT_LEVEL`] once a window shows the link as the bottleneck (spend CPU to save
+//! bytes), turns back to [`FAST_LEVEL`] after a window in which the encoders were (before
+//! any raw probe: the faster level may be enough), and up again only if the link then turns
+//! out at least twice as slow as when it turned. The first window, in which the congestion
+//! controller is still ramping up, decides no level.
 //!
 //! Independently, any chunk whose compressed form is not smaller goes raw. The decision and
 //! its figures end up in the `--json` summary.
@@ -76,13 +85,16 @@ pub const OPTIMISTIC_LINK: f64 = 50e6;
 /// soon as a window of raw data was measured).
 pub const MAX_PROBE_SECS: f64 = 1.5;
 /// Pause before probing again after a probe that confirmed compression; it doubles.
-pub const PROBE_BACKOFF_SECS: f64 = 2.0;
+pub const PROBE_BACKOFF_SECS: f64 = 4.0;
 pub const MAX_PROBE_BACKOFF_SECS: f64 = 16.0;
 /// How much faster (measured) compressed sending must deliver data than raw sending to be
 /// chosen: a margin against noise; a tie goes raw, which costs no CPU.
 pub const MEASURED_MARGIN: f64 = 0.05;
-/// zstd level used by `auto` and by a bare `zstd`.
+/// zstd level used by a bare `zstd`, and by `auto` while the link is the bottleneck.
 pub const DEFAULT_LEVEL: i32 = 3;
+/// zstd level `auto` turns to when the encoders are the bottleneck while compressing: about
+/// twice as fast as level 3 for a slightly worse ratio.
+pub const FAST_LEVEL: i32 = 1;
 
 /// What the data streams handed to quinn so far: frame bytes of the chunks that went
 /// compressed and of the others, and the raw (uncompressed) bytes the compressed ones carry.
@@ -214,6 +226,14 @@ pub struct AutoDecider {
     /// and while sending raw (smoothed): the measured comparison (module docs).
     compressing_rate: Option<f64>,
     plain_rate: Option<f64>,
+    /// The zstd level `auto` uses now, and the link estimate when it turned to
+    /// [`FAST_LEVEL`].
+    auto_level: i32,
+    fast_level_link: Option<f64>,
+    /// The path is loopback: no link to save bytes on.
+    loopback: bool,
+    /// Measurement windows ended so far.
+    windows: u64,
 }
 
 /// How a window's data went.
@@ -271,13 +291,25 @@ impl AutoDecider {
             probe_backoff: PROBE_BACKOFF_SECS,
             compressing_rate: None,
             plain_rate: None,
+            auto_level: FAST_LEVEL,
+            fast_level_link: None,
+            loopback: false,
+            windows: 0,
         }
+    }
+
+    /// The peer is on this host: until measured, the link is taken as faster than any
+    /// breakpoint (module docs).
+    pub fn on_loopback(mut self) -> Self {
+        self.loopback = true;
+        self
     }
 
     pub fn level(&self) -> i32 {
         match self.policy {
             CompressPolicy::Zstd(l) => l,
-            _ => DEFAULT_LEVEL,
+            CompressPolicy::Auto => self.auto_level,
+            CompressPolicy::Off => DEFAULT_LEVEL,
         }
     }
 
@@ -359,6 +391,7 @@ impl AutoDecider {
             return;
         }
         let ended = std::mem::replace(window, fresh);
+        self.windows += 1;
         let rate = received.saturating_sub(ended.received) as f64 / dt;
         // A window where the link was the bottleneck moves the estimate either way; one
         // where we ran short of data only says the link is at least that fast.
@@ -370,7 +403,7 @@ impl AutoDecider {
         self.after_window(now_secs, mode, ended.link_bound);
     }
 
-    /// How the window's data went, by the way that carried at least 90% of its frame bytes
+    /// How the window's data went, by the way that carried at least 80% of its frame bytes
     /// (a switch mid-window is neither), and what that way delivered: compressing, the raw
     /// bytes of its chunks per second, only when the encoders were the bottleneck (a
     /// link-bound window says nothing about what compressing could deliver); raw, the frame
@@ -391,7 +424,7 @@ impl AutoDecider {
         let total = compressed + plain;
         if total == 0 {
             Mode::Idle
-        } else if plain * 10 <= total {
+        } else if plain * 5 <= total {
             if !window.link_bound {
                 let data = handed
                     .raw_compressed
@@ -400,7 +433,7 @@ impl AutoDecider {
                 smooth(&mut self.compressing_rate, data as f64 / dt, dt);
             }
             Mode::Compressing
-        } else if compressed * 10 <= total {
+        } else if compressed * 5 <= total {
             smooth(&mut self.plain_rate, received_rate, dt);
             self.plain_windows += 1;
             Mode::Plain
@@ -430,6 +463,10 @@ impl AutoDecider {
             }
             return;
         }
+        let first = self.windows == 1;
+        if mode == Mode::Compressing && !first && self.adjust_level(link_bound) {
+            return;
+        }
         if mode == Mode::Compressing
             && !link_bound
             && now_secs >= self.next_probe_at
@@ -441,6 +478,27 @@ impl AutoDecider {
             });
             self.probes += 1;
         }
+    }
+
+    /// After a compressing window (not the first): the faster level when the encoders were
+    /// the bottleneck, the default one when the link was, unless the encoders were the
+    /// bottleneck at a link not much faster than this one. True when it changed.
+    fn adjust_level(&mut self, link_bound: bool) -> bool {
+        if !link_bound && self.auto_level != FAST_LEVEL {
+            self.auto_level = FAST_LEVEL;
+            self.fast_level_link = self.link;
+            return true;
+        }
+        let much_slower = match (self.link, self.fast_level_link) {
+            (Some(now), Some(then)) => now < then / 2.0,
+            _ => true,
+        };
+        if link_bound && self.auto_level == FAST_LEVEL && much_slower {
+            self.auto_level = DEFAULT_LEVEL;
+            self.fast_level_link = None;
+            return true;
+        }
+        false
     }
 
     /// Backlog (frame bytes handed to quinn and not yet read by the receiver) at `now_secs`:
@@ -518,6 +576,11 @@ impl AutoDecider {
                 }
                 (_, Some(b), _) if b <= 0.0 => {
                     d.reason = "zstd saved nothing on the sampled chunks: sending raw".into()
+                }
+                (None, Some(_), _) if self.loopback => {
+                    d.reason = "loopback path, not measured yet: sending raw (no network to \
+                                save bytes on)"
+                        .into()
                 }
                 (None, Some(b), _) if b >= OPTIMISTIC_LINK => {
                     d.compress = true;
@@ -831,6 +894,58 @@ mod tests {
         }
         assert!(d.decide().compress);
         assert_eq!(d.decide().probes, 0);
+    }
+
+    #[test]
+    fn the_level_is_the_default_while_the_link_waits_and_fast_while_the_encoders_do() {
+        let mut d = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20);
+        for _ in 0..SAMPLE_FIRST {
+            d.add_sample(sample(0.3, 150.0));
+        }
+        assert_eq!(d.level(), FAST_LEVEL, "until a window says who waits");
+        let mut handed = Handed::default();
+        let mut t = 0.0;
+        // Compressing, 60 MB/s of data a second (18 MB/s on the wire), with `queued` bytes
+        // waiting in quinn at every report.
+        let mut run = |d: &mut AutoDecider, secs: f64, queued: u64| {
+            let end = t + secs;
+            while t < end {
+                t += 0.2;
+                handed.raw_compressed += 12_000_000;
+                handed.wire_compressed += 3_600_000;
+                d.observe_progress(t, handed, handed.wire().saturating_sub(queued), 0.02);
+            }
+        };
+        // A slow link with data waiting: level 3 stays, no probe.
+        run(&mut d, 3.0, 20_000_000);
+        assert_eq!((d.level(), d.decide().probes), (DEFAULT_LEVEL, 0));
+        // The encoders become the bottleneck: the faster level first, no probe yet.
+        run(&mut d, 0.4, 0);
+        assert_eq!((d.level(), d.decide().probes), (FAST_LEVEL, 0));
+        // Still the encoders at level 1: now a raw probe.
+        run(&mut d, 0.6, 0);
+        assert_eq!(d.decide().probes, 1, "{:?}", d.decide());
+        // Fixed levels are what was asked.
+        assert_eq!(
+            AutoDecider::new(CompressPolicy::Zstd(7), None, 1).level(),
+            7
+        );
+    }
+
+    #[test]
+    fn a_loopback_path_is_not_compressed_before_it_is_measured() {
+        let mut d = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20).on_loopback();
+        for _ in 0..SAMPLE_FIRST {
+            d.add_sample(sample(0.3, 150.0));
+        }
+        let dec = d.decide();
+        assert!(!dec.compress && dec.reason.contains("loopback"), "{dec:?}");
+        // Measured, the ordinary rules apply: a slow "loopback" (a CPU-starved receiver)
+        // behind a backlog is worth compressing for.
+        for i in 0..20 {
+            report(&mut d, i as f64 * 0.2, i * 2_000_000, true);
+        }
+        assert!(d.decide().compress, "{:?}", d.decide());
     }
 
     #[test]

@@ -573,11 +573,15 @@ async fn attempt_on(
     let reader = tokio::spawn(read_controls(ctl_recv, events_tx.clone()));
     let shared = Arc::new(Shared {
         queue: WorkQueue::default(),
-        decider: Mutex::new(AutoDecider::new(
-            cfg.compress,
-            cfg.bwlimit,
-            cfg.transport.window.unwrap_or(crate::quic::SEND_WINDOW),
-        )),
+        decider: Mutex::new({
+            let send_window = cfg.transport.window.unwrap_or(crate::quic::SEND_WINDOW);
+            let d = AutoDecider::new(cfg.compress, cfg.bwlimit, send_window);
+            if conn.remote_address().ip().is_loopback() {
+                d.on_loopback()
+            } else {
+                d
+            }
+        }),
         limiter: cfg.bwlimit.map(RateLimiter::new),
         encoded: AtomicU64::new(0),
         started: Instant::now(),
