@@ -197,8 +197,8 @@ fn auto_decision_benches(c: &mut Criterion) {
         raw_compressed: 2 * wire,
         wire_plain: 0,
     };
-    d.observe_progress(0.0, handed(8 << 20), 0, 0.02);
-    d.observe_progress(1.0, handed(108 << 20), 100_000_000, 0.02);
+    d.observe_progress(0.0, handed(8 << 20), 0, 0.02, true);
+    d.observe_progress(1.0, handed(108 << 20), 100_000_000, 0.02, true);
     c.bench_function("auto decide", |b| {
         b.iter(|| std::hint::black_box(d.decide()))
     });

@@ -25,7 +25,9 @@
 //! [`BACKLOG_FACTOR`] x `link x (RTT + interval)`: enough that the link never waits for the
 //! next report, little enough that a decision applies to data about to leave rather than to
 //! seconds of data already queued, and that the bound, not quinn's window, is what fills up
-//! on a slow link.
+//! on a slow link. (Until the first window is measured, about half a second in, only quinn's
+//! send window bounds it: on a slow link the first 16 MiB go out as the starting choice
+//! decided.)
 //!
 //! It compresses only while `link < breakpoint`. Three refinements keep that honest:
 //! - before the link is measured, data whose breakpoint exceeds [`OPTIMISTIC_LINK`] (source
@@ -234,6 +236,9 @@ pub struct AutoDecider {
     loopback: bool,
     /// Measurement windows ended so far.
     windows: u64,
+    /// Set once a report came with nothing left to encode: the windows that follow change
+    /// no level and start no probe.
+    draining: bool,
 }
 
 /// How a window's data went.
@@ -295,6 +300,7 @@ impl AutoDecider {
             fast_level_link: None,
             loopback: false,
             windows: 0,
+            draining: false,
         }
     }
 
@@ -347,15 +353,19 @@ impl AutoDecider {
     }
 
     /// A receiver's `Progress` arrived at `now_secs`: it has read `received` frame bytes, we
-    /// have handed quinn `handed`, and the connection's RTT is `rtt_secs`.
+    /// have handed quinn `handed`, and the connection's RTT is `rtt_secs`. `more_to_send`
+    /// is false once no chunk waits for an encoder: the transfer's tail, where the link
+    /// drains and says nothing about who the bottleneck is (it still measures the link).
     pub fn observe_progress(
         &mut self,
         now_secs: f64,
         handed: Handed,
         received: u64,
         rtt_secs: f64,
+        more_to_send: bool,
     ) {
         self.rtt = rtt_secs.max(0.0);
+        self.draining |= !more_to_send;
         let previous = self.last_report.replace((now_secs, received));
         let backlog = handed.wire().saturating_sub(received) as f64;
         // The link is the bottleneck at this report if data waits for it, or if it ran at
@@ -446,7 +456,7 @@ impl AutoDecider {
     /// was measured (the first one after the switch still carries compressed frames that
     /// were encoded before it), at most [`MAX_PROBE_SECS`].
     fn after_window(&mut self, now_secs: f64, mode: Mode, link_bound: bool) {
-        if self.policy != CompressPolicy::Auto {
+        if self.policy != CompressPolicy::Auto || self.draining {
             return;
         }
         if let Some(probe) = self.probe {
@@ -691,7 +701,7 @@ mod tests {
             wire_plain: received + backlog,
             ..Handed::default()
         };
-        d.observe_progress(t, handed, received, 0.02);
+        d.observe_progress(t, handed, received, 0.02, true);
     }
 
     #[test]
@@ -780,7 +790,7 @@ mod tests {
                 raw_compressed: (received + 8_000_000) * 10 / 3,
                 wire_plain: 0,
             };
-            d.observe_progress(t, handed, received, 0.02);
+            d.observe_progress(t, handed, received, 0.02, true);
         }
         let dec = d.decide();
         assert!(dec.compress, "{dec:?}");
@@ -830,7 +840,7 @@ mod tests {
                 wire_plain: received + 20_000_000,
                 ..Handed::default()
             };
-            d.observe_progress(i as f64 * 0.2, handed, received, 0.05);
+            d.observe_progress(i as f64 * 0.2, handed, received, 0.05, true);
             received += 2_000_000;
         }
         let limit = d.backlog_limit().unwrap();
@@ -865,7 +875,7 @@ mod tests {
                 handed.wire_plain += data;
             }
             // Nothing waits in quinn: the receiver has read all that was handed.
-            d.observe_progress(*t, handed, handed.wire(), 0.001);
+            d.observe_progress(*t, handed, handed.wire(), 0.001, true);
         };
         while !d.decide().reason.contains("probing") {
             assert!(t < 2.0, "no probe: {:?}", d.decide());
@@ -913,7 +923,7 @@ mod tests {
                 t += 0.2;
                 handed.raw_compressed += 12_000_000;
                 handed.wire_compressed += 3_600_000;
-                d.observe_progress(t, handed, handed.wire().saturating_sub(queued), 0.02);
+                d.observe_progress(t, handed, handed.wire().saturating_sub(queued), 0.02, true);
             }
         };
         // A slow link with data waiting: level 3 stays, no probe.
@@ -968,7 +978,7 @@ mod tests {
             } else {
                 handed.wire_plain += 20_000_000;
             }
-            d.observe_progress(t, handed, handed.wire() - 1_000, 0.01);
+            d.observe_progress(t, handed, handed.wire() - 1_000, 0.01, true);
             if d.decide().probes > probe_times.len() as u64 {
                 probe_times.push(t);
             }
@@ -1093,7 +1103,7 @@ mod tests {
                 }
                 while reports.front().is_some_and(|(at, _)| *at <= t) {
                     if let Some((_, n)) = reports.pop_front() {
-                        d.observe_progress(t, handed, n, self.rtt);
+                        d.observe_progress(t, handed, n, self.rtt, next_chunk < self.chunks);
                     }
                 }
                 if next_chunk == self.chunks

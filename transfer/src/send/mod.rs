@@ -663,7 +663,8 @@ async fn attempt_on(
                     let handed = shared.handed();
                     if let Ok(mut d) = shared.decider.lock() {
                         let now = shared.started.elapsed().as_secs_f64();
-                        d.observe_progress(now, handed, wire_bytes, conn.rtt().as_secs_f64());
+                        let more = !shared.queue.is_empty();
+                        d.observe_progress(now, handed, wire_bytes, conn.rtt().as_secs_f64(), more);
                     }
                 }
                 SenderOutput::Event(event) => {
