@@ -204,7 +204,7 @@ fn auto_decision_benches(c: &mut Criterion) {
     });
     // Once per frame a writer hands to quinn.
     c.bench_function("auto write delay", |b| {
-        b.iter(|| std::hint::black_box(d.write_delay(1.1, std::hint::black_box(110 << 20))))
+        b.iter(|| std::hint::black_box(d.write_delay(1.1, std::hint::black_box(110 << 20), 0)))
     });
 }
 

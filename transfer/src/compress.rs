@@ -81,6 +81,10 @@ pub const LINK_SMOOTHING_SECS: f64 = 0.5;
 pub const BACKLOG_FACTOR: f64 = 2.0;
 /// The backlog bound is never below this (a few chunks of a slow link).
 pub const MIN_BACKLOG: f64 = 1.0 * (1 << 20) as f64;
+/// Before the link is measured: the most frame bytes quinn may hold unsent, and how often a
+/// writer held back looks again.
+pub const START_QUEUE: f64 = 4.0 * (1 << 20) as f64;
+const START_QUEUE_POLL: f64 = 0.005;
 /// Before the link is measured, data whose breakpoint is above this is compressed.
 pub const OPTIMISTIC_LINK: f64 = 50e6;
 /// Longest raw probe after a window in which compression was the bottleneck (it ends as
@@ -523,8 +527,18 @@ impl AutoDecider {
 
     /// How long a writer holding `handed_wire` frame bytes so far should wait before handing
     /// quinn its next frame; `None`: write now. Writers need not wait for the next report
-    /// ([`Self::projected_backlog`]).
-    pub fn write_delay(&self, now_secs: f64, handed_wire: u64) -> Option<f64> {
+    /// ([`Self::projected_backlog`]). Before the link is measured, what quinn has not yet
+    /// put on the wire (`handed_wire` minus `sent_wire`, the UDP bytes it sent) is kept
+    /// under [`START_QUEUE`]: a slow link then holds seconds, not quinn's whole send window,
+    /// of data encoded by the starting choice, while a fast one drains it as it comes.
+    pub fn write_delay(&self, now_secs: f64, handed_wire: u64, sent_wire: u64) -> Option<f64> {
+        if self.policy == CompressPolicy::Auto
+            && self.link_rate().is_none()
+            && !self.loopback
+            && handed_wire.saturating_sub(sent_wire) as f64 >= START_QUEUE
+        {
+            return Some(START_QUEUE_POLL);
+        }
         let limit = self.backlog_limit()?;
         let backlog = self.projected_backlog(now_secs, handed_wire)?;
         let link = self.link_rate()?.max(1.0);
@@ -828,11 +842,14 @@ mod tests {
     #[test]
     fn the_backlog_is_bounded_to_what_keeps_the_link_busy() {
         let mut d = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20);
-        assert_eq!(
-            d.write_delay(0.0, 1 << 30),
-            None,
-            "no bound before measuring"
+        // Before measuring, only what quinn has not sent yet is bounded.
+        assert_eq!(d.write_delay(0.0, 8 << 20, 8 << 20), None);
+        assert!(
+            d.write_delay(0.0, 8 << 20, 3 << 20).is_some(),
+            "5 MiB unsent"
         );
+        let lo = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20).on_loopback();
+        assert_eq!(lo.write_delay(0.0, 8 << 20, 0), None, "not on loopback");
         // A 10 MB/s link, RTT 50 ms: the bound is 2 x 10 MB/s x (0.05 + 0.2) s = 5 MB.
         let mut received = 0;
         for i in 0..20 {
@@ -846,11 +863,11 @@ mod tests {
         let limit = d.backlog_limit().unwrap();
         assert!((limit - 5e6).abs() < 0.3e6, "{limit}");
         let (t, last) = d.last_report.unwrap();
-        assert_eq!(d.write_delay(t, last + 4_000_000), None);
-        let wait = d.write_delay(t, last + 6_000_000).unwrap();
+        assert_eq!(d.write_delay(t, last + 4_000_000, 0), None);
+        let wait = d.write_delay(t, last + 6_000_000, 0).unwrap();
         assert!(wait > 0.0 && wait <= 0.2, "{wait}");
         // Between reports the receiver is assumed to keep reading at the link's speed.
-        assert_eq!(d.write_delay(t + 0.15, last + 6_000_000), None);
+        assert_eq!(d.write_delay(t + 0.15, last + 6_000_000, 0), None);
         // Fixed policies are not held back: their choice does not depend on the backlog.
         let d = AutoDecider::new(CompressPolicy::Off, None, 16 << 20);
         assert_eq!(d.backlog_limit(), None);
@@ -1118,7 +1135,9 @@ mod tests {
                     // window allow.
                     if let Some(frame) = ready[s] {
                         let unacked = handed.wire() as f64 - received;
-                        if d.write_delay(t, handed.wire()).is_none() && unacked < SEND_WINDOW {
+                        let sent = on_link as u64;
+                        if d.write_delay(t, handed.wire(), sent).is_none() && unacked < SEND_WINDOW
+                        {
                             if let (Some(limit), Some(backlog)) =
                                 (d.backlog_limit(), d.projected_backlog(t, handed.wire()))
                             {

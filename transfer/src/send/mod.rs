@@ -395,10 +395,11 @@ impl Shared {
 
     /// How long a writer must wait before handing quinn its next frame (`auto`'s bound on
     /// the backlog); `None`: now.
-    fn write_delay(&self) -> Option<Duration> {
+    fn write_delay(&self, conn: &quinn::Connection) -> Option<Duration> {
         let d = self.decider.lock().ok()?;
         let now = self.started.elapsed().as_secs_f64();
-        d.write_delay(now, self.handed().wire())
+        let sent = conn.stats().udp_tx.bytes;
+        d.write_delay(now, self.handed().wire(), sent)
             .map(Duration::from_secs_f64)
     }
 
@@ -798,7 +799,7 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
         let wire_len = ChunkHeader::LEN as u64 + h.payload_len;
         // `auto` bounds what waits in quinn, so its next decision applies to data about to
         // leave (the encoder behind us waits too: its frame is already encoded).
-        while let Some(wait) = shared.write_delay() {
+        while let Some(wait) = shared.write_delay(&conn) {
             tokio::time::sleep(wait).await;
         }
         shared.hand(h, wire_len);
