@@ -182,8 +182,8 @@ fn frame_benches(c: &mut Criterion) {
 
 /// The `auto` decision runs once per chunk encoded: it must cost nothing next to a chunk.
 fn auto_decision_benches(c: &mut Criterion) {
-    use transfer::compress::{AutoDecider, CodecSample, CompressPolicy};
-    let mut d = AutoDecider::new(CompressPolicy::Auto, None);
+    use transfer::compress::{AutoDecider, CodecSample, CompressPolicy, Handed};
+    let mut d = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20);
     for _ in 0..4 {
         d.add_sample(CodecSample {
             raw_bytes: 2 << 20,
@@ -192,10 +192,19 @@ fn auto_decision_benches(c: &mut Criterion) {
             decompress_secs: 0.003,
         });
     }
-    d.observe_wire(0.0, 0, true);
-    d.observe_wire(1.0, 100_000_000, true);
+    let handed = |wire| Handed {
+        wire_compressed: wire,
+        raw_compressed: 2 * wire,
+        wire_plain: 0,
+    };
+    d.observe_progress(0.0, handed(8 << 20), 0, 0.02, true);
+    d.observe_progress(1.0, handed(108 << 20), 100_000_000, 0.02, true);
     c.bench_function("auto decide", |b| {
-        b.iter(|| std::hint::black_box(d.decide_at(std::hint::black_box(1.5))))
+        b.iter(|| std::hint::black_box(d.decide()))
+    });
+    // Once per frame a writer hands to quinn.
+    c.bench_function("auto write delay", |b| {
+        b.iter(|| std::hint::black_box(d.write_delay(1.1, std::hint::black_box(110 << 20), 0)))
     });
 }
 

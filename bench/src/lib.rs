@@ -6,7 +6,11 @@
 //! breakpoints (the link speed below which compressing pays), a markdown table, CSV and an
 //! SVG chart. The `breakpoints` binary drives it; `benches/micro.rs` holds criterion
 //! micro-benchmarks of BLAKE3 and zstd on pack and text chunks.
+//!
+//! [`linkemu`] emulates WAN links (rate, delay, loss, cuts) between two network namespaces,
+//! for `scripts/bench-wan.sh` and for tests; its binary is `linkemu`.
 
 pub mod codecs;
+pub mod linkemu;
 pub mod report;
 pub mod shardsend_codec;

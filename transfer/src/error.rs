@@ -43,6 +43,10 @@ pub enum Error {
     Input(String),
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    /// No answer from the address (nothing listening, or no path to it): unlike a refused
+    /// key, worth trying again when a connection that worked was lost.
+    #[error("cannot connect to {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
     #[error("receiver refused the transfer: {message}")]
     Refused { code: FailCode, message: String },
     #[error("verification failed: {0}")]
@@ -67,7 +71,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Input(_) | Error::Identity(_) => exit::USAGE,
-            Error::Connect { .. } => exit::CONNECT,
+            Error::Connect { .. } | Error::Unreachable { .. } => exit::CONNECT,
             Error::Refused { code, .. } => match code {
                 FailCode::Verification => exit::VERIFY,
                 _ => exit::REFUSED,

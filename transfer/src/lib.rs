@@ -8,13 +8,15 @@
 //!   [`recv::session::ReceiverSession`] (`handle(input) -> outputs`, quinn-proto style);
 //! - I/O: [`scan`] (source tree), [`send::source`] and [`send::codec`] (reading and encoding
 //!   chunks), [`staging`] and [`recv::store`] (receiver's disk side), [`identity`] (keys,
-//!   pinned-fingerprint TLS), [`quic`] (endpoint tuning), [`io`] (frames on any
+//!   pinned-fingerprint TLS), [`quic`] (endpoint tuning, congestion control; [`background`] is
+//!   the delay-based controller of `--congestion background`), [`io`] (frames on any
 //!   `AsyncRead`/`AsyncWrite`), and the two thin async drivers [`send`] and [`recv`] used by
 //!   the `shardsend` / `shardrecv` binaries.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the data flow and invariants.
 
 pub mod admission;
+pub mod background;
 pub mod cli;
 pub mod compress;
 pub mod error;

@@ -34,6 +34,9 @@ pub const QUEUED_SINCE_VERSION: u16 = 2;
 pub const MAX_CONTROL_FRAME: u32 = 1 << 20;
 /// Most chunk hashes carried by one [`ControlMsg::Have`] frame (keeps it under the cap).
 pub const MAX_HAVE_PER_FRAME: usize = 16_384;
+/// How often a receiver sends `Progress` while receiving; the sender's `auto` compression
+/// keeps enough data queued to cover it ([`crate::compress`]).
+pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Magic at the start of every chunk header: catches desynchronised streams early.
 pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"SXC1");
 
@@ -190,7 +193,9 @@ pub enum ControlMsg {
         active: u64,
         limit: u64,
     },
-    /// R->S: progress: chunks and raw bytes verified so far, wire bytes received.
+    /// R->S, every [`PROGRESS_INTERVAL`]: chunks and raw bytes verified so far, and frame
+    /// bytes read from the data streams so far (counted per read, not per whole chunk: the
+    /// sender measures the link with them).
     Progress {
         verified_chunks: u64,
         verified_bytes: u64,

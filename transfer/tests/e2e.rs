@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
 mod busy_receiver;
+mod cut_link;
 mod live_source;
 mod util;
 
@@ -272,6 +273,42 @@ fn bad_local_input_is_refused_with_a_clear_message() {
 }
 
 #[test]
+fn every_congestion_controller_and_a_larger_window_complete_a_transfer() {
+    let keys = Keys::new();
+    let root = keys.path("root");
+    let d = Daemon::start(&keys, &root);
+    let src = keys.path("src");
+    std::fs::create_dir(&src).unwrap();
+    write_random(&src.join("data"), 6_000_000, 11);
+    for (i, extra) in [
+        vec!["--congestion", "bbr"],
+        vec!["--congestion", "cubic"],
+        vec!["--congestion", "newreno"],
+        vec!["--congestion", "background"],
+        vec!["--window", "64M", "--congestion", "background"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dest = format!("cc{i}.git");
+        let mut args = vec!["--compress", "off"];
+        args.extend(extra.iter().copied());
+        assert_ok(&send(&keys, &src, &d.addr, &dest, &args));
+        assert_same_tree(&src, &root.join(&dest));
+    }
+    let out = send(&keys, &src, &d.addr, "x.git", &["--congestion", "vegas"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("bbr, cubic, newreno, background"));
+    let out = send(&keys, &src, &d.addr, "x.git", &["--window", "1M"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("between 4M and 256M"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn corrupted_chunk_is_requested_again_and_persistent_corruption_fails() {
     let keys = Keys::new();
     let root = keys.path("root");
@@ -378,7 +415,10 @@ fn resume_after_kill(kill_receiver: bool) {
         "--compress",
         "off",
     ];
-    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &args)
+    // This sender gives up at the loss (--retry-for 0), so the resume is ours to make.
+    let mut first_args = args.to_vec();
+    first_args.extend(["--retry-for", "0"]);
+    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &first_args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -439,7 +479,10 @@ fn source_changed_since_the_first_attempt_is_resent_whole() {
         "--compress",
         "off",
     ];
-    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &args)
+    // This sender gives up at the loss (--retry-for 0), so the resume is ours to make.
+    let mut first_args = args.to_vec();
+    first_args.extend(["--retry-for", "0"]);
+    let mut first = send_cmd(&keys, &src, &d.addr, "r.git", &first_args)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -609,10 +652,14 @@ mod hostile {
         rt.block_on(async {
             let id = Identity::load(&keys.send_key).unwrap();
             let crypto = client_crypto(&id, keys.recv_fp).unwrap();
-            let (_ep, conn) =
-                transfer::quic::connect(addr.parse().unwrap(), crypto, Duration::from_secs(5))
-                    .await
-                    .unwrap();
+            let (_ep, conn) = transfer::quic::connect(
+                addr.parse().unwrap(),
+                crypto,
+                Duration::from_secs(5),
+                &transfer::quic::TransportOptions::default(),
+            )
+            .await
+            .unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             // Every tree starts with its root directory entry.
             let mut entries = entries;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
 use transfer::identity::{AllowList, Identity};
+use transfer::quic::{Congestion, TransportOptions};
 use transfer::recv::{Receiver, ServeConfig, DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
 use transfer::Error;
 
@@ -53,6 +54,14 @@ enum Command {
         /// told their place (a waiting sender keeps its connection open)
         #[arg(long, default_value_t = DEFAULT_MAX_TRANSFERS)]
         max_transfers: usize,
+        /// Congestion controller of our sending side (control messages): bbr, cubic or
+        /// newreno. The data direction follows the sender's --congestion
+        #[arg(long, default_value_t = Congestion::default())]
+        congestion: Congestion,
+        /// Connection receive window per transfer, K/M suffixes: the most unread data one
+        /// transfer may buffer here; it must cover the sender's rate x RTT
+        #[arg(long, value_parser = transfer::quic::parse_window)]
+        window: Option<u64>,
         /// Transfers waiting in line at most; beyond that senders are refused as busy
         #[arg(long, default_value_t = DEFAULT_MAX_QUEUED)]
         max_queued: usize,
@@ -78,6 +87,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             identity,
             allow,
             max_transfers,
+            congestion,
+            window,
             max_queued,
         } => {
             let identity = Identity::load(&identity)?;
@@ -97,6 +108,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     identity,
                     allow,
                     max_transfers,
+                    transport: TransportOptions { congestion, window },
                     max_queued,
                 })?;
                 let addr = receiver.local_addr()?;

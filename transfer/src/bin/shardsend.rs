@@ -9,6 +9,7 @@ use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODE
 use transfer::compress::CompressPolicy;
 use transfer::gitdir::GitMode;
 use transfer::identity::{Fingerprint, Identity};
+use transfer::quic::{Congestion, TransportOptions};
 use transfer::send::{
     send, EventSink, Fault, SendConfig, SendEvent, DEFAULT_CHUNK_SIZE, DEFAULT_STREAMS,
 };
@@ -24,8 +25,10 @@ use transfer::Error;
         The tree is streamed in chunks over several QUIC streams, each chunk hashed with BLAKE3 and \
         checked by the receiver, then the receiver fsyncs and installs it atomically as \
         ROOT/DEST_NAME (an existing DEST_NAME is moved aside to DEST_NAME.replaced-<unix-time>). \
-        Both ends authenticate with pinned key fingerprints. After an interruption, run the same \
-        command with --resume: only chunks the receiver has not verified are sent again.\n\n\
+        Both ends authenticate with pinned key fingerprints. A connection lost mid-transfer (a cut \
+        link, a receiver restarting) is made again and resumed on its own, for up to --retry-for \
+        per outage; after a longer interruption, run the same command with --resume. Either way \
+        only chunks the receiver has not verified are sent again.\n\n\
         Example: shardsend /srv/repos/r1.git 10.0.0.2:7400 r1.git --identity ~/.shard/send.key --peer <fingerprint>",
     after_help = EXIT_CODES_HELP,
     args_conflicts_with_subcommands = true,
@@ -93,14 +96,43 @@ struct SendArgs {
     /// Seconds to wait for the receiver to answer before giving up
     #[arg(long, default_value_t = 15.0)]
     connect_timeout: f64,
+    /// Congestion controller: bbr (default: keeps the link full under random loss, where
+    /// cubic and newreno collapse), cubic, newreno, or background (delay-based: backs off
+    /// when a queue builds, so users' traffic on a shared link keeps its share)
+    #[arg(long, default_value_t = Congestion::default())]
+    congestion: Congestion,
+    /// Most bytes in flight (unacknowledged) on the connection, K/M suffixes, 4M-256M
+    /// (default 16M). It must cover rate x RTT (1 Gbit/s x 150 ms = 19 MB; the default covers
+    /// 1 Gbit/s up to ~130 ms) and it is memory this end may hold; give shardrecv the same
+    /// --window. Opens at least WINDOW / 4M data streams
+    #[arg(long, value_parser = parse_window)]
+    window: Option<u64>,
     /// How long to wait in line when the receiver is running its limit of transfers, e.g.
     /// 90s, 10m, 1h; 0 fails at once (exit 4). While waiting, a line on stderr says where we
     /// stand (with --json: one JSON object per line, {"event":"queued",...})
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m", value_name = "DURATION")]
     wait_for: std::time::Duration,
+    /// How long to keep reconnecting when the connection to the receiver is lost mid-transfer
+    /// (a cut link is noticed after 30 s of silence), e.g. 90s, 5m, 1h; each new connection
+    /// resumes, so only what the receiver has not verified is sent again. The clock restarts
+    /// whenever a connection is made again. While reconnecting, a line on stderr says so
+    /// (with --json: {"event":"reconnecting",...}). 0: exit 6 at once, like before
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", value_name = "DURATION")]
+    retry_for: std::time::Duration,
     /// Test-only fault injection: corrupt-once | corrupt-always
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
+}
+
+fn parse_window(text: &str) -> Result<u64, String> {
+    transfer::quic::parse_window(text)
+}
+
+/// A stream carries at most `quic::STREAM_WINDOW` unacknowledged bytes, so a larger
+/// `--window` needs enough streams to fill it.
+fn streams_for_window(streams: usize, window: Option<u64>) -> usize {
+    let needed = window.map_or(0, |w| w.div_ceil(transfer::quic::STREAM_WINDOW)) as usize;
+    streams.max(needed)
 }
 
 fn main() {
@@ -142,6 +174,22 @@ fn event_printer(json: bool) -> EventSink {
                 SendEvent::Admitted { waited_seconds } => {
                     format!("the receiver took the transfer after {waited_seconds:.1} s in line")
                 }
+                SendEvent::Reconnecting {
+                    reason,
+                    try_number,
+                    waited_seconds,
+                    retry_for_seconds,
+                } => format!(
+                    "no connection to the receiver ({reason}): reconnecting to resume, try \
+                     {try_number}, {waited_seconds:.0} s of --retry-for {retry_for_seconds:.0} s"
+                ),
+                SendEvent::Reconnected {
+                    waited_seconds,
+                    tries,
+                } => format!(
+                    "connected to the receiver again after {waited_seconds:.1} s ({tries} tries): \
+                     resuming"
+                ),
             }
         };
         let _ = writeln!(std::io::stderr(), "{line}");
@@ -165,7 +213,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         identity: Arc::new(identity),
         peer: Fingerprint::parse(&a.peer.ok_or_else(|| missing("--peer"))?)?,
         compress: a.compress,
-        streams: a.streams,
+        streams: streams_for_window(a.streams, a.window),
         bwlimit: a.bwlimit,
         resume: a.resume,
         chunk_size: a.chunk_size,
@@ -175,8 +223,13 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         git: a.git,
         connect_timeout: std::time::Duration::try_from_secs_f64(a.connect_timeout)
             .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
+        transport: TransportOptions {
+            congestion: a.congestion,
+            window: a.window,
+        },
         wait_for: a.wait_for,
         events: Some(event_printer(a.json)),
+        retry_for: a.retry_for,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

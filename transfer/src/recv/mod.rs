@@ -25,6 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,10 +34,10 @@ use tokio::sync::{mpsc, Notify};
 use crate::admission::{Admission, Admissions, QueueFull, Ticket};
 use crate::error::Error;
 use crate::identity::{server_crypto, AllowList, Fingerprint, Identity};
-use crate::io::{read_chunk_header, read_control, read_payload, write_control};
+use crate::io::{read_chunk_header, read_control, read_payload_counting, write_control};
 use crate::manifest::Manifest;
 use crate::staging::{PrepareError, Staging};
-use crate::wire::{hex, ControlMsg, FailCode};
+use crate::wire::{hex, ChunkHeader, ControlMsg, FailCode};
 
 use session::{Outcome, ReceiverInput, ReceiverOutput, ReceiverSession};
 use store::{store_chunk, Stored};
@@ -51,6 +52,8 @@ pub struct ServeConfig {
     pub max_transfers: usize,
     /// Transfers waiting in line at most; more are refused as busy.
     pub max_queued: usize,
+    /// Congestion controller and other transport choices.
+    pub transport: crate::quic::TransportOptions,
 }
 
 /// Default of `shardrecv serve --max-transfers`.
@@ -91,7 +94,7 @@ impl Receiver {
             .canonicalize()
             .map_err(|e| Error::io(&cfg.root, e))?;
         let crypto = server_crypto(&cfg.identity, Arc::new(cfg.allow))?;
-        let endpoint = crate::quic::server_endpoint(cfg.listen, crypto)?;
+        let endpoint = crate::quic::server_endpoint(cfg.listen, crypto, &cfg.transport)?;
         Ok(Receiver {
             endpoint,
             shared: Arc::new(Shared {
@@ -286,6 +289,8 @@ struct Transfer {
     to_control: mpsc::UnboundedSender<ReceiverOutput>,
     slot: Mutex<Option<Slot>>,
     claim: Mutex<Option<Claim>>,
+    /// Frame bytes read from the data streams, counted per read (reported in `Progress`).
+    wire_read: AtomicU64,
 }
 
 impl Transfer {
@@ -331,6 +336,7 @@ async fn handle_connection(
         to_control,
         slot: Mutex::new(None),
         claim: Mutex::new(None),
+        wire_read: AtomicU64::new(0),
     });
     // The first message is read here: until a slot is ours, the rest of the control stream
     // (the manifest) stays unread in quinn's flow-controlled buffer.
@@ -345,7 +351,7 @@ async fn handle_connection(
     let mut recv = Some(recv);
     let mut reader: Option<tokio::task::JoinHandle<()>> = None;
     let mut acceptor: Option<tokio::task::JoinHandle<()>> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(crate::wire::PROGRESS_INTERVAL);
     let result = loop {
         if let Some(output) = pending.pop_front() {
             match output {
@@ -403,7 +409,9 @@ async fn handle_connection(
         let event = tokio::select! {
             e = events.recv() => e,
             o = from_streams.recv() => o.map(Event::Output),
-            _ = tick.tick() => Some(Event::Input(ReceiverInput::Tick)),
+            _ = tick.tick() => Some(Event::Input(ReceiverInput::Tick {
+                wire_bytes: t.wire_read.load(Ordering::Relaxed),
+            })),
         };
         match event {
             Some(Event::Input(input)) => pending.extend(t.handle(input)),
@@ -701,7 +709,11 @@ async fn receive_stream(mut stream: quinn::RecvStream, t: Arc<Transfer>) {
     let mut processing = tokio::task::JoinSet::new();
     loop {
         let header = match read_chunk_header(&mut stream).await {
-            Ok(Some(h)) => h,
+            Ok(Some(h)) => {
+                t.wire_read
+                    .fetch_add(ChunkHeader::LEN as u64, Ordering::Relaxed);
+                h
+            }
             Ok(None) | Err(Error::Interrupted(_)) => break,
             Err(e) => {
                 t.handle_for_control(ReceiverInput::FrameUnreadable(e.to_string()));
@@ -731,7 +743,10 @@ async fn receive_stream(mut stream: quinn::RecvStream, t: Arc<Transfer>) {
         // the manifest (at most the chunk size).
         let mut payload = pool.take();
         payload.resize(header.payload_len as usize, 0);
-        if read_payload(&mut stream, &mut payload).await.is_err() {
+        if read_payload_counting(&mut stream, &mut payload, Some(&t.wire_read))
+            .await
+            .is_err()
+        {
             break;
         }
         if !store {

@@ -75,8 +75,12 @@ pub enum ReceiverInput {
         error: String,
         no_space: bool,
     },
-    /// Time to report progress.
-    Tick,
+    /// Time to report progress; `wire_bytes`: frame bytes read from the data streams so
+    /// far, counted by the driver as they are read (a chunk still arriving counts its part,
+    /// so the sender's link estimate is not quantised by whole chunks).
+    Tick {
+        wire_bytes: u64,
+    },
     /// The tree was installed at `path` (an earlier one moved aside to `replaced`).
     Installed {
         path: Vec<u8>,
@@ -148,7 +152,6 @@ pub struct ReceiverSession {
     manifest: Option<Arc<Manifest>>,
     tracker: Option<ChunkTracker>,
     sender_root: Option<Hash>,
-    wire_bytes: u64,
 }
 
 impl Default for ReceiverSession {
@@ -168,7 +171,6 @@ impl ReceiverSession {
             manifest: None,
             tracker: None,
             sender_root: None,
-            wire_bytes: 0,
         }
     }
 
@@ -372,16 +374,16 @@ impl ReceiverSession {
                 self.sender_root = Some(root_hash);
                 self.maybe_complete(out);
             }
-            (State::Receiving, In::Tick) => {
+            (State::Receiving, In::Tick { wire_bytes }) => {
                 if let Some(t) = &self.tracker {
                     out.push(ReceiverOutput::Send(ControlMsg::Progress {
                         verified_chunks: t.verified_chunks(),
                         verified_bytes: t.verified_bytes(),
-                        wire_bytes: self.wire_bytes,
+                        wire_bytes,
                     }));
                 }
             }
-            (_, In::Tick) => {}
+            (_, In::Tick { .. }) => {}
             (_, In::Control(other)) => self.fail(
                 FailCode::BadRequest,
                 format!("unexpected control message {}", other.brief()),
@@ -435,10 +437,6 @@ impl ReceiverSession {
         };
         match tracker.check_header(&header) {
             Ok(state) => {
-                self.wire_bytes = self
-                    .wire_bytes
-                    .saturating_add(ChunkHeader::LEN as u64)
-                    .saturating_add(header.payload_len);
                 out.push(match state {
                     ChunkState::Missing => ReceiverOutput::StoreChunk(header),
                     // A retry raced with the original: read and drop the payload.
@@ -780,7 +778,7 @@ mod tests {
                 match step {
                     Step::Msg(m) => self.feed(ReceiverInput::Control(m.clone()), &[]),
                     Step::Frame(h, p) => self.feed(ReceiverInput::ChunkFrame(h.clone()), p),
-                    Step::Tick => self.feed(ReceiverInput::Tick, &[]),
+                    Step::Tick => self.feed(ReceiverInput::Tick { wire_bytes: 0 }, &[]),
                 }
             }
             self.feed(ReceiverInput::ControlClosed, &[]);

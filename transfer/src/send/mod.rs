@@ -16,6 +16,11 @@
 //! [`MAX_ATTEMPTS`] for an installing pass, [`MAX_STAGE_ATTEMPTS`] with a pause between them
 //! for a pre-copy, whose last attempt ends partial rather than failed.
 //!
+//! A connection lost mid-transfer (a cut link, a receiver that restarted) is connected again
+//! and resumed, within `retry_for` per outage; [`reconnect`] decides when, what is worth it,
+//! and when to give up. Each new connection asks to resume, so the receiver's `Have` leaves
+//! out every chunk it verified before the loss.
+//!
 //! A receiver at its transfer limit puts us in line and says where we stand (`Queued`,
 //! protocol version 2; see [`crate::admission`]): we report it ([`SendEvent`]) and wait, up to
 //! `wait_for`, for its `Accept`.
@@ -29,6 +34,7 @@
 pub mod codec;
 pub mod fault;
 pub mod queue;
+pub mod reconnect;
 pub mod session;
 pub mod source;
 
@@ -41,18 +47,19 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::compress::{AutoDecider, CompressPolicy, Decision};
+use crate::compress::{AutoDecider, CompressPolicy, Decision, Handed};
 use crate::error::Error;
 use crate::gitdir::GitMode;
 use crate::identity::{client_crypto, Fingerprint, Identity};
 use crate::io::{read_control, write_control, write_controls, BufferPool, RateLimiter};
 use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
-use crate::wire::{hex, ChunkHeader, ControlMsg, EntryKind};
+use crate::wire::{hex, ChunkHeader, Codec, ControlMsg, EntryKind};
 
 use codec::{encode_chunk, Buffers, EncodeChoice};
 pub use fault::Fault;
 use fault::FaultInjector;
 use queue::WorkQueue;
+use reconnect::{Reconnector, Verdict};
 use session::{Ending, SenderInput, SenderOutput, SenderSession, SenderSessionConfig, SenderStats};
 use source::{source_gone, ChunkSource};
 
@@ -99,6 +106,11 @@ pub struct SendConfig {
     pub wait_for: Duration,
     /// Where to report what happens while we wait ([`SendEvent`]).
     pub events: Option<EventSink>,
+    /// Congestion controller and other transport choices.
+    pub transport: crate::quic::TransportOptions,
+    /// How long one outage may last while we reconnect to resume (0: fail at once);
+    /// see [`reconnect`].
+    pub retry_for: Duration,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -115,6 +127,16 @@ pub enum SendEvent {
     },
     /// The receiver took us after we waited in line.
     Admitted { waited_seconds: f64 },
+    /// The connection to the receiver was lost (or a new one got no answer): we connect
+    /// again to resume, try `try_number` of this outage, which began `waited_seconds` ago.
+    Reconnecting {
+        reason: String,
+        try_number: u32,
+        waited_seconds: f64,
+        retry_for_seconds: f64,
+    },
+    /// Connected again after an outage of `waited_seconds`; resuming.
+    Reconnected { waited_seconds: f64, tries: u32 },
 }
 
 /// Receives [`SendEvent`]s.
@@ -164,6 +186,9 @@ pub struct SendSummary {
     pub complete: bool,
     /// Seconds spent waiting in the receiver's line (included in `seconds`).
     pub queued_seconds: f64,
+    /// Times the connection was made again after it was lost (each attempt after it resumed).
+    #[serde(default)]
+    pub reconnects: u32,
     /// QUIC path statistics of the last attempt, for diagnosing slow links.
     pub quic: QuicStats,
 }
@@ -193,7 +218,8 @@ impl QuicStats {
     }
 }
 
-/// Sends `cfg.src`, retrying (with resume) when the source changes during the send.
+/// Sends `cfg.src`, retrying (with resume) when the source changes during the send or the
+/// connection is lost.
 pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
     if cfg.streams == 0 || cfg.streams > crate::quic::MAX_DATA_STREAMS as usize {
         return Err(Error::Input(format!(
@@ -211,12 +237,24 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
     } else {
         MAX_ATTEMPTS
     };
+    // Attempts restarted because the source changed (bounded by `max_attempts`); `attempts`
+    // also counts those after a lost connection.
     let mut attempt = 1;
+    let mut attempts = 1;
+    let mut reconnector = Reconnector::new(cfg.retry_for);
+    let mut connect_timeout = cfg.connect_timeout;
     loop {
         let last = attempt >= max_attempts;
-        match attempt_once(cfg, resume, last, &mut totals).await {
+        let link = Link {
+            connect_timeout,
+            reconnector: &mut reconnector,
+        };
+        let result = attempt_once(cfg, resume, last, link, &mut totals).await;
+        connect_timeout = cfg.connect_timeout;
+        match result {
             Ok(mut summary) => {
-                summary.attempts = attempt;
+                summary.attempts = attempts;
+                summary.reconnects = reconnector.reconnects();
                 summary.seconds = started.elapsed().as_secs_f64();
                 summary.mb_per_s = summary.bytes as f64 / summary.seconds.max(1e-9) / 1e6;
                 return Ok(summary);
@@ -235,9 +273,41 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
                      freeze it (maintenance mode) and retry"
                 )))
             }
-            Err(e) => return Err(e),
+            Err(e) => match reconnector.failed(e, Instant::now(), cfg.connect_timeout) {
+                Verdict::GiveUp(e) => return Err(e),
+                Verdict::Retry {
+                    pause,
+                    connect_timeout: timeout,
+                    event,
+                } => {
+                    if let SendEvent::Reconnecting {
+                        reason, try_number, ..
+                    } = &event
+                    {
+                        tracing::info!(%reason, try_number, "connection to the receiver lost; reconnecting to resume");
+                    }
+                    report(cfg, &event);
+                    tokio::time::sleep(pause).await;
+                    connect_timeout = timeout;
+                    resume = true;
+                }
+            },
         }
+        attempts += 1;
     }
+}
+
+/// Passes `event` to the caller's sink, if any.
+fn report(cfg: &SendConfig, event: &SendEvent) {
+    if let Some(sink) = &cfg.events {
+        sink(event);
+    }
+}
+
+/// How one attempt connects: its connect timeout, and who hears that it did.
+struct Link<'a> {
+    connect_timeout: Duration,
+    reconnector: &'a mut Reconnector,
 }
 
 /// Pause before pre-copy attempt `attempt + 1`: 100 ms, doubling, at most 2 s.
@@ -255,6 +325,16 @@ struct Totals {
     chunks_retried: u64,
 }
 
+impl Totals {
+    fn add(&mut self, stats: &SenderStats) {
+        self.queued_seconds += stats.queued_seconds;
+        self.sent_bytes += stats.sent_bytes;
+        self.wire_bytes += stats.wire_bytes;
+        self.chunks_sent += stats.chunks_sent;
+        self.chunks_retried += stats.chunks_retried;
+    }
+}
+
 /// State shared by the control loop and the data streams of one attempt.
 struct Shared {
     scan: Arc<Scan>,
@@ -266,10 +346,13 @@ struct Shared {
     started: Instant,
     /// Chunk buffers shared by the encoders; at most one spare per stream is kept.
     pool: BufferPool,
-    /// Time the data streams spent blocked writing (link-bound) and waiting for a frame from
-    /// their encoder (encoder-bound) since the last progress report, for `auto`.
-    write_blocked_ns: AtomicU64,
-    write_idle_ns: AtomicU64,
+    /// Frame bytes handed to quinn so far: with the receiver's count, the backlog that tells
+    /// `auto` whether the link or the encoders are the bottleneck, and that it bounds. And
+    /// the raw bytes of the chunks handed compressed and as they are, whose rates `auto`
+    /// compares.
+    handed_wire_compressed: AtomicU64,
+    handed_wire_plain: AtomicU64,
+    handed_raw_compressed: AtomicU64,
     fault: Option<FaultInjector>,
     /// The protocol state. The data streams feed it their chunks directly (a lock per
     /// chunk, no wake-up of the control loop), and pass on what it asks, which is rare.
@@ -287,6 +370,37 @@ impl Shared {
             Err(_) => return false,
         };
         outputs.is_empty() || self.events.send(DriverEvent::Outputs(outputs)).is_ok()
+    }
+
+    /// Counts a frame handed to quinn.
+    fn hand(&self, header: &ChunkHeader, wire_len: u64) {
+        if header.codec == Codec::Zstd {
+            self.handed_wire_compressed
+                .fetch_add(wire_len, Ordering::Relaxed);
+            self.handed_raw_compressed
+                .fetch_add(header.raw_len, Ordering::Relaxed);
+        } else {
+            self.handed_wire_plain
+                .fetch_add(wire_len, Ordering::Relaxed);
+        }
+    }
+
+    fn handed(&self) -> Handed {
+        Handed {
+            wire_compressed: self.handed_wire_compressed.load(Ordering::Relaxed),
+            wire_plain: self.handed_wire_plain.load(Ordering::Relaxed),
+            raw_compressed: self.handed_raw_compressed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How long a writer must wait before handing quinn its next frame (`auto`'s bound on
+    /// the backlog); `None`: now.
+    fn write_delay(&self, conn: &quinn::Connection) -> Option<Duration> {
+        let d = self.decider.lock().ok()?;
+        let now = self.started.elapsed().as_secs_f64();
+        let sent = conn.stats().udp_tx.bytes;
+        d.write_delay(now, self.handed().wire(), sent)
+            .map(Duration::from_secs_f64)
     }
 
     fn handle(&self, input: SenderInput) -> Vec<SenderOutput> {
@@ -308,14 +422,16 @@ enum DriverEvent {
     Failed(Error),
 }
 
+/// A name that does not resolve is `Unreachable`: while a lost connection is retried, the
+/// resolver may be cut off too; a first attempt reports it at once either way.
 async fn resolve(addr: &str) -> Result<std::net::SocketAddr, Error> {
     let mut addrs = tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| Error::Connect {
+        .map_err(|e| Error::Unreachable {
             addr: addr.to_string(),
             reason: format!("cannot resolve: {e} (expected HOST:PORT)"),
         })?;
-    addrs.next().ok_or_else(|| Error::Connect {
+    addrs.next().ok_or_else(|| Error::Unreachable {
         addr: addr.to_string(),
         reason: "resolves to no address".into(),
     })
@@ -327,6 +443,7 @@ async fn attempt_once(
     cfg: &SendConfig,
     resume: bool,
     last: bool,
+    link: Link<'_>,
     totals: &mut Totals,
 ) -> Result<SendSummary, Error> {
     let src = cfg.src.clone();
@@ -347,7 +464,12 @@ async fn attempt_once(
     }
     let addr = resolve(&cfg.addr).await?;
     let crypto = client_crypto(&cfg.identity, cfg.peer)?;
-    let (endpoint, conn) = crate::quic::connect(addr, crypto, cfg.connect_timeout).await?;
+    let (endpoint, conn) =
+        crate::quic::connect(addr, crypto, link.connect_timeout, &cfg.transport).await?;
+    if let Some(event) = link.reconnector.connected(Instant::now()) {
+        tracing::info!(?event, "connected to the receiver again; resuming");
+        report(cfg, &event);
+    }
     let session = SenderSession::new(
         &scanned.manifest,
         SenderSessionConfig {
@@ -363,7 +485,7 @@ async fn attempt_once(
             ),
         },
     );
-    let result = attempt_on(cfg, session, Arc::new(scanned), &conn).await;
+    let result = attempt_on(cfg, session, Arc::new(scanned), &conn, totals).await;
     // The receiver has answered (installed, staged or failed), or we give up: either way it
     // must hear CONNECTION_CLOSE now, which the endpoint driver sends on its next poll (a
     // process that exits without it is noticed only at the receiver's idle timeout, holding
@@ -378,11 +500,6 @@ async fn attempt_once(
     conn.close(code.into(), reason);
     let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
     let (stats, ending, scan) = result?;
-    totals.queued_seconds += stats.queued_seconds;
-    totals.sent_bytes += stats.sent_bytes;
-    totals.wire_bytes += stats.wire_bytes;
-    totals.chunks_sent += stats.chunks_sent;
-    totals.chunks_retried += stats.chunks_retried;
     let (root, path, replaced) = match ending.decision {
         Ending::Verified {
             root_hash,
@@ -426,6 +543,7 @@ async fn attempt_once(
         transient_skipped: scan.transient_skipped,
         complete: root.is_some(),
         queued_seconds: totals.queued_seconds,
+        reconnects: 0,
         quic,
     })
 }
@@ -442,6 +560,7 @@ async fn attempt_on(
     session: SenderSession,
     scan: Arc<Scan>,
     conn: &quinn::Connection,
+    totals: &mut Totals,
 ) -> Result<(SenderStats, AttemptEnd, Arc<Scan>), Error> {
     let (mut ctl_send, ctl_recv) = conn
         .open_bi()
@@ -455,13 +574,22 @@ async fn attempt_on(
     let reader = tokio::spawn(read_controls(ctl_recv, events_tx.clone()));
     let shared = Arc::new(Shared {
         queue: WorkQueue::default(),
-        decider: Mutex::new(AutoDecider::new(cfg.compress, cfg.bwlimit)),
+        decider: Mutex::new({
+            let send_window = cfg.transport.window.unwrap_or(crate::quic::SEND_WINDOW);
+            let d = AutoDecider::new(cfg.compress, cfg.bwlimit, send_window);
+            if conn.remote_address().ip().is_loopback() {
+                d.on_loopback()
+            } else {
+                d
+            }
+        }),
         limiter: cfg.bwlimit.map(RateLimiter::new),
         encoded: AtomicU64::new(0),
         started: Instant::now(),
         pool: BufferPool::new(cfg.streams),
-        write_blocked_ns: AtomicU64::new(0),
-        write_idle_ns: AtomicU64::new(0),
+        handed_wire_compressed: AtomicU64::new(0),
+        handed_wire_plain: AtomicU64::new(0),
+        handed_raw_compressed: AtomicU64::new(0),
         fault: cfg.fault.map(FaultInjector::new),
         session: Mutex::new(session),
         events: events_tx,
@@ -533,11 +661,11 @@ async fn attempt_on(
                     wire_bytes,
                 } => {
                     progress.set_position(stats().resumed_bytes + verified_bytes);
-                    let blocked = shared.write_blocked_ns.swap(0, Ordering::Relaxed);
-                    let idle = shared.write_idle_ns.swap(0, Ordering::Relaxed);
+                    let handed = shared.handed();
                     if let Ok(mut d) = shared.decider.lock() {
                         let now = shared.started.elapsed().as_secs_f64();
-                        d.observe_wire(now, wire_bytes, blocked > idle);
+                        let more = !shared.queue.is_empty();
+                        d.observe_progress(now, handed, wire_bytes, conn.rtt().as_secs_f64(), more);
                     }
                 }
                 SenderOutput::Event(event) => {
@@ -555,9 +683,7 @@ async fn attempt_on(
                             "receiver at its limit: waiting in line"
                         );
                     }
-                    if let Some(sink) = &cfg.events {
-                        sink(&event);
-                    }
+                    report(cfg, &event);
                 }
                 SenderOutput::Finished(result) => break result,
             }
@@ -589,13 +715,17 @@ async fn attempt_on(
     let compression = shared
         .decider
         .lock()
-        .map(|d| d.decide_at(shared.started.elapsed().as_secs_f64()))
+        .map(|d| d.decide())
         .map_err(|_| Error::Other("decider lock poisoned".into()));
     // Workers blocked on a write end when the connection closes; the caller closes it.
     workers.abort_all();
+    // What went out counts whether or not the attempt ended well (a lost connection, a
+    // changed source): the summary reports what this run put on the wire.
+    let stats = stats();
+    totals.add(&stats);
     let decision = result?;
     Ok((
-        stats(),
+        stats,
         AttemptEnd {
             decision,
             compression: compression?,
@@ -662,16 +792,17 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
         other => Error::Interrupted(other.to_string()),
     };
     loop {
-        let waited = Instant::now();
         let Some(frame) = rx.recv().await else {
             break;
         };
-        shared
-            .write_idle_ns
-            .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let writing = Instant::now();
         let h = &frame.header;
         let wire_len = ChunkHeader::LEN as u64 + h.payload_len;
+        // `auto` bounds what waits in quinn, so its next decision applies to data about to
+        // leave (the encoder behind us waits too: its frame is already encoded).
+        while let Some(wait) = shared.write_delay(&conn) {
+            tokio::time::sleep(wait).await;
+        }
+        shared.hand(h, wire_len);
         let header = bytes::Bytes::copy_from_slice(&h.encode());
         let payload = match &shared.fault {
             None => frame.payload,
@@ -698,9 +829,6 @@ async fn worker(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), Erro
                 }
             }
         }
-        shared
-            .write_blocked_ns
-            .fetch_add(writing.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let written = SenderInput::ChunkWritten {
             file: h.file,
             chunk: h.chunk,
@@ -739,9 +867,8 @@ async fn encoder(shared: Arc<Shared>, tx: mpsc::Sender<Frame>) -> Result<(), Err
                 .decider
                 .lock()
                 .map_err(|_| Error::Other("decider lock poisoned".into()))?;
-            let now = shared.started.elapsed().as_secs_f64();
             EncodeChoice {
-                compress: d.decide_at(now).compress,
+                compress: d.decide().compress,
                 sample: d.should_sample(n),
                 level: d.level(),
             }

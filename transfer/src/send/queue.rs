@@ -71,6 +71,14 @@ impl WorkQueue {
         self.wake.notify_waiters();
     }
 
+    /// Whether no chunk waits to be encoded (the encoders may still hold the last ones).
+    pub fn is_empty(&self) -> bool {
+        self.state
+            .lock()
+            .map(|s| s.plan.is_empty() && s.retries.is_empty())
+            .unwrap_or(true)
+    }
+
     /// Stops every encoder at its next `next()`.
     pub fn close(&self) {
         if let Ok(mut s) = self.state.lock() {
@@ -87,11 +95,14 @@ mod tests {
     #[tokio::test]
     async fn retries_come_first_and_close_stops_waiters() {
         let q = std::sync::Arc::new(WorkQueue::default());
+        assert!(q.is_empty());
         q.extend([(0, 0), (0, 1)]);
         q.retry((5, 5));
+        assert!(!q.is_empty());
         assert_eq!(q.next().await, Some((5, 5)));
         assert_eq!(q.next().await, Some((0, 0)));
         assert_eq!(q.next().await, Some((0, 1)));
+        assert!(q.is_empty());
         let waiter = tokio::spawn({
             let q = q.clone();
             async move { q.next().await }

@@ -125,6 +125,13 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, as an operator stops it: it closes its connections, then exits.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -143,7 +150,26 @@ impl Drop for Daemon {
 
 /// `shardsend SRC ADDR DEST --identity --peer --json --no-progress EXTRA...` as a command.
 pub fn send_cmd(keys: &Keys, src: &Path, addr: &str, dest: &str, extra: &[&str]) -> Command {
-    let mut c = Command::new(shardsend());
+    send_cmd_in(&[], keys, src, addr, dest, extra)
+}
+
+/// [`send_cmd`] run through `wrapper` (e.g. `ip netns exec NS`).
+pub fn send_cmd_in(
+    wrapper: &[&str],
+    keys: &Keys,
+    src: &Path,
+    addr: &str,
+    dest: &str,
+    extra: &[&str],
+) -> Command {
+    let mut c = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(shardsend());
+            c
+        }
+        None => Command::new(shardsend()),
+    };
     c.arg(src)
         .arg(addr)
         .arg(dest)
@@ -352,4 +378,70 @@ impl Drop for NetnsPair {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The workspace's `linkemu` (bench crate), which `cargo test --workspace` builds beside this
+/// test binary's `deps/` directory; `None` when it was not built.
+pub fn linkemu() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("linkemu");
+    path.is_file().then_some(path)
+}
+
+/// A `linkemu` link between two namespaces it creates (A 10.250.88.1, B 10.250.88.2); ended
+/// with SIGTERM on drop (its watchdog removes the namespaces even if that fails).
+pub struct Link {
+    child: Child,
+    /// Kept open: linkemu prints its counters there when it ends.
+    _stdout: BufReader<std::process::ChildStdout>,
+    pub ns_a: String,
+    pub ns_b: String,
+    pub addr_b: String,
+}
+
+impl Link {
+    /// Starts `linkemu --json --name PREFIX ARGS...` and waits for its ready line.
+    pub fn start(exe: &Path, tag: &str, args: &[&str]) -> Link {
+        let prefix = format!("st{}{tag}", std::process::id() % 100_000);
+        let mut child = Command::new(exe)
+            .args(["--json", "--name", &prefix])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start linkemu");
+        let mut line = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().expect("linkemu stdout"));
+        stdout.read_line(&mut line).expect("linkemu ready line");
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("linkemu ready line {line:?} is not JSON: {e}"));
+        let field = |k: &str| ready[k].as_str().expect("ready line field").to_string();
+        Link {
+            ns_a: field("ns_a"),
+            ns_b: field("ns_b"),
+            addr_b: field("addr_b"),
+            child,
+            _stdout: stdout,
+        }
+    }
+
+    /// `ip netns exec` into side `A` or `B`.
+    pub fn exec(&self, side: char) -> Vec<String> {
+        let ns = if side == 'a' { &self.ns_a } else { &self.ns_b };
+        vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()]
+    }
+
+    /// Takes the link down (`true`) or brings it back up.
+    pub fn set_down(&self, down: bool) {
+        let sig = if down { libc::SIGUSR1 } else { libc::SIGUSR2 };
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
 }
