@@ -366,6 +366,7 @@ mod tests {
             resume: false,
             install: true,
             sender_info: String::new(),
+            git: false,
         }
     }
 

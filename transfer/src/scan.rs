@@ -371,6 +371,9 @@ enum Captured {
 }
 
 /// Paths whose source changed since the scan (size, mtime, inode or ctime), or vanished.
+/// In git mode a content-addressed file (a pack, a loose object) changed only if its size
+/// did: git freshens their mtime on any push, even a refused one, without changing a byte
+/// ([`gitdir::same_source_version`]), so that never restarts a frozen pass.
 pub fn changed_since_scan(scan: &Scan) -> Vec<String> {
     let mut changed = Vec::new();
     for (e, src) in scan.manifest.entries.iter().zip(&scan.sources) {
@@ -378,7 +381,10 @@ pub fn changed_since_scan(scan: &Scan) -> Vec<String> {
             continue;
         }
         let same = fs::symlink_metadata(src)
-            .map(|m| entry_from_metadata(e.path.clone(), &m, Vec::new()).same_version(e))
+            .map(|m| {
+                let now = entry_from_metadata(e.path.clone(), &m, Vec::new());
+                gitdir::same_source_version(e, &now, scan.git)
+            })
             .unwrap_or(false);
         if !same {
             changed.push(src.display().to_string());
@@ -526,6 +532,34 @@ mod tests {
         assert_eq!(paths(&s), ["", "HEAD", "gc.pid"]);
         let err = scan(plain.path(), opts(GitMode::On)).err().unwrap();
         assert!(err.to_string().contains("not a git directory"), "{err}");
+    }
+
+    #[test]
+    fn a_freshened_pack_is_not_a_changed_source_in_git_mode() {
+        let t = tempfile::tempdir().unwrap();
+        busy_git_dir(t.path());
+        let pack = "objects/pack/pack-0123456789abcdef0123456789abcdef01234567.pack";
+        fs::write(t.path().join(pack), "pack bytes").unwrap();
+        let git = scan(t.path(), opts(GitMode::On)).unwrap();
+        let plain = scan(t.path(), opts(GitMode::Off)).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        let touch = |rel: &str| {
+            fs::File::options()
+                .write(true)
+                .open(t.path().join(rel))
+                .unwrap()
+                .set_modified(later)
+                .unwrap()
+        };
+        touch(pack);
+        assert!(changed_since_scan(&git).is_empty());
+        assert_eq!(changed_since_scan(&plain).len(), 1);
+        // Same size, other bytes, under a name git never trusts: changed in both modes.
+        touch("packed-refs");
+        assert_eq!(changed_since_scan(&git).len(), 1);
+        // A content-addressed file that shrank (or vanished) changed.
+        fs::write(t.path().join(pack), "pack").unwrap();
+        assert_eq!(changed_since_scan(&git).len(), 2);
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //!   cache survives a process kill; the final `syncfs` makes them durable before install);
 //! - the journal header names the manifest hash; a journal of another manifest is ignored;
 //! - on resume, verified chunks carry over only for files whose source version (size,
-//!   mtime, inode, ctime) is unchanged; other files are re-sent whole, never spliced;
+//!   mtime, inode, ctime) is unchanged, or, when the sender says the tree is a git directory,
+//!   for git's content-addressed files of the same path and size, whatever their times
+//!   ([`same_source_version`]); other files are re-sent whole, never spliced;
 //! - install never deletes or overwrites: an existing target is renamed to
 //!   `NAME.replaced-<unix-time>` first.
 
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
+use crate::gitdir::same_source_version;
 use crate::manifest::{Manifest, STAGING_DIR_NAME};
 use crate::tracker::ChunkTracker;
 use crate::wire::{ControlMsg, Entry, EntryKind, Hash, Hello, RootKind};
@@ -108,6 +111,7 @@ impl Staging {
         dest: &[u8],
         manifest: &Manifest,
         resume: bool,
+        git: bool,
     ) -> Result<(Staging, ChunkTracker), PrepareError> {
         let dir = staging_dir(root, dest);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -141,7 +145,7 @@ impl Staging {
             .filter(|e| {
                 carried
                     .get(&e.path)
-                    .is_some_and(|(old, _)| old.same_version(e))
+                    .is_some_and(|(old, _)| same_source_version(old, e, git))
             })
             .map(|e| e.size)
             .sum();
@@ -177,7 +181,9 @@ impl Staging {
                 }
                 EntryKind::Symlink => {} // made at install time
                 EntryKind::File => {
-                    let reuse = carried.get(&e.path).filter(|(old, _)| old.same_version(e));
+                    let reuse = carried
+                        .get(&e.path)
+                        .filter(|(old, _)| same_source_version(old, e, git));
                     let src = if manifest.root_kind == RootKind::File {
                         tree.clone()
                     } else {
@@ -455,6 +461,7 @@ fn encode_state(m: &Manifest) -> Vec<u8> {
         resume: false,
         install: true,
         sender_info: String::new(),
+        git: false,
     })
     .encode_frame(&mut out);
     for e in &m.entries {

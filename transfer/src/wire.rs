@@ -19,17 +19,23 @@
 //!   while it is at its transfer limit. A receiver speaks both: it never sends `Queued` to a
 //!   version 1 sender (which simply waits for `Accept`). A version 2 sender is refused by a
 //!   version 1 receiver, so receivers are upgraded first.
+//! - 3: [`Hello::git`]: the sender says the tree is a git directory, so the receiver may
+//!   carry a content-addressed file over by its path and size alone
+//!   ([`crate::gitdir::same_source_version`]). The field follows the version 2 layout; a
+//!   receiver decodes each `Hello` by the version it carries and still serves 1 and 2.
 
 use thiserror::Error;
 
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"shardxfer/1";
 /// Version carried in [`Hello`]; bumped on any incompatible change of this module.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Oldest sender version a receiver still serves.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// First version whose senders understand [`ControlMsg::Queued`].
 pub const QUEUED_SINCE_VERSION: u16 = 2;
+/// First version whose `Hello` carries [`Hello::git`].
+pub const GIT_FLAG_SINCE_VERSION: u16 = 3;
 /// Largest control frame accepted (type byte + body).
 pub const MAX_CONTROL_FRAME: u32 = 1 << 20;
 /// Most chunk hashes carried by one [`ControlMsg::Have`] frame (keeps it under the cap).
@@ -62,8 +68,9 @@ pub enum WireError {
 }
 
 /// What the root of a transfer is: a directory tree or a single file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RootKind {
+    #[default]
     Dir,
     File,
 }
@@ -115,7 +122,7 @@ impl Entry {
 }
 
 /// First message of a transfer, sender to receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Hello {
     pub version: u16,
     /// Destination name under the receiver's root (relative, validated by the receiver).
@@ -131,6 +138,9 @@ pub struct Hello {
     pub install: bool,
     /// Free text for the receiver's logs (tool version, compression policy).
     pub sender_info: String,
+    /// Version 3: the tree is a git directory (sent with git's rules,
+    /// [`crate::gitdir`]); always false from older senders.
+    pub git: bool,
 }
 
 /// Why a receiver refused or failed a transfer; lets the sender map it to an exit code.
@@ -349,6 +359,9 @@ impl ControlMsg {
                 out.push(u8::from(h.resume));
                 out.push(u8::from(h.install));
                 put_bytes(out, h.sender_info.as_bytes());
+                if h.version >= GIT_FLAG_SINCE_VERSION {
+                    out.push(u8::from(h.git));
+                }
             }
             ControlMsg::Entry(e) => {
                 out.push(T_ENTRY);
@@ -451,26 +464,39 @@ impl ControlMsg {
         let mut r = Reader { buf };
         let ty = r.u8().map_err(|_| WireError::EmptyFrame)?;
         let msg = match ty {
-            T_HELLO => ControlMsg::Hello(Hello {
-                version: r.u16()?,
-                dest: r.bytes()?,
-                root_kind: match r.u8()? {
-                    0 => RootKind::Dir,
-                    1 => RootKind::File,
-                    v => {
-                        return Err(WireError::InvalidValue {
-                            field: "root kind",
-                            value: u64::from(v),
-                        })
-                    }
-                },
-                chunk_size: r.u64()?,
-                entry_count: r.u64()?,
-                total_bytes: r.u64()?,
-                resume: r.bool("resume")?,
-                install: r.bool("install")?,
-                sender_info: r.string("sender info")?,
-            }),
+            T_HELLO => {
+                let version = r.u16()?;
+                let mut hello = Hello {
+                    version,
+                    dest: r.bytes()?,
+                    root_kind: match r.u8()? {
+                        0 => RootKind::Dir,
+                        1 => RootKind::File,
+                        v => {
+                            return Err(WireError::InvalidValue {
+                                field: "root kind",
+                                value: u64::from(v),
+                            })
+                        }
+                    },
+                    chunk_size: r.u64()?,
+                    entry_count: r.u64()?,
+                    total_bytes: r.u64()?,
+                    resume: r.bool("resume")?,
+                    install: r.bool("install")?,
+                    sender_info: r.string("sender info")?,
+                    git: false,
+                };
+                if version >= GIT_FLAG_SINCE_VERSION {
+                    hello.git = r.bool("git")?;
+                }
+                if version > PROTOCOL_VERSION {
+                    // A newer sender's fields: left unread, so that the receiver can say
+                    // which versions it speaks rather than report a malformed message.
+                    r.buf = &[];
+                }
+                ControlMsg::Hello(hello)
+            }
             T_ENTRY => ControlMsg::Entry(Entry {
                 path: r.bytes()?,
                 kind: match r.u8()? {
@@ -737,9 +763,10 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 any::<bool>(),
-                ".{0,20}"
+                ".{0,20}",
+                any::<bool>(),
             )
-                .prop_map(|(version, dest, file, cs, ec, tb, resume, info)| {
+                .prop_map(|(version, dest, file, cs, ec, tb, resume, info, git)| {
                     ControlMsg::Hello(Hello {
                         version,
                         dest,
@@ -750,6 +777,8 @@ mod tests {
                         resume,
                         install: !resume || file,
                         sender_info: info,
+                        // Older versions have no git flag: it decodes as false.
+                        git: git && version >= GIT_FLAG_SINCE_VERSION,
                     })
                 }),
             arb_entry().prop_map(ControlMsg::Entry),
@@ -856,6 +885,40 @@ mod tests {
             ControlMsg::decode_body(&body),
             Err(WireError::TrailingBytes(1))
         );
+    }
+
+    #[test]
+    fn a_newer_senders_hello_decodes_to_its_version() {
+        let hello = Hello {
+            version: PROTOCOL_VERSION + 1,
+            dest: b"r.git".to_vec(),
+            ..Hello::default()
+        };
+        let mut body = Vec::new();
+        ControlMsg::Hello(hello.clone()).encode_body(&mut body);
+        body.extend_from_slice(b"fields of a later version");
+        assert_eq!(ControlMsg::decode_body(&body), Ok(ControlMsg::Hello(hello)));
+    }
+
+    #[test]
+    fn git_flag_travels_from_version_3_only() {
+        for (version, git, len) in [(2u16, false, 0usize), (3, true, 1)] {
+            let hello = Hello {
+                version,
+                git,
+                ..Hello::default()
+            };
+            let mut body = Vec::new();
+            ControlMsg::Hello(hello.clone()).encode_body(&mut body);
+            let mut v2 = Vec::new();
+            ControlMsg::Hello(Hello {
+                version: 2,
+                ..hello.clone()
+            })
+            .encode_body(&mut v2);
+            assert_eq!(body.len(), v2.len() + len);
+            assert_eq!(ControlMsg::decode_body(&body), Ok(ControlMsg::Hello(hello)));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
 mod busy_receiver;
+mod git_repo;
 mod live_source;
 mod util;
 
@@ -632,6 +633,7 @@ mod hostile {
                 resume: false,
                 install: true,
                 sender_info: "hostile test".into(),
+                git: false,
             })];
             msgs.extend(entries.into_iter().map(ControlMsg::Entry));
             msgs.push(ControlMsg::ManifestEnd {

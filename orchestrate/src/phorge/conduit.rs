@@ -54,7 +54,11 @@ impl Conduit {
         let text = tokio::task::spawn_blocking(move || {
             agent
                 .post(&url)
-                .send_form([("params", body.as_str()), ("output", "json"), ("__conduit__", "1")])
+                .send_form([
+                    ("params", body.as_str()),
+                    ("output", "json"),
+                    ("__conduit__", "1"),
+                ])
                 .and_then(|mut r| r.body_mut().read_to_string())
         })
         .await

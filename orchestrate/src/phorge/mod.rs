@@ -85,7 +85,9 @@ pub struct PhorgePlane {
 
 impl std::fmt::Debug for PhorgePlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PhorgePlane").field("cfg", &self.cfg.conduit).finish()
+        f.debug_struct("PhorgePlane")
+            .field("cfg", &self.cfg.conduit)
+            .finish()
     }
 }
 
@@ -268,14 +270,16 @@ impl PhorgePlane {
         if spec.from == spec.to {
             return Err(Error::invalid("--to", "must differ from --from"));
         }
-        let (from, to) = (self.service(&spec.from).await?, self.service(&spec.to).await?);
+        let (from, to) = (
+            self.service(&spec.from).await?,
+            self.service(&spec.to).await?,
+        );
         let from_phid = from["phid"].as_str().unwrap_or_default().to_string();
         let source = Self::bound_device(&from).ok_or_else(|| {
             Error::Refused(format!("service {} has no active binding", spec.from))
         })?;
-        let target = Self::bound_device(&to).ok_or_else(|| {
-            Error::Refused(format!("service {} has no active binding", spec.to))
-        })?;
+        let target = Self::bound_device(&to)
+            .ok_or_else(|| Error::Refused(format!("service {} has no active binding", spec.to)))?;
         let all = self.repositories().await?;
         let mut selected: Vec<PhorgeRepo> = Vec::new();
         if spec.repos.is_empty() {
@@ -285,12 +289,13 @@ impl PhorgePlane {
             );
         } else {
             for wanted in &spec.repos {
-                let r = all.iter().find(|r| r.matches(wanted)).ok_or_else(|| {
-                    Error::NotFound {
+                let r = all
+                    .iter()
+                    .find(|r| r.matches(wanted))
+                    .ok_or_else(|| Error::NotFound {
                         kind: "repository",
                         name: wanted.clone(),
-                    }
-                })?;
+                    })?;
                 if r.service_phid.as_deref() != Some(from_phid.as_str()) {
                     return Err(Error::Refused(format!(
                         "repository {} is not on service {}",
@@ -345,7 +350,12 @@ impl PhorgePlane {
         Ok(())
     }
 
-    async fn apply_op(&self, spec: &BatchSpec, repo: &RepoPlan, op: &ControlOp) -> Result<Completion> {
+    async fn apply_op(
+        &self,
+        spec: &BatchSpec,
+        repo: &RepoPlan,
+        op: &ControlOp,
+    ) -> Result<Completion> {
         let r = repo.repository.as_str();
         match (self.cfg.steps, op) {
             (Steps::Agent, ControlOp::Freeze { message }) => {
@@ -382,8 +392,11 @@ impl PhorgePlane {
             }
             (Steps::Cli, ControlOp::Promote) => {
                 // Today's Phorge refuses --promote while A still holds a version row.
-                self.bin_repository(&["thaw", r, "--demote", &repo.source.device, "--force"], None)
-                    .await?;
+                self.bin_repository(
+                    &["thaw", r, "--demote", &repo.source.device, "--force"],
+                    None,
+                )
+                .await?;
                 let already = format!("unambiguous leaders: {}.", repo.target.device);
                 self.bin_repository(
                     &["thaw", r, "--promote", &repo.target.device, "--force"],
@@ -392,7 +405,8 @@ impl PhorgePlane {
                 .await?;
             }
             (Steps::Cli, ControlOp::Unfreeze) => {
-                self.bin_repository(&["maintenance", r, "--stop"], None).await?;
+                self.bin_repository(&["maintenance", r, "--stop"], None)
+                    .await?;
                 return Ok(Completion::Unfrozen { at_ms: now_ms() });
             }
         }
@@ -414,7 +428,10 @@ impl PhorgePlane {
     ) -> Result<()> {
         let found = self
             .conduit
-            .search("almanac.device.search", json!({"constraints": {"names": [device]}}))
+            .search(
+                "almanac.device.search",
+                json!({"constraints": {"names": [device]}}),
+            )
             .await?;
         let d = found
             .into_iter()

@@ -378,8 +378,12 @@ async fn handle_connection(
                         }
                     }
                 }
-                ReceiverOutput::Prepare { manifest, resume } => {
-                    let input = prepare(&shared, &t, manifest, resume).await;
+                ReceiverOutput::Prepare {
+                    manifest,
+                    resume,
+                    git,
+                } => {
+                    let input = prepare(&shared, &t, manifest, resume, git).await;
                     pending.extend(t.handle(input));
                 }
                 ReceiverOutput::AcceptData => {
@@ -626,6 +630,7 @@ async fn prepare(
     t: &Arc<Transfer>,
     manifest: Arc<Manifest>,
     resume: bool,
+    git: bool,
 ) -> ReceiverInput {
     let dest = t
         .claim
@@ -636,9 +641,10 @@ async fn prepare(
     let dest_text = String::from_utf8_lossy(&dest).into_owned();
     let root = shared.root.clone();
     let m = manifest.clone();
-    let prepared = tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, resume))
-        .await
-        .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
+    let prepared =
+        tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, resume, git))
+            .await
+            .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
     let failed = |code, message| ReceiverInput::PrepareFailed { code, message };
     match prepared.and_then(|r| r) {
         Ok((staging, tracker)) => {

@@ -93,11 +93,12 @@ pub enum ReceiverOutput {
     /// Claim `dest` and wait for a transfer slot; answer `InLine`*, then `Admitted` or
     /// `Refused`.
     Claim { dest: Vec<u8>, resume: bool },
-    /// Prepare staging (space check, carry-over when `resume`); answer `Prepared` or
-    /// `PrepareFailed`.
+    /// Prepare staging (space check, carry-over when `resume`, with git's rules when `git`);
+    /// answer `Prepared` or `PrepareFailed`.
     Prepare {
         manifest: Arc<Manifest>,
         resume: bool,
+        git: bool,
     },
     /// Data streams may flow: accept them.
     AcceptData,
@@ -144,6 +145,8 @@ pub struct ReceiverSession {
     version: u16,
     install: bool,
     resume: bool,
+    /// The sender says the tree is a git directory (protocol version 3).
+    git: bool,
     builder: Option<ManifestBuilder>,
     manifest: Option<Arc<Manifest>>,
     tracker: Option<ChunkTracker>,
@@ -164,6 +167,7 @@ impl ReceiverSession {
             version: 0,
             install: false,
             resume: false,
+            git: false,
             builder: None,
             manifest: None,
             tracker: None,
@@ -265,6 +269,7 @@ impl ReceiverSession {
                         self.version = hello.version;
                         self.install = hello.install;
                         self.resume = hello.resume;
+                        self.git = hello.git;
                         self.state = State::AwaitAdmission;
                         out.push(ReceiverOutput::Claim {
                             dest: hello.dest,
@@ -322,6 +327,7 @@ impl ReceiverSession {
                         out.push(ReceiverOutput::Prepare {
                             manifest,
                             resume: self.resume,
+                            git: self.git,
                         });
                     }
                     Err(e) => self.fail(FailCode::BadRequest, e, out),
@@ -626,6 +632,7 @@ mod tests {
             resume: false,
             install,
             sender_info: "test".into(),
+            git: false,
         })
     }
 
@@ -703,18 +710,20 @@ mod tests {
                         }
                         ReceiverInput::Admitted
                     }
-                    ReceiverOutput::Prepare { manifest, resume } => {
-                        match Staging::prepare(&self.root, &self.dest, &manifest, resume) {
-                            Ok((s, t)) => {
-                                self.staging = Some(s);
-                                ReceiverInput::Prepared(t)
-                            }
-                            Err(e) => ReceiverInput::PrepareFailed {
-                                code: FailCode::Io,
-                                message: format!("{e:?}"),
-                            },
+                    ReceiverOutput::Prepare {
+                        manifest,
+                        resume,
+                        git,
+                    } => match Staging::prepare(&self.root, &self.dest, &manifest, resume, git) {
+                        Ok((s, t)) => {
+                            self.staging = Some(s);
+                            ReceiverInput::Prepared(t)
                         }
-                    }
+                        Err(e) => ReceiverInput::PrepareFailed {
+                            code: FailCode::Io,
+                            message: format!("{e:?}"),
+                        },
+                    },
                     ReceiverOutput::AcceptData | ReceiverOutput::SkipChunk => continue,
                     ReceiverOutput::StoreChunk(h) => {
                         self.stores += 1;
@@ -946,6 +955,7 @@ mod tests {
                 last_attempt: true,
                 wait_for: std::time::Duration::from_secs(60),
                 sender_info: "pair".into(),
+                git: false,
             },
         );
         let (mut to_receiver, mut receiver_in) = tokio::io::duplex(1 << 20);
@@ -1108,6 +1118,7 @@ mod tests {
                             resume,
                             install,
                             sender_info: String::new(),
+                            git: false,
                         })
                     }
                 ),

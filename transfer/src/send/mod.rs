@@ -361,6 +361,7 @@ async fn attempt_once(
                 env!("CARGO_PKG_VERSION"),
                 cfg.compress
             ),
+            git: scanned.git,
         },
     );
     let result = attempt_on(cfg, session, Arc::new(scanned), &conn).await;

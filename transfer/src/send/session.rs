@@ -39,6 +39,8 @@ pub struct SenderSessionConfig {
     pub wait_for: Duration,
     /// Free text for the receiver's logs.
     pub sender_info: String,
+    /// The source is sent as a git directory ([`crate::gitdir`]).
+    pub git: bool,
 }
 
 /// What happened, for the session.
@@ -174,6 +176,7 @@ impl SenderSession {
             resume: self.cfg.resume,
             install: !self.cfg.stage_only,
             sender_info: self.cfg.sender_info.clone(),
+            git: self.cfg.git,
         }));
         msgs.extend(manifest.entries.iter().cloned().map(ControlMsg::Entry));
         msgs.push(ControlMsg::ManifestEnd {
@@ -603,6 +606,7 @@ mod tests {
             last_attempt: false,
             wait_for: Duration::from_secs(10),
             sender_info: "test".into(),
+            git: false,
         }
     }
 
