@@ -302,12 +302,9 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// Bytes of verified-chunk records in the journal of `dest` under `root`.
+/// Verified-chunk records in the journal of `dest` under `root`.
 pub fn journal_records(root: &Path, dest: &str) -> u64 {
-    let dir = transfer::staging::staging_dir(root, dest.as_bytes());
-    std::fs::metadata(dir.join("journal"))
-        .map(|m| m.len().saturating_sub(40) / 48)
-        .unwrap_or(0)
+    transfer::staging::journal_records(root, dest.as_bytes())
 }
 
 /// Two network namespaces joined by a rate-limited veth (scripts/netns.sh); removed on drop.
