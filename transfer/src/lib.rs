@@ -18,6 +18,7 @@ pub mod admission;
 pub mod cli;
 pub mod compress;
 pub mod error;
+pub mod failpoint;
 pub mod gitdir;
 pub mod identity;
 pub mod io;

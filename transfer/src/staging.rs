@@ -358,10 +358,14 @@ impl Staging {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.root.clone());
         fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        // A kill from here on leaves the verified tree and its journal in staging: a resumed
+        // transfer sends nothing and installs it (crate::failpoint has the cases).
+        crate::failpoint::hit("install-before-rename");
         let replaced = match fs::symlink_metadata(&target) {
             Ok(_) => {
                 let aside = aside_name(&target);
                 fs::rename(&target, &aside).map_err(io_err(&target))?;
+                crate::failpoint::hit("install-moved-aside");
                 Some(aside)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
 mod busy_receiver;
+mod failpoints;
 mod git_repo;
 mod live_source;
 mod util;

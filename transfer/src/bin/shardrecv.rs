@@ -80,6 +80,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             max_transfers,
             max_queued,
         } => {
+            if std::env::var_os("SHARDMOVE_FAILPOINTS").is_some() && !transfer::failpoint::ENABLED {
+                tracing::warn!("SHARDMOVE_FAILPOINTS is set but this build has no failpoints (build it with `cargo test` or --features failpoints)");
+            }
             let identity = Identity::load(&identity)?;
             let allow = AllowList::load(&allow)?;
             if allow.is_empty() {

@@ -83,6 +83,29 @@ impl Daemon {
         wrapper: &[&str],
         extra: &[&str],
     ) -> Daemon {
+        Daemon::spawn(keys, root, listen, wrapper, extra, &[])
+    }
+
+    /// Starts the daemon with `SHARDMOVE_FAILPOINTS=spec` (see `transfer::failpoint`).
+    pub fn start_with_failpoints(keys: &Keys, root: &Path, listen: &str, spec: &str) -> Daemon {
+        Daemon::spawn(
+            keys,
+            root,
+            listen,
+            &[],
+            &[],
+            &[("SHARDMOVE_FAILPOINTS", spec)],
+        )
+    }
+
+    fn spawn(
+        keys: &Keys,
+        root: &Path,
+        listen: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         std::fs::create_dir_all(root).unwrap();
         let log = root
             .parent()
@@ -104,6 +127,7 @@ impl Daemon {
             .arg("--allow")
             .arg(&keys.allow)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -123,6 +147,15 @@ impl Daemon {
             root: root.to_path_buf(),
             log,
         }
+    }
+
+    /// Waits (up to `timeout`) for the daemon to die by SIGKILL, as a failpoint does.
+    pub fn killed_itself(&mut self, timeout: Duration) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        wait_for(
+            timeout,
+            || matches!(self.child.try_wait(), Ok(Some(s)) if s.signal() == Some(libc::SIGKILL)),
+        )
     }
 
     pub fn kill9(&mut self) {
