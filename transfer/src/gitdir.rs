@@ -293,6 +293,7 @@ mod tests {
             ino: 42,
             ctime_sec: 1_700_000_000,
             ctime_nsec: 1,
+            attrs: None,
         };
         // What `touch` (git's freshen) and a repack rewriting the same pack do.
         let freshened = Entry {

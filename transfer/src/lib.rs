@@ -23,6 +23,7 @@ pub mod gitdir;
 pub mod identity;
 pub mod io;
 pub mod manifest;
+pub mod owner;
 pub mod quic;
 pub mod recv;
 pub mod scan;

@@ -46,6 +46,10 @@ pub enum ManifestError {
     MissingParent(String),
     #[error("symlink {path:?} -> {target:?} points outside the tree")]
     EscapingSymlink { path: String, target: String },
+    #[error("hardlink {path:?} -> {target:?}: not a file declared before it")]
+    BadHardlink { path: String, target: String },
+    #[error("extended attribute of {path:?}: {reason}")]
+    BadXattr { path: String, reason: String },
     #[error("more entries than the {0} announced")]
     TooManyEntries(u64),
     #[error("manifest announced {announced} entries but sent {sent}")]
@@ -199,6 +203,36 @@ pub fn symlink_stays_inside(link_path: &[u8], target: &[u8]) -> bool {
     true
 }
 
+/// Largest extended attribute value Linux accepts (`XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 65536;
+
+/// Rules for an entry's extended attributes: names in a namespace Linux knows, within its
+/// limits, sorted and unique (one encoding per set, so one manifest hash).
+fn check_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), String> {
+    const NAMESPACES: [&[u8]; 4] = [b"user.", b"trusted.", b"security.", b"system."];
+    for (i, (name, value)) in xattrs.iter().enumerate() {
+        let shown = lossy(name);
+        if !NAMESPACES
+            .iter()
+            .any(|ns| name.starts_with(ns) && name.len() > ns.len())
+        {
+            return Err(format!("{shown:?} is not in a known namespace"));
+        }
+        if name.len() > MAX_NAME_LEN || name.contains(&0) {
+            return Err(format!("{shown:?} is not a valid name"));
+        }
+        if value.len() > MAX_XATTR_VALUE {
+            return Err(format!(
+                "{shown:?} has a value over {MAX_XATTR_VALUE} bytes"
+            ));
+        }
+        if i > 0 && xattrs[i - 1].0 >= *name {
+            return Err(format!("{shown:?} is out of order or repeated"));
+        }
+    }
+    Ok(())
+}
+
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -212,6 +246,8 @@ pub struct ManifestBuilder {
     entries: Vec<Entry>,
     seen: HashSet<Vec<u8>>,
     dirs: HashSet<Vec<u8>>,
+    /// Regular files so far: what a hardlink may name.
+    files: HashSet<Vec<u8>>,
     bytes: u64,
     hasher: ManifestHasher,
 }
@@ -238,6 +274,7 @@ impl ManifestBuilder {
             entries: Vec::new(),
             seen: HashSet::new(),
             dirs: HashSet::new(),
+            files: HashSet::new(),
             bytes: 0,
             hasher: ManifestHasher::new(),
         })
@@ -281,17 +318,35 @@ impl ManifestBuilder {
                 }
             }
         }
+        if let Some(attrs) = &entry.attrs {
+            check_xattrs(&attrs.xattrs).map_err(|reason| ManifestError::BadXattr {
+                path: lossy(&entry.path),
+                reason,
+            })?;
+        }
         match entry.kind {
-            EntryKind::File => {}
-            EntryKind::Dir | EntryKind::Symlink if entry.size != 0 => {
+            EntryKind::File => {
+                self.files.insert(entry.path.clone());
+            }
+            EntryKind::Dir | EntryKind::Symlink | EntryKind::Hardlink if entry.size != 0 => {
                 return Err(ManifestError::NonZeroSize {
-                    kind: if entry.kind == EntryKind::Dir {
-                        "directory"
-                    } else {
-                        "symlink"
+                    kind: match entry.kind {
+                        EntryKind::Dir => "directory",
+                        EntryKind::Symlink => "symlink",
+                        _ => "hardlink",
                     },
                     path: lossy(&entry.path),
                 })
+            }
+            EntryKind::Hardlink => {
+                // Only a file of this tree, already declared: the link is made inside
+                // staging, to bytes that were verified.
+                if !self.files.contains(&entry.link_target) {
+                    return Err(ManifestError::BadHardlink {
+                        path: lossy(&entry.path),
+                        target: lossy(&entry.link_target),
+                    });
+                }
             }
             EntryKind::Dir if !entry.path.is_empty() => {
                 self.dirs.insert(entry.path.clone());
@@ -367,6 +422,7 @@ mod tests {
             install: true,
             sender_info: String::new(),
             git: false,
+            owner: Default::default(),
         }
     }
 
@@ -382,6 +438,7 @@ mod tests {
             ino: 0,
             ctime_sec: 0,
             ctime_nsec: 0,
+            attrs: None,
         }
     }
 
@@ -472,6 +529,71 @@ mod tests {
             Err(ManifestError::EscapingSymlink { .. })
         ));
         b.push(link("a/l", "../a")).unwrap();
+    }
+
+    #[test]
+    fn hardlinks_name_an_earlier_file_and_xattrs_follow_linuxs_rules() {
+        let hardlink = |path: &str, target: &str| {
+            let mut e = entry(path, EntryKind::Hardlink, 0);
+            e.link_target = target.as_bytes().to_vec();
+            e
+        };
+        let mut b = builder(6, 5);
+        assert!(matches!(
+            b.push(hardlink("early", "f")),
+            Err(ManifestError::BadHardlink { .. })
+        ));
+        b.push(entry("d", EntryKind::Dir, 0)).unwrap();
+        b.push(entry("f", EntryKind::File, 5)).unwrap();
+        for bad in [
+            hardlink("g", "d"),
+            hardlink("g", "../f"),
+            hardlink("g", "nope"),
+        ] {
+            assert!(matches!(
+                b.push(bad),
+                Err(ManifestError::BadHardlink { .. })
+            ));
+        }
+        let mut sized = hardlink("g", "f");
+        sized.size = 1;
+        assert!(matches!(
+            b.push(sized),
+            Err(ManifestError::NonZeroSize { .. })
+        ));
+        b.push(hardlink("d/g", "f")).unwrap();
+
+        let with = |xattrs: &[(&str, usize)]| {
+            let mut e = entry("x", EntryKind::File, 0);
+            e.attrs = Some(crate::wire::Attrs {
+                uid: 0,
+                gid: 0,
+                xattrs: xattrs
+                    .iter()
+                    .map(|(n, len)| (n.as_bytes().to_vec(), vec![1u8; *len]))
+                    .collect(),
+            });
+            e
+        };
+        for bad in [
+            with(&[("nonamespace", 1)]),
+            with(&[("user.", 1)]),
+            with(&[("user.a\0b", 1)]),
+            with(&[("user.big", MAX_XATTR_VALUE + 1)]),
+            with(&[("user.b", 1), ("user.a", 1)]),
+            with(&[("user.a", 1), ("user.a", 2)]),
+        ] {
+            assert!(
+                matches!(b.push(bad.clone()), Err(ManifestError::BadXattr { .. })),
+                "{bad:?}"
+            );
+        }
+        b.push(with(&[
+            ("security.selinux", 30),
+            ("system.posix_acl_access", 28),
+            ("user.a", MAX_XATTR_VALUE),
+        ]))
+        .unwrap();
     }
 
     #[test]

@@ -39,8 +39,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::error::Error;
 use crate::gitdir::same_source_version;
 use crate::manifest::{Manifest, STAGING_DIR_NAME};
+use crate::owner::{check_can_give, Me, Resolved};
 use crate::tracker::ChunkTracker;
-use crate::wire::{ControlMsg, Entry, EntryKind, Hash, Hello, ManifestHasher, RootKind};
+use crate::wire::{
+    ControlMsg, Entry, EntryKind, Hash, Hello, ManifestHasher, OwnerPolicy, RootKind,
+};
 
 /// The journal (manifest and records in one file).
 const JOURNAL_MAGIC: &[u8; 8] = b"SXJRNL02";
@@ -65,6 +68,9 @@ pub enum PrepareError {
         needed: u64,
         available: u64,
     },
+    /// The sender asked for something this receiver cannot do (an owner it may not give
+    /// files to, a user it does not have).
+    Refused(String),
     Io(Error),
 }
 
@@ -81,7 +87,30 @@ pub struct Staging {
     dest: PathBuf,
     tree: PathBuf,
     journal: File,
+    /// Who gets the installed files; `None`: the receiver's user ([`crate::owner`]).
+    owner: Option<Resolved>,
     _lock: File,
+}
+
+/// What the sender asked of staging and install, from its `Hello`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// Keep what an earlier attempt verified.
+    pub resume: bool,
+    /// Git's carry-over rules ([`same_source_version`]).
+    pub git: bool,
+    /// Who should own the installed files.
+    pub owner: OwnerPolicy,
+}
+
+impl Request {
+    pub fn of(hello: &Hello) -> Request {
+        Request {
+            resume: hello.resume,
+            git: hello.git,
+            owner: hello.owner.clone(),
+        }
+    }
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `path`.
@@ -127,9 +156,15 @@ impl Staging {
         root: &Path,
         dest: &[u8],
         manifest: &Manifest,
-        resume: bool,
-        git: bool,
+        request: &Request,
     ) -> Result<(Staging, ChunkTracker), PrepareError> {
+        let Request { resume, git, .. } = *request;
+        // Refused before anything is written, let alone sent.
+        let owner = Resolved::resolve(&request.owner).map_err(PrepareError::Refused)?;
+        if let Some(owner) = &owner {
+            check_can_give(owner, &manifest.entries, &Me::current())
+                .map_err(PrepareError::Refused)?;
+        }
         let dir = staging_dir(root, dest);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let lock_path = dir.join("lock");
@@ -258,6 +293,7 @@ impl Staging {
                 dest: PathBuf::from(std::ffi::OsStr::from_bytes(dest)),
                 tree,
                 journal,
+                owner,
                 _lock: lock,
             },
             tracker,
@@ -320,15 +356,25 @@ impl Staging {
     pub fn install(self, manifest: &Manifest) -> Result<(PathBuf, Option<PathBuf>), Error> {
         // Symlinks, then file metadata, then directories deepest-first (creating entries
         // inside a directory changes its mtime).
+        // Owner and xattrs go first: chown clears set-id bits and file capabilities, which
+        // the mode and the xattrs then put back. A hardlink shares its first path's inode,
+        // and so everything but its name.
         for (i, e) in manifest.entries.iter().enumerate() {
             let p = self.entry_path(manifest, i);
             match e.kind {
                 EntryKind::Symlink => {
                     remove_any(&p)?;
                     symlink(std::ffi::OsStr::from_bytes(&e.link_target), &p).map_err(io_err(&p))?;
+                    self.apply_attrs(&p, e)?;
                     set_symlink_mtime(&p, e).map_err(io_err(&p))?;
                 }
+                EntryKind::Hardlink => {
+                    remove_any(&p)?;
+                    let first = path_of(&self.tree, &e.link_target);
+                    fs::hard_link(&first, &p).map_err(io_err(&p))?;
+                }
                 EntryKind::File => {
+                    self.apply_attrs(&p, e)?;
                     let f = File::options().write(true).open(&p).map_err(io_err(&p))?;
                     f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
                         .map_err(io_err(&p))?;
@@ -341,6 +387,7 @@ impl Staging {
         for (i, e) in manifest.entries.iter().enumerate().rev() {
             if e.kind == EntryKind::Dir {
                 let p = self.entry_path(manifest, i);
+                self.apply_attrs(&p, e)?;
                 let f = File::open(&p).map_err(io_err(&p))?;
                 f.set_times(fs::FileTimes::new().set_modified(mtime_of(e)))
                     .map_err(io_err(&p))?;
@@ -377,6 +424,54 @@ impl Staging {
         drop(self);
         let _ = fs::remove_dir_all(&dir);
         Ok((target, replaced))
+    }
+
+    /// Gives `p` the owner the sender asked for (if it asked: [`crate::owner`]) and exactly
+    /// the entry's extended attributes. Stale `user.*`/`trusted.*` attributes (left by an
+    /// earlier install attempt of a carried file) are removed; `security.*` and `system.*`
+    /// ones the sender did not send are the receiver system's own (an SELinux label given at
+    /// creation, an inherited ACL) and stay.
+    fn apply_attrs(&self, p: &Path, e: &Entry) -> Result<(), Error> {
+        let Some(attrs) = &e.attrs else {
+            return Ok(());
+        };
+        if let Some(owner) = &self.owner {
+            let (uid, gid) = owner.map(attrs);
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|err| {
+                Error::Other(format!(
+                    "{}: cannot give it to uid {uid} gid {gid}: {err}",
+                    p.display()
+                ))
+            })?;
+        }
+        let failed = |what: &str, name: &[u8], err: io::Error| {
+            Error::Other(format!(
+                "{}: cannot {what} extended attribute {}: {err}",
+                p.display(),
+                String::from_utf8_lossy(name)
+            ))
+        };
+        let unsupported = |err: &io::Error| err.raw_os_error() == Some(libc::EOPNOTSUPP);
+        match xattr::list(p) {
+            Ok(names) => {
+                for name in names {
+                    let name = name.as_bytes();
+                    let stale = (name.starts_with(b"user.") || name.starts_with(b"trusted."))
+                        && !attrs.xattrs.iter().any(|(n, _)| n == name);
+                    if stale {
+                        xattr::remove(p, std::ffi::OsStr::from_bytes(name))
+                            .map_err(|err| failed("remove stale", name, err))?;
+                    }
+                }
+            }
+            Err(err) if unsupported(&err) && attrs.xattrs.is_empty() => return Ok(()),
+            Err(err) => return Err(failed("list", b"", err)),
+        }
+        for (name, value) in &attrs.xattrs {
+            xattr::set(p, std::ffi::OsStr::from_bytes(name), value)
+                .map_err(|err| failed("set", name, err))?;
+        }
+        Ok(())
     }
 
     /// Removes this staging area entirely (disk full: give the space back).
@@ -690,6 +785,13 @@ pub(crate) mod tests {
 
     const CHUNK: u64 = 64 * 1024;
 
+    fn resumed(resume: bool) -> Request {
+        Request {
+            resume,
+            ..Request::default()
+        }
+    }
+
     fn entry(path: &str, kind: EntryKind, size: u64, mtime: i64) -> Entry {
         Entry {
             path: path.as_bytes().to_vec(),
@@ -702,6 +804,7 @@ pub(crate) mod tests {
             ino: 1,
             ctime_sec: mtime,
             ctime_nsec: 0,
+            attrs: None,
         }
     }
 
@@ -745,7 +848,7 @@ pub(crate) mod tests {
 
     /// Stages every chunk of `m` under `root` as the receiver does: write, then journal.
     fn stage_fully(root: &Path, m: &Manifest) {
-        let (mut s, _) = Staging::prepare(root, b"r.git", m, false, false).unwrap();
+        let (mut s, _) = Staging::prepare(root, b"r.git", m, &Request::default()).unwrap();
         for (i, e) in m.entries.iter().enumerate() {
             if e.kind != EntryKind::File {
                 continue;
@@ -764,7 +867,7 @@ pub(crate) mod tests {
     /// killed (false: it finished first).
     fn prepare_killed_after(root: &Path, m: &Manifest, resume: bool, n: u64) -> bool {
         CRASH_AFTER.with(|c| c.set(Some(n)));
-        let result = Staging::prepare(root, b"r.git", m, resume, false);
+        let result = Staging::prepare(root, b"r.git", m, &resumed(resume));
         CRASH_AFTER.with(|c| c.set(None));
         match result {
             Ok(_) => false,
@@ -812,7 +915,7 @@ pub(crate) mod tests {
                 break;
             }
             kills += 1;
-            let (s, tracker) = Staging::prepare(t.path(), b"r.git", &second, true, false)
+            let (s, tracker) = Staging::prepare(t.path(), b"r.git", &second, &resumed(true))
                 .unwrap_or_else(|e| panic!("killed after {n} changes: {e:?}"));
             assert_eq!(
                 tracker.verified_bytes(),
@@ -852,7 +955,7 @@ pub(crate) mod tests {
             if !prepare_killed_after(t.path(), &first, false, n) {
                 break;
             }
-            let (s, tracker) = Staging::prepare(t.path(), b"r.git", &first, true, false)
+            let (s, tracker) = Staging::prepare(t.path(), b"r.git", &first, &resumed(true))
                 .unwrap_or_else(|e| panic!("killed after {n} changes: {e:?}"));
             assert_vouched_chunks_are_on_disk(&s, &tracker, &first);
         }
@@ -875,7 +978,7 @@ pub(crate) mod tests {
         legacy.extend_from_slice(records);
         fs::write(dir.join("state"), state).unwrap();
         fs::write(dir.join("journal"), legacy).unwrap();
-        let (s, tracker) = Staging::prepare(t.path(), b"r.git", &first, true, false).unwrap();
+        let (s, tracker) = Staging::prepare(t.path(), b"r.git", &first, &resumed(true)).unwrap();
         assert_eq!(tracker.verified_bytes(), first.total_bytes);
         assert_vouched_chunks_are_on_disk(&s, &tracker, &first);
         assert!(

@@ -4,6 +4,7 @@ mod busy_receiver;
 mod failpoints;
 mod git_repo;
 mod live_source;
+mod ownership;
 mod util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -29,6 +30,11 @@ fn tree_with_everything(src: &Path) {
     std::fs::set_permissions(src.join("config"), std::fs::Permissions::from_mode(0o600)).unwrap();
     symlink("../HEAD", src.join("refs/head-link")).unwrap();
     symlink("pack/pack-1.pack", src.join("objects/alias")).unwrap();
+    // A second name of the hook (the maintenance hook keeps the original this way), and
+    // extended attributes on a file and a directory.
+    std::fs::hard_link(&hook, src.join("refs/hook-kept")).unwrap();
+    xattr::set(&hook, "user.shardmove.origin", b"shard-a").unwrap();
+    xattr::set(src.join("refs"), "user.empty", b"").unwrap();
     // Fixed, distinctive mtimes (nanoseconds included) on a file and a directory.
     let t = std::time::UNIX_EPOCH + Duration::new(1_500_000_000, 123_456_789);
     std::fs::File::options()
@@ -73,7 +79,10 @@ fn tree_round_trips_byte_for_byte_with_metadata() {
         "escaping-link: symlink to /etc/passwd leaves the tree"
     );
     let total = 9_000_000 + 123_457 + 21 + 17 + 20 * 5000 + 17;
+    // The hook's second name is a hardlink: its bytes travel once.
     assert_eq!(j["bytes"], total);
+    assert_eq!(j["hardlinks"], 1);
+    assert_eq!(j["owner"], "receiver");
     assert_eq!(j["sent_bytes"], total);
     assert_eq!(j["resumed_bytes"], 0);
     assert_eq!(j["root_hash"].as_str().unwrap().len(), 64);
@@ -594,6 +603,7 @@ mod hostile {
             ino: 1,
             ctime_sec: 0,
             ctime_nsec: 0,
+            attrs: None,
         }
     }
 
@@ -635,6 +645,7 @@ mod hostile {
                 install: true,
                 sender_info: "hostile test".into(),
                 git: false,
+                owner: Default::default(),
             })];
             msgs.extend(entries.into_iter().map(ControlMsg::Entry));
             msgs.push(ControlMsg::ManifestEnd {

@@ -81,6 +81,22 @@ struct SendArgs {
     /// so a pre-copy of a live repository is consistent
     #[arg(long, default_value = "auto", value_name = "MODE")]
     git: GitMode,
+    /// Install the files for their numeric owner and group as on this host (the receiver
+    /// must run as root or with CAP_CHOWN, or the transfer is refused before any data moves).
+    /// Without this, --chown or --map-owner, the files belong to the user running shardrecv
+    #[arg(long)]
+    preserve_owner: bool,
+    /// Install every file for USER:GROUP, names or numeric ids as the RECEIVER knows them
+    /// (e.g. the forge's daemon user: git refuses a repository owned by someone else).
+    /// --map-owner rules are tried first
+    #[arg(long, value_name = "USER:GROUP", value_parser = transfer::owner::parse_chown)]
+    chown: Option<transfer::owner::Spec<transfer::wire::IdName>>,
+    /// Rewrite an owner and/or group: FROM=TO, each USER:GROUP, USER or :GROUP; FROM is a
+    /// user/group of this host (or * for any), TO one of the receiver's. Repeatable, first
+    /// match wins, unmatched ids are kept (or given to --chown), e.g.
+    /// --map-owner git:git=phd:phd --map-owner root=root
+    #[arg(long, value_name = "FROM=TO", value_parser = transfer::owner::parse_map_owner)]
+    map_owner: Vec<transfer::owner::MapOwner>,
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
@@ -177,6 +193,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
             .map_err(|_| Error::Input("--connect-timeout must be a positive number".into()))?,
         wait_for: a.wait_for,
         events: Some(event_printer(a.json)),
+        owner: transfer::owner::resolve_local(a.preserve_owner, a.chown.as_ref(), &a.map_owner)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -35,7 +35,7 @@ use crate::error::Error;
 use crate::identity::{server_crypto, AllowList, Fingerprint, Identity};
 use crate::io::{read_chunk_header, read_control, read_payload, write_control};
 use crate::manifest::Manifest;
-use crate::staging::{PrepareError, Staging};
+use crate::staging::{PrepareError, Request, Staging};
 use crate::wire::{hex, ControlMsg, FailCode};
 
 use session::{Outcome, ReceiverInput, ReceiverOutput, ReceiverSession};
@@ -378,12 +378,8 @@ async fn handle_connection(
                         }
                     }
                 }
-                ReceiverOutput::Prepare {
-                    manifest,
-                    resume,
-                    git,
-                } => {
-                    let input = prepare(&shared, &t, manifest, resume, git).await;
+                ReceiverOutput::Prepare { manifest, request } => {
+                    let input = prepare(&shared, &t, manifest, request).await;
                     pending.extend(t.handle(input));
                 }
                 ReceiverOutput::AcceptData => {
@@ -629,8 +625,7 @@ async fn prepare(
     shared: &Arc<Shared>,
     t: &Arc<Transfer>,
     manifest: Arc<Manifest>,
-    resume: bool,
-    git: bool,
+    request: Request,
 ) -> ReceiverInput {
     let dest = t
         .claim
@@ -642,7 +637,7 @@ async fn prepare(
     let root = shared.root.clone();
     let m = manifest.clone();
     let prepared =
-        tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, resume, git))
+        tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, &request))
             .await
             .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
     let failed = |code, message| ReceiverInput::PrepareFailed { code, message };
@@ -668,6 +663,7 @@ async fn prepare(
                 shared.root.display()
             ),
         ),
+        Err(PrepareError::Refused(message)) => failed(FailCode::BadRequest, message),
         Err(PrepareError::Io(e)) => failed(FailCode::Io, format!("cannot prepare staging: {e}")),
     }
 }

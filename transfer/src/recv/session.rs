@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use crate::error::Error;
 use crate::manifest::{Manifest, ManifestBuilder};
+use crate::staging::Request;
 use crate::tracker::{ChunkState, ChunkTracker, Mismatch};
 use crate::wire::{
     hex, ChunkHeader, ControlMsg, FailCode, Hash, MAX_HAVE_PER_FRAME, QUEUED_SINCE_VERSION,
@@ -93,12 +94,11 @@ pub enum ReceiverOutput {
     /// Claim `dest` and wait for a transfer slot; answer `InLine`*, then `Admitted` or
     /// `Refused`.
     Claim { dest: Vec<u8>, resume: bool },
-    /// Prepare staging (space check, carry-over when `resume`, with git's rules when `git`);
-    /// answer `Prepared` or `PrepareFailed`.
+    /// Prepare staging as the sender asked (owner check, space check, carry-over when
+    /// resuming, with git's rules for a git directory); answer `Prepared` or `PrepareFailed`.
     Prepare {
         manifest: Arc<Manifest>,
-        resume: bool,
-        git: bool,
+        request: Request,
     },
     /// Data streams may flow: accept them.
     AcceptData,
@@ -144,9 +144,8 @@ pub struct ReceiverSession {
     /// The sender's protocol version, from its `Hello`.
     version: u16,
     install: bool,
-    resume: bool,
-    /// The sender says the tree is a git directory (protocol version 3).
-    git: bool,
+    /// What the sender asked of staging and install (from its `Hello`).
+    request: Request,
     builder: Option<ManifestBuilder>,
     manifest: Option<Arc<Manifest>>,
     tracker: Option<ChunkTracker>,
@@ -166,8 +165,7 @@ impl ReceiverSession {
             state: State::AwaitHello,
             version: 0,
             install: false,
-            resume: false,
-            git: false,
+            request: Request::default(),
             builder: None,
             manifest: None,
             tracker: None,
@@ -268,8 +266,7 @@ impl ReceiverSession {
                         self.builder = Some(b);
                         self.version = hello.version;
                         self.install = hello.install;
-                        self.resume = hello.resume;
-                        self.git = hello.git;
+                        self.request = Request::of(&hello);
                         self.state = State::AwaitAdmission;
                         out.push(ReceiverOutput::Claim {
                             dest: hello.dest,
@@ -326,8 +323,7 @@ impl ReceiverSession {
                         self.state = State::Preparing;
                         out.push(ReceiverOutput::Prepare {
                             manifest,
-                            resume: self.resume,
-                            git: self.git,
+                            request: self.request.clone(),
                         });
                     }
                     Err(e) => self.fail(FailCode::BadRequest, e, out),
@@ -556,6 +552,7 @@ mod tests {
             ino: 7,
             ctime_sec: 1,
             ctime_nsec: 0,
+            attrs: None,
         }
     }
 
@@ -581,9 +578,10 @@ mod tests {
             entry("d", EntryKind::Dir, 0, ""),
             entry("d/a", EntryKind::File, a.len() as u64, ""),
             entry("d/z", EntryKind::File, zeros.len() as u64, ""),
+            entry("h", EntryKind::Hardlink, 0, "d/a"),
             entry("l", EntryKind::Symlink, 0, "b"),
         ];
-        let contents = vec![None, Some(b), None, Some(a), Some(zeros), None];
+        let contents = vec![None, Some(b), None, Some(a), Some(zeros), None, None];
         let manifest = Manifest::from_scan(RootKind::Dir, CHUNK, entries);
         let mut frames = Vec::new();
         let mut root = RootHasher::new(&manifest.manifest_hash);
@@ -633,6 +631,7 @@ mod tests {
             install,
             sender_info: "test".into(),
             git: false,
+            owner: Default::default(),
         })
     }
 
@@ -710,20 +709,18 @@ mod tests {
                         }
                         ReceiverInput::Admitted
                     }
-                    ReceiverOutput::Prepare {
-                        manifest,
-                        resume,
-                        git,
-                    } => match Staging::prepare(&self.root, &self.dest, &manifest, resume, git) {
-                        Ok((s, t)) => {
-                            self.staging = Some(s);
-                            ReceiverInput::Prepared(t)
+                    ReceiverOutput::Prepare { manifest, request } => {
+                        match Staging::prepare(&self.root, &self.dest, &manifest, &request) {
+                            Ok((s, t)) => {
+                                self.staging = Some(s);
+                                ReceiverInput::Prepared(t)
+                            }
+                            Err(e) => ReceiverInput::PrepareFailed {
+                                code: FailCode::Io,
+                                message: format!("{e:?}"),
+                            },
                         }
-                        Err(e) => ReceiverInput::PrepareFailed {
-                            code: FailCode::Io,
-                            message: format!("{e:?}"),
-                        },
-                    },
+                    }
                     ReceiverOutput::AcceptData | ReceiverOutput::SkipChunk => continue,
                     ReceiverOutput::StoreChunk(h) => {
                         self.stores += 1;
@@ -829,6 +826,12 @@ mod tests {
                 }
                 EntryKind::Dir => assert!(p.is_dir()),
                 EntryKind::Symlink => assert_eq!(std::fs::read_link(&p).unwrap(), Path::new("b")),
+                EntryKind::Hardlink => {
+                    use std::os::unix::fs::MetadataExt;
+                    let first = std::fs::metadata(base.join("d/a")).unwrap();
+                    let link = std::fs::metadata(&p).unwrap();
+                    assert_eq!((link.ino(), link.nlink()), (first.ino(), 2));
+                }
             }
         }
     }
@@ -956,6 +959,7 @@ mod tests {
                 wait_for: std::time::Duration::from_secs(60),
                 sender_info: "pair".into(),
                 git: false,
+                owner: crate::wire::OwnerPolicy::Receiver,
             },
         );
         let (mut to_receiver, mut receiver_in) = tokio::io::duplex(1 << 20);
@@ -1119,6 +1123,7 @@ mod tests {
                             install,
                             sender_info: String::new(),
                             git: false,
+                            owner: Default::default(),
                         })
                     }
                 ),

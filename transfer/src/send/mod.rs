@@ -47,7 +47,7 @@ use crate::gitdir::GitMode;
 use crate::identity::{client_crypto, Fingerprint, Identity};
 use crate::io::{read_control, write_control, write_controls, BufferPool, RateLimiter};
 use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
-use crate::wire::{hex, ChunkHeader, ControlMsg, EntryKind};
+use crate::wire::{hex, ChunkHeader, ControlMsg, EntryKind, OwnerPolicy};
 
 use codec::{encode_chunk, Buffers, EncodeChoice};
 pub use fault::Fault;
@@ -99,6 +99,8 @@ pub struct SendConfig {
     pub wait_for: Duration,
     /// Where to report what happens while we wait ([`SendEvent`]).
     pub events: Option<EventSink>,
+    /// Who should own the installed files ([`crate::owner`]).
+    pub owner: OwnerPolicy,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -159,6 +161,13 @@ pub struct SendSummary {
     pub git: bool,
     /// git's transient files and directories left out (quarantines, locks, temporary packs).
     pub transient_skipped: u64,
+    /// Who owns the installed files: `receiver` (the user running shardrecv), `preserve`
+    /// (numeric ids as here), or `preserve, mapping ...` (`--chown`, `--map-owner`).
+    #[serde(default)]
+    pub owner: String,
+    /// Paths sent as hardlinks to an earlier path of the same file.
+    #[serde(default)]
+    pub hardlinks: u64,
     /// False only for a pre-copy whose source never held still over all its attempts: the
     /// receiver keeps what was verified, and the final pass sends the rest.
     pub complete: bool,
@@ -362,6 +371,7 @@ async fn attempt_once(
                 cfg.compress
             ),
             git: scanned.git,
+            owner: cfg.owner.clone(),
         },
     );
     let result = attempt_on(cfg, session, Arc::new(scanned), &conn).await;
@@ -425,6 +435,8 @@ async fn attempt_once(
         skipped: scan.skipped.clone(),
         git: scan.git,
         transient_skipped: scan.transient_skipped,
+        owner: crate::owner::describe(&cfg.owner),
+        hardlinks: scan.hardlinks,
         complete: root.is_some(),
         queued_seconds: totals.queued_seconds,
         quic,

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::manifest::Manifest;
 use crate::tracker::MAX_CHUNK_ATTEMPTS;
-use crate::wire::{hex, ControlMsg, FailCode, Hash, Hello, RootHasher, PROTOCOL_VERSION};
+use crate::wire::{
+    hex, ControlMsg, FailCode, Hash, Hello, OwnerPolicy, RootHasher, PROTOCOL_VERSION,
+};
 
 use super::queue::ChunkId;
 use super::SendEvent;
@@ -41,6 +43,8 @@ pub struct SenderSessionConfig {
     pub sender_info: String,
     /// The source is sent as a git directory ([`crate::gitdir`]).
     pub git: bool,
+    /// Who should own the installed files ([`crate::owner`]).
+    pub owner: OwnerPolicy,
 }
 
 /// What happened, for the session.
@@ -177,6 +181,7 @@ impl SenderSession {
             install: !self.cfg.stage_only,
             sender_info: self.cfg.sender_info.clone(),
             git: self.cfg.git,
+            owner: self.cfg.owner.clone(),
         }));
         msgs.extend(manifest.entries.iter().cloned().map(ControlMsg::Entry));
         msgs.push(ControlMsg::ManifestEnd {
@@ -586,6 +591,7 @@ mod tests {
             ino: 1,
             ctime_sec: 1,
             ctime_nsec: 0,
+            attrs: None,
         };
         Manifest::from_scan(
             RootKind::Dir,
@@ -607,6 +613,7 @@ mod tests {
             wait_for: Duration::from_secs(10),
             sender_info: "test".into(),
             git: false,
+            owner: OwnerPolicy::Receiver,
         }
     }
 

@@ -239,8 +239,61 @@ pub fn write_random(path: &Path, len: usize, seed: u64) {
     std::fs::write(path, random_bytes(len, seed)).unwrap();
 }
 
-/// Asserts two trees are identical: names, kinds, bytes, permissions, mtimes, link targets.
+/// Asserts two trees are identical: names, kinds, bytes, permissions, mtimes, link targets,
+/// extended attributes, and which files are hardlinks of each other.
 pub fn assert_same_tree(a: &Path, b: &Path) {
+    assert_same_entries(a, b);
+    assert_eq!(
+        hardlink_groups(a),
+        hardlink_groups(b),
+        "hardlinks of {}",
+        b.display()
+    );
+}
+
+/// Extended attributes of `p` itself, sorted.
+pub fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = xattr::list(p)
+        .unwrap()
+        .map(|n| {
+            let value = xattr::get(p, &n).unwrap().unwrap_or_default();
+            (n.to_string_lossy().into_owned(), value)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Relative paths of the files with several names, grouped by inode, sorted.
+pub fn hardlink_groups(root: &Path) -> Vec<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<u64, Vec<String>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                walk(root, &p, out);
+            } else if m.is_file() && m.nlink() > 1 {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.entry(m.ino()).or_default().push(rel);
+            }
+        }
+    }
+    let mut by_inode = std::collections::BTreeMap::new();
+    if std::fs::symlink_metadata(root).unwrap().is_dir() {
+        walk(root, root, &mut by_inode);
+    }
+    let mut groups: Vec<Vec<String>> = by_inode
+        .into_values()
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    groups
+}
+
+fn assert_same_entries(a: &Path, b: &Path) {
     let ma = std::fs::symlink_metadata(a).unwrap();
     let mb =
         std::fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{} missing: {e}", b.display()));
@@ -256,6 +309,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         "{}",
         b.display()
     );
+    assert_eq!(xattrs_of(a), xattrs_of(b), "xattrs of {}", b.display());
     if ma.file_type().is_symlink() {
         assert_eq!(
             std::fs::read_link(a).unwrap(),
@@ -288,7 +342,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         let (na, nb) = (names(a), names(b));
         assert_eq!(na, nb, "entries of {}", b.display());
         for n in na {
-            assert_same_tree(&a.join(&n), &b.join(&n));
+            assert_same_entries(&a.join(&n), &b.join(&n));
         }
     } else {
         assert_eq!(ma.len(), mb.len(), "size of {}", b.display());
