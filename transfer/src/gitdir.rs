@@ -123,6 +123,30 @@ pub fn is_ref_path(rel: &[u8]) -> bool {
     rel == b"HEAD" || rel == b"packed-refs" || rel == b"refs" || rel.starts_with(b"refs/")
 }
 
+/// Where a git directory's `objects/info/alternates` says objects are borrowed from: its
+/// non-empty lines that are not comments. Empty: the file borrows nothing.
+pub fn alternates(content: &[u8]) -> Vec<String> {
+    content
+        .split(|b| *b == b'\n')
+        .map(|l| String::from_utf8_lossy(l).trim().to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+/// The object ids a ref file names: a loose ref's id (not a `ref: ...` symbolic ref), or
+/// every id of `packed-refs`, peeled ones (`^<id>`) included. Anything else is skipped.
+pub fn ref_tips(content: &[u8]) -> Vec<String> {
+    let is_id = |s: &[u8]| (s.len() == 40 || s.len() == 64) && s.iter().all(u8::is_ascii_hexdigit);
+    content
+        .split(|b| *b == b'\n')
+        .filter_map(|line| {
+            let line = line.strip_prefix(b"^").unwrap_or(line);
+            let id = line.split(|b| *b == b' ' || *b == b'\r').next()?;
+            is_id(id).then(|| String::from_utf8_lossy(id).into_owned())
+        })
+        .collect()
+}
+
 /// True when `rel` names one of git's content-addressed files: a loose object
 /// (`objects/xx/` + 38 or 62 hex digits, SHA-1 or SHA-256) or a pack, its index or its
 /// reverse index (`objects/pack/pack-<40 or 64 hex>.{pack,idx,rev}`). Their bytes are fixed
@@ -238,6 +262,23 @@ mod tests {
         ] {
             assert!(!is_ref_path(p.as_bytes()), "{p}");
         }
+    }
+
+    #[test]
+    fn alternates_and_ref_tips_are_read_from_gits_files() {
+        assert_eq!(
+            alternates(b"# pool\n/srv/pool.git/objects\n\n  ../../other/objects \n"),
+            ["/srv/pool.git/objects", "../../other/objects"]
+        );
+        assert!(alternates(b"\n# nothing\n").is_empty());
+        let a = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+        let b = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(ref_tips(format!("{a}\n").as_bytes()), [a]);
+        assert!(ref_tips(b"ref: refs/heads/main\n").is_empty());
+        let packed = format!(
+            "# pack-refs with: peeled fully-peeled sorted\n{a} refs/heads/main\n{b} refs/tags/v1\n^{a}\nnot-an-id refs/x\n"
+        );
+        assert_eq!(ref_tips(packed.as_bytes()), [a, b, a]);
     }
 
     #[test]

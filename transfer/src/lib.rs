@@ -17,6 +17,7 @@
 pub mod admission;
 pub mod cli;
 pub mod compress;
+pub mod dissociate;
 pub mod error;
 pub mod failpoint;
 pub mod gitdir;

@@ -3,7 +3,9 @@
 //! The receiver builds a [`Manifest`] entry by entry with [`ManifestBuilder`], which refuses
 //! anything that could write outside the staging tree or lie about sizes: absolute paths,
 //! `..`, empty or `.` components, NUL bytes, duplicate paths, entries whose parent directory
-//! was not declared first, symlinks whose target leaves the tree, more entries or bytes than
+//! was not declared first, symlinks whose target leaves the tree (unless the sender allowed
+//! an absolute target under a prefix it named, [`external_link_allowed`]), hardlinks to
+//! anything but an earlier file, malformed extended attributes, more entries or bytes than
 //! the [`Hello`] announced. Every check runs before a single byte is written, and none of
 //! them touches the file system (sans-io; unit- and property-tested here).
 //!
@@ -38,6 +40,11 @@ pub enum ManifestError {
     Destination { name: String, reason: &'static str },
     #[error("chunk size {0} outside the accepted range {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
     ChunkSize(u64),
+    #[error("invalid external link prefix {prefix:?}: {reason}")]
+    ExternalLinkPrefix {
+        prefix: String,
+        reason: &'static str,
+    },
     #[error("invalid path {path:?}: {reason}")]
     Path { path: String, reason: &'static str },
     #[error("duplicate path {0:?}")]
@@ -233,6 +240,41 @@ fn check_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks an `--allow-external-link` prefix: an absolute directory other than `/`, without
+/// `.` or `..` components, NUL bytes or a trailing `/`.
+pub fn check_external_prefix(prefix: &[u8]) -> Result<(), &'static str> {
+    let rel = prefix.strip_prefix(b"/").ok_or("not an absolute path")?;
+    if rel.is_empty() {
+        return Err("'/' would allow every target");
+    }
+    check_relative_path(rel)
+}
+
+/// True when a symlink target that leaves the tree may be copied as it is: an absolute
+/// path, without `..` (which a symlink inside the shared directory could send anywhere),
+/// inside one of the `prefixes` the sender's operator allowed (component by component, so
+/// `/srv/hooks-evil` is not inside `/srv/hooks`). Relative targets leaving the tree are never
+/// allowed: they would point elsewhere on the receiver, whose tree lives at another path.
+pub fn external_link_allowed(target: &[u8], prefixes: &[Vec<u8>]) -> bool {
+    let Some(rel) = target.strip_prefix(b"/") else {
+        return false;
+    };
+    if target.contains(&0) {
+        return false;
+    }
+    let comps: Vec<&[u8]> = rel
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+        .collect();
+    if comps.iter().any(|c| *c == b"..") {
+        return false;
+    }
+    prefixes.iter().any(|p| {
+        let p: Vec<&[u8]> = p.split(|b| *b == b'/').filter(|c| !c.is_empty()).collect();
+        !p.is_empty() && comps.starts_with(&p)
+    })
+}
+
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -243,6 +285,8 @@ pub struct ManifestBuilder {
     chunk_size: u64,
     announced_entries: u64,
     announced_bytes: u64,
+    /// Where symlinks leaving the tree may point (`Hello::external_links`).
+    external_links: Vec<Vec<u8>>,
     entries: Vec<Entry>,
     seen: HashSet<Vec<u8>>,
     dirs: HashSet<Vec<u8>>,
@@ -265,11 +309,18 @@ impl ManifestBuilder {
         if hello.root_kind == RootKind::File && hello.entry_count != 1 {
             return Err(ManifestError::FileRoot);
         }
+        for prefix in &hello.external_links {
+            check_external_prefix(prefix).map_err(|reason| ManifestError::ExternalLinkPrefix {
+                prefix: lossy(prefix),
+                reason,
+            })?;
+        }
         Ok(ManifestBuilder {
             root_kind: hello.root_kind,
             chunk_size: hello.chunk_size,
             announced_entries: hello.entry_count,
             announced_bytes: hello.total_bytes,
+            external_links: hello.external_links.clone(),
             // Capacity is not taken from the peer's claim: it could be huge.
             entries: Vec::new(),
             seen: HashSet::new(),
@@ -353,7 +404,9 @@ impl ManifestBuilder {
             }
             EntryKind::Dir => {}
             EntryKind::Symlink => {
-                if !symlink_stays_inside(&entry.path, &entry.link_target) {
+                if !symlink_stays_inside(&entry.path, &entry.link_target)
+                    && !external_link_allowed(&entry.link_target, &self.external_links)
+                {
                     return Err(ManifestError::EscapingSymlink {
                         path: lossy(&entry.path),
                         target: lossy(&entry.link_target),
@@ -423,6 +476,7 @@ mod tests {
             sender_info: String::new(),
             git: false,
             owner: Default::default(),
+            external_links: Vec::new(),
         }
     }
 
@@ -594,6 +648,53 @@ mod tests {
             ("user.a", MAX_XATTR_VALUE),
         ]))
         .unwrap();
+    }
+
+    #[test]
+    fn external_links_only_under_an_allowed_prefix_and_only_absolute() {
+        let allowed = vec![b"/srv/shared/hooks".to_vec(), b"/opt/gitlab".to_vec()];
+        for ok in [
+            "/srv/shared/hooks/pre-receive",
+            "/srv/shared/hooks",
+            "//srv/./shared/hooks/x",
+            "/opt/gitlab/embedded/hooks",
+        ] {
+            assert!(external_link_allowed(ok.as_bytes(), &allowed), "{ok}");
+        }
+        for bad in [
+            "/srv/shared/hooks-evil/x",
+            "/srv/shared/hooks/../../../etc/passwd",
+            "/srv/shared",
+            "/etc/passwd",
+            "../../srv/shared/hooks/x",
+            "srv/shared/hooks/x",
+            "",
+        ] {
+            assert!(!external_link_allowed(bad.as_bytes(), &allowed), "{bad}");
+        }
+        assert!(!external_link_allowed(b"/srv/shared/hooks/x", &[]));
+
+        let mut h = hello(2, 0);
+        h.external_links = allowed.clone();
+        let mut b = ManifestBuilder::new(&h).unwrap();
+        b.push(entry("", EntryKind::Dir, 0)).unwrap();
+        assert!(matches!(
+            b.push(link("hook", "/etc/passwd")),
+            Err(ManifestError::EscapingSymlink { .. })
+        ));
+        b.push(link("hook", "/srv/shared/hooks/pre-receive"))
+            .unwrap();
+        for bad in ["/", "relative", "/a/../b", "/a/", ""] {
+            let mut h = hello(0, 0);
+            h.external_links = vec![bad.as_bytes().to_vec()];
+            assert!(
+                matches!(
+                    ManifestBuilder::new(&h),
+                    Err(ManifestError::ExternalLinkPrefix { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

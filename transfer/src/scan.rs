@@ -6,8 +6,15 @@
 //! group and extended attributes ([`Attrs`]; names and values read without following
 //! symlinks). A regular file with several names is sent once: its later names, in manifest
 //! order, become [`EntryKind::Hardlink`] entries naming the first ([`Scan::hardlinks`]).
-//! Skipped with a warning (and listed in the summary): symlinks that leave the tree,
-//! sockets, FIFOs and devices, which have no meaning on another host.
+//! A symlink leaving the tree is refused (its copy would dangle, or point at something else
+//! on the receiver), unless its absolute target lies under a prefix the operator allowed
+//! (`--allow-external-link`, [`crate::manifest::external_link_allowed`]): then it is sent as
+//! the link it is. Skipped with a warning (and listed in the summary): sockets, FIFOs and
+//! devices, which have no meaning on another host.
+//!
+//! **Borrowed objects.** A git directory with `objects/info/alternates` keeps objects in
+//! another repository: it is refused, or with `--dissociate` its borrowed objects travel as
+//! an extra pack and the alternates file stays behind ([`crate::dissociate`]).
 //!
 //! **A live source.** Entries may vanish between a directory's listing and their `stat`, or
 //! a directory between its `stat` and its listing (git removes a push's quarantine directory
@@ -31,9 +38,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::dissociate::BorrowedPack;
 use crate::error::Error;
 use crate::gitdir::{self, GitMode};
-use crate::manifest::{symlink_stays_inside, Manifest};
+use crate::manifest::{external_link_allowed, symlink_stays_inside, Manifest};
 use crate::wire::{Attrs, Entry, EntryKind, RootKind};
 
 /// Most bytes of ref files held in memory per scan; larger `packed-refs` are read at send
@@ -41,10 +49,14 @@ use crate::wire::{Attrs, Entry, EntryKind, RootKind};
 pub const MAX_CAPTURED_BYTES: u64 = 64 << 20;
 
 /// What to scan and how.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct ScanOptions {
     pub chunk_size: u64,
     pub git: GitMode,
+    /// Absolute directories symlinks leaving the tree may point into.
+    pub external_links: Vec<Vec<u8>>,
+    /// Make a repository that borrows objects self-contained ([`crate::dissociate`]).
+    pub dissociate: bool,
 }
 
 /// A scanned source: the manifest plus where each entry lives locally.
@@ -63,6 +75,11 @@ pub struct Scan {
     pub vanished: Vec<String>,
     /// Entries sent as hardlinks to an earlier path of the same file.
     pub hardlinks: u64,
+    /// Symlinks leaving the tree, sent because `--allow-external-link` allowed their target.
+    pub external_links: u64,
+    /// The objects a borrowing repository lacked, packed for the transfer (`--dissociate`);
+    /// the pack's files live as long as this scan.
+    pub borrowed: Option<BorrowedPack>,
 }
 
 /// Builds the entry describing `meta` at relative path `rel` (owner and group included; the
@@ -173,6 +190,8 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
             transient_skipped: 0,
             vanished: Vec::new(),
             hardlinks: 0,
+            external_links: 0,
+            borrowed: None,
         });
     }
     if !ft.is_dir() {
@@ -193,6 +212,8 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         vanished: Vec::new(),
         transient_skipped: 0,
         capture_budget: MAX_CAPTURED_BYTES,
+        allowed_external: opts.external_links.clone(),
+        external_links: 0,
     };
     // The root directory itself is entry 0 (empty path): its mode and mtime travel too.
     let mut root = entry_from_metadata(Vec::new(), &meta, Vec::new());
@@ -224,6 +245,11 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
             walker.child(&path, name, &mut items)?;
         }
     }
+    let borrowed = if git {
+        take_in_borrowed_objects(src, &mut items, opts.dissociate)?
+    } else {
+        None
+    };
     let hardlinks = link_later_names(&mut items);
     let mut entries = Vec::with_capacity(items.len());
     let mut sources = Vec::with_capacity(items.len());
@@ -244,7 +270,103 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         transient_skipped: walker.transient_skipped,
         vanished: walker.vanished,
         hardlinks,
+        external_links: walker.external_links,
+        borrowed,
     })
+}
+
+/// Path order of the manifest: depth first, a directory before its children, children by
+/// name bytes (component by component: `a/b` comes before `a-c`).
+fn manifest_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.split(|c| *c == b'/').cmp(b.split(|c| *c == b'/'))
+}
+
+/// Inserts `item` at its place in `items` (in manifest order).
+fn insert_in_order(items: &mut Vec<Item>, item: Item) {
+    let at = items.partition_point(|i| manifest_order(&i.entry.path, &item.entry.path).is_lt());
+    items.insert(at, item);
+}
+
+/// A git directory that borrows objects (`objects/info/alternates`): refused, or with
+/// `dissociate` its alternates file is left out and the borrowed objects, reachable from the
+/// refs captured in `items`, are added as one pack ([`crate::dissociate`]).
+fn take_in_borrowed_objects(
+    src: &Path,
+    items: &mut Vec<Item>,
+    dissociate: bool,
+) -> Result<Option<BorrowedPack>, Error> {
+    const ALTERNATES: &[u8] = b"objects/info/alternates";
+    let Some(at) = items
+        .iter()
+        .position(|i| i.entry.path == ALTERNATES && i.entry.kind == EntryKind::File)
+    else {
+        return Ok(None);
+    };
+    let pools = match fs::read(&items[at].source) {
+        Ok(content) => gitdir::alternates(&content),
+        Err(e) if is_vanished(&e) => Vec::new(),
+        Err(e) => return Err(Error::io(&items[at].source, e)),
+    };
+    if pools.is_empty() {
+        return Ok(None);
+    }
+    if !dissociate {
+        return Err(Error::Input(format!(
+            "{} borrows objects from {} (objects/info/alternates): a copy would lack them, or              point back at this host's disk. Pass --dissociate to send the borrowed objects              along (the copy is self-contained; this repository is not changed)",
+            src.display(),
+            pools.join(", ")
+        )));
+    }
+    items.remove(at);
+    let tips: Vec<String> = items
+        .iter()
+        .filter_map(|i| i.content.as_deref())
+        .flat_map(gitdir::ref_tips)
+        .collect();
+    let Some(pack) = crate::dissociate::pack_borrowed(src, &tips)? else {
+        return Ok(None);
+    };
+    // The pack's entries look like git's own: read-only, owned like the object directory.
+    let objects = items
+        .iter()
+        .find(|i| i.entry.path == b"objects")
+        .map(|i| i.entry.clone())
+        .ok_or_else(|| Error::Other("a git directory without objects/".into()))?;
+    let owned = |mut e: Entry, mode: u32| {
+        e.mode = mode;
+        e.attrs = objects.attrs.as_ref().map(|a| Attrs {
+            xattrs: Vec::new(),
+            ..a.clone()
+        });
+        e
+    };
+    if !items.iter().any(|i| i.entry.path == b"objects/pack") {
+        let meta = fs::metadata(pack.dir()).map_err(|e| Error::io(pack.dir(), e))?;
+        let entry = entry_from_metadata(b"objects/pack".to_vec(), &meta, Vec::new());
+        insert_in_order(
+            items,
+            Item {
+                entry: owned(entry, objects.mode),
+                source: pack.dir().to_path_buf(),
+                content: None,
+                inode: None,
+            },
+        );
+    }
+    for (name, path) in &pack.files {
+        let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let rel = format!("objects/pack/{name}").into_bytes();
+        insert_in_order(
+            items,
+            Item {
+                entry: owned(entry_from_metadata(rel, &meta, Vec::new()), 0o444),
+                source: path.clone(),
+                content: None,
+                inode: None,
+            },
+        );
+    }
+    Ok(Some(pack))
 }
 
 /// Turns the later names of a file with several (in manifest order, the order the receiver
@@ -268,6 +390,23 @@ fn link_later_names(items: &mut [Item]) -> u64 {
         }
     }
     linked
+}
+
+/// Why a symlink leaving the tree is refused, and what the operator can do.
+fn escaping_link(path: &Path, target: &[u8]) -> Error {
+    let target = String::from_utf8_lossy(target);
+    let how = if target.starts_with('/') {
+        format!(
+            "if {target} lies in a shared directory that exists on both hosts, allow it with              --allow-external-link DIR (the link is then copied as it is)"
+        )
+    } else {
+        "a relative link out of the tree is never copied (it would point elsewhere under the          receiver's root): make it absolute and allow its directory with          --allow-external-link DIR"
+            .to_string()
+    };
+    Error::Input(format!(
+        "{} is a symlink to {target}, outside the tree: its copy would dangle or point at          something else; {how}",
+        path.display()
+    ))
 }
 
 fn not_a_git_dir(src: &Path) -> Error {
@@ -295,6 +434,10 @@ struct Walker {
     vanished: Vec<String>,
     transient_skipped: u64,
     capture_budget: u64,
+    /// `--allow-external-link` prefixes.
+    allowed_external: Vec<Vec<u8>>,
+    /// Symlinks leaving the tree that they allowed.
+    external_links: u64,
 }
 
 impl Walker {
@@ -363,14 +506,10 @@ impl Walker {
                 Err(e) => return Err(Error::io(path, e)),
             };
             if !symlink_stays_inside(&rel, &target) {
-                tracing::warn!(path = %path.display(), target = %String::from_utf8_lossy(&target),
-                    "skipping a symlink that points outside the tree");
-                self.skipped.push(format!(
-                    "{}: symlink to {} leaves the tree",
-                    String::from_utf8_lossy(&rel),
-                    String::from_utf8_lossy(&target)
-                ));
-                return Ok(());
+                if !external_link_allowed(&target, &self.allowed_external) {
+                    return Err(escaping_link(path, &target));
+                }
+                self.external_links += 1;
             }
             self.push(
                 out,
@@ -511,6 +650,7 @@ mod tests {
         ScanOptions {
             chunk_size: 1 << 20,
             git,
+            ..ScanOptions::default()
         }
     }
 
@@ -741,6 +881,8 @@ mod tests {
             vanished: Vec::new(),
             transient_skipped: 0,
             capture_budget: MAX_CAPTURED_BYTES,
+            allowed_external: Vec::new(),
+            external_links: 0,
         };
         let mut out = Vec::new();
         // Listed, then gone before its stat; a directory gone before its listing.

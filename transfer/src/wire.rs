@@ -29,13 +29,15 @@
 //!   `Hello` carries the sender's [`OwnerPolicy`] (`--preserve-owner`, `--chown`,
 //!   `--map-owner`), applied by the receiver. Receivers serve 1 to 4; entries of earlier
 //!   versions have no attributes, and their files belong to the receiver's user as before.
+//! - 5: [`Hello::external_links`]: the absolute prefixes symlinks leaving the tree may point
+//!   into (`--allow-external-link`); earlier senders send none, and such links are refused.
 
 use thiserror::Error;
 
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"shardxfer/1";
 /// Version carried in [`Hello`]; bumped on any incompatible change of this module.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Oldest sender version a receiver still serves.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// First version whose senders understand [`ControlMsg::Queued`].
@@ -44,6 +46,10 @@ pub const QUEUED_SINCE_VERSION: u16 = 2;
 pub const GIT_FLAG_SINCE_VERSION: u16 = 3;
 /// First version whose `Hello` carries [`Hello::owner`].
 pub const OWNER_SINCE_VERSION: u16 = 4;
+/// First version whose `Hello` carries [`Hello::external_links`].
+pub const EXTERNAL_LINKS_SINCE_VERSION: u16 = 5;
+/// Most external link prefixes a `Hello` may carry.
+pub const MAX_EXTERNAL_LINK_PREFIXES: usize = 256;
 /// Most owner rules a `Hello` may carry.
 pub const MAX_OWNER_RULES: usize = 1024;
 /// Largest control frame accepted (type byte + body).
@@ -171,6 +177,9 @@ pub struct Hello {
     /// Version 4: who should own the installed files; [`OwnerPolicy::Receiver`] from older
     /// senders.
     pub owner: OwnerPolicy,
+    /// Version 5: absolute directories that symlinks leaving the tree may point into
+    /// (`shardsend --allow-external-link`); checked by the receiver like any entry.
+    pub external_links: Vec<Vec<u8>>,
 }
 
 /// Who owns the installed files (protocol version 4); see [`crate::owner`].
@@ -431,6 +440,12 @@ impl ControlMsg {
                 if h.version >= OWNER_SINCE_VERSION {
                     encode_owner(out, &h.owner);
                 }
+                if h.version >= EXTERNAL_LINKS_SINCE_VERSION {
+                    out.extend_from_slice(&(h.external_links.len() as u32).to_le_bytes());
+                    for prefix in &h.external_links {
+                        put_bytes(out, prefix);
+                    }
+                }
             }
             ControlMsg::Entry(e) => {
                 out.push(if e.attrs.is_some() {
@@ -570,12 +585,25 @@ impl ControlMsg {
                     sender_info: r.string("sender info")?,
                     git: false,
                     owner: OwnerPolicy::Receiver,
+                    external_links: Vec::new(),
                 };
                 if version >= GIT_FLAG_SINCE_VERSION {
                     hello.git = r.bool("git")?;
                 }
                 if version >= OWNER_SINCE_VERSION {
                     hello.owner = decode_owner(&mut r)?;
+                }
+                if version >= EXTERNAL_LINKS_SINCE_VERSION {
+                    let n = r.u32()? as usize;
+                    if n > MAX_EXTERNAL_LINK_PREFIXES {
+                        return Err(WireError::InvalidValue {
+                            field: "external link prefix count",
+                            value: n as u64,
+                        });
+                    }
+                    for _ in 0..n {
+                        hello.external_links.push(r.bytes()?);
+                    }
                 }
                 if version > PROTOCOL_VERSION {
                     // A newer sender's fields: left unread, so that the receiver can say
@@ -989,9 +1017,10 @@ mod tests {
                 ".{0,20}",
                 any::<bool>(),
                 arb_owner(),
+                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 0..3),
             )
                 .prop_map(
-                    |(version, dest, file, cs, ec, tb, resume, info, git, owner)| {
+                    |(version, dest, file, cs, ec, tb, resume, info, git, owner, links)| {
                         ControlMsg::Hello(Hello {
                             version,
                             dest,
@@ -1008,6 +1037,11 @@ mod tests {
                                 owner
                             } else {
                                 OwnerPolicy::Receiver
+                            },
+                            external_links: if version >= EXTERNAL_LINKS_SINCE_VERSION {
+                                links
+                            } else {
+                                Vec::new()
                             },
                         })
                     }

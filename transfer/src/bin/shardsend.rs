@@ -97,6 +97,18 @@ struct SendArgs {
     /// --map-owner git:git=phd:phd --map-owner root=root
     #[arg(long, value_name = "FROM=TO", value_parser = transfer::owner::parse_map_owner)]
     map_owner: Vec<transfer::owner::MapOwner>,
+    /// A symlink whose target leaves the tree is refused, unless that target is an absolute
+    /// path inside DIR (e.g. a hooks directory shared by all repositories, present on both
+    /// hosts): then it is copied as the link it is. Repeatable
+    #[arg(long, value_name = "DIR", value_parser = parse_external_prefix)]
+    allow_external_link: Vec<String>,
+    /// A git directory that borrows objects from another repository
+    /// (objects/info/alternates, e.g. `git clone --shared` or an object pool) is refused,
+    /// unless this is given: then the objects it reaches only through the alternates are
+    /// packed (in a temporary directory; this repository is not changed) and sent along, and
+    /// the copy gets no alternates file: it is self-contained
+    #[arg(long)]
+    dissociate: bool,
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
@@ -117,6 +129,14 @@ struct SendArgs {
     /// Test-only fault injection: corrupt-once | corrupt-always
     #[arg(long, hide = true)]
     inject_fault: Option<Fault>,
+}
+
+/// `--allow-external-link DIR`: an absolute directory other than `/`, without a trailing
+/// `/`, `.` or `..` (the receiver checks the same).
+fn parse_external_prefix(s: &str) -> Result<String, String> {
+    transfer::manifest::check_external_prefix(s.as_bytes())
+        .map(|()| s.to_string())
+        .map_err(|reason| format!("{s:?}: {reason}"))
 }
 
 fn main() {
@@ -194,6 +214,12 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         wait_for: a.wait_for,
         events: Some(event_printer(a.json)),
         owner: transfer::owner::resolve_local(a.preserve_owner, a.chown.as_ref(), &a.map_owner)?,
+        external_links: a
+            .allow_external_link
+            .into_iter()
+            .map(String::into_bytes)
+            .collect(),
+        dissociate: a.dissociate,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -632,6 +632,7 @@ mod tests {
             sender_info: "test".into(),
             git: false,
             owner: Default::default(),
+            external_links: Vec::new(),
         })
     }
 
@@ -945,6 +946,7 @@ mod tests {
             crate::scan::ScanOptions {
                 chunk_size: CHUNK,
                 git: crate::gitdir::GitMode::Off,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -960,6 +962,7 @@ mod tests {
                 sender_info: "pair".into(),
                 git: false,
                 owner: crate::wire::OwnerPolicy::Receiver,
+                external_links: Vec::new(),
             },
         );
         let (mut to_receiver, mut receiver_in) = tokio::io::duplex(1 << 20);
@@ -1124,6 +1127,7 @@ mod tests {
                             sender_info: String::new(),
                             git: false,
                             owner: Default::default(),
+                            external_links: Vec::new(),
                         })
                     }
                 ),

@@ -101,6 +101,12 @@ pub struct SendConfig {
     pub events: Option<EventSink>,
     /// Who should own the installed files ([`crate::owner`]).
     pub owner: OwnerPolicy,
+    /// Absolute directories symlinks leaving the tree may point into
+    /// (`--allow-external-link`; checked by both sides).
+    pub external_links: Vec<Vec<u8>>,
+    /// Make a repository that borrows objects (alternates) self-contained on the receiver
+    /// ([`crate::dissociate`]).
+    pub dissociate: bool,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -168,6 +174,13 @@ pub struct SendSummary {
     /// Paths sent as hardlinks to an earlier path of the same file.
     #[serde(default)]
     pub hardlinks: u64,
+    /// Symlinks leaving the tree, sent because `--allow-external-link` allowed them.
+    #[serde(default)]
+    pub external_links: u64,
+    /// Objects the repository borrowed through its alternates, sent in an extra pack
+    /// (`--dissociate`; 0 when it borrows none).
+    #[serde(default)]
+    pub borrowed_objects: u64,
     /// False only for a pre-copy whose source never held still over all its attempts: the
     /// receiver keeps what was verified, and the final pass sends the rest.
     pub complete: bool,
@@ -342,6 +355,8 @@ async fn attempt_once(
     let opts = ScanOptions {
         chunk_size: cfg.chunk_size,
         git: cfg.git,
+        external_links: cfg.external_links.clone(),
+        dissociate: cfg.dissociate,
     };
     let scanned = tokio::task::spawn_blocking(move || scan(&src, opts))
         .await
@@ -372,6 +387,7 @@ async fn attempt_once(
             ),
             git: scanned.git,
             owner: cfg.owner.clone(),
+            external_links: cfg.external_links.clone(),
         },
     );
     let result = attempt_on(cfg, session, Arc::new(scanned), &conn).await;
@@ -437,6 +453,8 @@ async fn attempt_once(
         transient_skipped: scan.transient_skipped,
         owner: crate::owner::describe(&cfg.owner),
         hardlinks: scan.hardlinks,
+        external_links: scan.external_links,
+        borrowed_objects: scan.borrowed.as_ref().map_or(0, |b| b.objects),
         complete: root.is_some(),
         queued_seconds: totals.queued_seconds,
         quic,

@@ -45,6 +45,8 @@ pub struct SenderSessionConfig {
     pub git: bool,
     /// Who should own the installed files ([`crate::owner`]).
     pub owner: OwnerPolicy,
+    /// Where symlinks leaving the tree may point (`--allow-external-link`).
+    pub external_links: Vec<Vec<u8>>,
 }
 
 /// What happened, for the session.
@@ -182,6 +184,7 @@ impl SenderSession {
             sender_info: self.cfg.sender_info.clone(),
             git: self.cfg.git,
             owner: self.cfg.owner.clone(),
+            external_links: self.cfg.external_links.clone(),
         }));
         msgs.extend(manifest.entries.iter().cloned().map(ControlMsg::Entry));
         msgs.push(ControlMsg::ManifestEnd {
@@ -614,6 +617,7 @@ mod tests {
             sender_info: "test".into(),
             git: false,
             owner: OwnerPolicy::Receiver,
+            external_links: Vec::new(),
         }
     }
 
