@@ -33,6 +33,11 @@ enum Command {
         renamed into place as ROOT/DEST; an existing DEST is moved aside to DEST.replaced-<unix-time>. \
         At most --max-transfers run at once; the next ones wait in line. Each admission is logged with \
         max_active, the most transfers active at once so far. \
+        Installed files keep their mode, times, extended attributes and hardlinks; they belong to \
+        the user running shardrecv unless the sender asks for owners (--preserve-owner, --chown, \
+        --map-owner), which needs root or CAP_CHOWN: without it such a transfer is refused before \
+        any data moves. A receiver killed while installing keeps the verified tree staged: the \
+        sender's --resume then sends nothing and installs it. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
         per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready."
     )]

@@ -1083,17 +1083,25 @@ mod tests {
     fn arb_entry() -> impl Strategy<Value = Entry> {
         (
             nasty_path(),
-            0u8..3,
+            0u8..4,
             prop_oneof![Just(0u64), Just(10), Just(CHUNK + 1), any::<u64>()],
             prop_oneof![
                 Just(b"b".to_vec()),
+                Just(b"d".to_vec()),
+                Just(b"d/a".to_vec()),
                 Just(b"../../etc".to_vec()),
                 Just(b"/etc".to_vec()),
+                Just(b"/etc/passwd".to_vec()),
                 Just(b"d/../..".to_vec())
             ],
         )
             .prop_map(|(path, kind, size, target)| {
-                let kind = [EntryKind::File, EntryKind::Dir, EntryKind::Symlink][kind as usize];
+                let kind = [
+                    EntryKind::File,
+                    EntryKind::Dir,
+                    EntryKind::Symlink,
+                    EntryKind::Hardlink,
+                ][kind as usize];
                 let mut e = entry("", kind, size, "");
                 e.path = path;
                 e.link_target = target;

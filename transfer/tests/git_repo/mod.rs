@@ -11,17 +11,7 @@ use crate::util::*;
 /// A bare repository `a.git` (one pack holding an 8 MiB incompressible blob, cloned from a
 /// work repository) and that work repository, in `dir`. Returns (bare, work, pack path).
 fn repo_with_a_big_pack(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let work = dir.join("work");
-    git(dir, &["init", "-q", "-b", "main", "work"]);
-    write_random(&work.join("big.bin"), 8 << 20, 7);
-    std::fs::write(work.join("README"), "hello\n").unwrap();
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-qm", "first"]);
-    git(
-        dir,
-        &["clone", "-q", "--bare", "--no-local", "work", "a.git"],
-    );
-    let bare = dir.join("a.git");
+    let (bare, work) = bare_repo(dir, &[("big.bin", &random_bytes(8 << 20, 7))]);
     git(&bare, &["config", "gc.auto", "0"]);
     let pack = std::fs::read_dir(bare.join("objects/pack"))
         .unwrap()

@@ -97,16 +97,7 @@ fn open_up(keys: &Keys) {
 /// A bare repository made by root, with a hook kept under a second name (as the
 /// maintenance hook does) and an extended attribute.
 fn root_owned_repo(dir: &Path) -> PathBuf {
-    git(dir, &["init", "-q", "-b", "main", "work"]);
-    let work = dir.join("work");
-    std::fs::write(work.join("README"), "hello\n").unwrap();
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-qm", "first"]);
-    git(
-        dir,
-        &["clone", "-q", "--bare", "--no-local", "work", "a.git"],
-    );
-    let bare = dir.join("a.git");
+    let (bare, _) = bare_repo(dir, &[]);
     let hook = bare.join("hooks/pre-receive");
     std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();

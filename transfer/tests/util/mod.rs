@@ -450,6 +450,25 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A work repository `dir/work` with one commit of a README and `files`, and its bare
+/// clone `dir/a.git` (made through the pack protocol, so its objects are in one pack).
+/// Returns (bare, work).
+pub fn bare_repo(dir: &Path, files: &[(&str, &[u8])]) -> (PathBuf, PathBuf) {
+    let work = dir.join("work");
+    git(dir, &["init", "-q", "-b", "main", "work"]);
+    std::fs::write(work.join("README"), "hello\n").unwrap();
+    for (name, content) in files {
+        std::fs::write(work.join(name), content).unwrap();
+    }
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-qm", "first"]);
+    git(
+        dir,
+        &["clone", "-q", "--bare", "--no-local", "work", "a.git"],
+    );
+    (dir.join("a.git"), work)
+}
+
 pub fn git_cmd(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new("git");
     c.arg("-C")
