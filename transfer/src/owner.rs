@@ -9,10 +9,12 @@
 //! receiver's `git`). Without any of the options the files belong to the user running
 //! `shardrecv`, as before version 4.
 //!
-//! Giving a file to someone else needs `CAP_CHOWN` (or root), except giving it to ourselves
-//! and to one of our groups. A receiver that cannot do what the sender asked refuses the
-//! transfer before any data moves ([`check_can_give`]), with the first id it cannot give;
-//! it never installs with the wrong owner.
+//! Giving a file to someone else needs `CAP_CHOWN`, and finishing the install of a tree that
+//! is no longer ours (set-id bits back after `chown`, the rename of a directory we do not
+//! own) needs `CAP_FOWNER`, `CAP_FSETID` and `CAP_DAC_OVERRIDE`: root has them all. Giving files to
+//! ourselves and to one of our groups needs none. A receiver that cannot do what the sender
+//! asked refuses the transfer before any data moves ([`check_can_give`]), naming the first
+//! id it cannot give and the capabilities it lacks; it never installs with the wrong owner.
 //!
 //! Parsing, rule matching and the permission rule are sans-io; only [`Me::current`],
 //! [`resolve_local`] and [`Resolved::resolve`] read the system's user database.
@@ -259,12 +261,18 @@ impl Resolved {
 pub struct Me {
     pub euid: u32,
     pub groups: BTreeSet<u32>,
-    /// `CAP_CHOWN` in the effective set (root has it unless dropped).
-    pub cap_chown: bool,
+    /// The capabilities giving files away takes that we lack (root has them all, unless
+    /// dropped); empty when we may.
+    pub missing_caps: Vec<&'static str>,
 }
 
-/// Bit of `CAP_CHOWN` in `/proc/self/status`'s `CapEff`.
-const CAP_CHOWN_BIT: u64 = 1 << 0;
+/// What giving files away takes: (name, bit in `/proc/self/status`'s `CapEff`).
+const GIVE_AWAY_CAPS: [(&str, u32); 4] = [
+    ("CAP_CHOWN", 0),
+    ("CAP_DAC_OVERRIDE", 1),
+    ("CAP_FOWNER", 3),
+    ("CAP_FSETID", 4),
+];
 
 impl Me {
     pub fn current() -> Me {
@@ -280,18 +288,23 @@ impl Me {
                     .find_map(|l| l.strip_prefix("CapEff:"))
                     .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
             });
+        let has = |bit: u32| cap_eff.map_or(euid == 0, |c| c & (1 << bit) != 0);
         Me {
             euid,
             groups,
-            cap_chown: cap_eff.map_or(euid == 0, |c| c & CAP_CHOWN_BIT != 0),
+            missing_caps: GIVE_AWAY_CAPS
+                .iter()
+                .filter(|(_, bit)| !has(*bit))
+                .map(|(name, _)| *name)
+                .collect(),
         }
     }
 }
 
 /// Refuses, before any data moves, a policy this receiver cannot carry out: an id it may
-/// not give files to without `CAP_CHOWN`.
+/// not give files to without the capabilities it lacks.
 pub fn check_can_give(resolved: &Resolved, entries: &[Entry], me: &Me) -> Result<(), String> {
-    if me.cap_chown {
+    if me.missing_caps.is_empty() {
         return Ok(());
     }
     for e in entries {
@@ -300,10 +313,12 @@ pub fn check_can_give(resolved: &Resolved, entries: &[Entry], me: &Me) -> Result
         if uid != me.euid || !me.groups.contains(&gid) {
             return Err(format!(
                 "cannot install {:?} for uid {uid} gid {gid}: shardrecv runs as uid {} without \
-                 CAP_CHOWN (run it as root, or grant it CAP_CHOWN, e.g. systemd \
-                 AmbientCapabilities=CAP_CHOWN CAP_FOWNER)",
+                 {} (run it as root, or grant it CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and \
+                 CAP_FSETID, e.g. systemd AmbientCapabilities=CAP_CHOWN CAP_DAC_OVERRIDE \
+                 CAP_FOWNER CAP_FSETID)",
                 String::from_utf8_lossy(&e.path),
-                me.euid
+                me.euid,
+                me.missing_caps.join(", ")
             ));
         }
     }
@@ -420,7 +435,7 @@ mod tests {
         let me = Me {
             euid: 1000,
             groups: [1000, 27].into(),
-            cap_chown: false,
+            missing_caps: vec!["CAP_CHOWN", "CAP_FOWNER"],
         };
         let entry = |path: &str, uid, gid| Entry {
             path: path.as_bytes().to_vec(),
@@ -433,9 +448,9 @@ mod tests {
         let theirs = [entry("", 1000, 1000), entry("hooks/x", 998, 998)];
         let err = check_can_give(&keep, &theirs, &me).unwrap_err();
         assert!(err.contains("\"hooks/x\" for uid 998 gid 998"), "{err}");
-        assert!(err.contains("without CAP_CHOWN"), "{err}");
+        assert!(err.contains("without CAP_CHOWN, CAP_FOWNER"), "{err}");
         let root = Me {
-            cap_chown: true,
+            missing_caps: Vec::new(),
             ..me
         };
         assert_eq!(check_can_give(&keep, &theirs, &root), Ok(()));

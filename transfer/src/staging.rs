@@ -34,7 +34,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
 use crate::gitdir::same_source_version;
@@ -356,43 +356,29 @@ impl Staging {
     pub fn install(self, manifest: &Manifest) -> Result<(PathBuf, Option<PathBuf>), Error> {
         // Symlinks, then file metadata, then directories deepest-first (creating entries
         // inside a directory changes its mtime).
-        // Owner and xattrs go first: chown clears set-id bits and file capabilities, which
-        // the mode and the xattrs then put back. A hardlink shares its first path's inode,
-        // and so everything but its name.
+        // Links first; then each entry's metadata ([`Staging::apply_metadata`]), directories
+        // deepest-first and last (creating entries inside a directory changes its mtime). A
+        // hardlink shares its first path's inode, and so everything but its name.
         for (i, e) in manifest.entries.iter().enumerate() {
             let p = self.entry_path(manifest, i);
             match e.kind {
                 EntryKind::Symlink => {
                     remove_any(&p)?;
                     symlink(std::ffi::OsStr::from_bytes(&e.link_target), &p).map_err(io_err(&p))?;
-                    self.apply_attrs(&p, e)?;
-                    set_symlink_mtime(&p, e).map_err(io_err(&p))?;
+                    self.apply_metadata(&p, e)?;
                 }
                 EntryKind::Hardlink => {
                     remove_any(&p)?;
                     let first = path_of(&self.tree, &e.link_target);
                     fs::hard_link(&first, &p).map_err(io_err(&p))?;
                 }
-                EntryKind::File => {
-                    self.apply_attrs(&p, e)?;
-                    let f = File::options().write(true).open(&p).map_err(io_err(&p))?;
-                    f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
-                        .map_err(io_err(&p))?;
-                    f.set_times(fs::FileTimes::new().set_modified(mtime_of(e)))
-                        .map_err(io_err(&p))?;
-                }
+                EntryKind::File => self.apply_metadata(&p, e)?,
                 EntryKind::Dir => {}
             }
         }
         for (i, e) in manifest.entries.iter().enumerate().rev() {
             if e.kind == EntryKind::Dir {
-                let p = self.entry_path(manifest, i);
-                self.apply_attrs(&p, e)?;
-                let f = File::open(&p).map_err(io_err(&p))?;
-                f.set_times(fs::FileTimes::new().set_modified(mtime_of(e)))
-                    .map_err(io_err(&p))?;
-                f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
-                    .map_err(io_err(&p))?;
+                self.apply_metadata(&self.entry_path(manifest, i), e)?;
             }
         }
         // One syncfs makes every staged byte and inode durable: far cheaper than an fsync
@@ -426,50 +412,59 @@ impl Staging {
         Ok((target, replaced))
     }
 
-    /// Gives `p` the owner the sender asked for (if it asked: [`crate::owner`]) and exactly
-    /// the entry's extended attributes. Stale `user.*`/`trusted.*` attributes (left by an
-    /// earlier install attempt of a carried file) are removed; `security.*` and `system.*`
-    /// ones the sender did not send are the receiver system's own (an SELinux label given at
-    /// creation, an inherited ACL) and stay.
-    fn apply_attrs(&self, p: &Path, e: &Entry) -> Result<(), Error> {
-        let Some(attrs) = &e.attrs else {
+    /// Gives staged entry `p` the metadata of `e`, without following a symlink and without
+    /// opening it (a file given away may no longer be ours to open): extended attributes,
+    /// mode, mtime, all as its owner (still us), then the owner the sender asked for (if it
+    /// asked: [`crate::owner`]) last, so that giving it away cannot stop us finishing it.
+    /// `chown` clears set-id bits and file capabilities, which are then put back.
+    fn apply_metadata(&self, p: &Path, e: &Entry) -> Result<(), Error> {
+        let symlink = e.kind == EntryKind::Symlink;
+        let mode = fs::Permissions::from_mode(e.mode & 0o7777);
+        if let Some(attrs) = &e.attrs {
+            set_xattrs(p, &attrs.xattrs)?;
+        }
+        if !symlink {
+            fs::set_permissions(p, mode.clone()).map_err(io_err(p))?;
+        }
+        set_mtime(p, e).map_err(io_err(p))?;
+        let (Some(owner), Some(attrs)) = (&self.owner, &e.attrs) else {
             return Ok(());
         };
-        if let Some(owner) = &self.owner {
-            let (uid, gid) = owner.map(attrs);
-            std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|err| {
+        let (uid, gid) = owner.map(attrs);
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|err| {
+            Error::Other(format!(
+                "{}: cannot give it to uid {uid} gid {gid}: {err}",
+                p.display()
+            ))
+        })?;
+        if !symlink && e.mode & 0o6000 != 0 {
+            fs::set_permissions(p, mode).map_err(io_err(p))?;
+            // Without CAP_FSETID the kernel drops set-gid silently: say so instead.
+            let now = fs::symlink_metadata(p)
+                .map_err(io_err(p))?
+                .permissions()
+                .mode();
+            if now & 0o7777 != e.mode & 0o7777 {
+                return Err(Error::Other(format!(
+                    "{}: mode {:o} after giving it to uid {uid} gid {gid}, not {:o} (set-id \
+                     bits need CAP_FSETID)",
+                    p.display(),
+                    now & 0o7777,
+                    e.mode & 0o7777
+                )));
+            }
+        }
+        let capability = attrs
+            .xattrs
+            .iter()
+            .find(|(name, _)| name == b"security.capability");
+        if let Some((name, value)) = capability {
+            xattr::set(p, std::ffi::OsStr::from_bytes(name), value).map_err(|err| {
                 Error::Other(format!(
-                    "{}: cannot give it to uid {uid} gid {gid}: {err}",
+                    "{}: cannot set security.capability again after chown: {err}",
                     p.display()
                 ))
             })?;
-        }
-        let failed = |what: &str, name: &[u8], err: io::Error| {
-            Error::Other(format!(
-                "{}: cannot {what} extended attribute {}: {err}",
-                p.display(),
-                String::from_utf8_lossy(name)
-            ))
-        };
-        let unsupported = |err: &io::Error| err.raw_os_error() == Some(libc::EOPNOTSUPP);
-        match xattr::list(p) {
-            Ok(names) => {
-                for name in names {
-                    let name = name.as_bytes();
-                    let stale = (name.starts_with(b"user.") || name.starts_with(b"trusted."))
-                        && !attrs.xattrs.iter().any(|(n, _)| n == name);
-                    if stale {
-                        xattr::remove(p, std::ffi::OsStr::from_bytes(name))
-                            .map_err(|err| failed("remove stale", name, err))?;
-                    }
-                }
-            }
-            Err(err) if unsupported(&err) && attrs.xattrs.is_empty() => return Ok(()),
-            Err(err) => return Err(failed("list", b"", err)),
-        }
-        for (name, value) in &attrs.xattrs {
-            xattr::set(p, std::ffi::OsStr::from_bytes(name), value)
-                .map_err(|err| failed("set", name, err))?;
         }
         Ok(())
     }
@@ -484,15 +479,43 @@ impl Staging {
     }
 }
 
-fn mtime_of(e: &Entry) -> SystemTime {
-    if e.mtime_sec >= 0 {
-        UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec.min(999_999_999))
-    } else {
-        UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs())
+/// Gives `p` (itself, not a symlink's target) exactly the extended attributes `xattrs`.
+/// Stale `user.*`/`trusted.*` attributes (left by an earlier install attempt of a carried
+/// file) are removed; `security.*` and `system.*` ones the sender did not send are the
+/// receiver system's own (an SELinux label given at creation, an inherited ACL) and stay.
+fn set_xattrs(p: &Path, xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), Error> {
+    let failed = |what: &str, name: &[u8], err: io::Error| {
+        Error::Other(format!(
+            "{}: cannot {what} extended attribute {}: {err}",
+            p.display(),
+            String::from_utf8_lossy(name)
+        ))
+    };
+    let unsupported = |err: &io::Error| err.raw_os_error() == Some(libc::EOPNOTSUPP);
+    match xattr::list(p) {
+        Ok(names) => {
+            for name in names {
+                let name = name.as_bytes();
+                let stale = (name.starts_with(b"user.") || name.starts_with(b"trusted."))
+                    && !xattrs.iter().any(|(n, _)| n == name);
+                if stale {
+                    xattr::remove(p, std::ffi::OsStr::from_bytes(name))
+                        .map_err(|err| failed("remove stale", name, err))?;
+                }
+            }
+        }
+        Err(err) if unsupported(&err) && xattrs.is_empty() => return Ok(()),
+        Err(err) => return Err(failed("list", b"", err)),
     }
+    for (name, value) in xattrs {
+        xattr::set(p, std::ffi::OsStr::from_bytes(name), value)
+            .map_err(|err| failed("set", name, err))?;
+    }
+    Ok(())
 }
 
-fn set_symlink_mtime(p: &Path, e: &Entry) -> io::Result<()> {
+/// Sets `p`'s mtime (not a symlink target's), leaving its atime.
+fn set_mtime(p: &Path, e: &Entry) -> io::Result<()> {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
     let times = [

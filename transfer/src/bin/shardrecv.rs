@@ -35,7 +35,8 @@ enum Command {
         max_active, the most transfers active at once so far. \
         Installed files keep their mode, times, extended attributes and hardlinks; they belong to \
         the user running shardrecv unless the sender asks for owners (--preserve-owner, --chown, \
-        --map-owner), which needs root or CAP_CHOWN: without it such a transfer is refused before \
+        --map-owner), which needs root (or CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID): \
+        without them such a transfer is refused before \
         any data moves. A receiver killed while installing keeps the verified tree staged: the \
         sender's --resume then sends nothing and installs it. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \

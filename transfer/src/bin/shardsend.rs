@@ -82,7 +82,8 @@ struct SendArgs {
     #[arg(long, default_value = "auto", value_name = "MODE")]
     git: GitMode,
     /// Install the files for their numeric owner and group as on this host (the receiver
-    /// must run as root or with CAP_CHOWN, or the transfer is refused before any data moves).
+    /// must run as root, or with CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID, or the
+    /// transfer is refused before any data moves).
     /// Without this, --chown or --map-owner, the files belong to the user running shardrecv
     #[arg(long)]
     preserve_owner: bool,

@@ -102,6 +102,10 @@ fn root_owned_repo(dir: &Path) -> PathBuf {
     std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::hard_link(&hook, bare.join("hooks/pre-receive.kept")).unwrap();
+    // chown clears set-id bits: the receiver must put them back.
+    let helper = bare.join("hooks/setgid-helper");
+    std::fs::write(&helper, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o2755)).unwrap();
     xattr::set(bare.join("config"), "user.shardmove.origin", b"shard-a").unwrap();
     // SELinux labels, on a file and on a symlink itself, where the kernel lets root set them
     // (without an SELinux policy loaded, security.* is plain storage for CAP_SYS_ADMIN).
@@ -261,4 +265,39 @@ fn a_receiver_without_cap_chown_refuses_an_owner_it_cannot_give_before_any_data(
     for (p, uid, _) in owners(&root.join("plain.git")) {
         assert_eq!(uid, daemon.uid, "{}", p.display());
     }
+    drop(d);
+
+    // The same user with the capabilities the refusal named gives files away: modes
+    // (set-gid included), times, xattrs and links as on A, and A's owners.
+    let caps = "+chown,+dac_override,+fowner,+fsetid";
+    let d = Daemon::start_in(
+        &keys,
+        &root,
+        "127.0.0.1:0",
+        &[
+            "setpriv",
+            "--reuid",
+            &uid,
+            "--regid",
+            &gid,
+            "--clear-groups",
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+            "--",
+        ],
+    );
+    assert_ok(&send(
+        &keys,
+        &bare,
+        &d.addr,
+        "kept.git",
+        &["--preserve-owner"],
+    ));
+    let installed = root.join("kept.git");
+    for (p, uid, gid) in owners(&installed) {
+        assert_eq!((uid, gid), (0, 0), "{}", p.display());
+    }
+    assert_same_tree(&bare, &installed);
 }
