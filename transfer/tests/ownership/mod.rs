@@ -78,6 +78,26 @@ impl TestUser {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `shardrecv serve` as this user, with the capabilities `caps` (setpriv's syntax, e.g.
+    /// `+chown,+fowner`; empty: none). setpriv execs in place, so the daemon is the child
+    /// the test kills at the end.
+    fn run_shardrecv(&self, keys: &Keys, root: &Path, caps: &str) -> Daemon {
+        let (uid, gid) = (self.uid.to_string(), self.gid.to_string());
+        let mut wrapper = vec![
+            "setpriv",
+            "--reuid",
+            &uid,
+            "--regid",
+            &gid,
+            "--clear-groups",
+        ];
+        if !caps.is_empty() {
+            wrapper.extend(["--inh-caps", caps, "--ambient-caps", caps]);
+        }
+        wrapper.push("--");
+        Daemon::start_in(keys, root, "127.0.0.1:0", &wrapper)
+    }
+
     fn owns(&self, p: &Path) {
         std::os::unix::fs::lchown(p, Some(self.uid), Some(self.gid)).unwrap();
     }
@@ -225,23 +245,8 @@ fn a_receiver_without_cap_chown_refuses_an_owner_it_cannot_give_before_any_data(
     let root = keys.path("root");
     std::fs::create_dir(&root).unwrap();
     daemon.owns(&root);
-    // shardrecv as the daemon user, as systemd would run it (setpriv execs in place, so
-    // the daemon is the child the test kills at the end).
-    let (uid, gid) = (daemon.uid.to_string(), daemon.gid.to_string());
-    let d = Daemon::start_in(
-        &keys,
-        &root,
-        "127.0.0.1:0",
-        &[
-            "setpriv",
-            "--reuid",
-            &uid,
-            "--regid",
-            &gid,
-            "--clear-groups",
-            "--",
-        ],
-    );
+    // shardrecv as the daemon user, as systemd would run it.
+    let d = daemon.run_shardrecv(&keys, &root, "");
     let bare = root_owned_repo(keys.dir.path());
 
     let out = send(&keys, &bare, &d.addr, "r.git", &["--preserve-owner"]);
@@ -269,25 +274,7 @@ fn a_receiver_without_cap_chown_refuses_an_owner_it_cannot_give_before_any_data(
 
     // The same user with the capabilities the refusal named gives files away: modes
     // (set-gid included), times, xattrs and links as on A, and A's owners.
-    let caps = "+chown,+dac_override,+fowner,+fsetid";
-    let d = Daemon::start_in(
-        &keys,
-        &root,
-        "127.0.0.1:0",
-        &[
-            "setpriv",
-            "--reuid",
-            &uid,
-            "--regid",
-            &gid,
-            "--clear-groups",
-            "--inh-caps",
-            caps,
-            "--ambient-caps",
-            caps,
-            "--",
-        ],
-    );
+    let d = daemon.run_shardrecv(&keys, &root, "+chown,+dac_override,+fowner,+fsetid");
     assert_ok(&send(
         &keys,
         &bare,
