@@ -16,6 +16,17 @@
 //! those refs reach, as long as no listed object file vanished before it was read (the
 //! sender restarts the pass then). [`is_ref_path`] names the files the scan reads first.
 //!
+//! **Some of git's files are named by their content.** A loose object `objects/xx/<rest of
+//! its id>` holds exactly the object of that id, and `objects/pack/pack-<checksum>.pack` is
+//! named by the checksum of its own bytes, its `.idx` and `.rev` being functions of the pack.
+//! git never rewrites them, but it *freshens* them (bumps their mtime, so a gc keeps them)
+//! whenever it would write an object it already has, e.g. during any push, even a refused
+//! one. So for these files, and these only, path and size are the whole identity
+//! ([`same_source_version`]): a freshened pack carries over on resume and does not restart a
+//! frozen pass. Files git rewrites in place or by rename under the same name (`.bitmap`,
+//! a cruft pack's `.mtimes`, `.keep`, `.promisor`, `multi-pack-index`, `commit-graph`, refs,
+//! `config`) keep the full (size, mtime, inode, ctime) identity.
+//!
 //! How git mode is switched on: `shardsend --git auto` (the default) turns it on when the
 //! source directory looks like a git directory ([`looks_like_git_dir`]: `HEAD`, `objects/`
 //! and `refs/`); `--git on` requires it, `--git off` sends the tree exactly as it is.
@@ -25,6 +36,8 @@
 
 use std::fmt;
 use std::path::Path;
+
+use crate::wire::{Entry, EntryKind};
 
 /// Whether the source is treated as a git directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,6 +123,72 @@ pub fn is_ref_path(rel: &[u8]) -> bool {
     rel == b"HEAD" || rel == b"packed-refs" || rel == b"refs" || rel.starts_with(b"refs/")
 }
 
+/// Where a git directory's `objects/info/alternates` says objects are borrowed from: its
+/// non-empty lines that are not comments. Empty: the file borrows nothing.
+pub fn alternates(content: &[u8]) -> Vec<String> {
+    content
+        .split(|b| *b == b'\n')
+        .map(|l| String::from_utf8_lossy(l).trim().to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+/// The object ids a ref file names: a loose ref's id (not a `ref: ...` symbolic ref), or
+/// every id of `packed-refs`, peeled ones (`^<id>`) included. Anything else is skipped.
+pub fn ref_tips(content: &[u8]) -> Vec<String> {
+    let is_id = |s: &[u8]| (s.len() == 40 || s.len() == 64) && s.iter().all(u8::is_ascii_hexdigit);
+    content
+        .split(|b| *b == b'\n')
+        .filter_map(|line| {
+            let line = line.strip_prefix(b"^").unwrap_or(line);
+            let id = line.split(|b| *b == b' ' || *b == b'\r').next()?;
+            is_id(id).then(|| String::from_utf8_lossy(id).into_owned())
+        })
+        .collect()
+}
+
+/// True when `rel` names one of git's content-addressed files: a loose object
+/// (`objects/xx/` + 38 or 62 hex digits, SHA-1 or SHA-256) or a pack, its index or its
+/// reverse index (`objects/pack/pack-<40 or 64 hex>.{pack,idx,rev}`). Their bytes are fixed
+/// by their name (see the module doc); nothing else is.
+pub fn is_content_addressed(rel: &[u8]) -> bool {
+    let Some(in_objects) = rel.strip_prefix(b"objects/") else {
+        return false;
+    };
+    let hex_id = |s: &[u8]| (s.len() == 40 || s.len() == 64) && s.iter().all(u8::is_ascii_hexdigit);
+    if let Some(name) = in_objects.strip_prefix(b"pack/pack-") {
+        return [&b".pack"[..], b".idx", b".rev"]
+            .iter()
+            .any(|ext| name.strip_suffix(*ext).is_some_and(hex_id));
+    }
+    match in_objects {
+        [a, b, b'/', rest @ ..] => {
+            a.is_ascii_hexdigit()
+                && b.is_ascii_hexdigit()
+                && (rest.len() == 38 || rest.len() == 62)
+                && rest.iter().all(u8::is_ascii_hexdigit)
+        }
+        _ => false,
+    }
+}
+
+/// True when `new` describes the same bytes as `old` (an entry of an earlier scan): the same
+/// source version (size, mtime, inode, ctime), or, in git mode, the same path and size of a
+/// content-addressed file, whatever git's freshening did to its times (module doc). Decides
+/// what a resume carries over and what the frozen pass's source check calls changed.
+pub fn same_source_version(old: &Entry, new: &Entry, git: bool) -> bool {
+    if git
+        && old.kind == EntryKind::File
+        && new.kind == EntryKind::File
+        && old.path == new.path
+        && old.size == new.size
+        && is_content_addressed(&new.path)
+    {
+        return true;
+    }
+    old.same_version(new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +262,109 @@ mod tests {
         ] {
             assert!(!is_ref_path(p.as_bytes()), "{p}");
         }
+    }
+
+    #[test]
+    fn alternates_and_ref_tips_are_read_from_gits_files() {
+        assert_eq!(
+            alternates(b"# pool\n/srv/pool.git/objects\n\n  ../../other/objects \n"),
+            ["/srv/pool.git/objects", "../../other/objects"]
+        );
+        assert!(alternates(b"\n# nothing\n").is_empty());
+        let a = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+        let b = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(ref_tips(format!("{a}\n").as_bytes()), [a]);
+        assert!(ref_tips(b"ref: refs/heads/main\n").is_empty());
+        let packed = format!(
+            "# pack-refs with: peeled fully-peeled sorted\n{a} refs/heads/main\n{b} refs/tags/v1\n^{a}\nnot-an-id refs/x\n"
+        );
+        assert_eq!(ref_tips(packed.as_bytes()), [a, b, a]);
+    }
+
+    #[test]
+    fn content_addressed_names() {
+        let sha1 = "825dc642cb6eb9a060e54bf8d69288fbee4904";
+        let pack = "0123456789abcdef0123456789abcdef01234567";
+        let pack256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for p in [
+            format!("objects/4b/{sha1}"),
+            format!("objects/4b/{sha1}{}", "0".repeat(24)),
+            format!("objects/pack/pack-{pack}.pack"),
+            format!("objects/pack/pack-{pack}.idx"),
+            format!("objects/pack/pack-{pack}.rev"),
+            format!("objects/pack/pack-{pack256}.pack"),
+        ] {
+            assert!(is_content_addressed(p.as_bytes()), "{p}");
+        }
+        for p in [
+            // Rewritten in place or by rename under the same name: never trusted by name.
+            format!("objects/pack/pack-{pack}.bitmap"),
+            format!("objects/pack/pack-{pack}.mtimes"),
+            format!("objects/pack/pack-{pack}.keep"),
+            format!("objects/pack/pack-{pack}.promisor"),
+            "objects/pack/multi-pack-index".to_string(),
+            "objects/info/commit-graph".to_string(),
+            "objects/info/packs".to_string(),
+            "objects/info/alternates".to_string(),
+            // Not git's names.
+            format!("objects/pack/pack-{}.pack", &pack[..39]),
+            format!("objects/pack/pack-{pack}x.pack"),
+            format!("objects/4b/{}", &sha1[..37]),
+            format!("objects/4g/{sha1}"),
+            format!("objects/4b/{sha1}/x"),
+            format!("objects/4b/tmp_obj_{}", &sha1[..30]),
+            format!("refs/4b/{sha1}"),
+            format!("x/objects/4b/{sha1}"),
+            "objects/pack/pack-1.pack".to_string(),
+        ] {
+            assert!(!is_content_addressed(p.as_bytes()), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_freshened_object_is_the_same_source_only_in_git_mode_and_only_by_its_name() {
+        let old = Entry {
+            path: b"objects/pack/pack-0123456789abcdef0123456789abcdef01234567.pack".to_vec(),
+            kind: EntryKind::File,
+            mode: 0o444,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 1,
+            size: 8 << 20,
+            link_target: Vec::new(),
+            ino: 42,
+            ctime_sec: 1_700_000_000,
+            ctime_nsec: 1,
+            attrs: None,
+        };
+        // What `touch` (git's freshen) and a repack rewriting the same pack do.
+        let freshened = Entry {
+            mtime_sec: 1_700_000_900,
+            ctime_sec: 1_700_000_900,
+            ino: 43,
+            ..old.clone()
+        };
+        assert!(same_source_version(&old, &freshened, true));
+        assert!(!same_source_version(&old, &freshened, false));
+        let resized = Entry {
+            size: old.size - 1,
+            ..freshened.clone()
+        };
+        assert!(!same_source_version(&old, &resized, true));
+        let bitmap = |e: &Entry| Entry {
+            path: b"objects/pack/pack-0123456789abcdef0123456789abcdef01234567.bitmap".to_vec(),
+            ..e.clone()
+        };
+        assert!(!same_source_version(
+            &bitmap(&old),
+            &bitmap(&freshened),
+            true
+        ));
+        assert!(same_source_version(&bitmap(&old), &bitmap(&old), true));
+        let moved = Entry {
+            path: b"objects/pack/pack-1123456789abcdef0123456789abcdef01234567.pack".to_vec(),
+            ..freshened
+        };
+        assert!(!same_source_version(&old, &moved, true));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! The receiver builds a [`Manifest`] entry by entry with [`ManifestBuilder`], which refuses
 //! anything that could write outside the staging tree or lie about sizes: absolute paths,
 //! `..`, empty or `.` components, NUL bytes, duplicate paths, entries whose parent directory
-//! was not declared first, symlinks whose target leaves the tree, more entries or bytes than
+//! was not declared first, symlinks whose target leaves the tree (unless the sender allowed
+//! an absolute target under a prefix it named, [`external_link_allowed`]), hardlinks to
+//! anything but an earlier file, malformed extended attributes, more entries or bytes than
 //! the [`Hello`] announced. Every check runs before a single byte is written, and none of
 //! them touches the file system (sans-io; unit- and property-tested here).
 //!
@@ -38,6 +40,11 @@ pub enum ManifestError {
     Destination { name: String, reason: &'static str },
     #[error("chunk size {0} outside the accepted range {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
     ChunkSize(u64),
+    #[error("invalid external link prefix {prefix:?}: {reason}")]
+    ExternalLinkPrefix {
+        prefix: String,
+        reason: &'static str,
+    },
     #[error("invalid path {path:?}: {reason}")]
     Path { path: String, reason: &'static str },
     #[error("duplicate path {0:?}")]
@@ -46,6 +53,10 @@ pub enum ManifestError {
     MissingParent(String),
     #[error("symlink {path:?} -> {target:?} points outside the tree")]
     EscapingSymlink { path: String, target: String },
+    #[error("hardlink {path:?} -> {target:?}: not a file declared before it")]
+    BadHardlink { path: String, target: String },
+    #[error("extended attribute of {path:?}: {reason}")]
+    BadXattr { path: String, reason: String },
     #[error("more entries than the {0} announced")]
     TooManyEntries(u64),
     #[error("manifest announced {announced} entries but sent {sent}")]
@@ -199,6 +210,71 @@ pub fn symlink_stays_inside(link_path: &[u8], target: &[u8]) -> bool {
     true
 }
 
+/// Largest extended attribute value Linux accepts (`XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 65536;
+
+/// Rules for an entry's extended attributes: names in a namespace Linux knows, within its
+/// limits, sorted and unique (one encoding per set, so one manifest hash).
+fn check_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), String> {
+    const NAMESPACES: [&[u8]; 4] = [b"user.", b"trusted.", b"security.", b"system."];
+    for (i, (name, value)) in xattrs.iter().enumerate() {
+        let shown = lossy(name);
+        if !NAMESPACES
+            .iter()
+            .any(|ns| name.starts_with(ns) && name.len() > ns.len())
+        {
+            return Err(format!("{shown:?} is not in a known namespace"));
+        }
+        if name.len() > MAX_NAME_LEN || name.contains(&0) {
+            return Err(format!("{shown:?} is not a valid name"));
+        }
+        if value.len() > MAX_XATTR_VALUE {
+            return Err(format!(
+                "{shown:?} has a value over {MAX_XATTR_VALUE} bytes"
+            ));
+        }
+        if i > 0 && xattrs[i - 1].0 >= *name {
+            return Err(format!("{shown:?} is out of order or repeated"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an `--allow-external-link` prefix: an absolute directory other than `/`, without
+/// `.` or `..` components, NUL bytes or a trailing `/`.
+pub fn check_external_prefix(prefix: &[u8]) -> Result<(), &'static str> {
+    let rel = prefix.strip_prefix(b"/").ok_or("not an absolute path")?;
+    if rel.is_empty() {
+        return Err("'/' would allow every target");
+    }
+    check_relative_path(rel)
+}
+
+/// True when a symlink target that leaves the tree may be copied as it is: an absolute
+/// path, without `..` (which a symlink inside the shared directory could send anywhere),
+/// inside one of the `prefixes` the sender's operator allowed (component by component, so
+/// `/srv/hooks-evil` is not inside `/srv/hooks`). Relative targets leaving the tree are never
+/// allowed: they would point elsewhere on the receiver, whose tree lives at another path.
+pub fn external_link_allowed(target: &[u8], prefixes: &[Vec<u8>]) -> bool {
+    let Some(rel) = target.strip_prefix(b"/") else {
+        return false;
+    };
+    if target.contains(&0) {
+        return false;
+    }
+    let comps: Vec<&[u8]> = rel
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+        .collect();
+    if comps.iter().any(|c| *c == b"..") {
+        return false;
+    }
+    prefixes.iter().any(|p| {
+        let p: Vec<&[u8]> = p.split(|b| *b == b'/').filter(|c| !c.is_empty()).collect();
+        !p.is_empty() && comps.starts_with(&p)
+    })
+}
+
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -209,9 +285,13 @@ pub struct ManifestBuilder {
     chunk_size: u64,
     announced_entries: u64,
     announced_bytes: u64,
+    /// Where symlinks leaving the tree may point (`Hello::external_links`).
+    external_links: Vec<Vec<u8>>,
     entries: Vec<Entry>,
     seen: HashSet<Vec<u8>>,
     dirs: HashSet<Vec<u8>>,
+    /// Regular files so far: what a hardlink may name.
+    files: HashSet<Vec<u8>>,
     bytes: u64,
     hasher: ManifestHasher,
 }
@@ -229,15 +309,23 @@ impl ManifestBuilder {
         if hello.root_kind == RootKind::File && hello.entry_count != 1 {
             return Err(ManifestError::FileRoot);
         }
+        for prefix in &hello.external_links {
+            check_external_prefix(prefix).map_err(|reason| ManifestError::ExternalLinkPrefix {
+                prefix: lossy(prefix),
+                reason,
+            })?;
+        }
         Ok(ManifestBuilder {
             root_kind: hello.root_kind,
             chunk_size: hello.chunk_size,
             announced_entries: hello.entry_count,
             announced_bytes: hello.total_bytes,
+            external_links: hello.external_links.clone(),
             // Capacity is not taken from the peer's claim: it could be huge.
             entries: Vec::new(),
             seen: HashSet::new(),
             dirs: HashSet::new(),
+            files: HashSet::new(),
             bytes: 0,
             hasher: ManifestHasher::new(),
         })
@@ -281,24 +369,44 @@ impl ManifestBuilder {
                 }
             }
         }
+        if let Some(attrs) = &entry.attrs {
+            check_xattrs(&attrs.xattrs).map_err(|reason| ManifestError::BadXattr {
+                path: lossy(&entry.path),
+                reason,
+            })?;
+        }
         match entry.kind {
-            EntryKind::File => {}
-            EntryKind::Dir | EntryKind::Symlink if entry.size != 0 => {
+            EntryKind::File => {
+                self.files.insert(entry.path.clone());
+            }
+            EntryKind::Dir | EntryKind::Symlink | EntryKind::Hardlink if entry.size != 0 => {
                 return Err(ManifestError::NonZeroSize {
-                    kind: if entry.kind == EntryKind::Dir {
-                        "directory"
-                    } else {
-                        "symlink"
+                    kind: match entry.kind {
+                        EntryKind::Dir => "directory",
+                        EntryKind::Symlink => "symlink",
+                        _ => "hardlink",
                     },
                     path: lossy(&entry.path),
                 })
+            }
+            EntryKind::Hardlink => {
+                // Only a file of this tree, already declared: the link is made inside
+                // staging, to bytes that were verified.
+                if !self.files.contains(&entry.link_target) {
+                    return Err(ManifestError::BadHardlink {
+                        path: lossy(&entry.path),
+                        target: lossy(&entry.link_target),
+                    });
+                }
             }
             EntryKind::Dir if !entry.path.is_empty() => {
                 self.dirs.insert(entry.path.clone());
             }
             EntryKind::Dir => {}
             EntryKind::Symlink => {
-                if !symlink_stays_inside(&entry.path, &entry.link_target) {
+                if !symlink_stays_inside(&entry.path, &entry.link_target)
+                    && !external_link_allowed(&entry.link_target, &self.external_links)
+                {
                     return Err(ManifestError::EscapingSymlink {
                         path: lossy(&entry.path),
                         target: lossy(&entry.link_target),
@@ -366,6 +474,9 @@ mod tests {
             resume: false,
             install: true,
             sender_info: String::new(),
+            git: false,
+            owner: Default::default(),
+            external_links: Vec::new(),
         }
     }
 
@@ -381,6 +492,7 @@ mod tests {
             ino: 0,
             ctime_sec: 0,
             ctime_nsec: 0,
+            attrs: None,
         }
     }
 
@@ -471,6 +583,118 @@ mod tests {
             Err(ManifestError::EscapingSymlink { .. })
         ));
         b.push(link("a/l", "../a")).unwrap();
+    }
+
+    #[test]
+    fn hardlinks_name_an_earlier_file_and_xattrs_follow_linuxs_rules() {
+        let hardlink = |path: &str, target: &str| {
+            let mut e = entry(path, EntryKind::Hardlink, 0);
+            e.link_target = target.as_bytes().to_vec();
+            e
+        };
+        let mut b = builder(6, 5);
+        assert!(matches!(
+            b.push(hardlink("early", "f")),
+            Err(ManifestError::BadHardlink { .. })
+        ));
+        b.push(entry("d", EntryKind::Dir, 0)).unwrap();
+        b.push(entry("f", EntryKind::File, 5)).unwrap();
+        for bad in [
+            hardlink("g", "d"),
+            hardlink("g", "../f"),
+            hardlink("g", "nope"),
+        ] {
+            assert!(matches!(
+                b.push(bad),
+                Err(ManifestError::BadHardlink { .. })
+            ));
+        }
+        let mut sized = hardlink("g", "f");
+        sized.size = 1;
+        assert!(matches!(
+            b.push(sized),
+            Err(ManifestError::NonZeroSize { .. })
+        ));
+        b.push(hardlink("d/g", "f")).unwrap();
+
+        let with = |xattrs: &[(&str, usize)]| {
+            let mut e = entry("x", EntryKind::File, 0);
+            e.attrs = Some(crate::wire::Attrs {
+                uid: 0,
+                gid: 0,
+                xattrs: xattrs
+                    .iter()
+                    .map(|(n, len)| (n.as_bytes().to_vec(), vec![1u8; *len]))
+                    .collect(),
+            });
+            e
+        };
+        for bad in [
+            with(&[("nonamespace", 1)]),
+            with(&[("user.", 1)]),
+            with(&[("user.a\0b", 1)]),
+            with(&[("user.big", MAX_XATTR_VALUE + 1)]),
+            with(&[("user.b", 1), ("user.a", 1)]),
+            with(&[("user.a", 1), ("user.a", 2)]),
+        ] {
+            assert!(
+                matches!(b.push(bad.clone()), Err(ManifestError::BadXattr { .. })),
+                "{bad:?}"
+            );
+        }
+        b.push(with(&[
+            ("security.selinux", 30),
+            ("system.posix_acl_access", 28),
+            ("user.a", MAX_XATTR_VALUE),
+        ]))
+        .unwrap();
+    }
+
+    #[test]
+    fn external_links_only_under_an_allowed_prefix_and_only_absolute() {
+        let allowed = vec![b"/srv/shared/hooks".to_vec(), b"/opt/gitlab".to_vec()];
+        for ok in [
+            "/srv/shared/hooks/pre-receive",
+            "/srv/shared/hooks",
+            "//srv/./shared/hooks/x",
+            "/opt/gitlab/embedded/hooks",
+        ] {
+            assert!(external_link_allowed(ok.as_bytes(), &allowed), "{ok}");
+        }
+        for bad in [
+            "/srv/shared/hooks-evil/x",
+            "/srv/shared/hooks/../../../etc/passwd",
+            "/srv/shared",
+            "/etc/passwd",
+            "../../srv/shared/hooks/x",
+            "srv/shared/hooks/x",
+            "",
+        ] {
+            assert!(!external_link_allowed(bad.as_bytes(), &allowed), "{bad}");
+        }
+        assert!(!external_link_allowed(b"/srv/shared/hooks/x", &[]));
+
+        let mut h = hello(2, 0);
+        h.external_links = allowed.clone();
+        let mut b = ManifestBuilder::new(&h).unwrap();
+        b.push(entry("", EntryKind::Dir, 0)).unwrap();
+        assert!(matches!(
+            b.push(link("hook", "/etc/passwd")),
+            Err(ManifestError::EscapingSymlink { .. })
+        ));
+        b.push(link("hook", "/srv/shared/hooks/pre-receive"))
+            .unwrap();
+        for bad in ["/", "relative", "/a/../b", "/a/", ""] {
+            let mut h = hello(0, 0);
+            h.external_links = vec![bad.as_bytes().to_vec()];
+            assert!(
+                matches!(
+                    ManifestBuilder::new(&h),
+                    Err(ManifestError::ExternalLinkPrefix { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

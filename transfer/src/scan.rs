@@ -2,9 +2,19 @@
 //!
 //! Order: depth-first, a directory before its children, children sorted by name bytes, so
 //! two scans of an unchanged tree give the same manifest (and the same manifest hash).
-//! Kept: regular files, directories, symlinks that stay inside the tree. Skipped with a
-//! warning (and listed in the summary): symlinks that leave the tree, sockets, FIFOs and
+//! Kept: regular files, directories, symlinks that stay inside the tree, each with its owner,
+//! group and extended attributes ([`Attrs`]; names and values read without following
+//! symlinks). A regular file with several names is sent once: its later names, in manifest
+//! order, become [`EntryKind::Hardlink`] entries naming the first ([`Scan::hardlinks`]).
+//! A symlink leaving the tree is refused (its copy would dangle, or point at something else
+//! on the receiver), unless its absolute target lies under a prefix the operator allowed
+//! (`--allow-external-link`, [`crate::manifest::external_link_allowed`]): then it is sent as
+//! the link it is. Skipped with a warning (and listed in the summary): sockets, FIFOs and
 //! devices, which have no meaning on another host.
+//!
+//! **Borrowed objects.** A git directory with `objects/info/alternates` keeps objects in
+//! another repository: it is refused, or with `--dissociate` its borrowed objects travel as
+//! an extra pack and the alternates file stays behind ([`crate::dissociate`]).
 //!
 //! **A live source.** Entries may vanish between a directory's listing and their `stat`, or
 //! a directory between its `stat` and its listing (git removes a push's quarantine directory
@@ -28,20 +38,25 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::dissociate::BorrowedPack;
 use crate::error::Error;
 use crate::gitdir::{self, GitMode};
-use crate::manifest::{symlink_stays_inside, Manifest};
-use crate::wire::{Entry, EntryKind, RootKind};
+use crate::manifest::{external_link_allowed, symlink_stays_inside, Manifest};
+use crate::wire::{Attrs, Entry, EntryKind, RootKind};
 
 /// Most bytes of ref files held in memory per scan; larger `packed-refs` are read at send
 /// time like any other file (their copy is then only as consistent as a plain copy).
 pub const MAX_CAPTURED_BYTES: u64 = 64 << 20;
 
 /// What to scan and how.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct ScanOptions {
     pub chunk_size: u64,
     pub git: GitMode,
+    /// Absolute directories symlinks leaving the tree may point into.
+    pub external_links: Vec<Vec<u8>>,
+    /// Make a repository that borrows objects self-contained ([`crate::dissociate`]).
+    pub dissociate: bool,
 }
 
 /// A scanned source: the manifest plus where each entry lives locally.
@@ -58,9 +73,17 @@ pub struct Scan {
     pub transient_skipped: u64,
     /// Paths that vanished (or turned into something else) while being scanned.
     pub vanished: Vec<String>,
+    /// Entries sent as hardlinks to an earlier path of the same file.
+    pub hardlinks: u64,
+    /// Symlinks leaving the tree, sent because `--allow-external-link` allowed their target.
+    pub external_links: u64,
+    /// The objects a borrowing repository lacked, packed for the transfer (`--dissociate`);
+    /// the pack's files live as long as this scan.
+    pub borrowed: Option<BorrowedPack>,
 }
 
-/// Builds the entry describing `meta` at relative path `rel`.
+/// Builds the entry describing `meta` at relative path `rel` (owner and group included; the
+/// extended attributes are read by [`read_xattrs`]).
 pub fn entry_from_metadata(rel: Vec<u8>, meta: &fs::Metadata, link_target: Vec<u8>) -> Entry {
     let ft = meta.file_type();
     let kind = if ft.is_dir() {
@@ -85,6 +108,44 @@ pub fn entry_from_metadata(rel: Vec<u8>, meta: &fs::Metadata, link_target: Vec<u
         ino: meta.ino(),
         ctime_sec: meta.ctime(),
         ctime_nsec: meta.ctime_nsec().clamp(0, 999_999_999) as u32,
+        attrs: Some(Attrs {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            xattrs: Vec::new(),
+        }),
+    }
+}
+
+/// The extended attributes of `path` itself (not of a symlink's target), sorted by name;
+/// none on a file system without them.
+pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        // Gone between the listing and the read: not part of the version we send.
+        if let Some(value) = xattr::get(path, &name)? {
+            out.push((name.as_bytes().to_vec(), value));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Fills `entry`'s extended attributes from `path`; false when `path` vanished meanwhile.
+fn add_xattrs(entry: &mut Entry, path: &Path) -> Result<bool, Error> {
+    match read_xattrs(path) {
+        Ok(xattrs) => {
+            if let Some(a) = entry.attrs.as_mut() {
+                a.xattrs = xattrs;
+            }
+            Ok(true)
+        }
+        Err(e) if is_vanished(&e) => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
     }
 }
 
@@ -113,7 +174,13 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         if opts.git == GitMode::On {
             return Err(not_a_git_dir(src));
         }
-        let entry = entry_from_metadata(Vec::new(), &meta, Vec::new());
+        let mut entry = entry_from_metadata(Vec::new(), &meta, Vec::new());
+        if !add_xattrs(&mut entry, src)? {
+            return Err(Error::Input(format!(
+                "source {} vanished while being scanned",
+                src.display()
+            )));
+        }
         return Ok(Scan {
             manifest: Manifest::from_scan(RootKind::File, opts.chunk_size, vec![entry]),
             sources: vec![src.to_path_buf()],
@@ -122,6 +189,9 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
             git: false,
             transient_skipped: 0,
             vanished: Vec::new(),
+            hardlinks: 0,
+            external_links: 0,
+            borrowed: None,
         });
     }
     if !ft.is_dir() {
@@ -142,12 +212,17 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         vanished: Vec::new(),
         transient_skipped: 0,
         capture_budget: MAX_CAPTURED_BYTES,
+        allowed_external: opts.external_links.clone(),
+        external_links: 0,
     };
     // The root directory itself is entry 0 (empty path): its mode and mtime travel too.
+    let mut root = entry_from_metadata(Vec::new(), &meta, Vec::new());
+    add_xattrs(&mut root, src)?;
     let mut items = vec![Item {
-        entry: entry_from_metadata(Vec::new(), &meta, Vec::new()),
+        entry: root,
         source: src.to_path_buf(),
         content: None,
+        inode: None,
     }];
     let mut children = walker.list(src)?.unwrap_or_default();
     if git {
@@ -170,6 +245,12 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
             walker.child(&path, name, &mut items)?;
         }
     }
+    let borrowed = if git {
+        take_in_borrowed_objects(src, &mut items, opts.dissociate)?
+    } else {
+        None
+    };
+    let hardlinks = link_later_names(&mut items);
     let mut entries = Vec::with_capacity(items.len());
     let mut sources = Vec::with_capacity(items.len());
     let mut captured = HashMap::new();
@@ -188,7 +269,144 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         git,
         transient_skipped: walker.transient_skipped,
         vanished: walker.vanished,
+        hardlinks,
+        external_links: walker.external_links,
+        borrowed,
     })
+}
+
+/// Path order of the manifest: depth first, a directory before its children, children by
+/// name bytes (component by component: `a/b` comes before `a-c`).
+fn manifest_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.split(|c| *c == b'/').cmp(b.split(|c| *c == b'/'))
+}
+
+/// Inserts `item` at its place in `items` (in manifest order).
+fn insert_in_order(items: &mut Vec<Item>, item: Item) {
+    let at = items.partition_point(|i| manifest_order(&i.entry.path, &item.entry.path).is_lt());
+    items.insert(at, item);
+}
+
+/// A git directory that borrows objects (`objects/info/alternates`): refused, or with
+/// `dissociate` its alternates file is left out and the borrowed objects, reachable from the
+/// refs captured in `items`, are added as one pack ([`crate::dissociate`]).
+fn take_in_borrowed_objects(
+    src: &Path,
+    items: &mut Vec<Item>,
+    dissociate: bool,
+) -> Result<Option<BorrowedPack>, Error> {
+    const ALTERNATES: &[u8] = b"objects/info/alternates";
+    let Some(at) = items
+        .iter()
+        .position(|i| i.entry.path == ALTERNATES && i.entry.kind == EntryKind::File)
+    else {
+        return Ok(None);
+    };
+    let pools = match fs::read(&items[at].source) {
+        Ok(content) => gitdir::alternates(&content),
+        Err(e) if is_vanished(&e) => Vec::new(),
+        Err(e) => return Err(Error::io(&items[at].source, e)),
+    };
+    if pools.is_empty() {
+        return Ok(None);
+    }
+    if !dissociate {
+        return Err(Error::Input(format!(
+            "{} borrows objects from {} (objects/info/alternates): a copy would lack them, or              point back at this host's disk. Pass --dissociate to send the borrowed objects              along (the copy is self-contained; this repository is not changed)",
+            src.display(),
+            pools.join(", ")
+        )));
+    }
+    items.remove(at);
+    let tips: Vec<String> = items
+        .iter()
+        .filter_map(|i| i.content.as_deref())
+        .flat_map(gitdir::ref_tips)
+        .collect();
+    let Some(pack) = crate::dissociate::pack_borrowed(src, &tips)? else {
+        return Ok(None);
+    };
+    // The pack's entries look like git's own: read-only, owned like the object directory.
+    let objects = items
+        .iter()
+        .find(|i| i.entry.path == b"objects")
+        .map(|i| i.entry.clone())
+        .ok_or_else(|| Error::Other("a git directory without objects/".into()))?;
+    let owned = |mut e: Entry, mode: u32| {
+        e.mode = mode;
+        e.attrs = objects.attrs.as_ref().map(|a| Attrs {
+            xattrs: Vec::new(),
+            ..a.clone()
+        });
+        e
+    };
+    if !items.iter().any(|i| i.entry.path == b"objects/pack") {
+        let meta = fs::metadata(pack.dir()).map_err(|e| Error::io(pack.dir(), e))?;
+        let entry = entry_from_metadata(b"objects/pack".to_vec(), &meta, Vec::new());
+        insert_in_order(
+            items,
+            Item {
+                entry: owned(entry, objects.mode),
+                source: pack.dir().to_path_buf(),
+                content: None,
+                inode: None,
+            },
+        );
+    }
+    for (name, path) in &pack.files {
+        let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let rel = format!("objects/pack/{name}").into_bytes();
+        insert_in_order(
+            items,
+            Item {
+                entry: owned(entry_from_metadata(rel, &meta, Vec::new()), 0o444),
+                source: path.clone(),
+                content: None,
+                inode: None,
+            },
+        );
+    }
+    Ok(Some(pack))
+}
+
+/// Turns the later names of a file with several (in manifest order, the order the receiver
+/// validates them in) into hardlinks to its first; returns how many.
+fn link_later_names(items: &mut [Item]) -> u64 {
+    let mut first: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    let mut linked = 0;
+    for item in items {
+        let Some(inode) = item.inode else { continue };
+        match first.get(&inode) {
+            Some(path) => {
+                item.entry.kind = EntryKind::Hardlink;
+                item.entry.size = 0;
+                item.entry.link_target = path.clone();
+                item.content = None;
+                linked += 1;
+            }
+            None => {
+                first.insert(inode, item.entry.path.clone());
+            }
+        }
+    }
+    linked
+}
+
+/// Why a symlink leaving the tree is refused, and what the operator can do.
+fn escaping_link(path: &Path, target: &[u8]) -> Error {
+    let target = String::from_utf8_lossy(target);
+    let how = if target.starts_with('/') {
+        format!(
+            "if {target} lies in a shared directory that exists on both hosts, allow it with              --allow-external-link DIR (the link is then copied as it is)"
+        )
+    } else {
+        "a relative link out of the tree is never copied (it would point elsewhere under the          receiver's root): make it absolute and allow its directory with          --allow-external-link DIR"
+            .to_string()
+    };
+    Error::Input(format!(
+        "{} is a symlink to {target}, outside the tree: its copy would dangle or point at          something else; {how}",
+        path.display()
+    ))
 }
 
 fn not_a_git_dir(src: &Path) -> Error {
@@ -206,6 +424,8 @@ struct Item {
     entry: Entry,
     source: PathBuf,
     content: Option<bytes::Bytes>,
+    /// (device, inode) of a regular file with more than one name.
+    inode: Option<(u64, u64)>,
 }
 
 struct Walker {
@@ -214,6 +434,10 @@ struct Walker {
     vanished: Vec<String>,
     transient_skipped: u64,
     capture_budget: u64,
+    /// `--allow-external-link` prefixes.
+    allowed_external: Vec<Vec<u8>>,
+    /// Symlinks leaving the tree that they allowed.
+    external_links: u64,
 }
 
 impl Walker {
@@ -282,27 +506,23 @@ impl Walker {
                 Err(e) => return Err(Error::io(path, e)),
             };
             if !symlink_stays_inside(&rel, &target) {
-                tracing::warn!(path = %path.display(), target = %String::from_utf8_lossy(&target),
-                    "skipping a symlink that points outside the tree");
-                self.skipped.push(format!(
-                    "{}: symlink to {} leaves the tree",
-                    String::from_utf8_lossy(&rel),
-                    String::from_utf8_lossy(&target)
-                ));
-                return Ok(());
+                if !external_link_allowed(&target, &self.allowed_external) {
+                    return Err(escaping_link(path, &target));
+                }
+                self.external_links += 1;
             }
-            out.push(Item {
-                entry: entry_from_metadata(rel, &meta, target),
-                source: path.to_path_buf(),
-                content: None,
-            });
+            self.push(
+                out,
+                entry_from_metadata(rel, &meta, target),
+                path,
+                None,
+                &meta,
+            )?;
         } else if ft.is_dir() {
-            out.push(Item {
-                entry: entry_from_metadata(rel.clone(), &meta, Vec::new()),
-                source: path.to_path_buf(),
-                content: None,
-            });
-            self.walk(path, &rel, out)?;
+            let entry = entry_from_metadata(rel.clone(), &meta, Vec::new());
+            if self.push(out, entry, path, None, &meta)? {
+                self.walk(path, &rel, out)?;
+            }
         } else if ft.is_file() {
             let captured = if self.git && gitdir::is_ref_path(&rel) {
                 self.capture(path, &meta)?
@@ -311,16 +531,14 @@ impl Walker {
             };
             match captured {
                 Some(Captured::Vanished) => self.vanished.push(path.display().to_string()),
-                Some(Captured::Read(meta, content)) => out.push(Item {
-                    entry: entry_from_metadata(rel, &meta, Vec::new()),
-                    source: path.to_path_buf(),
-                    content: Some(content),
-                }),
-                None => out.push(Item {
-                    entry: entry_from_metadata(rel, &meta, Vec::new()),
-                    source: path.to_path_buf(),
-                    content: None,
-                }),
+                Some(Captured::Read(meta, content)) => {
+                    let entry = entry_from_metadata(rel, &meta, Vec::new());
+                    self.push(out, entry, path, Some(content), &meta)?;
+                }
+                None => {
+                    let entry = entry_from_metadata(rel, &meta, Vec::new());
+                    self.push(out, entry, path, None, &meta)?;
+                }
             }
         } else {
             tracing::warn!(path = %path.display(), "skipping a special file (socket, FIFO or device)");
@@ -328,6 +546,30 @@ impl Walker {
                 .push(format!("{}: special file", String::from_utf8_lossy(&rel)));
         }
         Ok(())
+    }
+
+    /// Adds `entry` (of `path`, described by `meta`) with its extended attributes; false
+    /// when `path` vanished meanwhile (then it is left out, and named in `vanished`).
+    fn push(
+        &mut self,
+        out: &mut Vec<Item>,
+        mut entry: Entry,
+        path: &Path,
+        content: Option<bytes::Bytes>,
+        meta: &fs::Metadata,
+    ) -> Result<bool, Error> {
+        if !add_xattrs(&mut entry, path)? {
+            self.vanished.push(path.display().to_string());
+            return Ok(false);
+        }
+        let inode = (meta.is_file() && meta.nlink() > 1).then(|| (meta.dev(), meta.ino()));
+        out.push(Item {
+            entry,
+            source: path.to_path_buf(),
+            content,
+            inode,
+        });
+        Ok(true)
     }
 
     /// Reads a ref file into memory, with the `stat` of the version read. `None` when it
@@ -370,15 +612,28 @@ enum Captured {
     Read(Box<fs::Metadata>, bytes::Bytes),
 }
 
-/// Paths whose source changed since the scan (size, mtime, inode or ctime), or vanished.
+/// Paths whose source changed since the scan (size, mtime, inode or ctime), or vanished; a
+/// hardlink changed when its path no longer names the same inode.
+/// In git mode a content-addressed file (a pack, a loose object) changed only if its size
+/// did: git freshens their mtime on any push, even a refused one, without changing a byte
+/// ([`gitdir::same_source_version`]), so that never restarts a frozen pass.
 pub fn changed_since_scan(scan: &Scan) -> Vec<String> {
     let mut changed = Vec::new();
     for (e, src) in scan.manifest.entries.iter().zip(&scan.sources) {
+        if e.kind == EntryKind::Hardlink {
+            if !fs::symlink_metadata(src).is_ok_and(|m| m.is_file() && m.ino() == e.ino) {
+                changed.push(src.display().to_string());
+            }
+            continue;
+        }
         if e.kind != EntryKind::File {
             continue;
         }
         let same = fs::symlink_metadata(src)
-            .map(|m| entry_from_metadata(e.path.clone(), &m, Vec::new()).same_version(e))
+            .map(|m| {
+                let now = entry_from_metadata(e.path.clone(), &m, Vec::new());
+                gitdir::same_source_version(e, &now, scan.git)
+            })
             .unwrap_or(false);
         if !same {
             changed.push(src.display().to_string());
@@ -395,6 +650,7 @@ mod tests {
         ScanOptions {
             chunk_size: 1 << 20,
             git,
+            ..ScanOptions::default()
         }
     }
 
@@ -529,6 +785,92 @@ mod tests {
     }
 
     #[test]
+    fn a_freshened_pack_is_not_a_changed_source_in_git_mode() {
+        let t = tempfile::tempdir().unwrap();
+        busy_git_dir(t.path());
+        let pack = "objects/pack/pack-0123456789abcdef0123456789abcdef01234567.pack";
+        fs::write(t.path().join(pack), "pack bytes").unwrap();
+        let git = scan(t.path(), opts(GitMode::On)).unwrap();
+        let plain = scan(t.path(), opts(GitMode::Off)).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        let touch = |rel: &str| {
+            fs::File::options()
+                .write(true)
+                .open(t.path().join(rel))
+                .unwrap()
+                .set_modified(later)
+                .unwrap()
+        };
+        touch(pack);
+        assert!(changed_since_scan(&git).is_empty());
+        assert_eq!(changed_since_scan(&plain).len(), 1);
+        // Same size, other bytes, under a name git never trusts: changed in both modes.
+        touch("packed-refs");
+        assert_eq!(changed_since_scan(&git).len(), 1);
+        // A content-addressed file that shrank (or vanished) changed.
+        fs::write(t.path().join(pack), "pack").unwrap();
+        assert_eq!(changed_since_scan(&git).len(), 2);
+    }
+
+    #[test]
+    fn later_names_of_a_file_become_hardlinks_in_manifest_order_with_xattrs_read() {
+        let t = tempfile::tempdir().unwrap();
+        busy_git_dir(t.path());
+        fs::create_dir(t.path().join("hooks")).unwrap();
+        // The walk reads refs first, but the manifest lists hooks/ before refs/: the file
+        // entry must be the first *in the manifest*, which the receiver checks links against.
+        fs::hard_link(
+            t.path().join("refs/heads/main"),
+            t.path().join("hooks/main-copy"),
+        )
+        .unwrap();
+        xattr::set(t.path().join("config"), "user.b", b"2").unwrap();
+        xattr::set(t.path().join("config"), "user.a", b"1").unwrap();
+        let s = scan(t.path(), opts(GitMode::On)).unwrap();
+        let find = |p: &str| {
+            s.manifest
+                .entries
+                .iter()
+                .position(|e| e.path == p.as_bytes())
+                .unwrap()
+        };
+        let (copy, main) = (find("hooks/main-copy"), find("refs/heads/main"));
+        assert!(copy < main);
+        assert_eq!(s.manifest.entries[copy].kind, EntryKind::File);
+        assert_eq!(s.manifest.entries[copy].size, 41);
+        let link = &s.manifest.entries[main];
+        assert_eq!(
+            (link.kind, link.size, &link.link_target[..]),
+            (EntryKind::Hardlink, 0, &b"hooks/main-copy"[..])
+        );
+        assert!(!s.captured.contains_key(&main), "a hardlink has no content");
+        assert_eq!(s.hardlinks, 1);
+        let config = s.manifest.entries[find("config")].attrs.as_ref().unwrap();
+        assert_eq!(
+            config.xattrs,
+            [
+                (b"user.a".to_vec(), b"1".to_vec()),
+                (b"user.b".to_vec(), b"2".to_vec())
+            ]
+        );
+        assert_eq!(config.uid, unsafe { libc::geteuid() });
+        // The receiver accepts what the scan produced.
+        let mut b = crate::manifest::ManifestBuilder::new(&crate::wire::Hello {
+            version: crate::wire::PROTOCOL_VERSION,
+            dest: b"r.git".to_vec(),
+            chunk_size: s.manifest.chunk_size,
+            entry_count: s.manifest.entries.len() as u64,
+            total_bytes: s.manifest.total_bytes,
+            ..Default::default()
+        })
+        .unwrap();
+        for e in &s.manifest.entries {
+            b.push(e.clone()).unwrap();
+        }
+        b.finish(&s.manifest.manifest_hash).unwrap();
+    }
+
+    #[test]
     fn vanished_entries_are_reported_not_fatal() {
         let t = tempfile::tempdir().unwrap();
         fs::create_dir(t.path().join("d")).unwrap();
@@ -539,6 +881,8 @@ mod tests {
             vanished: Vec::new(),
             transient_skipped: 0,
             capture_budget: MAX_CAPTURED_BYTES,
+            allowed_external: Vec::new(),
+            external_links: 0,
         };
         let mut out = Vec::new();
         // Listed, then gone before its stat; a directory gone before its listing.

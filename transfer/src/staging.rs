@@ -5,10 +5,11 @@
 //! ```text
 //! ROOT/.shardrecv/KEY/lock      flock'ed while a transfer runs (one writer per destination,
 //!                               even across two daemons on one root)
-//! ROOT/.shardrecv/KEY/state     the manifest of the current attempt (versioned)
-//! ROOT/.shardrecv/KEY/journal   header + one 48-byte record per verified chunk
+//! ROOT/.shardrecv/KEY/journal   format magic (SXJRNL02), manifest hash, the manifest of the
+//!                               current attempt, then one 48-byte record per verified chunk
 //! ROOT/.shardrecv/KEY/tree      the staged tree (or file)
 //! ```
+//! (Format 1 kept the manifest in a separate `state` file; a resume still reads it.)
 //! Invariants:
 //! - nothing is written outside `ROOT/.shardrecv/` until [`Staging::install`];
 //! - a journal record is appended only after its chunk's bytes were written and hashed equal
@@ -16,9 +17,16 @@
 //!   cache survives a process kill; the final `syncfs` makes them durable before install);
 //! - the journal header names the manifest hash; a journal of another manifest is ignored;
 //! - on resume, verified chunks carry over only for files whose source version (size,
-//!   mtime, inode, ctime) is unchanged; other files are re-sent whole, never spliced;
+//!   mtime, inode, ctime) is unchanged, or, when the sender says the tree is a git directory,
+//!   for git's content-addressed files of the same path and size, whatever their times
+//!   ([`same_source_version`]); other files are re-sent whole, never spliced;
 //! - install never deletes or overwrites: an existing target is renamed to
-//!   `NAME.replaced-<unix-time>` first.
+//!   `NAME.replaced-<unix-time>` first;
+//! - a `kill -9` at any point of [`Staging::prepare`] loses no staged file: the journal
+//!   (manifest and records together) switches to the new attempt in one rename, naming only
+//!   carried files, before the tree is fixed up in place around them; carried files are
+//!   never moved or written (format 1 moved them into a `tree.new` that the next prepare
+//!   deleted, and could name truncated files in a journal it had not yet replaced).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -26,15 +34,22 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
+use crate::gitdir::same_source_version;
 use crate::manifest::{Manifest, STAGING_DIR_NAME};
+use crate::owner::{check_can_give, Me, Resolved};
 use crate::tracker::ChunkTracker;
-use crate::wire::{ControlMsg, Entry, EntryKind, Hash, Hello, RootKind};
+use crate::wire::{
+    ControlMsg, Entry, EntryKind, Hash, Hello, ManifestHasher, OwnerPolicy, RootKind,
+};
 
-const STATE_MAGIC: &[u8; 8] = b"SXSTATE1";
-const JOURNAL_MAGIC: &[u8; 8] = b"SXJRNL01";
+/// The journal (manifest and records in one file).
+const JOURNAL_MAGIC: &[u8; 8] = b"SXJRNL02";
+/// Before it: records only, the manifest in a separate `state` file (still read on resume).
+const LEGACY_JOURNAL_MAGIC: &[u8; 8] = b"SXJRNL01";
+const LEGACY_STATE_MAGIC: &[u8; 8] = b"SXSTATE1";
 const RECORD_LEN: usize = 8 + 8 + 32;
 
 /// Staging directory of a destination.
@@ -53,6 +68,9 @@ pub enum PrepareError {
         needed: u64,
         available: u64,
     },
+    /// The sender asked for something this receiver cannot do (an owner it may not give
+    /// files to, a user it does not have).
+    Refused(String),
     Io(Error),
 }
 
@@ -69,7 +87,30 @@ pub struct Staging {
     dest: PathBuf,
     tree: PathBuf,
     journal: File,
+    /// Who gets the installed files; `None`: the receiver's user ([`crate::owner`]).
+    owner: Option<Resolved>,
     _lock: File,
+}
+
+/// What the sender asked of staging and install, from its `Hello`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// Keep what an earlier attempt verified.
+    pub resume: bool,
+    /// Git's carry-over rules ([`same_source_version`]).
+    pub git: bool,
+    /// Who should own the installed files.
+    pub owner: OwnerPolicy,
+}
+
+impl Request {
+    pub fn of(hello: &Hello) -> Request {
+        Request {
+            resume: hello.resume,
+            git: hello.git,
+            owner: hello.owner.clone(),
+        }
+    }
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `path`.
@@ -102,13 +143,28 @@ fn path_of(base: &Path, rel: &[u8]) -> PathBuf {
 
 impl Staging {
     /// Locks and prepares staging for `manifest`, carrying over verified chunks from an
-    /// earlier attempt when `resume` is set. Fills `tracker` with what is already verified.
+    /// earlier attempt when `resume` is set (with git's rules when `git`). Fills `tracker`
+    /// with what is already verified.
+    ///
+    /// **Crash-safe at every step** (see the module doc): the new journal, naming only the
+    /// chunks of files that carry over, replaces the old one in one rename *before* the tree
+    /// is touched, and the tree is then fixed up in place, never touching a carried file. A
+    /// kill anywhere leaves either the old journal and an untouched tree, or the new
+    /// journal and a tree whose carried files are intact; either way the next prepare
+    /// carries them over again.
     pub fn prepare(
         root: &Path,
         dest: &[u8],
         manifest: &Manifest,
-        resume: bool,
+        request: &Request,
     ) -> Result<(Staging, ChunkTracker), PrepareError> {
+        let Request { resume, git, .. } = *request;
+        // Refused before anything is written, let alone sent.
+        let owner = Resolved::resolve(&request.owner).map_err(PrepareError::Refused)?;
+        if let Some(owner) = &owner {
+            check_can_give(owner, &manifest.entries, &Me::current())
+                .map_err(PrepareError::Refused)?;
+        }
         let dir = staging_dir(root, dest);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let lock_path = dir.join("lock");
@@ -133,18 +189,26 @@ impl Staging {
         } else {
             HashMap::new()
         };
-
-        let reused_bytes: u64 = manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .filter(|e| {
-                carried
-                    .get(&e.path)
-                    .is_some_and(|(old, _)| old.same_version(e))
-            })
-            .map(|e| e.size)
-            .sum();
+        // Files that carry over: the same source version, and the staged file is there.
+        let staged_path = |e: &Entry| match manifest.root_kind {
+            RootKind::File => tree.clone(),
+            RootKind::Dir => path_of(&tree, &e.path),
+        };
+        let mut reused: HashMap<usize, &[(u64, Hash)]> = HashMap::new();
+        for (i, e) in manifest.entries.iter().enumerate() {
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            let Some((old, chunks)) = carried.get(&e.path) else {
+                continue;
+            };
+            let staged = fs::symlink_metadata(staged_path(e))
+                .is_ok_and(|m| m.file_type().is_file() && m.len() == e.size);
+            if staged && same_source_version(old, e, git) {
+                reused.insert(i, chunks);
+            }
+        }
+        let reused_bytes: u64 = reused.keys().map(|i| manifest.entries[*i].size).sum();
         // Space: what is not already staged must fit. Checked before any allocation sized
         // by the (untrusted) manifest, which therefore cannot exceed the disk.
         let needed = manifest.total_bytes.saturating_sub(reused_bytes);
@@ -155,68 +219,69 @@ impl Staging {
             return Err(PrepareError::NoSpace { needed, available });
         }
         let mut tracker = ChunkTracker::new(manifest);
-
-        // Build the new tree beside the old one, moving reusable files across.
-        let new_tree = dir.join("tree.new");
-        remove_any(&new_tree)?;
-        if manifest.root_kind == RootKind::Dir {
-            fs::create_dir(&new_tree).map_err(io_err(&new_tree))?;
-        }
-        let mut journal_records: Vec<(u64, u64, Hash)> = Vec::new();
-        for (i, e) in manifest.entries.iter().enumerate() {
-            let dst = if manifest.root_kind == RootKind::File {
-                new_tree.clone()
-            } else {
-                path_of(&new_tree, &e.path)
-            };
-            match e.kind {
-                EntryKind::Dir => {
-                    if !dst.exists() {
-                        fs::create_dir(&dst).map_err(io_err(&dst))?;
-                    }
-                }
-                EntryKind::Symlink => {} // made at install time
-                EntryKind::File => {
-                    let reuse = carried.get(&e.path).filter(|(old, _)| old.same_version(e));
-                    let src = if manifest.root_kind == RootKind::File {
-                        tree.clone()
-                    } else {
-                        path_of(&tree, &e.path)
-                    };
-                    let moved = reuse.filter(|_| fs::rename(&src, &dst).is_ok());
-                    if let Some((_, chunks)) = moved {
-                        for (chunk, hash) in chunks {
-                            if tracker.mark_verified(i as u64, *chunk, *hash) {
-                                journal_records.push((i as u64, *chunk, *hash));
-                            }
-                        }
-                    }
-                    let f = OpenOptions::new()
-                        .create(true)
-                        .truncate(moved.is_none())
-                        .write(true)
-                        .open(&dst)
-                        .map_err(io_err(&dst))?;
-                    f.set_len(e.size).map_err(io_err(&dst))?;
+        let mut records: Vec<(u64, u64, Hash)> = Vec::new();
+        let mut reused_files: Vec<usize> = reused.keys().copied().collect();
+        reused_files.sort_unstable();
+        for i in reused_files {
+            for (chunk, hash) in reused[&i] {
+                if tracker.mark_verified(i as u64, *chunk, *hash) {
+                    records.push((i as u64, *chunk, *hash));
                 }
             }
         }
-        remove_any(&tree)?;
-        fs::rename(&new_tree, &tree).map_err(io_err(&tree))?;
 
-        // New state first, then the journal: if we die between the two renames the old
-        // journal names the old manifest hash and is ignored (safe, merely re-sends).
-        write_atomically(&dir.join("state"), &encode_state(manifest))?;
-        let mut jbytes = Vec::with_capacity(40 + journal_records.len() * RECORD_LEN);
-        jbytes.extend_from_slice(JOURNAL_MAGIC);
-        jbytes.extend_from_slice(&manifest.manifest_hash);
-        for (f, c, h) in &journal_records {
-            jbytes.extend_from_slice(&f.to_le_bytes());
-            jbytes.extend_from_slice(&c.to_le_bytes());
-            jbytes.extend_from_slice(h);
-        }
+        // 1. The new journal (manifest + carried chunks) replaces the old one at once.
         let jpath = dir.join("journal");
-        write_atomically(&jpath, &jbytes)?;
+        crash_point()?;
+        write_atomically(&jpath, &encode_journal(manifest, &records))?;
+        // Left by earlier versions: a separate manifest file, and a tree being rebuilt
+        // beside the staged one (whose moved files that version's journal no longer found).
+        for legacy in ["state", "tree.new"] {
+            crash_point()?;
+            remove_any(&dir.join(legacy))?;
+        }
+        // 2. The tree, fixed up in place around the carried files.
+        match manifest.root_kind {
+            RootKind::File => {
+                if !reused.contains_key(&0) {
+                    crash_point()?;
+                    remove_any(&tree)?;
+                    create_sized(&tree, manifest.entries.first().map_or(0, |e| e.size))?;
+                }
+            }
+            RootKind::Dir => {
+                if !fs::symlink_metadata(&tree).is_ok_and(|m| m.is_dir()) {
+                    crash_point()?;
+                    remove_any(&tree)?;
+                    fs::create_dir(&tree).map_err(io_err(&tree))?;
+                }
+                let mut keep: HashMap<&[u8], bool> = HashMap::new();
+                for (i, e) in manifest.entries.iter().enumerate() {
+                    match e.kind {
+                        EntryKind::Dir => {
+                            keep.insert(&e.path, true);
+                        }
+                        EntryKind::File if reused.contains_key(&i) => {
+                            keep.insert(&e.path, false);
+                        }
+                        _ => {}
+                    }
+                }
+                prune(&tree, &[], &keep)?;
+                for (i, e) in manifest.entries.iter().enumerate().skip(1) {
+                    let p = path_of(&tree, &e.path);
+                    match e.kind {
+                        EntryKind::Dir if !p.is_dir() => {
+                            crash_point()?;
+                            fs::create_dir(&p).map_err(io_err(&p))?;
+                        }
+                        EntryKind::File if !reused.contains_key(&i) => create_sized(&p, e.size)?,
+                        // Links are made at install time.
+                        _ => {}
+                    }
+                }
+            }
+        }
         let journal = OpenOptions::new()
             .append(true)
             .open(&jpath)
@@ -228,6 +293,7 @@ impl Staging {
                 dest: PathBuf::from(std::ffi::OsStr::from_bytes(dest)),
                 tree,
                 journal,
+                owner,
                 _lock: lock,
             },
             tracker,
@@ -290,32 +356,29 @@ impl Staging {
     pub fn install(self, manifest: &Manifest) -> Result<(PathBuf, Option<PathBuf>), Error> {
         // Symlinks, then file metadata, then directories deepest-first (creating entries
         // inside a directory changes its mtime).
+        // Links first; then each entry's metadata ([`Staging::apply_metadata`]), directories
+        // deepest-first and last (creating entries inside a directory changes its mtime). A
+        // hardlink shares its first path's inode, and so everything but its name.
         for (i, e) in manifest.entries.iter().enumerate() {
             let p = self.entry_path(manifest, i);
             match e.kind {
                 EntryKind::Symlink => {
                     remove_any(&p)?;
                     symlink(std::ffi::OsStr::from_bytes(&e.link_target), &p).map_err(io_err(&p))?;
-                    set_symlink_mtime(&p, e).map_err(io_err(&p))?;
+                    self.apply_metadata(&p, e)?;
                 }
-                EntryKind::File => {
-                    let f = File::options().write(true).open(&p).map_err(io_err(&p))?;
-                    f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
-                        .map_err(io_err(&p))?;
-                    f.set_times(fs::FileTimes::new().set_modified(mtime_of(e)))
-                        .map_err(io_err(&p))?;
+                EntryKind::Hardlink => {
+                    remove_any(&p)?;
+                    let first = path_of(&self.tree, &e.link_target);
+                    fs::hard_link(&first, &p).map_err(io_err(&p))?;
                 }
+                EntryKind::File => self.apply_metadata(&p, e)?,
                 EntryKind::Dir => {}
             }
         }
         for (i, e) in manifest.entries.iter().enumerate().rev() {
             if e.kind == EntryKind::Dir {
-                let p = self.entry_path(manifest, i);
-                let f = File::open(&p).map_err(io_err(&p))?;
-                f.set_times(fs::FileTimes::new().set_modified(mtime_of(e)))
-                    .map_err(io_err(&p))?;
-                f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
-                    .map_err(io_err(&p))?;
+                self.apply_metadata(&self.entry_path(manifest, i), e)?;
             }
         }
         // One syncfs makes every staged byte and inode durable: far cheaper than an fsync
@@ -328,10 +391,14 @@ impl Staging {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.root.clone());
         fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        // A kill from here on leaves the verified tree and its journal in staging: a resumed
+        // transfer sends nothing and installs it (crate::failpoint has the cases).
+        crate::failpoint::hit("install-before-rename");
         let replaced = match fs::symlink_metadata(&target) {
             Ok(_) => {
                 let aside = aside_name(&target);
                 fs::rename(&target, &aside).map_err(io_err(&target))?;
+                crate::failpoint::hit("install-moved-aside");
                 Some(aside)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -345,6 +412,63 @@ impl Staging {
         Ok((target, replaced))
     }
 
+    /// Gives staged entry `p` the metadata of `e`, without following a symlink and without
+    /// opening it (a file given away may no longer be ours to open): extended attributes,
+    /// mode, mtime, all as its owner (still us), then the owner the sender asked for (if it
+    /// asked: [`crate::owner`]) last, so that giving it away cannot stop us finishing it.
+    /// `chown` clears set-id bits and file capabilities, which are then put back.
+    fn apply_metadata(&self, p: &Path, e: &Entry) -> Result<(), Error> {
+        let symlink = e.kind == EntryKind::Symlink;
+        let mode = fs::Permissions::from_mode(e.mode & 0o7777);
+        if let Some(attrs) = &e.attrs {
+            set_xattrs(p, &attrs.xattrs)?;
+        }
+        if !symlink {
+            fs::set_permissions(p, mode.clone()).map_err(io_err(p))?;
+        }
+        set_mtime(p, e).map_err(io_err(p))?;
+        let (Some(owner), Some(attrs)) = (&self.owner, &e.attrs) else {
+            return Ok(());
+        };
+        let (uid, gid) = owner.map(attrs);
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|err| {
+            Error::Other(format!(
+                "{}: cannot give it to uid {uid} gid {gid}: {err}",
+                p.display()
+            ))
+        })?;
+        if !symlink && e.mode & 0o6000 != 0 {
+            fs::set_permissions(p, mode).map_err(io_err(p))?;
+            // Without CAP_FSETID the kernel drops set-gid silently: say so instead.
+            let now = fs::symlink_metadata(p)
+                .map_err(io_err(p))?
+                .permissions()
+                .mode();
+            if now & 0o7777 != e.mode & 0o7777 {
+                return Err(Error::Other(format!(
+                    "{}: mode {:o} after giving it to uid {uid} gid {gid}, not {:o} (set-id \
+                     bits need CAP_FSETID)",
+                    p.display(),
+                    now & 0o7777,
+                    e.mode & 0o7777
+                )));
+            }
+        }
+        let capability = attrs
+            .xattrs
+            .iter()
+            .find(|(name, _)| name == b"security.capability");
+        if let Some((name, value)) = capability {
+            xattr::set(p, std::ffi::OsStr::from_bytes(name), value).map_err(|err| {
+                Error::Other(format!(
+                    "{}: cannot set security.capability again after chown: {err}",
+                    p.display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Removes this staging area entirely (disk full: give the space back).
     pub fn discard(self) {
         let dir = self.dir.clone();
@@ -355,15 +479,43 @@ impl Staging {
     }
 }
 
-fn mtime_of(e: &Entry) -> SystemTime {
-    if e.mtime_sec >= 0 {
-        UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec.min(999_999_999))
-    } else {
-        UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs())
+/// Gives `p` (itself, not a symlink's target) exactly the extended attributes `xattrs`.
+/// Stale `user.*`/`trusted.*` attributes (left by an earlier install attempt of a carried
+/// file) are removed; `security.*` and `system.*` ones the sender did not send are the
+/// receiver system's own (an SELinux label given at creation, an inherited ACL) and stay.
+fn set_xattrs(p: &Path, xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), Error> {
+    let failed = |what: &str, name: &[u8], err: io::Error| {
+        Error::Other(format!(
+            "{}: cannot {what} extended attribute {}: {err}",
+            p.display(),
+            String::from_utf8_lossy(name)
+        ))
+    };
+    let unsupported = |err: &io::Error| err.raw_os_error() == Some(libc::EOPNOTSUPP);
+    match xattr::list(p) {
+        Ok(names) => {
+            for name in names {
+                let name = name.as_bytes();
+                let stale = (name.starts_with(b"user.") || name.starts_with(b"trusted."))
+                    && !xattrs.iter().any(|(n, _)| n == name);
+                if stale {
+                    xattr::remove(p, std::ffi::OsStr::from_bytes(name))
+                        .map_err(|err| failed("remove stale", name, err))?;
+                }
+            }
+        }
+        Err(err) if unsupported(&err) && xattrs.is_empty() => return Ok(()),
+        Err(err) => return Err(failed("list", b"", err)),
     }
+    for (name, value) in xattrs {
+        xattr::set(p, std::ffi::OsStr::from_bytes(name), value)
+            .map_err(|err| failed("set", name, err))?;
+    }
+    Ok(())
 }
 
-fn set_symlink_mtime(p: &Path, e: &Entry) -> io::Result<()> {
+/// Sets `p`'s mtime (not a symlink target's), leaving its atime.
+fn set_mtime(p: &Path, e: &Entry) -> io::Result<()> {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
     let times = [
@@ -437,24 +589,91 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(io_err(&tmp))?;
+    crash_point()?;
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-fn encode_state(m: &Manifest) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(STATE_MAGIC);
+/// Creates (or truncates) a staged file of `size` bytes, to be filled by chunks.
+fn create_sized(path: &Path, size: u64) -> Result<(), Error> {
+    crash_point()?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_len(size).map_err(io_err(path))
+}
+
+/// Removes from the staged directory `dir` (at relative path `rel`) everything the new
+/// manifest does not keep: `keep` maps a path to `true` for a directory (kept, and pruned
+/// in turn) or `false` for a carried file (kept as it is).
+fn prune(dir: &Path, rel: &[u8], keep: &HashMap<&[u8], bool>) -> Result<(), Error> {
+    for d in fs::read_dir(dir).map_err(io_err(dir))? {
+        let d = d.map_err(io_err(dir))?;
+        let mut child = rel.to_vec();
+        if !child.is_empty() {
+            child.push(b'/');
+        }
+        child.extend_from_slice(d.file_name().as_bytes());
+        let path = d.path();
+        let file_type = d.file_type().map_err(io_err(&path))?;
+        match keep.get(child.as_slice()) {
+            Some(true) if file_type.is_dir() => prune(&path, &child, keep)?,
+            Some(false) if file_type.is_file() => {}
+            _ => {
+                crash_point()?;
+                remove_any(&path)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// In unit tests, a simulated `kill -9` between two of prepare's changes to the disk
+/// ([`tests::interrupted_prepare_never_loses_staged_files`]); nothing in other builds.
+fn crash_point() -> Result<(), Error> {
+    #[cfg(test)]
+    if tests::CRASH_AFTER.with(|c| {
+        let left = c.get();
+        c.set(left.map(|n| n.saturating_sub(1)));
+        left == Some(0)
+    }) {
+        return Err(Error::Other("simulated crash".into()));
+    }
+    Ok(())
+}
+
+/// The journal: `JOURNAL_MAGIC`, the manifest hash, the manifest's length and frames (its
+/// `Hello` header, then every `Entry`, in the wire codec), then one [`RECORD_LEN`]-byte
+/// record per verified chunk. One file, so that the manifest and the chunks it vouches for
+/// change together, in one rename.
+fn encode_journal(m: &Manifest, records: &[(u64, u64, Hash)]) -> Vec<u8> {
+    let manifest = encode_manifest(m);
+    let mut out = Vec::with_capacity(48 + manifest.len() + records.len() * RECORD_LEN);
+    out.extend_from_slice(JOURNAL_MAGIC);
     out.extend_from_slice(&m.manifest_hash);
+    out.extend_from_slice(&(manifest.len() as u64).to_le_bytes());
+    out.extend_from_slice(&manifest);
+    for (f, c, h) in records {
+        out.extend_from_slice(&f.to_le_bytes());
+        out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(h);
+    }
+    out
+}
+
+fn encode_manifest(m: &Manifest) -> Vec<u8> {
+    let mut out = Vec::new();
     // The header travels as a Hello frame, entries as Entry frames: one codec for both.
     ControlMsg::Hello(Hello {
         version: crate::wire::PROTOCOL_VERSION,
-        dest: Vec::new(),
         root_kind: m.root_kind,
         chunk_size: m.chunk_size,
         entry_count: m.entries.len() as u64,
         total_bytes: m.total_bytes,
-        resume: false,
         install: true,
-        sender_info: String::new(),
+        ..Hello::default()
     })
     .encode_frame(&mut out);
     for e in &m.entries {
@@ -463,50 +682,105 @@ fn encode_state(m: &Manifest) -> Vec<u8> {
     out
 }
 
-/// Per path: the earlier attempt's entry and the chunks it verified.
-type Carried = HashMap<Vec<u8>, (Entry, Vec<(u64, Hash)>)>;
-
-/// Reads the previous attempt's manifest and journal: verified chunks per path.
-fn load_previous(dir: &Path, chunk_size: u64) -> Result<Carried, String> {
-    let state = fs::read(dir.join("state")).map_err(|e| format!("state: {e}"))?;
-    if state.len() < 40 || &state[..8] != STATE_MAGIC {
-        return Err("state: unknown format".into());
-    }
-    let manifest_hash: Hash = state[8..40].try_into().map_err(|_| "state: short")?;
-    let mut frames = &state[40..];
+/// Reads manifest frames back: (chunk size, entries).
+fn decode_manifest(mut frames: &[u8]) -> Result<(u64, Vec<Entry>), String> {
     let mut entries = Vec::new();
-    let mut old_chunk_size = 0;
+    let mut chunk_size = 0;
     while !frames.is_empty() {
         let len = crate::wire::control_frame_len(
             frames
                 .get(..4)
                 .and_then(|b| b.try_into().ok())
-                .ok_or("state: truncated")?,
+                .ok_or("manifest: truncated")?,
         )
         .map_err(|e| e.to_string())?;
-        let body = frames.get(4..4 + len).ok_or("state: truncated")?;
+        let body = frames.get(4..4 + len).ok_or("manifest: truncated")?;
         match ControlMsg::decode_body(body).map_err(|e| e.to_string())? {
-            ControlMsg::Hello(h) => old_chunk_size = h.chunk_size,
+            ControlMsg::Hello(h) => chunk_size = h.chunk_size,
             ControlMsg::Entry(e) => entries.push(e),
-            _ => return Err("state: unexpected record".into()),
+            _ => return Err("manifest: unexpected record".into()),
         }
         frames = &frames[4 + len..];
+    }
+    Ok((chunk_size, entries))
+}
+
+/// Number of verified-chunk records in the journal of `dest` under `root` (for tests and
+/// diagnostics; 0 when there is none).
+pub fn journal_records(root: &Path, dest: &[u8]) -> u64 {
+    let Ok(journal) = fs::read(staging_dir(root, dest).join("journal")) else {
+        return 0;
+    };
+    split_journal(&journal).map_or(0, |(_, _, records)| (records.len() / RECORD_LEN) as u64)
+}
+
+/// (manifest hash, manifest frames, records) of a journal, current or legacy format (whose
+/// manifest lives in the separate `state` file: empty frames here).
+fn split_journal(journal: &[u8]) -> Result<(Hash, &[u8], &[u8]), String> {
+    let magic = journal.get(..8).ok_or("journal: truncated")?;
+    let hash: Hash = journal
+        .get(8..40)
+        .and_then(|h| h.try_into().ok())
+        .ok_or("journal: truncated")?;
+    if magic == LEGACY_JOURNAL_MAGIC {
+        return Ok((hash, &[], &journal[40..]));
+    }
+    if magic != JOURNAL_MAGIC {
+        return Err("journal: unknown format".into());
+    }
+    let len = journal
+        .get(40..48)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or("journal: truncated")?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(48))
+        .filter(|end| *end <= journal.len())
+        .ok_or("journal: truncated manifest")?;
+    Ok((hash, &journal[48..end], &journal[end..]))
+}
+
+/// Per path: the earlier attempt's entry and the chunks it verified.
+type Carried = HashMap<Vec<u8>, (Entry, Vec<(u64, Hash)>)>;
+
+/// Reads the previous attempt's manifest and journal: verified chunks per path. Reads the
+/// current format and the legacy one (`state` + a journal of records only).
+fn load_previous(dir: &Path, chunk_size: u64) -> Result<Carried, String> {
+    let mut journal = Vec::new();
+    File::open(dir.join("journal"))
+        .and_then(|mut f| f.read_to_end(&mut journal))
+        .map_err(|e| format!("journal: {e}"))?;
+    let (manifest_hash, frames, records) = split_journal(&journal)?;
+    let legacy_state;
+    let frames = if journal.starts_with(LEGACY_JOURNAL_MAGIC) {
+        legacy_state = fs::read(dir.join("state")).map_err(|e| format!("state: {e}"))?;
+        if legacy_state.len() < 40 || &legacy_state[..8] != LEGACY_STATE_MAGIC {
+            return Err("state: unknown format".into());
+        }
+        if legacy_state[8..40] != manifest_hash {
+            return Err("journal belongs to another manifest".into());
+        }
+        &legacy_state[40..]
+    } else {
+        frames
+    };
+    let (old_chunk_size, entries) = decode_manifest(frames)?;
+    let mut hasher = ManifestHasher::new();
+    for e in &entries {
+        hasher.add(e);
+    }
+    if hasher.finish() != manifest_hash {
+        return Err("journal: its manifest does not match its hash".into());
     }
     if old_chunk_size != chunk_size {
         return Err(format!(
             "chunk size changed from {old_chunk_size} to {chunk_size}"
         ));
     }
-    let mut journal = Vec::new();
-    File::open(dir.join("journal"))
-        .and_then(|mut f| f.read_to_end(&mut journal))
-        .map_err(|e| format!("journal: {e}"))?;
-    if journal.len() < 40 || &journal[..8] != JOURNAL_MAGIC || journal[8..40] != manifest_hash {
-        return Err("journal belongs to another manifest".into());
-    }
     let mut per_file: Vec<Vec<(u64, Hash)>> = vec![Vec::new(); entries.len()];
     // A torn last record (killed mid-write) is ignored by chunks_exact.
-    for rec in journal[40..].chunks_exact(RECORD_LEN) {
+    for rec in records.chunks_exact(RECORD_LEN) {
         let file = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
         let chunk = u64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
         let hash: Hash = rec[16..].try_into().expect("32 bytes");
@@ -519,4 +793,220 @@ fn load_previous(dir: &Path, chunk_size: u64) -> Result<Carried, String> {
         .zip(per_file)
         .map(|(e, chunks)| (e.path.clone(), (e, chunks)))
         .collect())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    thread_local! {
+        /// Prepare's changes to the disk allowed before a simulated kill; `None`: no kill.
+        pub(crate) static CRASH_AFTER: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    const CHUNK: u64 = 64 * 1024;
+
+    fn resumed(resume: bool) -> Request {
+        Request {
+            resume,
+            ..Request::default()
+        }
+    }
+
+    fn entry(path: &str, kind: EntryKind, size: u64, mtime: i64) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
+            mtime_sec: mtime,
+            mtime_nsec: 0,
+            size,
+            link_target: Vec::new(),
+            ino: 1,
+            ctime_sec: mtime,
+            ctime_nsec: 0,
+            attrs: None,
+        }
+    }
+
+    fn content(e: &Entry) -> Vec<u8> {
+        let seed = blake3::hash(&[&e.path[..], &e.mtime_sec.to_le_bytes()].concat());
+        let mut out = Vec::with_capacity(e.size as usize);
+        let mut reader = blake3::Hasher::new_keyed(seed.as_bytes()).finalize_xof();
+        out.resize(e.size as usize, 0);
+        reader.fill(&mut out);
+        out
+    }
+
+    /// A pre-copy of the first manifest, fully staged; the second one, after the source
+    /// moved on: `keep` unchanged, `changed` rewritten, `gone` deleted, `a/x` a file
+    /// turned directory, `new` created.
+    fn manifests() -> (Manifest, Manifest) {
+        let first = vec![
+            entry("", EntryKind::Dir, 0, 1),
+            entry("a", EntryKind::Dir, 0, 1),
+            entry("a/b", EntryKind::Dir, 0, 1),
+            entry("a/b/keep", EntryKind::File, 3 * CHUNK + 17, 1),
+            entry("a/x", EntryKind::File, CHUNK, 1),
+            entry("changed", EntryKind::File, 2 * CHUNK, 1),
+            entry("gone", EntryKind::File, CHUNK + 1, 1),
+        ];
+        let second = vec![
+            entry("", EntryKind::Dir, 0, 2),
+            entry("a", EntryKind::Dir, 0, 2),
+            entry("a/b", EntryKind::Dir, 0, 1),
+            entry("a/b/keep", EntryKind::File, 3 * CHUNK + 17, 1),
+            entry("a/x", EntryKind::Dir, 0, 2),
+            entry("a/x/y", EntryKind::File, 5, 2),
+            entry("changed", EntryKind::File, 2 * CHUNK, 2),
+            entry("new", EntryKind::File, CHUNK, 2),
+        ];
+        (
+            Manifest::from_scan(RootKind::Dir, CHUNK, first),
+            Manifest::from_scan(RootKind::Dir, CHUNK, second),
+        )
+    }
+
+    /// Stages every chunk of `m` under `root` as the receiver does: write, then journal.
+    fn stage_fully(root: &Path, m: &Manifest) {
+        let (mut s, _) = Staging::prepare(root, b"r.git", m, &Request::default()).unwrap();
+        for (i, e) in m.entries.iter().enumerate() {
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            let data = content(e);
+            let path = s.entry_path(m, i);
+            for (c, raw) in data.chunks(CHUNK as usize).enumerate() {
+                Staging::write_chunk(&path, c as u64 * CHUNK, raw).unwrap();
+                s.journal_append(i as u64, c as u64, blake3::hash(raw).as_bytes())
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Runs prepare with a simulated kill after `n` changes to the disk; true when it was
+    /// killed (false: it finished first).
+    fn prepare_killed_after(root: &Path, m: &Manifest, resume: bool, n: u64) -> bool {
+        CRASH_AFTER.with(|c| c.set(Some(n)));
+        let result = Staging::prepare(root, b"r.git", m, &resumed(resume));
+        CRASH_AFTER.with(|c| c.set(None));
+        match result {
+            Ok(_) => false,
+            Err(PrepareError::Io(Error::Other(m))) if m == "simulated crash" => true,
+            Err(e) => panic!("prepare failed for real after {n} changes: {e:?}"),
+        }
+    }
+
+    /// The journal's promise: every chunk it vouches for is on disk with that hash.
+    fn assert_vouched_chunks_are_on_disk(s: &Staging, t: &ChunkTracker, m: &Manifest) {
+        for i in 0..m.entries.len() {
+            let path = s.entry_path(m, i);
+            for (c, hash) in t.verified_of(i) {
+                let len = m.chunk_len(i, c).unwrap() as usize;
+                let mut buf = vec![0u8; len];
+                File::open(&path)
+                    .unwrap()
+                    .read_exact_at(&mut buf, c * CHUNK)
+                    .unwrap();
+                assert_eq!(
+                    blake3::hash(&buf).as_bytes(),
+                    &hash,
+                    "chunk {c} of {} vouched for but not on disk",
+                    String::from_utf8_lossy(&m.entries[i].path)
+                );
+            }
+        }
+    }
+
+    /// Issue: `prepare` moved reusable files into `tree.new`, and the next prepare began by
+    /// deleting `tree.new`: a receiver killed in between lost staged files (a full re-send
+    /// inside the read-only window). Now a kill after any of prepare's changes costs none:
+    /// the next prepare carries every unchanged file over, and the tree ends as the manifest
+    /// says.
+    #[test]
+    fn interrupted_prepare_never_loses_staged_files() {
+        use std::os::unix::fs::FileExt as _;
+        let (first, second) = manifests();
+        let keep = &second.entries[3];
+        let mut kills = 0;
+        for n in 0.. {
+            let t = tempfile::tempdir().unwrap();
+            stage_fully(t.path(), &first);
+            if !prepare_killed_after(t.path(), &second, true, n) {
+                break;
+            }
+            kills += 1;
+            let (s, tracker) = Staging::prepare(t.path(), b"r.git", &second, &resumed(true))
+                .unwrap_or_else(|e| panic!("killed after {n} changes: {e:?}"));
+            assert_eq!(
+                tracker.verified_bytes(),
+                keep.size,
+                "killed after {n} changes: the unchanged file must carry over"
+            );
+            assert_vouched_chunks_are_on_disk(&s, &tracker, &second);
+            assert_eq!(journal_records(t.path(), b"r.git"), 4);
+            for (i, e) in second.entries.iter().enumerate() {
+                let m = fs::symlink_metadata(s.entry_path(&second, i)).unwrap();
+                assert_eq!(m.is_dir(), e.kind == EntryKind::Dir, "killed after {n}");
+                if e.kind == EntryKind::File {
+                    assert_eq!(m.len(), e.size);
+                }
+            }
+            assert!(!s.tree.join("gone").exists());
+            let mut staged = vec![0u8; keep.size as usize];
+            File::open(s.tree.join("a/b/keep"))
+                .unwrap()
+                .read_exact_at(&mut staged, 0)
+                .unwrap();
+            assert_eq!(staged, content(keep));
+        }
+        assert!(kills >= 8, "only {kills} crash points exercised");
+    }
+
+    /// Issue: a fresh (not resumed) prepare truncated every staged file before replacing
+    /// the old journal; killed in between, the next resumed prepare carried over chunks of
+    /// files that were now zeros, and both root hashes, computed from journaled hashes,
+    /// would still have agreed. Now no journal ever vouches for bytes that are not there.
+    #[test]
+    fn interrupted_fresh_prepare_never_vouches_for_truncated_files() {
+        let (first, _) = manifests();
+        for n in 0.. {
+            let t = tempfile::tempdir().unwrap();
+            stage_fully(t.path(), &first);
+            if !prepare_killed_after(t.path(), &first, false, n) {
+                break;
+            }
+            let (s, tracker) = Staging::prepare(t.path(), b"r.git", &first, &resumed(true))
+                .unwrap_or_else(|e| panic!("killed after {n} changes: {e:?}"));
+            assert_vouched_chunks_are_on_disk(&s, &tracker, &first);
+        }
+    }
+
+    #[test]
+    fn a_legacy_staging_area_still_resumes() {
+        let t = tempfile::tempdir().unwrap();
+        let (first, _) = manifests();
+        stage_fully(t.path(), &first);
+        // Rewrite it as format 1 left it: `state` + a journal of records only.
+        let dir = staging_dir(t.path(), b"r.git");
+        let journal = fs::read(dir.join("journal")).unwrap();
+        let (hash, frames, records) = split_journal(&journal).unwrap();
+        let mut state = LEGACY_STATE_MAGIC.to_vec();
+        state.extend_from_slice(&hash);
+        state.extend_from_slice(frames);
+        let mut legacy = LEGACY_JOURNAL_MAGIC.to_vec();
+        legacy.extend_from_slice(&hash);
+        legacy.extend_from_slice(records);
+        fs::write(dir.join("state"), state).unwrap();
+        fs::write(dir.join("journal"), legacy).unwrap();
+        let (s, tracker) = Staging::prepare(t.path(), b"r.git", &first, &resumed(true)).unwrap();
+        assert_eq!(tracker.verified_bytes(), first.total_bytes);
+        assert_vouched_chunks_are_on_disk(&s, &tracker, &first);
+        assert!(
+            !dir.join("state").exists(),
+            "converted to the current format"
+        );
+    }
 }

@@ -253,6 +253,7 @@ mod tests {
             ino: 0,
             ctime_sec: 0,
             ctime_nsec: 0,
+            attrs: None,
         };
         Manifest::from_scan(
             RootKind::Dir,

@@ -19,17 +19,39 @@
 //!   while it is at its transfer limit. A receiver speaks both: it never sends `Queued` to a
 //!   version 1 sender (which simply waits for `Accept`). A version 2 sender is refused by a
 //!   version 1 receiver, so receivers are upgraded first.
+//! - 3: [`Hello::git`]: the sender says the tree is a git directory, so the receiver may
+//!   carry a content-addressed file over by its path and size alone
+//!   ([`crate::gitdir::same_source_version`]). The field follows the version 2 layout; a
+//!   receiver decodes each `Hello` by the version it carries and still serves 1 and 2.
+//! - 4: entries carry their owner, group and extended attributes ([`Attrs`], sent as
+//!   [`T_ENTRY_ATTRS`] frames, covered by the manifest hash like every entry byte); a second
+//!   path of a hardlinked file is an [`EntryKind::Hardlink`] entry naming the first; the
+//!   `Hello` carries the sender's [`OwnerPolicy`] (`--preserve-owner`, `--chown`,
+//!   `--map-owner`), applied by the receiver. Receivers serve 1 to 4; entries of earlier
+//!   versions have no attributes, and their files belong to the receiver's user as before.
+//! - 5: [`Hello::external_links`]: the absolute prefixes symlinks leaving the tree may point
+//!   into (`--allow-external-link`); earlier senders send none, and such links are refused.
 
 use thiserror::Error;
 
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"shardxfer/1";
 /// Version carried in [`Hello`]; bumped on any incompatible change of this module.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Oldest sender version a receiver still serves.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// First version whose senders understand [`ControlMsg::Queued`].
 pub const QUEUED_SINCE_VERSION: u16 = 2;
+/// First version whose `Hello` carries [`Hello::git`].
+pub const GIT_FLAG_SINCE_VERSION: u16 = 3;
+/// First version whose `Hello` carries [`Hello::owner`].
+pub const OWNER_SINCE_VERSION: u16 = 4;
+/// First version whose `Hello` carries [`Hello::external_links`].
+pub const EXTERNAL_LINKS_SINCE_VERSION: u16 = 5;
+/// Most external link prefixes a `Hello` may carry.
+pub const MAX_EXTERNAL_LINK_PREFIXES: usize = 256;
+/// Most owner rules a `Hello` may carry.
+pub const MAX_OWNER_RULES: usize = 1024;
 /// Largest control frame accepted (type byte + body).
 pub const MAX_CONTROL_FRAME: u32 = 1 << 20;
 /// Most chunk hashes carried by one [`ControlMsg::Have`] frame (keeps it under the cap).
@@ -65,26 +87,42 @@ pub enum WireError {
 }
 
 /// What the root of a transfer is: a directory tree or a single file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RootKind {
+    #[default]
     Dir,
     File,
 }
 
 /// Kind of one manifest entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EntryKind {
+    #[default]
     File,
     Dir,
     Symlink,
+    /// Version 4: another name of an earlier file entry (same inode on the sender), whose
+    /// path is in `link_target`; no data of its own (size 0).
+    Hardlink,
 }
 
-/// One file, directory or symlink of the tree being sent.
+/// An entry's owner, group and extended attributes (protocol version 4).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Attrs {
+    /// Numeric owner and group on the sender.
+    pub uid: u32,
+    pub gid: u32,
+    /// Extended attributes (`user.*`, `security.selinux`, `system.posix_acl_access`, ...),
+    /// as (name, value), sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One file, directory, symlink or hardlink of the tree being sent.
 ///
 /// `ino`, `ctime_*` identify the source version: a resume keeps verified chunks of a file only
 /// when all of size, mtime, inode and ctime are unchanged, so a rewritten source is re-sent
 /// whole and never spliced from two versions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Entry {
     /// Path relative to the transfer root, `/`-separated, raw bytes; empty for a file root.
     pub path: Vec<u8>,
@@ -95,11 +133,13 @@ pub struct Entry {
     pub mtime_nsec: u32,
     /// File size in bytes; 0 for directories and symlinks.
     pub size: u64,
-    /// Symlink target (raw bytes); empty otherwise.
+    /// Symlink target, or a hardlink's first path (raw bytes); empty otherwise.
     pub link_target: Vec<u8>,
     pub ino: u64,
     pub ctime_sec: i64,
     pub ctime_nsec: u32,
+    /// Owner, group, xattrs; `None` from senders before version 4.
+    pub attrs: Option<Attrs>,
 }
 
 impl Entry {
@@ -118,7 +158,7 @@ impl Entry {
 }
 
 /// First message of a transfer, sender to receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Hello {
     pub version: u16,
     /// Destination name under the receiver's root (relative, validated by the receiver).
@@ -134,6 +174,49 @@ pub struct Hello {
     pub install: bool,
     /// Free text for the receiver's logs (tool version, compression policy).
     pub sender_info: String,
+    /// Version 3: the tree is a git directory (sent with git's rules,
+    /// [`crate::gitdir`]); always false from older senders.
+    pub git: bool,
+    /// Version 4: who should own the installed files; [`OwnerPolicy::Receiver`] from older
+    /// senders.
+    pub owner: OwnerPolicy,
+    /// Version 5: absolute directories that symlinks leaving the tree may point into
+    /// (`shardsend --allow-external-link`); checked by the receiver like any entry.
+    pub external_links: Vec<Vec<u8>>,
+}
+
+/// Who owns the installed files (protocol version 4); see [`crate::owner`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OwnerPolicy {
+    /// The user running the receiver (as before version 4).
+    #[default]
+    Receiver,
+    /// Each entry's numeric owner and group, rewritten by the first matching rule.
+    Apply(Vec<OwnerRule>),
+}
+
+/// One rewrite of an owner or a group: `from` (any when `None`) becomes `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerRule {
+    pub kind: IdKind,
+    /// A numeric id on the sender; `None` matches every id.
+    pub from: Option<u32>,
+    /// Resolved on the receiver.
+    pub to: IdName,
+}
+
+/// Whether a rule rewrites owners or groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdKind {
+    User,
+    Group,
+}
+
+/// A user or group as the receiver should resolve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdName {
+    Id(u32),
+    Name(String),
 }
 
 /// Why a receiver refused or failed a transfer; lets the sender map it to an exit code.
@@ -233,6 +316,8 @@ const T_INSTALLED: u8 = 9;
 const T_FAIL: u8 = 10;
 const T_STAGED: u8 = 11;
 const T_QUEUED: u8 = 12;
+/// An [`Entry`] with [`Attrs`] (version 4); [`T_ENTRY`] stays the attribute-less layout.
+pub const T_ENTRY_ATTRS: u8 = 13;
 
 /// How a chunk's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,14 +439,31 @@ impl ControlMsg {
                 out.push(u8::from(h.resume));
                 out.push(u8::from(h.install));
                 put_bytes(out, h.sender_info.as_bytes());
+                if h.version >= GIT_FLAG_SINCE_VERSION {
+                    out.push(u8::from(h.git));
+                }
+                if h.version >= OWNER_SINCE_VERSION {
+                    encode_owner(out, &h.owner);
+                }
+                if h.version >= EXTERNAL_LINKS_SINCE_VERSION {
+                    out.extend_from_slice(&(h.external_links.len() as u32).to_le_bytes());
+                    for prefix in &h.external_links {
+                        put_bytes(out, prefix);
+                    }
+                }
             }
             ControlMsg::Entry(e) => {
-                out.push(T_ENTRY);
+                out.push(if e.attrs.is_some() {
+                    T_ENTRY_ATTRS
+                } else {
+                    T_ENTRY
+                });
                 put_bytes(out, &e.path);
                 out.push(match e.kind {
                     EntryKind::File => 0,
                     EntryKind::Dir => 1,
                     EntryKind::Symlink => 2,
+                    EntryKind::Hardlink => 3,
                 });
                 out.extend_from_slice(&e.mode.to_le_bytes());
                 out.extend_from_slice(&e.mtime_sec.to_le_bytes());
@@ -371,6 +473,15 @@ impl ControlMsg {
                 put_u64(out, e.ino);
                 out.extend_from_slice(&e.ctime_sec.to_le_bytes());
                 out.extend_from_slice(&e.ctime_nsec.to_le_bytes());
+                if let Some(a) = &e.attrs {
+                    out.extend_from_slice(&a.uid.to_le_bytes());
+                    out.extend_from_slice(&a.gid.to_le_bytes());
+                    out.extend_from_slice(&(a.xattrs.len() as u32).to_le_bytes());
+                    for (name, value) in &a.xattrs {
+                        put_bytes(out, name);
+                        put_bytes(out, value);
+                    }
+                }
             }
             ControlMsg::ManifestEnd { manifest_hash } => {
                 out.push(T_MANIFEST_END);
@@ -456,32 +567,63 @@ impl ControlMsg {
         let mut r = Reader { buf };
         let ty = r.u8().map_err(|_| WireError::EmptyFrame)?;
         let msg = match ty {
-            T_HELLO => ControlMsg::Hello(Hello {
-                version: r.u16()?,
-                dest: r.bytes()?,
-                root_kind: match r.u8()? {
-                    0 => RootKind::Dir,
-                    1 => RootKind::File,
-                    v => {
+            T_HELLO => {
+                let version = r.u16()?;
+                let mut hello = Hello {
+                    version,
+                    dest: r.bytes()?,
+                    root_kind: match r.u8()? {
+                        0 => RootKind::Dir,
+                        1 => RootKind::File,
+                        v => {
+                            return Err(WireError::InvalidValue {
+                                field: "root kind",
+                                value: u64::from(v),
+                            })
+                        }
+                    },
+                    chunk_size: r.u64()?,
+                    entry_count: r.u64()?,
+                    total_bytes: r.u64()?,
+                    resume: r.bool("resume")?,
+                    install: r.bool("install")?,
+                    sender_info: r.string("sender info")?,
+                    git: false,
+                    owner: OwnerPolicy::Receiver,
+                    external_links: Vec::new(),
+                };
+                if version >= GIT_FLAG_SINCE_VERSION {
+                    hello.git = r.bool("git")?;
+                }
+                if version >= OWNER_SINCE_VERSION {
+                    hello.owner = decode_owner(&mut r)?;
+                }
+                if version >= EXTERNAL_LINKS_SINCE_VERSION {
+                    let n = r.u32()? as usize;
+                    if n > MAX_EXTERNAL_LINK_PREFIXES {
                         return Err(WireError::InvalidValue {
-                            field: "root kind",
-                            value: u64::from(v),
-                        })
+                            field: "external link prefix count",
+                            value: n as u64,
+                        });
                     }
-                },
-                chunk_size: r.u64()?,
-                entry_count: r.u64()?,
-                total_bytes: r.u64()?,
-                resume: r.bool("resume")?,
-                install: r.bool("install")?,
-                sender_info: r.string("sender info")?,
-            }),
-            T_ENTRY => ControlMsg::Entry(Entry {
+                    for _ in 0..n {
+                        hello.external_links.push(r.bytes()?);
+                    }
+                }
+                if version > PROTOCOL_VERSION {
+                    // A newer sender's fields: left unread, so that the receiver can say
+                    // which versions it speaks rather than report a malformed message.
+                    r.buf = &[];
+                }
+                ControlMsg::Hello(hello)
+            }
+            T_ENTRY | T_ENTRY_ATTRS => ControlMsg::Entry(Entry {
                 path: r.bytes()?,
                 kind: match r.u8()? {
                     0 => EntryKind::File,
                     1 => EntryKind::Dir,
                     2 => EntryKind::Symlink,
+                    3 => EntryKind::Hardlink,
                     v => {
                         return Err(WireError::InvalidValue {
                             field: "entry kind",
@@ -497,6 +639,11 @@ impl ControlMsg {
                 ino: r.u64()?,
                 ctime_sec: r.i64()?,
                 ctime_nsec: r.u32()?,
+                attrs: if ty == T_ENTRY_ATTRS {
+                    Some(decode_attrs(&mut r)?)
+                } else {
+                    None
+                },
             }),
             T_MANIFEST_END => ControlMsg::ManifestEnd {
                 manifest_hash: r.hash()?,
@@ -565,6 +712,98 @@ impl ControlMsg {
         }
         Ok(msg)
     }
+}
+
+fn encode_owner(out: &mut Vec<u8>, owner: &OwnerPolicy) {
+    match owner {
+        OwnerPolicy::Receiver => out.push(0),
+        OwnerPolicy::Apply(rules) => {
+            out.push(1);
+            out.extend_from_slice(&(rules.len() as u32).to_le_bytes());
+            for rule in rules {
+                out.push(match rule.kind {
+                    IdKind::User => 0,
+                    IdKind::Group => 1,
+                });
+                match rule.from {
+                    None => out.push(0),
+                    Some(id) => {
+                        out.push(1);
+                        out.extend_from_slice(&id.to_le_bytes());
+                    }
+                }
+                match &rule.to {
+                    IdName::Id(id) => {
+                        out.push(0);
+                        out.extend_from_slice(&id.to_le_bytes());
+                    }
+                    IdName::Name(name) => {
+                        out.push(1);
+                        put_bytes(out, name.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn decode_owner(r: &mut Reader<'_>) -> Result<OwnerPolicy, WireError> {
+    let invalid = |field, value: u8| WireError::InvalidValue {
+        field,
+        value: u64::from(value),
+    };
+    match r.u8()? {
+        0 => Ok(OwnerPolicy::Receiver),
+        1 => {
+            let n = r.u32()? as usize;
+            if n > MAX_OWNER_RULES {
+                return Err(WireError::InvalidValue {
+                    field: "owner rule count",
+                    value: n as u64,
+                });
+            }
+            let mut rules = Vec::with_capacity(n);
+            for _ in 0..n {
+                let kind = match r.u8()? {
+                    0 => IdKind::User,
+                    1 => IdKind::Group,
+                    v => return Err(invalid("owner rule kind", v)),
+                };
+                let from = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.u32()?),
+                    v => return Err(invalid("owner rule source", v)),
+                };
+                let to = match r.u8()? {
+                    0 => IdName::Id(r.u32()?),
+                    1 => IdName::Name(r.string("owner name")?),
+                    v => return Err(invalid("owner rule target", v)),
+                };
+                rules.push(OwnerRule { kind, from, to });
+            }
+            Ok(OwnerPolicy::Apply(rules))
+        }
+        v => Err(invalid("owner policy", v)),
+    }
+}
+
+fn decode_attrs(r: &mut Reader<'_>) -> Result<Attrs, WireError> {
+    let uid = r.u32()?;
+    let gid = r.u32()?;
+    let n = r.u32()? as usize;
+    // Each attribute takes at least 8 bytes: a count beyond what is left is a lie, and
+    // must not size an allocation.
+    if n > r.buf.len() / 8 {
+        return Err(WireError::InvalidValue {
+            field: "xattr count",
+            value: n as u64,
+        });
+    }
+    let mut xattrs = Vec::with_capacity(n);
+    for _ in 0..n {
+        xattrs.push((r.bytes()?, r.bytes()?));
+    }
+    Ok(Attrs { uid, gid, xattrs })
 }
 
 /// Checks a control frame's length prefix before its body is read.
@@ -705,7 +944,8 @@ mod tests {
             prop_oneof![
                 Just(EntryKind::File),
                 Just(EntryKind::Dir),
-                Just(EntryKind::Symlink)
+                Just(EntryKind::Symlink),
+                Just(EntryKind::Hardlink)
             ],
             any::<u32>(),
             any::<i64>(),
@@ -715,9 +955,10 @@ mod tests {
             any::<u64>(),
             any::<i64>(),
             any::<u32>(),
+            proptest::option::of(arb_attrs()),
         )
             .prop_map(
-                |(path, kind, mode, ms, mn, size, link_target, ino, cs, cn)| Entry {
+                |(path, kind, mode, ms, mn, size, link_target, ino, cs, cn, attrs)| Entry {
                     path,
                     kind,
                     mode,
@@ -728,8 +969,44 @@ mod tests {
                     ino,
                     ctime_sec: cs,
                     ctime_nsec: cn,
+                    attrs,
                 },
             )
+    }
+
+    fn arb_attrs() -> impl Strategy<Value = Attrs> {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            proptest::collection::vec(
+                (
+                    proptest::collection::vec(any::<u8>(), 0..20),
+                    proptest::collection::vec(any::<u8>(), 0..40),
+                ),
+                0..4,
+            ),
+        )
+            .prop_map(|(uid, gid, xattrs)| Attrs { uid, gid, xattrs })
+    }
+
+    fn arb_owner() -> impl Strategy<Value = OwnerPolicy> {
+        let rule = (
+            any::<bool>(),
+            proptest::option::of(any::<u32>()),
+            prop_oneof![
+                any::<u32>().prop_map(IdName::Id),
+                "[a-z]{1,12}".prop_map(IdName::Name)
+            ],
+        )
+            .prop_map(|(group, from, to)| OwnerRule {
+                kind: if group { IdKind::Group } else { IdKind::User },
+                from,
+                to,
+            });
+        prop_oneof![
+            Just(OwnerPolicy::Receiver),
+            proptest::collection::vec(rule, 0..4).prop_map(OwnerPolicy::Apply)
+        ]
     }
 
     fn arb_msg() -> impl Strategy<Value = ControlMsg> {
@@ -742,21 +1019,38 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 any::<bool>(),
-                ".{0,20}"
+                ".{0,20}",
+                any::<bool>(),
+                arb_owner(),
+                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 0..3),
             )
-                .prop_map(|(version, dest, file, cs, ec, tb, resume, info)| {
-                    ControlMsg::Hello(Hello {
-                        version,
-                        dest,
-                        root_kind: if file { RootKind::File } else { RootKind::Dir },
-                        chunk_size: cs,
-                        entry_count: ec,
-                        total_bytes: tb,
-                        resume,
-                        install: !resume || file,
-                        sender_info: info,
-                    })
-                }),
+                .prop_map(
+                    |(version, dest, file, cs, ec, tb, resume, info, git, owner, links)| {
+                        ControlMsg::Hello(Hello {
+                            version,
+                            dest,
+                            root_kind: if file { RootKind::File } else { RootKind::Dir },
+                            chunk_size: cs,
+                            entry_count: ec,
+                            total_bytes: tb,
+                            resume,
+                            install: !resume || file,
+                            sender_info: info,
+                            // Older versions have no git flag: it decodes as false.
+                            git: git && version >= GIT_FLAG_SINCE_VERSION,
+                            owner: if version >= OWNER_SINCE_VERSION {
+                                owner
+                            } else {
+                                OwnerPolicy::Receiver
+                            },
+                            external_links: if version >= EXTERNAL_LINKS_SINCE_VERSION {
+                                links
+                            } else {
+                                Vec::new()
+                            },
+                        })
+                    }
+                ),
             arb_entry().prop_map(ControlMsg::Entry),
             arb_hash().prop_map(|h| ControlMsg::ManifestEnd { manifest_hash: h }),
             (
@@ -861,6 +1155,102 @@ mod tests {
             ControlMsg::decode_body(&body),
             Err(WireError::TrailingBytes(1))
         );
+    }
+
+    #[test]
+    fn a_newer_senders_hello_decodes_to_its_version() {
+        let hello = Hello {
+            version: PROTOCOL_VERSION + 1,
+            dest: b"r.git".to_vec(),
+            ..Hello::default()
+        };
+        let mut body = Vec::new();
+        ControlMsg::Hello(hello.clone()).encode_body(&mut body);
+        body.extend_from_slice(b"fields of a later version");
+        assert_eq!(ControlMsg::decode_body(&body), Ok(ControlMsg::Hello(hello)));
+    }
+
+    #[test]
+    fn git_flag_travels_from_version_3_only() {
+        for (version, git, len) in [(2u16, false, 0usize), (3, true, 1)] {
+            let hello = Hello {
+                version,
+                git,
+                ..Hello::default()
+            };
+            let mut body = Vec::new();
+            ControlMsg::Hello(hello.clone()).encode_body(&mut body);
+            let mut v2 = Vec::new();
+            ControlMsg::Hello(Hello {
+                version: 2,
+                ..hello.clone()
+            })
+            .encode_body(&mut v2);
+            assert_eq!(body.len(), v2.len() + len);
+            assert_eq!(ControlMsg::decode_body(&body), Ok(ControlMsg::Hello(hello)));
+        }
+    }
+
+    #[test]
+    fn an_entrys_attributes_are_part_of_its_encoding_and_so_of_the_manifest_hash() {
+        let plain = Entry {
+            path: b"hooks/pre-receive".to_vec(),
+            ..Entry::default()
+        };
+        let owned = |uid, xattrs: Vec<(Vec<u8>, Vec<u8>)>| Entry {
+            attrs: Some(Attrs {
+                uid,
+                gid: 1000,
+                xattrs,
+            }),
+            ..plain.clone()
+        };
+        let hash = |e: &Entry| {
+            let mut h = ManifestHasher::new();
+            h.add(e);
+            h.finish()
+        };
+        let label = vec![(
+            b"security.selinux".to_vec(),
+            b"system_u:object_r:git_data_t:s0".to_vec(),
+        )];
+        let all = [
+            plain.clone(),
+            owned(1000, Vec::new()),
+            owned(1001, Vec::new()),
+            owned(1000, label),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            let mut body = Vec::new();
+            ControlMsg::Entry(a.clone()).encode_body(&mut body);
+            assert_eq!(body[0], if i == 0 { T_ENTRY } else { T_ENTRY_ATTRS });
+            assert_eq!(
+                ControlMsg::decode_body(&body),
+                Ok(ControlMsg::Entry(a.clone()))
+            );
+            for b in &all[i + 1..] {
+                assert_ne!(hash(a), hash(b));
+            }
+        }
+    }
+
+    #[test]
+    fn a_lying_xattr_count_allocates_nothing() {
+        let mut body = Vec::new();
+        ControlMsg::Entry(Entry {
+            attrs: Some(Attrs::default()),
+            ..Entry::default()
+        })
+        .encode_body(&mut body);
+        let count_at = body.len() - 4;
+        body[count_at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            ControlMsg::decode_body(&body),
+            Err(WireError::InvalidValue {
+                field: "xattr count",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -34,6 +34,12 @@ enum Command {
         renamed into place as ROOT/DEST; an existing DEST is moved aside to DEST.replaced-<unix-time>. \
         At most --max-transfers run at once; the next ones wait in line. Each admission is logged with \
         max_active, the most transfers active at once so far. \
+        Installed files keep their mode, times, extended attributes and hardlinks; they belong to \
+        the user running shardrecv unless the sender asks for owners (--preserve-owner, --chown, \
+        --map-owner), which needs root (or CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID): \
+        without them such a transfer is refused before \
+        any data moves. A receiver killed while installing keeps the verified tree staged: the \
+        sender's --resume then sends nothing and installs it. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
         per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready."
     )]
@@ -91,6 +97,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             window,
             max_queued,
         } => {
+            if std::env::var_os("SHARDMOVE_FAILPOINTS").is_some() && !transfer::failpoint::ENABLED {
+                tracing::warn!("SHARDMOVE_FAILPOINTS is set but this build has no failpoints (build it with `cargo test` or --features failpoints)");
+            }
             let identity = Identity::load(&identity)?;
             let allow = AllowList::load(&allow)?;
             if allow.is_empty() {

@@ -84,6 +84,35 @@ struct SendArgs {
     /// so a pre-copy of a live repository is consistent
     #[arg(long, default_value = "auto", value_name = "MODE")]
     git: GitMode,
+    /// Install the files for their numeric owner and group as on this host (the receiver
+    /// must run as root, or with CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID, or the
+    /// transfer is refused before any data moves).
+    /// Without this, --chown or --map-owner, the files belong to the user running shardrecv
+    #[arg(long)]
+    preserve_owner: bool,
+    /// Install every file for USER:GROUP, names or numeric ids as the RECEIVER knows them
+    /// (e.g. the forge's daemon user: git refuses a repository owned by someone else).
+    /// --map-owner rules are tried first
+    #[arg(long, value_name = "USER:GROUP", value_parser = transfer::owner::parse_chown)]
+    chown: Option<transfer::owner::Spec<transfer::wire::IdName>>,
+    /// Rewrite an owner and/or group: FROM=TO, each USER:GROUP, USER or :GROUP; FROM is a
+    /// user/group of this host (or * for any), TO one of the receiver's. Repeatable, first
+    /// match wins, unmatched ids are kept (or given to --chown), e.g.
+    /// --map-owner git:git=phd:phd --map-owner root=root
+    #[arg(long, value_name = "FROM=TO", value_parser = transfer::owner::parse_map_owner)]
+    map_owner: Vec<transfer::owner::MapOwner>,
+    /// A symlink whose target leaves the tree is refused, unless that target is an absolute
+    /// path inside DIR (e.g. a hooks directory shared by all repositories, present on both
+    /// hosts): then it is copied as the link it is. Repeatable
+    #[arg(long, value_name = "DIR", value_parser = parse_external_prefix)]
+    allow_external_link: Vec<String>,
+    /// A git directory that borrows objects from another repository
+    /// (objects/info/alternates, e.g. `git clone --shared` or an object pool) is refused,
+    /// unless this is given: then the objects it reaches only through the alternates are
+    /// packed (in a temporary directory; this repository is not changed) and sent along, and
+    /// the copy gets no alternates file: it is self-contained
+    #[arg(long)]
+    dissociate: bool,
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
@@ -133,6 +162,14 @@ fn parse_window(text: &str) -> Result<u64, String> {
 fn streams_for_window(streams: usize, window: Option<u64>) -> usize {
     let needed = window.map_or(0, |w| w.div_ceil(transfer::quic::STREAM_WINDOW)) as usize;
     streams.max(needed)
+}
+
+/// `--allow-external-link DIR`: an absolute directory other than `/`, without a trailing
+/// `/`, `.` or `..` (the receiver checks the same).
+fn parse_external_prefix(s: &str) -> Result<String, String> {
+    transfer::manifest::check_external_prefix(s.as_bytes())
+        .map(|()| s.to_string())
+        .map_err(|reason| format!("{s:?}: {reason}"))
 }
 
 fn main() {
@@ -230,6 +267,13 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         wait_for: a.wait_for,
         events: Some(event_printer(a.json)),
         retry_for: a.retry_for,
+        owner: transfer::owner::resolve_local(a.preserve_owner, a.chown.as_ref(), &a.map_owner)?,
+        external_links: a
+            .allow_external_link
+            .into_iter()
+            .map(String::into_bytes)
+            .collect(),
+        dissociate: a.dissociate,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

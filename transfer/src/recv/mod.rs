@@ -36,7 +36,7 @@ use crate::error::Error;
 use crate::identity::{server_crypto, AllowList, Fingerprint, Identity};
 use crate::io::{read_chunk_header, read_control, read_payload_counting, write_control};
 use crate::manifest::Manifest;
-use crate::staging::{PrepareError, Staging};
+use crate::staging::{PrepareError, Request, Staging};
 use crate::wire::{hex, ChunkHeader, ControlMsg, FailCode};
 
 use session::{Outcome, ReceiverInput, ReceiverOutput, ReceiverSession};
@@ -384,8 +384,8 @@ async fn handle_connection(
                         }
                     }
                 }
-                ReceiverOutput::Prepare { manifest, resume } => {
-                    let input = prepare(&shared, &t, manifest, resume).await;
+                ReceiverOutput::Prepare { manifest, request } => {
+                    let input = prepare(&shared, &t, manifest, request).await;
                     pending.extend(t.handle(input));
                 }
                 ReceiverOutput::AcceptData => {
@@ -633,7 +633,7 @@ async fn prepare(
     shared: &Arc<Shared>,
     t: &Arc<Transfer>,
     manifest: Arc<Manifest>,
-    resume: bool,
+    request: Request,
 ) -> ReceiverInput {
     let dest = t
         .claim
@@ -644,9 +644,10 @@ async fn prepare(
     let dest_text = String::from_utf8_lossy(&dest).into_owned();
     let root = shared.root.clone();
     let m = manifest.clone();
-    let prepared = tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, resume))
-        .await
-        .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
+    let prepared =
+        tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, &request))
+            .await
+            .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
     let failed = |code, message| ReceiverInput::PrepareFailed { code, message };
     match prepared.and_then(|r| r) {
         Ok((staging, tracker)) => {
@@ -670,6 +671,7 @@ async fn prepare(
                 shared.root.display()
             ),
         ),
+        Err(PrepareError::Refused(message)) => failed(FailCode::BadRequest, message),
         Err(PrepareError::Io(e)) => failed(FailCode::Io, format!("cannot prepare staging: {e}")),
     }
 }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use crate::error::Error;
 use crate::manifest::{Manifest, ManifestBuilder};
+use crate::staging::Request;
 use crate::tracker::{ChunkState, ChunkTracker, Mismatch};
 use crate::wire::{
     hex, ChunkHeader, ControlMsg, FailCode, Hash, MAX_HAVE_PER_FRAME, QUEUED_SINCE_VERSION,
@@ -97,11 +98,11 @@ pub enum ReceiverOutput {
     /// Claim `dest` and wait for a transfer slot; answer `InLine`*, then `Admitted` or
     /// `Refused`.
     Claim { dest: Vec<u8>, resume: bool },
-    /// Prepare staging (space check, carry-over when `resume`); answer `Prepared` or
-    /// `PrepareFailed`.
+    /// Prepare staging as the sender asked (owner check, space check, carry-over when
+    /// resuming, with git's rules for a git directory); answer `Prepared` or `PrepareFailed`.
     Prepare {
         manifest: Arc<Manifest>,
-        resume: bool,
+        request: Request,
     },
     /// Data streams may flow: accept them.
     AcceptData,
@@ -147,7 +148,8 @@ pub struct ReceiverSession {
     /// The sender's protocol version, from its `Hello`.
     version: u16,
     install: bool,
-    resume: bool,
+    /// What the sender asked of staging and install (from its `Hello`).
+    request: Request,
     builder: Option<ManifestBuilder>,
     manifest: Option<Arc<Manifest>>,
     tracker: Option<ChunkTracker>,
@@ -166,7 +168,7 @@ impl ReceiverSession {
             state: State::AwaitHello,
             version: 0,
             install: false,
-            resume: false,
+            request: Request::default(),
             builder: None,
             manifest: None,
             tracker: None,
@@ -266,7 +268,7 @@ impl ReceiverSession {
                         self.builder = Some(b);
                         self.version = hello.version;
                         self.install = hello.install;
-                        self.resume = hello.resume;
+                        self.request = Request::of(&hello);
                         self.state = State::AwaitAdmission;
                         out.push(ReceiverOutput::Claim {
                             dest: hello.dest,
@@ -323,7 +325,7 @@ impl ReceiverSession {
                         self.state = State::Preparing;
                         out.push(ReceiverOutput::Prepare {
                             manifest,
-                            resume: self.resume,
+                            request: self.request.clone(),
                         });
                     }
                     Err(e) => self.fail(FailCode::BadRequest, e, out),
@@ -548,6 +550,7 @@ mod tests {
             ino: 7,
             ctime_sec: 1,
             ctime_nsec: 0,
+            attrs: None,
         }
     }
 
@@ -573,9 +576,10 @@ mod tests {
             entry("d", EntryKind::Dir, 0, ""),
             entry("d/a", EntryKind::File, a.len() as u64, ""),
             entry("d/z", EntryKind::File, zeros.len() as u64, ""),
+            entry("h", EntryKind::Hardlink, 0, "d/a"),
             entry("l", EntryKind::Symlink, 0, "b"),
         ];
-        let contents = vec![None, Some(b), None, Some(a), Some(zeros), None];
+        let contents = vec![None, Some(b), None, Some(a), Some(zeros), None, None];
         let manifest = Manifest::from_scan(RootKind::Dir, CHUNK, entries);
         let mut frames = Vec::new();
         let mut root = RootHasher::new(&manifest.manifest_hash);
@@ -624,6 +628,9 @@ mod tests {
             resume: false,
             install,
             sender_info: "test".into(),
+            git: false,
+            owner: Default::default(),
+            external_links: Vec::new(),
         })
     }
 
@@ -701,8 +708,8 @@ mod tests {
                         }
                         ReceiverInput::Admitted
                     }
-                    ReceiverOutput::Prepare { manifest, resume } => {
-                        match Staging::prepare(&self.root, &self.dest, &manifest, resume) {
+                    ReceiverOutput::Prepare { manifest, request } => {
+                        match Staging::prepare(&self.root, &self.dest, &manifest, &request) {
                             Ok((s, t)) => {
                                 self.staging = Some(s);
                                 ReceiverInput::Prepared(t)
@@ -818,6 +825,12 @@ mod tests {
                 }
                 EntryKind::Dir => assert!(p.is_dir()),
                 EntryKind::Symlink => assert_eq!(std::fs::read_link(&p).unwrap(), Path::new("b")),
+                EntryKind::Hardlink => {
+                    use std::os::unix::fs::MetadataExt;
+                    let first = std::fs::metadata(base.join("d/a")).unwrap();
+                    let link = std::fs::metadata(&p).unwrap();
+                    assert_eq!((link.ino(), link.nlink()), (first.ino(), 2));
+                }
             }
         }
     }
@@ -931,6 +944,7 @@ mod tests {
             crate::scan::ScanOptions {
                 chunk_size: CHUNK,
                 git: crate::gitdir::GitMode::Off,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -944,6 +958,9 @@ mod tests {
                 last_attempt: true,
                 wait_for: std::time::Duration::from_secs(60),
                 sender_info: "pair".into(),
+                git: false,
+                owner: crate::wire::OwnerPolicy::Receiver,
+                external_links: Vec::new(),
             },
         );
         let (mut to_receiver, mut receiver_in) = tokio::io::duplex(1 << 20);
@@ -1064,17 +1081,25 @@ mod tests {
     fn arb_entry() -> impl Strategy<Value = Entry> {
         (
             nasty_path(),
-            0u8..3,
+            0u8..4,
             prop_oneof![Just(0u64), Just(10), Just(CHUNK + 1), any::<u64>()],
             prop_oneof![
                 Just(b"b".to_vec()),
+                Just(b"d".to_vec()),
+                Just(b"d/a".to_vec()),
                 Just(b"../../etc".to_vec()),
                 Just(b"/etc".to_vec()),
+                Just(b"/etc/passwd".to_vec()),
                 Just(b"d/../..".to_vec())
             ],
         )
             .prop_map(|(path, kind, size, target)| {
-                let kind = [EntryKind::File, EntryKind::Dir, EntryKind::Symlink][kind as usize];
+                let kind = [
+                    EntryKind::File,
+                    EntryKind::Dir,
+                    EntryKind::Symlink,
+                    EntryKind::Hardlink,
+                ][kind as usize];
                 let mut e = entry("", kind, size, "");
                 e.path = path;
                 e.link_target = target;
@@ -1106,6 +1131,9 @@ mod tests {
                             resume,
                             install,
                             sender_info: String::new(),
+                            git: false,
+                            owner: Default::default(),
+                            external_links: Vec::new(),
                         })
                     }
                 ),

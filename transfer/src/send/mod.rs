@@ -53,7 +53,7 @@ use crate::gitdir::GitMode;
 use crate::identity::{client_crypto, Fingerprint, Identity};
 use crate::io::{read_control, write_control, write_controls, BufferPool, RateLimiter};
 use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
-use crate::wire::{hex, ChunkHeader, Codec, ControlMsg, EntryKind};
+use crate::wire::{hex, ChunkHeader, Codec, ControlMsg, EntryKind, OwnerPolicy};
 
 use codec::{encode_chunk, Buffers, EncodeChoice};
 pub use fault::Fault;
@@ -111,6 +111,14 @@ pub struct SendConfig {
     /// How long one outage may last while we reconnect to resume (0: fail at once);
     /// see [`reconnect`].
     pub retry_for: Duration,
+    /// Who should own the installed files ([`crate::owner`]).
+    pub owner: OwnerPolicy,
+    /// Absolute directories symlinks leaving the tree may point into
+    /// (`--allow-external-link`; checked by both sides).
+    pub external_links: Vec<Vec<u8>>,
+    /// Make a repository that borrows objects (alternates) self-contained on the receiver
+    /// ([`crate::dissociate`]).
+    pub dissociate: bool,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -181,6 +189,20 @@ pub struct SendSummary {
     pub git: bool,
     /// git's transient files and directories left out (quarantines, locks, temporary packs).
     pub transient_skipped: u64,
+    /// Who owns the installed files: `receiver` (the user running shardrecv), `preserve`
+    /// (numeric ids as here), or `preserve, mapping ...` (`--chown`, `--map-owner`).
+    #[serde(default)]
+    pub owner: String,
+    /// Paths sent as hardlinks to an earlier path of the same file.
+    #[serde(default)]
+    pub hardlinks: u64,
+    /// Symlinks leaving the tree, sent because `--allow-external-link` allowed them.
+    #[serde(default)]
+    pub external_links: u64,
+    /// Objects the repository borrowed through its alternates, sent in an extra pack
+    /// (`--dissociate`; 0 when it borrows none).
+    #[serde(default)]
+    pub borrowed_objects: u64,
     /// False only for a pre-copy whose source never held still over all its attempts: the
     /// receiver keeps what was verified, and the final pass sends the rest.
     pub complete: bool,
@@ -450,6 +472,8 @@ async fn attempt_once(
     let opts = ScanOptions {
         chunk_size: cfg.chunk_size,
         git: cfg.git,
+        external_links: cfg.external_links.clone(),
+        dissociate: cfg.dissociate,
     };
     let scanned = tokio::task::spawn_blocking(move || scan(&src, opts))
         .await
@@ -483,6 +507,9 @@ async fn attempt_once(
                 env!("CARGO_PKG_VERSION"),
                 cfg.compress
             ),
+            git: scanned.git,
+            owner: cfg.owner.clone(),
+            external_links: cfg.external_links.clone(),
         },
     );
     let result = attempt_on(cfg, session, Arc::new(scanned), &conn, totals).await;
@@ -541,6 +568,10 @@ async fn attempt_once(
         skipped: scan.skipped.clone(),
         git: scan.git,
         transient_skipped: scan.transient_skipped,
+        owner: crate::owner::describe(&cfg.owner),
+        hardlinks: scan.hardlinks,
+        external_links: scan.external_links,
+        borrowed_objects: scan.borrowed.as_ref().map_or(0, |b| b.objects),
         complete: root.is_some(),
         queued_seconds: totals.queued_seconds,
         reconnects: 0,

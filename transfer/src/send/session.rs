@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::manifest::Manifest;
 use crate::tracker::MAX_CHUNK_ATTEMPTS;
-use crate::wire::{hex, ControlMsg, FailCode, Hash, Hello, RootHasher, PROTOCOL_VERSION};
+use crate::wire::{
+    hex, ControlMsg, FailCode, Hash, Hello, OwnerPolicy, RootHasher, PROTOCOL_VERSION,
+};
 
 use super::queue::ChunkId;
 use super::SendEvent;
@@ -39,6 +41,12 @@ pub struct SenderSessionConfig {
     pub wait_for: Duration,
     /// Free text for the receiver's logs.
     pub sender_info: String,
+    /// The source is sent as a git directory ([`crate::gitdir`]).
+    pub git: bool,
+    /// Who should own the installed files ([`crate::owner`]).
+    pub owner: OwnerPolicy,
+    /// Where symlinks leaving the tree may point (`--allow-external-link`).
+    pub external_links: Vec<Vec<u8>>,
 }
 
 /// What happened, for the session.
@@ -174,6 +182,9 @@ impl SenderSession {
             resume: self.cfg.resume,
             install: !self.cfg.stage_only,
             sender_info: self.cfg.sender_info.clone(),
+            git: self.cfg.git,
+            owner: self.cfg.owner.clone(),
+            external_links: self.cfg.external_links.clone(),
         }));
         msgs.extend(manifest.entries.iter().cloned().map(ControlMsg::Entry));
         msgs.push(ControlMsg::ManifestEnd {
@@ -583,6 +594,7 @@ mod tests {
             ino: 1,
             ctime_sec: 1,
             ctime_nsec: 0,
+            attrs: None,
         };
         Manifest::from_scan(
             RootKind::Dir,
@@ -603,6 +615,9 @@ mod tests {
             last_attempt: false,
             wait_for: Duration::from_secs(10),
             sender_info: "test".into(),
+            git: false,
+            owner: OwnerPolicy::Receiver,
+            external_links: Vec::new(),
         }
     }
 

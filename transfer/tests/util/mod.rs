@@ -83,6 +83,29 @@ impl Daemon {
         wrapper: &[&str],
         extra: &[&str],
     ) -> Daemon {
+        Daemon::spawn(keys, root, listen, wrapper, extra, &[])
+    }
+
+    /// Starts the daemon with `SHARDMOVE_FAILPOINTS=spec` (see `transfer::failpoint`).
+    pub fn start_with_failpoints(keys: &Keys, root: &Path, listen: &str, spec: &str) -> Daemon {
+        Daemon::spawn(
+            keys,
+            root,
+            listen,
+            &[],
+            &[],
+            &[("SHARDMOVE_FAILPOINTS", spec)],
+        )
+    }
+
+    fn spawn(
+        keys: &Keys,
+        root: &Path,
+        listen: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         std::fs::create_dir_all(root).unwrap();
         let log = root
             .parent()
@@ -104,6 +127,7 @@ impl Daemon {
             .arg("--allow")
             .arg(&keys.allow)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -130,6 +154,15 @@ impl Daemon {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.child.wait();
+    }
+
+    /// Waits (up to `timeout`) for the daemon to die by SIGKILL, as a failpoint does.
+    pub fn killed_itself(&mut self, timeout: Duration) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        wait_for(
+            timeout,
+            || matches!(self.child.try_wait(), Ok(Some(s)) if s.signal() == Some(libc::SIGKILL)),
+        )
     }
 
     pub fn kill9(&mut self) {
@@ -232,8 +265,61 @@ pub fn write_random(path: &Path, len: usize, seed: u64) {
     std::fs::write(path, random_bytes(len, seed)).unwrap();
 }
 
-/// Asserts two trees are identical: names, kinds, bytes, permissions, mtimes, link targets.
+/// Asserts two trees are identical: names, kinds, bytes, permissions, mtimes, link targets,
+/// extended attributes, and which files are hardlinks of each other.
 pub fn assert_same_tree(a: &Path, b: &Path) {
+    assert_same_entries(a, b);
+    assert_eq!(
+        hardlink_groups(a),
+        hardlink_groups(b),
+        "hardlinks of {}",
+        b.display()
+    );
+}
+
+/// Extended attributes of `p` itself, sorted.
+pub fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = xattr::list(p)
+        .unwrap()
+        .map(|n| {
+            let value = xattr::get(p, &n).unwrap().unwrap_or_default();
+            (n.to_string_lossy().into_owned(), value)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Relative paths of the files with several names, grouped by inode, sorted.
+pub fn hardlink_groups(root: &Path) -> Vec<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<u64, Vec<String>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                walk(root, &p, out);
+            } else if m.is_file() && m.nlink() > 1 {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.entry(m.ino()).or_default().push(rel);
+            }
+        }
+    }
+    let mut by_inode = std::collections::BTreeMap::new();
+    if std::fs::symlink_metadata(root).unwrap().is_dir() {
+        walk(root, root, &mut by_inode);
+    }
+    let mut groups: Vec<Vec<String>> = by_inode
+        .into_values()
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    groups
+}
+
+fn assert_same_entries(a: &Path, b: &Path) {
     let ma = std::fs::symlink_metadata(a).unwrap();
     let mb =
         std::fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{} missing: {e}", b.display()));
@@ -249,6 +335,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         "{}",
         b.display()
     );
+    assert_eq!(xattrs_of(a), xattrs_of(b), "xattrs of {}", b.display());
     if ma.file_type().is_symlink() {
         assert_eq!(
             std::fs::read_link(a).unwrap(),
@@ -281,7 +368,7 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         let (na, nb) = (names(a), names(b));
         assert_eq!(na, nb, "entries of {}", b.display());
         for n in na {
-            assert_same_tree(&a.join(&n), &b.join(&n));
+            assert_same_entries(&a.join(&n), &b.join(&n));
         }
     } else {
         assert_eq!(ma.len(), mb.len(), "size of {}", b.display());
@@ -328,12 +415,9 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// Bytes of verified-chunk records in the journal of `dest` under `root`.
+/// Verified-chunk records in the journal of `dest` under `root`.
 pub fn journal_records(root: &Path, dest: &str) -> u64 {
-    let dir = transfer::staging::staging_dir(root, dest.as_bytes());
-    std::fs::metadata(dir.join("journal"))
-        .map(|m| m.len().saturating_sub(40) / 48)
-        .unwrap_or(0)
+    transfer::staging::journal_records(root, dest.as_bytes())
 }
 
 /// Two network namespaces joined by a rate-limited veth (scripts/netns.sh); removed on drop.
@@ -444,4 +528,49 @@ impl Drop for Link {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// Runs git with a fixed identity and no user or system configuration.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = git_cmd(dir, args).output().expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A work repository `dir/work` with one commit of a README and `files`, and its bare
+/// clone `dir/a.git` (made through the pack protocol, so its objects are in one pack).
+/// Returns (bare, work).
+pub fn bare_repo(dir: &Path, files: &[(&str, &[u8])]) -> (PathBuf, PathBuf) {
+    let work = dir.join("work");
+    git(dir, &["init", "-q", "-b", "main", "work"]);
+    std::fs::write(work.join("README"), "hello\n").unwrap();
+    for (name, content) in files {
+        std::fs::write(work.join(name), content).unwrap();
+    }
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-qm", "first"]);
+    git(
+        dir,
+        &["clone", "-q", "--bare", "--no-local", "work", "a.git"],
+    );
+    (dir.join("a.git"), work)
+}
+
+pub fn git_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("git");
+    c.arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.invalid");
+    c
 }
