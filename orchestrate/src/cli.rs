@@ -119,6 +119,9 @@ pub enum Command {
     /// long maintenance, stale copies that take pushes, orphaned staging, moved-aside copies,
     /// batches whose driver is gone. Exits 10 when problems are left (for a timer).
     Doctor(DoctorArgs),
+    /// A Phorge cluster's devices: how `migrate --plane phorge` reaches them.
+    #[command(subcommand)]
+    Phorge(PhorgeCmd),
     /// The audit log (who changed what, when).
     Events {
         /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
@@ -443,18 +446,111 @@ pub enum StatusCmd {
     },
 }
 
+/// Which control plane holds the registry `migrate` works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlaneKind {
+    /// shardmove's own registry (SQLite or PostgreSQL, `--db`).
+    Builtin,
+    /// A Phorge cluster: Almanac services and devices, Phorge's repositories and runbook
+    /// (`--phorge-root`, `--conduit`, `--token-file`). The batch journal still lives in `--db`.
+    Phorge,
+}
+
+/// How `migrate --plane phorge` runs the runbook's registry steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PhorgeSteps {
+    /// One PHP process for the batch, through Phorge's own editors (milliseconds a step).
+    Agent,
+    /// `bin/repository` per step (0.3-0.5 s each: PHP starts and loads Phorge every time).
+    Cli,
+}
+
+/// Where a Phorge cluster's Conduit API is.
+#[derive(Debug, Clone, Args)]
+pub struct ConduitArgs {
+    /// Phorge's base URL (its Conduit API is at URL/api/).
+    #[arg(long, value_name = "URL", env = "SHARDMOVE_CONDUIT")]
+    pub conduit: Option<String>,
+    /// File holding a Conduit API token of a user who may edit Almanac services and devices.
+    #[arg(long, value_name = "FILE", env = "SHARDMOVE_CONDUIT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ConduitArgs {
+    /// The URL and the token read from its file.
+    pub fn resolve(&self) -> Result<(String, String)> {
+        let url = self
+            .conduit
+            .clone()
+            .ok_or_else(|| Error::invalid("--conduit", "required with a Phorge cluster"))?;
+        let file = self
+            .token_file
+            .as_ref()
+            .ok_or_else(|| Error::invalid("--token-file", "required with a Phorge cluster"))?;
+        let token = std::fs::read_to_string(file).map_err(|e| Error::Io {
+            context: "reading the Conduit token",
+            path: file.clone(),
+            source: e,
+        })?;
+        Ok((url, token.trim().to_string()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PhorgeCmd {
+    /// Record how shardmove reaches an Almanac device (its properties shardmove.host,
+    /// shardmove.transfer, shardmove.fingerprint), through Conduit.
+    Device {
+        /// The Almanac device's name.
+        name: String,
+        /// Where steps on it run: `localhost`, an ssh host, `netns:NAME`, or `exec:PREFIX`
+        /// (a command prefix, e.g. the lab kit's `exec:/lab/tools/ondev.sh a`).
+        #[arg(long)]
+        host: Option<String>,
+        /// Its shardrecv, HOST:PORT.
+        #[arg(long)]
+        transfer: Option<String>,
+        /// Its shardrecv's key fingerprint.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        #[command(flatten)]
+        conduit: ConduitArgs,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     #[command(subcommand)]
     pub command: Option<MigrateCmd>,
-    #[arg(long, required = true)]
+    /// The tenant (built-in registry; required there). With Phorge: a name for the cluster in
+    /// the journal (default `phorge`).
+    #[arg(long)]
     pub instance: Option<String>,
-    /// Service the repositories leave.
+    /// Service the repositories leave (an Almanac service name with Phorge).
     #[arg(long, required = true)]
     pub from: Option<String>,
     /// Service they move to (bound to the instance if needed).
     #[arg(long, required = true)]
     pub to: Option<String>,
+    /// Where the registry is: shardmove's own, or a Phorge cluster.
+    #[arg(long, value_enum, default_value = "builtin")]
+    pub plane: PlaneKind,
+    /// Phorge: the checkout (with bin/repository) on --phorge-host.
+    #[arg(long, value_name = "DIR")]
+    pub phorge_root: Option<String>,
+    /// Phorge: where the checkout is (an executor host, as for devices).
+    #[arg(long, value_name = "HOST", default_value = "localhost")]
+    pub phorge_host: String,
+    /// Phorge: how the runbook's registry steps run.
+    #[arg(long, value_enum, default_value = "agent")]
+    pub phorge_steps: PhorgeSteps,
+    #[command(flatten)]
+    pub conduit: ConduitArgs,
+    /// shardsend's congestion controller for the transfers. `background` (the default)
+    /// yields to users' traffic on shared links (a competing TCP flow keeps most of the link);
+    /// `bbr` takes the link's full rate, even with loss.
+    #[arg(long, default_value = "background", value_parser = ["background", "bbr", "cubic", "newreno"])]
+    pub congestion: String,
     /// Only these repositories (NAME or INSTANCE/NAME); default: all of the instance on --from.
     #[arg(long, num_args = 1..)]
     pub repos: Vec<String>,
@@ -511,7 +607,10 @@ impl MigrateArgs {
     pub fn config(&self) -> MigrateConfig {
         MigrateConfig {
             spec: BatchSpec {
-                instance: self.instance.clone().unwrap_or_default(),
+                instance: self.instance.clone().unwrap_or_else(|| match self.plane {
+                    PlaneKind::Phorge => "phorge".into(),
+                    PlaneKind::Builtin => String::new(),
+                }),
                 from: self.from.clone().unwrap_or_default(),
                 to: self.to.clone().unwrap_or_default(),
                 repos: self.repos.clone(),
@@ -531,7 +630,64 @@ impl MigrateArgs {
             freeze_wait: Duration::from_secs(self.freeze_wait),
             shardsend_args: (self.bwlimit.iter())
                 .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
+                .chain(["--congestion".to_string(), self.congestion.clone()])
                 .collect(),
+        }
+    }
+
+    /// The Phorge cluster `--plane phorge` names.
+    pub fn phorge(&self) -> Result<crate::phorge::PhorgeConfig> {
+        let (conduit, token) = self.conduit.resolve()?;
+        let root = self
+            .phorge_root
+            .clone()
+            .ok_or_else(|| Error::invalid("--phorge-root", "required with --plane phorge"))?;
+        Ok(crate::phorge::PhorgeConfig {
+            root,
+            host: self.phorge_host.clone(),
+            conduit,
+            token,
+            steps: match self.phorge_steps {
+                PhorgeSteps::Agent => crate::phorge::Steps::Agent,
+                PhorgeSteps::Cli => crate::phorge::Steps::Cli,
+            },
+            freeze_wait_secs: self.freeze_wait,
+            full_verify: self.full_verify,
+        })
+    }
+
+    /// The ports of the batch: the plane `--plane` names, host steps through executors.
+    /// `daemons` is what the built-in plane restarts after the batch.
+    pub fn ports(
+        &self,
+        registry: &crate::Registry,
+        daemons: Option<crate::daemons::RestartConfig>,
+        beside: Option<String>,
+    ) -> Result<crate::migrate::Ports> {
+        use std::sync::Arc;
+        let hosts = self.host_config(beside);
+        match self.plane {
+            PlaneKind::Builtin => {
+                if self.instance.is_none() && self.command.is_none() {
+                    return Err(Error::invalid(
+                        "--instance",
+                        "required with the built-in registry",
+                    ));
+                }
+                Ok(crate::migrate::builtin_ports(
+                    crate::migrate::builtin::BuiltinPlane {
+                        registry: registry.clone(),
+                        daemons,
+                        full_verify: self.full_verify,
+                    },
+                    hosts,
+                ))
+            }
+            PlaneKind::Phorge => Ok(crate::migrate::Ports {
+                store: registry.clone(),
+                plane: Arc::new(crate::phorge::PhorgePlane::new(self.phorge()?)?),
+                hosts: Arc::new(crate::migrate::host::ExecutorHostOps { cfg: hosts }),
+            }),
         }
     }
 }

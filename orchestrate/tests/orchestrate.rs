@@ -3,6 +3,7 @@
 
 mod demo;
 mod migration;
+mod phorge;
 mod util;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -11,6 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use util::{clone_and_commit, commit, git, git_ok, Env};
+
+/// The Phorge lab is expensive (a MariaDB and three PHP servers): one backend for the journal.
+#[test]
+fn phorge_repository_moves_there_and_back_with_a_client_pushing() {
+    phorge::phorge_repository_moves_there_and_back_with_a_client_pushing(&Env::sqlite());
+}
 
 contract!(
     objects_and_bad_input_change_nothing,

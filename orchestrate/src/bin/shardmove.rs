@@ -12,7 +12,7 @@ use clap::Parser;
 use orchestrate::cli::DemoArgs;
 use orchestrate::cli::{
     BindingCmd, Cli, Command, DeviceCmd, HostCmd, InstanceCmd, MigrateArgs, MigrateCmd,
-    ObserveArgs, RepoCmd, ServiceCmd, StatusCmd,
+    ObserveArgs, PhorgeCmd, RepoCmd, ServiceCmd, StatusCmd,
 };
 use orchestrate::daemons::{self, RestartConfig};
 use orchestrate::error::exit_code;
@@ -196,6 +196,21 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             render::in_maintenance(r)
         }),
         Command::Migrate(args) => migrate_command(registry, &cli.db, args, json).await,
+        Command::Phorge(PhorgeCmd::Device {
+            name,
+            host,
+            transfer,
+            fingerprint,
+            conduit,
+        }) => {
+            let (url, token) = conduit.resolve()?;
+            let plane = orchestrate::phorge::PhorgePlane::for_conduit(&url, &token)?;
+            let (h, t, f) = (host.as_deref(), transfer.as_deref(), fingerprint.as_deref());
+            plane.set_device(name, h, t, f).await?;
+            print(json, &serde_json::json!({"device": name}), |_| {
+                format!("recorded how to reach Almanac device {name}")
+            })
+        }
         Command::Doctor(args) => {
             let report = orchestrate::doctor::run(registry, &args.config()).await?;
             print(json, &report, render::doctor)?;
@@ -323,7 +338,7 @@ async fn migrate_command(
     args: &MigrateArgs,
     json: bool,
 ) -> anyhow::Result<()> {
-    use orchestrate::migrate::{self, builtin::BuiltinPlane};
+    use orchestrate::migrate;
     if let Some(MigrateCmd::Status { id }) = &args.command {
         let id = match id {
             Some(id) => *id,
@@ -347,12 +362,7 @@ async fn migrate_command(
         Some(restart_config(dir, template, db, args.daemon_interval)?)
     };
     let beside = beside_me("shardsend").map(|p| p.display().to_string());
-    let plane = BuiltinPlane {
-        registry: registry.clone(),
-        daemons,
-        full_verify: args.full_verify,
-    };
-    let ports = migrate::builtin_ports(plane, args.host_config(beside));
+    let ports = args.ports(registry, daemons, beside)?;
     if args.dry_run && args.resume.is_none() {
         let plan = ports.plane.plan(&cfg.spec).await?;
         let (from, to) = (&cfg.spec.from, &cfg.spec.to);

@@ -125,6 +125,19 @@ impl PhorgePlane {
         })
     }
 
+    /// A plane used only for Conduit (recording device properties).
+    pub fn for_conduit(conduit: &str, token: &str) -> Result<PhorgePlane> {
+        PhorgePlane::new(PhorgeConfig {
+            root: String::new(),
+            host: "localhost".into(),
+            conduit: conduit.to_string(),
+            token: token.to_string(),
+            steps: Steps::Agent,
+            freeze_wait_secs: 30,
+            full_verify: false,
+        })
+    }
+
     /// Sends one request to the agent (started on first use).
     async fn agent(&self, request: Value) -> Result<Value> {
         let mut guard = self.agent.lock().await;

@@ -102,7 +102,7 @@ fn zombie(pid: &str) -> bool {
 }
 
 /// The transfer tools, built beside `shardmove` by `cargo test --workspace`.
-fn tool(name: &str) -> PathBuf {
+pub(crate) fn tool(name: &str) -> PathBuf {
     let p = Path::new(crate::util::BIN).with_file_name(name);
     assert!(
         p.is_file(),
@@ -138,7 +138,7 @@ impl Drop for Shards {
     }
 }
 
-fn keygen(bin: &str, out: &Path) -> String {
+pub(crate) fn keygen(bin: &str, out: &Path) -> String {
     let o = Command::new(tool(bin))
         .args(["keygen", "--out"])
         .arg(out)
