@@ -186,7 +186,11 @@ impl Lab {
             .lines()
             .filter_map(|l| l.split('\t').next()?.parse().ok())
             .collect();
-        assert_eq!(times.len(), 2, "maintenance start and stop recorded: {rows}");
+        assert_eq!(
+            times.len(),
+            2,
+            "maintenance start and stop recorded: {rows}"
+        );
         times[0] - times[1]
     }
 }
@@ -201,7 +205,12 @@ struct Seen {
 }
 
 /// Pushes a new branch, again and again, and reads (`ls-remote`), through the front.
-fn client(lab: &Lab, work: &Path, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) -> std::thread::JoinHandle<()> {
+fn client(
+    lab: &Lab,
+    work: &Path,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+) -> std::thread::JoinHandle<()> {
     let url = lab.url();
     let work = work.to_path_buf();
     std::thread::spawn(move || {
@@ -216,7 +225,10 @@ fn client(lab: &Lab, work: &Path, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>)
             let branch = format!("c{}-{n}", std::process::id());
             let sha = util::commit(&work, &branch);
             let t = now_ms();
-            let push = git(&work, &["push", "-q", &url, &format!("HEAD:refs/heads/{branch}")]);
+            let push = git(
+                &work,
+                &["push", "-q", &url, &format!("HEAD:refs/heads/{branch}")],
+            );
             let mut s = seen.lock().unwrap();
             if push.code == 0 {
                 s.acked.push((branch, sha));
@@ -227,7 +239,10 @@ fn client(lab: &Lab, work: &Path, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>)
             let t = now_ms();
             let read = git(&work, &["ls-remote", "-q", &url, "HEAD"]);
             if read.code != 0 {
-                seen.lock().unwrap().failed_reads.push((t, read.stderr.trim().to_string()));
+                seen.lock()
+                    .unwrap()
+                    .failed_reads
+                    .push((t, read.stderr.trim().to_string()));
             }
         }
     })
@@ -293,7 +308,11 @@ fn move_and_check(
     let run = env.sm(&args);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     if points.is_some() {
-        assert!(run.stderr.contains("taking over migration"), "{}", run.stderr);
+        assert!(
+            run.stderr.contains("taking over migration"),
+            "{}",
+            run.stderr
+        );
     }
     let summary: Value = serde_json::from_str(&run.stdout).expect("summary");
     assert_eq!(summary["state"], "done", "{summary}");
@@ -309,7 +328,11 @@ fn move_and_check(
         "the source's row is gone: {versions:?}"
     );
     // The target's copy.
-    let dev = if to_device.contains("-b") { "dev-b" } else { "dev-a" };
+    let dev = if to_device.contains("-b") {
+        "dev-b"
+    } else {
+        "dev-a"
+    };
     let copy = lab.dir.join(dev).join("repo/1");
     util::git_ok(&copy, &["fsck", "--no-progress"]);
     Move {
@@ -366,10 +389,26 @@ pub(crate) fn phorge_repository_moves_there_and_back_with_a_client_pushing(env: 
     let settle = || std::thread::sleep(Duration::from_millis(800));
     settle();
     let mut moves = Vec::new();
-    moves.push(move_and_check(&lab, env, "repos-a.lab", "repos-b.lab", "repo-b.lab", "repo-a.lab", None));
+    moves.push(move_and_check(
+        &lab,
+        env,
+        "repos-a.lab",
+        "repos-b.lab",
+        "repo-b.lab",
+        "repo-a.lab",
+        None,
+    ));
     let window_ab = lab.maintenance_window_s();
     settle();
-    moves.push(move_and_check(&lab, env, "repos-b.lab", "repos-a.lab", "repo-a.lab", "repo-b.lab", None));
+    moves.push(move_and_check(
+        &lab,
+        env,
+        "repos-b.lab",
+        "repos-a.lab",
+        "repo-a.lab",
+        "repo-b.lab",
+        None,
+    ));
     let window_ba = lab.maintenance_window_s();
     settle();
     // Killed between clusterize and promote (reads fail there), then taken over.
@@ -403,14 +442,20 @@ pub(crate) fn phorge_repository_moves_there_and_back_with_a_client_pushing(env: 
     };
     for (t, why) in &seen.refused {
         assert!(inside(*t), "push refused outside a freeze at {t}: {why}");
-        assert!(why.contains("503"), "refused with something else than 503: {why}");
+        assert!(
+            why.contains("503"),
+            "refused with something else than 503: {why}"
+        );
     }
     for (t, why) in &seen.failed_reads {
         assert!(inside(*t), "read failed outside a freeze at {t}: {why}");
     }
     // A clone through the front, after it all.
     let clone = env.path("after");
-    let out = git(env.dir.path(), &["clone", "-q", &lab.url(), &clone.display().to_string()]);
+    let out = git(
+        env.dir.path(),
+        &["clone", "-q", &lab.url(), &clone.display().to_string()],
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     println!(
         "phorge moves: read-only windows {:?} s (ours); Phorge's transactions A->B {window_ab} s, B->A {window_ba} s; \
