@@ -817,7 +817,10 @@ mod tests {
         let hosts = args.host_config(Some("/opt/bin/shardsend".into()));
         assert_eq!(hosts.shardsend, "/opt/bin/shardsend");
         assert_eq!(hosts.identity, "/etc/shard/send.key");
-        assert_eq!(hosts.shardsend_args, ["--bwlimit", "50M"]);
+        assert_eq!(
+            hosts.shardsend_args,
+            ["--bwlimit", "50M", "--congestion", "background"]
+        );
         assert_eq!(hosts.freeze_wait, Duration::from_secs(7));
         assert_eq!(args.host_config(None).shardsend, "shardsend");
         let Command::Migrate(explicit) = parse(&[
@@ -837,7 +840,11 @@ mod tests {
             explicit.host_config(Some("/opt/ss".into())).shardsend,
             "/x/ss"
         );
-        assert!(explicit.host_config(None).shardsend_args.is_empty());
+        // Migrations yield to users' traffic unless told otherwise.
+        assert_eq!(
+            explicit.host_config(None).shardsend_args,
+            ["--congestion", "background"]
+        );
     }
 
     #[test]
