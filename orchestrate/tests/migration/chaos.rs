@@ -63,6 +63,8 @@ const SCENARIOS: &[&str] = &[
 struct Pusher {
     stop: Arc<AtomicBool>,
     current: Arc<Mutex<Option<String>>>,
+    /// Held by the client while a push runs, so the test can wait for it to end.
+    busy: Arc<Mutex<()>>,
     acked: Arc<Mutex<Vec<(String, String, String)>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -72,6 +74,7 @@ impl Pusher {
         let stop = Arc::new(AtomicBool::new(false));
         let current: Arc<Mutex<Option<String>>> = Arc::default();
         let acked: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+        let busy: Arc<Mutex<()>> = Arc::default();
         let (db, dir, a, b) = (
             env.db.clone(),
             env.dir.path().to_path_buf(),
@@ -79,10 +82,12 @@ impl Pusher {
             shards.b.clone(),
         );
         let thread = {
-            let (stop, current, acked) = (stop.clone(), current.clone(), acked.clone());
+            let (stop, current, acked, busy) =
+                (stop.clone(), current.clone(), acked.clone(), busy.clone());
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
+                    let _pushing = busy.lock().unwrap();
                     let Some(name) = current.lock().unwrap().clone() else {
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
@@ -131,13 +136,16 @@ impl Pusher {
         Pusher {
             stop,
             current,
+            busy,
             acked,
             thread: Some(thread),
         }
     }
 
+    /// Pushes to `name` from now on (`None`: stops pushing, once the push running ends).
     fn push_to(&self, name: Option<&str>) {
         *self.current.lock().unwrap() = name.map(str::to_string);
+        drop(self.busy.lock().unwrap());
     }
 }
 
