@@ -11,8 +11,13 @@ use crate::util::{clone_and_commit, commit, git, git_ok, Env, Sshd};
 
 mod chaos;
 mod doctor;
+mod formats;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
 use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
+use formats::{
+    a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
+    reftable_and_sha256_repositories_move_and_stay_what_they_are,
+};
 
 crate::contract!(
     migrate_moves_verified_repositories_and_disables_the_old_service,
@@ -24,6 +29,8 @@ crate::contract!(
     doctor_finds_every_planted_problem_and_fixes_the_safe_ones,
     dry_run_changes_nothing,
     status_page_in_chromium_shows_what_is_read_only_and_why,
+    reftable_and_sha256_repositories_move_and_stay_what_they_are,
+    a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
 );
 
 /// Issue 10, item 5: over ssh, killing the driver killed only the local ssh client; the remote
