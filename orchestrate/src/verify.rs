@@ -23,12 +23,15 @@ use crate::error::{Error, Result};
 use crate::executor::{self, Executor};
 use crate::scripts::{exit, Script};
 
-/// `git for-each-ref` of a copy, as one string (object ids and names, sorted by git).
+/// `git for-each-ref` of a copy, as one string (object ids and names, sorted by git). The copy
+/// may belong to the forge's daemon user: git is told to trust it (it only reads here).
 pub async fn refs_digest(exec: &dyn Executor, path: &str) -> Result<String> {
     let out = executor::run(
         exec,
         &[
             "git",
+            "-c",
+            "safe.directory=*",
             "-C",
             path,
             "for-each-ref",

@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::util::{clone_and_commit, commit, git, git_ok, Env, Sshd};
 
 mod chaos;
+mod daemon_user;
 mod doctor;
 mod formats;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
