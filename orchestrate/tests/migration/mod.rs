@@ -26,6 +26,7 @@ crate::contract!(
     migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
     killed_orchestrator_is_taken_over_from_the_journal,
     kill_after_thawed_takeover_left_b_read_only,
+    precopy_rolled_back_is_retried_by_the_next_migrate,
     every_failpoint_is_taken_over_with_the_invariants,
     doctor_finds_every_planted_problem_and_fixes_the_safe_ones,
     dry_run_changes_nothing,
@@ -479,6 +480,43 @@ fn migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable(env: &Env) {
         clone_and_commit(&shards.a.join(format!("t/{r}.git")), &work, "still on A");
         assert_eq!(git(&work, &["push", "-q", "origin", "HEAD"]).code, 0);
     }
+}
+
+/// Issue 10, item 2: a pre-copy that failed (there, on a push's vanished quarantine
+/// directory) rolled the repository back and ended the batch `failed`; the next `migrate`
+/// then refused with exit 5. A rolled-back repository is left writable on A and the next
+/// `migrate` of the same services retries it to `done`.
+fn precopy_rolled_back_is_retried_by_the_next_migrate(env: &Env) {
+    let shards = setup(env, &[("r1", 1)]);
+    let before = refs(&shards.a.join("t/r1.git"));
+    let args = migrate_args(&shards, &["--json"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env
+        .sm_command(&args)
+        .env("SHARDMOVE_FAILPOINTS", "error:before-host-precopy")
+        .output()
+        .expect("run migrate");
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = env.json(&["migrate", "status"]);
+    assert_eq!(
+        status["repositories"][0]["state"], "rolled_back",
+        "{status}"
+    );
+    let repo = env.json(&["repo", "show", "t/r1"]);
+    assert_eq!(
+        (repo["service"].as_str(), repo["maintenance"].as_bool()),
+        (Some("a"), Some(false))
+    );
+    let run = run_migrate(env, &shards, &["--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let status = env.json(&["migrate", "status"]);
+    assert_eq!(status["repositories"][0]["state"], "done", "{status}");
+    assert_moved(env, &shards, "r1", &before);
 }
 
 fn killed_orchestrator_is_taken_over_from_the_journal(env: &Env) {
