@@ -6,6 +6,7 @@ mod failpoints;
 mod git_repo;
 mod live_source;
 mod ownership;
+mod resume_progress;
 mod util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
