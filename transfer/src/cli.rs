@@ -1,5 +1,5 @@
-//! Helpers shared by the two binaries: logging setup, error reporting, and the identity
-//! subcommands (`keygen`, `fingerprint`) both have.
+//! Helpers shared by the two binaries: logging setup (`--log-format text|json`), error
+//! reporting, and the identity subcommands (`keygen`, `fingerprint`) both have.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -7,15 +7,36 @@ use std::path::PathBuf;
 use crate::error::Error;
 use crate::identity::Identity;
 
+/// How log lines look (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event for people (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, the message and the event's
+    /// fields at the top level), for journald or a log shipper.
+    Json,
+}
+
 /// Logs go to stderr; `RUST_LOG` overrides the default level.
-pub fn init_logging(default_level: &str) {
+pub fn init_logging(default_level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// Prints `err` (to stderr, and as JSON on stdout with `--json`) and returns its exit code.

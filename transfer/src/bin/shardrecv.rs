@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
+use transfer::cli::{
+    init_logging, report_error, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
+};
 use transfer::identity::{AllowList, Identity};
 use transfer::quic::{Congestion, TransportOptions};
 use transfer::recv::{Receiver, ServeConfig, DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
@@ -21,6 +23,10 @@ use transfer::Error;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: text, or json (one object per line, for journald or a log
+    /// shipper; RUST_LOG sets the level, info by default)
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -76,7 +82,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging("info");
+    init_logging("info", cli.log_format);
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => report_error(&e, false),

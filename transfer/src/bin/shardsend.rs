@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Parser};
-use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
+use transfer::cli::{
+    init_logging, report_error, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
+};
 use transfer::compress::CompressPolicy;
 use transfer::gitdir::GitMode;
 use transfer::identity::{Fingerprint, Identity};
@@ -39,6 +41,10 @@ struct Cli {
     command: Option<IdentityCommand>,
     #[command(flatten)]
     send: SendArgs,
+    /// Log lines on stderr: text, or json (one object per line; RUST_LOG sets the level,
+    /// warn by default)
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
 }
 
 #[derive(Args)]
@@ -177,7 +183,7 @@ fn parse_external_prefix(s: &str) -> Result<String, String> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging("warn");
+    init_logging("warn", cli.log_format);
     let json = cli.send.json;
     let code = match run(cli) {
         Ok(()) => 0,
