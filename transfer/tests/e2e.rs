@@ -5,6 +5,7 @@ mod cut_link;
 mod failpoints;
 mod git_repo;
 mod live_source;
+mod operator;
 mod ownership;
 mod resume_progress;
 mod util;

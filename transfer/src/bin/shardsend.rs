@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use transfer::cli::{
-    init_logging, report_error, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
+    init_logging, report_error, DocCommand, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
 };
 use transfer::compress::CompressPolicy;
 use transfer::gitdir::GitMode;
@@ -38,13 +38,21 @@ use transfer::Error;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<IdentityCommand>,
+    command: Option<Command>,
     #[command(flatten)]
     send: SendArgs,
     /// Log lines on stderr: text, or json (one object per line; RUST_LOG sets the level,
     /// warn by default)
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Identity(IdentityCommand),
+    #[command(flatten)]
+    Doc(DocCommand),
 }
 
 #[derive(Args)]
@@ -194,7 +202,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Some(identity) => identity.run(Role::Sender),
+        Some(Command::Identity(identity)) => identity.run(Role::Sender),
+        Some(Command::Doc(doc)) => doc.run(Cli::command()),
         None => send_main(cli.send),
     }
 }
