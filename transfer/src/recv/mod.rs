@@ -508,10 +508,17 @@ async fn handle_connection(
         r.abort();
     }
     let _ = send.finish();
+    // A sender that left before it was accepted (out of the line, a handshake cut short) is
+    // neither refused nor failed.
+    let accepted = t
+        .session
+        .lock()
+        .map(|s| s.verified().is_some())
+        .unwrap_or(false);
     match &result {
         Ok(Outcome::Installed { .. }) => shared.metrics.complete("installed"),
         Ok(Outcome::Staged { .. }) => shared.metrics.complete("staged"),
-        Err(e) if !fail_sent => shared.metrics.fail(match e {
+        Err(e) if accepted && !fail_sent => shared.metrics.fail(match e {
             Error::Refused {
                 code: FailCode::Aborted,
                 ..
