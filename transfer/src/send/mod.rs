@@ -182,7 +182,8 @@ pub struct SendSummary {
     pub chunks_resumed: u64,
     pub chunks_retried: u64,
     pub seconds: f64,
-    /// Tree size over wall time, MB/s (10^6).
+    /// Bytes sent in this run (`sent_bytes`) over wall time, MB/s (10^6): what an earlier
+    /// run left verified (`resumed_bytes`) is not in it.
     pub mb_per_s: f64,
     pub streams: usize,
     pub bwlimit: Option<u64>,
@@ -283,7 +284,8 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
                 summary.attempts = attempts;
                 summary.reconnects = reconnector.reconnects();
                 summary.seconds = started.elapsed().as_secs_f64();
-                summary.mb_per_s = summary.bytes as f64 / summary.seconds.max(1e-9) / 1e6;
+                // What this run moved: bytes resumed from an earlier run are not in it.
+                summary.mb_per_s = summary.sent_bytes as f64 / summary.seconds.max(1e-9) / 1e6;
                 return Ok(summary);
             }
             Err(Error::SourceChanged(paths)) if !last => {

@@ -106,6 +106,9 @@ fn progress_after_kill_9_and_resume_counts_resumed_bytes_once_and_not_in_the_rat
         .unwrap();
     let j = assert_ok(&out);
     assert_eq!(u(&j, "resumed_bytes"), resumed, "{j}");
+    // The summary's rate is this run's too.
+    let run_rate = u(&j, "sent_bytes") as f64 / f(&j, "seconds") / 1e6;
+    assert!((f(&j, "mb_per_s") - run_rate).abs() < 1e-6, "{j}");
     let events = progress_events(&stderr(&out));
     assert!(events.len() >= 3, "too few progress events: {events:?}");
     assert_sane(&events, total);
