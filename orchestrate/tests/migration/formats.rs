@@ -99,7 +99,7 @@ pub(super) fn a_target_whose_git_cannot_read_reftable_is_refused_before_the_free
         .strip_prefix("git version 2.")
         .and_then(|rest| rest.split('.').next())
         .and_then(|m| m.parse::<u32>().ok());
-    if !minor.is_some_and(|m| m < 45) {
+    if minor.is_none_or(|m| m >= 45) {
         println!(
             "skipped: /usr/bin/git ({old_git:?}) reads reftable; no older git to stand for B's \
              (PATH's git: {})",
