@@ -1,5 +1,6 @@
 //! End-to-end tests of `shardmove`, each run against SQLite and PostgreSQL (one contract
-//! suite; PostgreSQL from `SHARDMOVE_TEST_PG`), with real `git` repositories and processes.
+//! suite; PostgreSQL from `SHARDMOVE_TEST_PG`, or a throwaway cluster the tests start: see
+//! `util::pg`), with real `git` repositories and processes.
 
 mod demo;
 mod migration;
