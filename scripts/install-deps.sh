@@ -6,7 +6,8 @@ set -euo pipefail
 # postgresql: the orchestrate tests start a throwaway cluster with its initdb/pg_ctl when
 # SHARDMOVE_TEST_PG is not set (orchestrate/tests/util/pg.rs), so `cargo test --workspace`
 # runs the PostgreSQL variants too.
-pkgs=(git socat openssh-server openssh-client rsync iproute2 time procps bc chromium postgresql)
+# systemd: systemd-analyze verifies the units in packaging/systemd (orchestrate/tests/packaging.rs).
+pkgs=(git socat openssh-server openssh-client rsync iproute2 time procps bc chromium postgresql systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,7 @@
 
 mod demo;
 mod migration;
+mod packaging;
 mod phorge;
 mod util;
 
