@@ -97,3 +97,104 @@ fn systemd_units_pass_systemd_analyze_verify() {
         );
     }
 }
+
+/// Removes the package when the test ends, passed or not.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["-r", "shardmove"]).output();
+    }
+}
+
+/// `scripts/package-deb.sh` builds the package (from the binaries this test run built: the
+/// dev profile, to spare a release build), `dpkg -i` installs it, the installed binaries run,
+/// its units verify where they are installed, `dpkg -r` removes it. Needs root and cargo-deb;
+/// refuses to touch a `shardmove` package that was installed before it.
+#[test]
+fn debian_package_installs_and_its_binaries_run() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        loud("SKIPPED: debian_package_installs_and_its_binaries_run because dpkg -i needs root");
+        return;
+    }
+    if !on_path("cargo-deb") || !on_path("dpkg") {
+        loud("SKIPPED: debian_package_installs_and_its_binaries_run because cargo-deb or dpkg is missing (cargo install --locked cargo-deb; scripts/package-deb.sh installs it)");
+        return;
+    }
+    let already = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "shardmove"])
+        .output()
+        .expect("dpkg-query");
+    if String::from_utf8_lossy(&already.stdout).contains("installed") {
+        loud("SKIPPED: debian_package_installs_and_its_binaries_run because a shardmove package is already installed here (not ours to remove)");
+        return;
+    }
+    let built = Path::new(BIN).parent().expect("debug dir");
+    for tool in ["shardsend", "shardrecv"] {
+        crate::migration::tool(tool);
+    }
+    let target = built.parent().expect("target dir");
+    let root = packaging().parent().expect("workspace root").to_path_buf();
+    let output = Command::new(root.join("scripts/package-deb.sh"))
+        .args(["--profile", "dev", "--no-build"])
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(&root)
+        .output()
+        .expect("run package-deb.sh");
+    assert!(
+        output.status.success(),
+        "package-deb.sh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deb = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let deb = root.join(deb);
+    assert!(deb.is_file(), "no {}", deb.display());
+
+    let _installed = Installed;
+    let install = Command::new("dpkg")
+        .arg("-i")
+        .arg(&deb)
+        .output()
+        .expect("dpkg -i");
+    assert!(install.status.success(), "dpkg -i: {install:?}");
+    let run = |program: &str, arg: &str| {
+        let out = Command::new(program).arg(arg).output().expect(program);
+        assert!(out.status.success(), "{program} {arg}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(run("/usr/bin/shardsend", "--version").starts_with("shardsend "));
+    assert!(run("/usr/bin/shardrecv", "--help").contains("serve"));
+    assert!(run("/usr/bin/shardmove", "--version").starts_with("shardmove "));
+    for file in [
+        "/usr/share/man/man1/shardmove.1.gz",
+        "/usr/share/man/man1/shardmove-migrate.1.gz",
+        "/usr/share/bash-completion/completions/shardmove",
+        "/usr/share/zsh/vendor-completions/_shardmove",
+        "/usr/share/fish/vendor_completions.d/shardmove.fish",
+        "/etc/shard/shardrecv.toml.example",
+        "/lib/systemd/system/shardrecv@.service",
+    ] {
+        assert!(
+            Path::new(file).is_file(),
+            "the package did not install {file}"
+        );
+    }
+    if on_path("systemd-analyze") {
+        let verify = Command::new("systemd-analyze")
+            .args([
+                "verify",
+                "--man=no",
+                "/lib/systemd/system/shardrecv.service",
+                "/lib/systemd/system/shardmove-status.service",
+                "shardrecv@repo002.service",
+            ])
+            .output()
+            .expect("systemd-analyze");
+        assert!(
+            verify.status.success() && verify.stderr.is_empty(),
+            "installed units: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+}
