@@ -103,13 +103,14 @@ struct Installed;
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        let _ = Command::new("dpkg").args(["-r", "shardmove"]).output();
+        // Purge, not just remove: the example config is a conffile and would stay behind.
+        let _ = Command::new("dpkg").args(["--purge", "shardmove"]).output();
     }
 }
 
 /// `scripts/package-deb.sh` builds the package (from the binaries this test run built: the
 /// dev profile, to spare a release build), `dpkg -i` installs it, the installed binaries run,
-/// its units verify where they are installed, `dpkg -r` removes it. Needs root and cargo-deb;
+/// its units verify where they are installed, `dpkg --purge` removes it. Needs root and cargo-deb;
 /// refuses to touch a `shardmove` package that was installed before it.
 #[test]
 fn debian_package_installs_and_its_binaries_run() {
