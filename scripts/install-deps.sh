@@ -6,7 +6,7 @@ set -euo pipefail
 # postgresql: the orchestrate tests start a throwaway cluster with its initdb/pg_ctl when
 # SHARDMOVE_TEST_PG is not set (orchestrate/tests/util/pg.rs), so `cargo test --workspace`
 # runs the PostgreSQL variants too.
-# systemd: systemd-analyze verifies the units in packaging/systemd (orchestrate/tests/packaging.rs).
+# systemd: systemd-analyze verifies the units in packaging/systemd (orchestrate/tests/packaging/).
 pkgs=(git socat openssh-server openssh-client rsync iproute2 time procps bc chromium postgresql systemd)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -148,7 +148,7 @@ pub fn recent_windows(batches: &[MigrationStatus], limit: usize) -> Vec<ReadOnly
             })
         })
         .collect();
-    windows.sort_by(|a, b| b.ended_at_ms.cmp(&a.ended_at_ms));
+    windows.sort_by_key(|w| std::cmp::Reverse(w.ended_at_ms));
     windows.truncate(limit);
     windows
 }
@@ -270,11 +270,7 @@ fn window(seconds: f64) -> String {
 }
 
 fn percent(part: u64, whole: u64) -> u64 {
-    if whole == 0 {
-        0
-    } else {
-        part.saturating_mul(100) / whole
-    }
+    part.saturating_mul(100).checked_div(whole).unwrap_or(0)
 }
 
 fn batch_html(b: &BatchProgress, now: i64) -> String {
