@@ -122,6 +122,19 @@ pub enum Command {
     /// A Phorge cluster's devices: how `migrate --plane phorge` reaches them.
     #[command(subcommand)]
     Phorge(PhorgeCmd),
+    /// Print a shell completion script to stdout, e.g. `shardmove completions bash >
+    /// /etc/bash_completion.d/shardmove`.
+    Completions {
+        #[arg(value_enum)]
+        shell: crate::manual::Shell,
+    },
+    /// Print the manual page (roff) to stdout, or with --out-dir write one page per command
+    /// and subcommand (shardmove.1, shardmove-migrate.1, ...).
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// The audit log (who changed what, when).
     Events {
         /// Only events whose subject contains this text (e.g. `repo:tenant/name`).

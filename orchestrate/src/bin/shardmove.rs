@@ -99,6 +99,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo(args) = &cli.command {
         return demo_command(args, cli.json).await;
     }
+    // Generated from the command line's definitions: no registry involved.
+    if orchestrate::manual::run(&cli.command, &mut std::io::stdout())? {
+        return Ok(());
+    }
     let actor = cli
         .actor
         .clone()
@@ -221,6 +225,8 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
         }
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo_command(args, json).await,
+        // Answered by `manual::run` before the registry is opened.
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Events { subject, limit } => {
             let events = registry.events(subject.as_deref(), *limit).await?;
             print(json, &events, |e| render::events(e))

@@ -684,6 +684,32 @@ fn chromium_run(env: &Env, args: &[&str]) -> crate::util::Run {
     crate::util::to_run(out)
 }
 
+/// `GET /metrics` of the status page at `url` (`http://ADDR/`), over a plain socket as a
+/// Prometheus server would; the body.
+fn scrape(url: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect to the status page");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `name` (with its labels) in a scrape.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name}"))
+}
+
 fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
     if chromium().is_none() {
         println!("skipped: chromium not installed (.ci/run installs it)");
@@ -760,6 +786,18 @@ fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
     // The JSON side agrees.
     let api = chromium_run(env, &["--dump-dom", &format!("{url}api/status")]);
     assert!(api.stdout.contains("\"read_only\""), "{}", api.stdout);
+    // Prometheus sees the same, during the migration...
+    let during = scrape(&url);
+    assert_eq!(
+        metric(&during, "shardmove_repositories_read_only"),
+        1.0,
+        "{during}"
+    );
+    assert_eq!(
+        metric(&during, "shardmove_migration_batches{state=\"running\"}"),
+        1.0,
+        "{during}"
+    );
 
     assert!(
         push.wait().unwrap().success(),
@@ -771,6 +809,55 @@ fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
         dom.stdout.contains("Every repository accepts pushes"),
         "{}",
         dom.stdout
+    );
+    // ... and after it: what moved, and the two read-only windows in the histogram.
+    assert!(
+        dom.stdout.contains("2 of 2 repositories moved"),
+        "{}",
+        dom.stdout
+    );
+    assert!(
+        dom.stdout.contains("Last read-only windows"),
+        "{}",
+        dom.stdout
+    );
+    assert!(
+        dom.stdout.contains(" UTC</span>, <span id=\"age\">"),
+        "{}",
+        dom.stdout
+    );
+    let after = scrape(&url);
+    assert_eq!(
+        metric(&after, "shardmove_repositories_read_only"),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "shardmove_migrated_repositories_total"),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "shardmove_readonly_window_seconds_count"),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "shardmove_readonly_window_seconds_bucket{le=\"+Inf\"}"
+        ),
+        2.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "shardmove_migrated_bytes_total") > 0.0,
+        "{after}"
+    );
+    // The r1 window waited for the in-flight push (~6 s): the histogram says so.
+    assert!(
+        metric(&after, "shardmove_readonly_window_seconds_sum") > 1.0,
+        "{after}"
     );
     let _ = page.kill();
     let _ = page.wait();
