@@ -46,15 +46,13 @@ mkdir -p "$assets/man" "$assets/bash" "$assets/zsh" "$assets/fish"
 "$bin/shardmove" completions bash > "$assets/bash/shardmove"
 "$bin/shardmove" completions zsh > "$assets/zsh/_shardmove"
 "$bin/shardmove" completions fish > "$assets/fish/shardmove.fish"
-# HOOK (lead, after branch pkg-transfer is merged): its `shardsend`/`shardrecv` gain the
-# subcommands `man` and `completions SHELL` (roff / script on stdout). Until then these
-# binaries would read `man` as a path to send, so the lines stay commented out:
-# for tool in shardsend shardrecv; do
-#   "$bin/$tool" man > "$assets/man/$tool.1"
-#   "$bin/$tool" completions bash > "$assets/bash/$tool"
-#   "$bin/$tool" completions zsh > "$assets/zsh/_$tool"
-#   "$bin/$tool" completions fish > "$assets/fish/$tool.fish"
-# done
+# The transfer tools print their own man page and completions (`man`, `completions SHELL`).
+for tool in shardsend shardrecv; do
+  "$bin/$tool" man > "$assets/man/$tool.1"
+  "$bin/$tool" completions bash > "$assets/bash/$tool"
+  "$bin/$tool" completions zsh > "$assets/zsh/_$tool"
+  "$bin/$tool" completions fish > "$assets/fish/$tool.fish"
+done
 gzip -9n "$assets"/man/*.1
 
 # cargo-deb resolves target/release/* in the assets to the chosen profile's directory.

@@ -173,6 +173,12 @@ fn debian_package_installs_and_its_binaries_run() {
         "/usr/share/bash-completion/completions/shardmove",
         "/usr/share/zsh/vendor-completions/_shardmove",
         "/usr/share/fish/vendor_completions.d/shardmove.fish",
+        "/usr/share/man/man1/shardsend.1.gz",
+        "/usr/share/man/man1/shardrecv.1.gz",
+        "/usr/share/bash-completion/completions/shardsend",
+        "/usr/share/bash-completion/completions/shardrecv",
+        "/usr/share/zsh/vendor-completions/_shardrecv",
+        "/usr/share/fish/vendor_completions.d/shardsend.fish",
         "/etc/shard/shardrecv.toml.example",
         "/lib/systemd/system/shardrecv@.service",
     ] {
