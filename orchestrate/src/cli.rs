@@ -634,6 +634,14 @@ pub struct MigrateArgs {
     pub daemon_interval: u64,
 }
 
+/// `name` in the directory of the running binary, if there is such a file (how `migrate`
+/// finds the `shardsend` installed with it).
+pub fn beside_this_binary(name: &str) -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let candidate = exe.parent()?.join(name);
+    candidate.is_file().then(|| candidate.display().to_string())
+}
+
 impl MigrateArgs {
     /// The batch to run (clap requires --instance, --from and --to unless a subcommand is
     /// given); `--parallel 0` and `--per-host 0` mean 1.

@@ -71,12 +71,6 @@ fn reporter() -> orchestrate::migrate::Reporter {
     })
 }
 
-fn beside_me(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.join(name);
-    candidate.is_file().then_some(candidate)
-}
-
 fn restart_config(
     run_dir: &std::path::Path,
     template: &str,
@@ -367,7 +361,7 @@ async fn migrate_command(
         let (dir, template) = (&args.run_dir, &args.daemon_template);
         Some(restart_config(dir, template, db, args.daemon_interval)?)
     };
-    let beside = beside_me("shardsend").map(|p| p.display().to_string());
+    let beside = orchestrate::cli::beside_this_binary("shardsend");
     let ports = args.ports(registry, daemons, beside)?;
     if args.dry_run && args.resume.is_none() {
         let plan = ports.plane.plan(&cfg.spec).await?;
