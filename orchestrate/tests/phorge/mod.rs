@@ -434,7 +434,9 @@ pub(crate) fn phorge_repository_moves_there_and_back_with_a_client_pushing(env: 
         assert_eq!(got.stdout.trim(), sha, "acknowledged push {branch} lost");
     }
     // Refused only inside a freeze (a push started just before the freeze may be refused a
-    // moment after it began), with HTTP 503.
+    // moment after it began): with HTTP 503 (read-only), or with 500 when it reached Phorge
+    // in the clusterize -> promote gap, where the repository has no leader to write to (the
+    // same gap in which reads fail; seen on a loaded machine).
     let inside = |t: i64| {
         moves
             .iter()
@@ -443,8 +445,8 @@ pub(crate) fn phorge_repository_moves_there_and_back_with_a_client_pushing(env: 
     for (t, why) in &seen.refused {
         assert!(inside(*t), "push refused outside a freeze at {t}: {why}");
         assert!(
-            why.contains("503"),
-            "refused with something else than 503: {why}"
+            why.contains("503") || why.contains("HTTP 500"),
+            "refused with something else than 503 or 500: {why}"
         );
     }
     for (t, why) in &seen.failed_reads {
