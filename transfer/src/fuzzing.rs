@@ -985,10 +985,9 @@ impl Model<'_> {
         .root(&m)
     }
 
-    /// Feeds one input and everything the driver does about its outputs.
-    fn feed(&mut self, input: ReceiverInput) {
-        // Mirror what the session's tracker takes, before it takes it.
-        match &input {
+    /// Mirrors what the session's tracker and root take from `input`, before it takes it.
+    fn mirror(&mut self, input: &ReceiverInput) {
+        match input {
             ReceiverInput::ChunkStored { file, chunk, hash } if self.receiving() => {
                 let m = self.manifest().expect("receiving has a manifest");
                 if TrackerModel::chunk_exists(&m, *file, *chunk) {
@@ -1002,8 +1001,13 @@ impl Model<'_> {
             ReceiverInput::Control(ControlMsg::Entry(e)) => self.sent_entries.push(e.clone()),
             _ => {}
         }
+    }
+
+    /// Feeds one input and everything the driver does about its outputs.
+    fn feed(&mut self, input: ReceiverInput) {
         let mut pending: VecDeque<ReceiverInput> = VecDeque::from([input]);
         while let Some(input) = pending.pop_front() {
+            self.mirror(&input);
             let outputs = self.session.handle(input);
             if self.finished {
                 assert!(outputs.is_empty(), "output after Finished: {outputs:?}");
@@ -1152,7 +1156,6 @@ impl Model<'_> {
                     self.later.push_back(answer);
                     return None;
                 }
-                self.mirror_stored(&answer);
                 Some(answer)
             }
             ReceiverOutput::Install => {
@@ -1184,15 +1187,6 @@ impl Model<'_> {
                     Err(e) => assert!(!e.to_string().is_empty()),
                 }
                 None
-            }
-        }
-    }
-
-    /// A store answered inside `feed` bypasses its mirror step: do it here.
-    fn mirror_stored(&mut self, answer: &ReceiverInput) {
-        if let ReceiverInput::ChunkStored { file, chunk, hash } = answer {
-            if self.receiving() {
-                self.verified.entry((*file, *chunk)).or_insert(*hash);
             }
         }
     }
