@@ -58,9 +58,10 @@ for t in "${targets[@]}"; do
         log="fuzz/logs/$t.log"
         start=$(date +%s)
         status=0
-        # -max_len: structured inputs need a few KB; -timeout/-rss_limit_mb: a slow or
+        # One process (no -jobs: its workers write fuzz-N.log here). -max_len: structured
+        # inputs need a few KB; -timeout/-rss_limit_mb: a slow or
         # memory-hungry input is a finding too.
-        nice -n 10 cargo +nightly fuzz run "$t" -- -runs="$runs" -jobs=1 -max_len=4096 \
+        nice -n 10 cargo +nightly fuzz run "$t" -- -runs="$runs" -max_len=4096 \
             -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || status=$?
         secs=$(( $(date +%s) - start ))
         execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -86,7 +87,7 @@ for t in "${targets[@]}"; do
     fi
     if [ "$coverage" = 1 ]; then
         nice -n 10 cargo +nightly fuzz coverage "$t" >"fuzz/logs/$t.coverage.log" 2>&1
-        bin="fuzz/target/$host/coverage/$host/release/$t"
+        bin="target/$host/coverage/$host/release/$t"
         echo "$t: coverage (llvm-cov report; Regions / Functions / Lines / Branches: total, missed, cover)"
         "$llvm_bin/llvm-cov" report "$bin" -instr-profile="fuzz/coverage/$t/coverage.profdata" \
             -show-branch-summary \
