@@ -40,9 +40,8 @@ use std::sync::Arc;
 use arbitrary::{Arbitrary, Unstructured};
 
 use crate::manifest::{
-    chunk_count, chunk_len, external_link_allowed, symlink_stays_inside, Manifest,
-    ManifestBuilder, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES, MIN_CHUNK_SIZE,
-    STAGING_DIR_NAME,
+    chunk_count, chunk_len, external_link_allowed, symlink_stays_inside, Manifest, ManifestBuilder,
+    MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES, MIN_CHUNK_SIZE, STAGING_DIR_NAME,
 };
 use crate::recv::session::{Outcome, ReceiverInput, ReceiverOutput, ReceiverSession};
 use crate::tracker::{ChunkState, ChunkTracker, Mismatch, MAX_CHUNK_ATTEMPTS};
@@ -79,14 +78,19 @@ pub fn wire_control(data: &[u8]) {
     let newer_hello = matches!(&msg, ControlMsg::Hello(h) if h.version > PROTOCOL_VERSION);
     if newer_hello {
         // A newer sender's fields are left unread: what we re-encode is a prefix.
-        assert!(data.starts_with(&body), "newer Hello re-encodes to a prefix");
+        assert!(
+            data.starts_with(&body),
+            "newer Hello re-encodes to a prefix"
+        );
     } else {
         assert_eq!(body, data, "decoding then encoding gives the same bytes");
     }
     assert_eq!(ControlMsg::decode_body(&body).as_ref(), Ok(&msg));
     let mut frame = Vec::new();
     msg.encode_frame(&mut frame);
-    let prefix = frame.first_chunk::<4>().expect("a frame has a length prefix");
+    let prefix = frame
+        .first_chunk::<4>()
+        .expect("a frame has a length prefix");
     assert_eq!(control_frame_len(*prefix), Ok(body.len()));
     assert!(msg.brief().chars().count() <= 203);
 }
@@ -97,7 +101,11 @@ pub fn wire_chunk_header(data: &[u8]) {
     let n = data.len().min(ChunkHeader::LEN);
     buf[..n].copy_from_slice(&data[..n]);
     match ChunkHeader::decode(&buf) {
-        Ok(h) => assert_eq!(h.encode(), buf, "decoding then encoding gives the same bytes"),
+        Ok(h) => assert_eq!(
+            h.encode(),
+            buf,
+            "decoding then encoding gives the same bytes"
+        ),
         Err(e) => assert!(
             matches!(
                 e,
@@ -533,9 +541,7 @@ impl FuzzHeader {
         ChunkHeader {
             file,
             chunk,
-            offset: self
-                .offset
-                .build(chunk.wrapping_mul(manifest.chunk_size)),
+            offset: self.offset.build(chunk.wrapping_mul(manifest.chunk_size)),
             raw_len,
             codec,
             payload_len: self.payload_len.build(payload),
@@ -572,7 +578,10 @@ impl TrackerModel {
     fn verified_bytes(&self, m: &Manifest) -> u64 {
         self.verified
             .keys()
-            .map(|(f, c)| m.chunk_len(*f as usize, *c).expect("model holds real chunks"))
+            .map(|(f, c)| {
+                m.chunk_len(*f as usize, *c)
+                    .expect("model holds real chunks")
+            })
             .sum()
     }
 
@@ -636,7 +645,11 @@ fn tracker_manifest(entries: &[(u8, FuzzSize)], large_chunks: bool) -> Manifest 
             }
         })
         .collect();
-    let chunk_size = if large_chunks { 1 << 20 } else { MIN_CHUNK_SIZE };
+    let chunk_size = if large_chunks {
+        1 << 20
+    } else {
+        MIN_CHUNK_SIZE
+    };
     Manifest::from_scan(RootKind::Dir, chunk_size, entries)
 }
 
@@ -646,10 +659,7 @@ pub fn chunk_tracker(data: &[u8]) {
         return;
     };
     let m = tracker_manifest(&case.entries, case.large_chunks);
-    if m.total_bytes
-        != m.entries
-            .iter()
-            .fold(0u64, |s, e| s.saturating_add(e.size))
+    if m.total_bytes != m.entries.iter().fold(0u64, |s, e| s.saturating_add(e.size))
         || m.total_chunks() > MODEL_DISK_CHUNKS
     {
         // A manifest the receiver's space check refuses (or one whose sizes overflow, which
@@ -793,7 +803,11 @@ fn honest(shape: &[ShapeEntry], version: u16, resume: bool, install: bool) -> Ho
             }
             2 => {
                 e.kind = EntryKind::Symlink;
-                e.link_target = if s.in_dir { b"../d".to_vec() } else { b"d".to_vec() };
+                e.link_target = if s.in_dir {
+                    b"../d".to_vec()
+                } else {
+                    b"d".to_vec()
+                };
             }
             _ => match &first_file {
                 Some(f) => {
@@ -838,7 +852,11 @@ fn honest(shape: &[ShapeEntry], version: u16, resume: bool, install: bool) -> Ho
                 chunk: c,
                 offset: c * manifest.chunk_size,
                 raw_len: len,
-                codec: if e.ino % 2 == 0 { Codec::Raw } else { Codec::Zstd },
+                codec: if e.ino % 2 == 0 {
+                    Codec::Raw
+                } else {
+                    Codec::Zstd
+                },
                 payload_len: if e.ino % 2 == 0 { len } else { len / 2 },
                 hash,
             }));
@@ -877,7 +895,9 @@ pub enum StoreResult {
     /// The bytes hashed to something else (cannot happen after a real verify; a buggy store).
     VerifiedAs([u8; 32]),
     Mismatch,
-    Failed { no_space: bool },
+    Failed {
+        no_space: bool,
+    },
     /// Answered later (data streams run beside the control stream).
     Later,
 }
@@ -1119,7 +1139,10 @@ impl Model<'_> {
             ReceiverOutput::AcceptData | ReceiverOutput::SkipChunk => None,
             ReceiverOutput::StoreChunk(h) => {
                 let m = self.manifest().expect("a manifest before frames");
-                assert!(header_fits(&m, &h), "stored a frame that does not fit: {h:?}");
+                assert!(
+                    header_fits(&m, &h),
+                    "stored a frame that does not fit: {h:?}"
+                );
                 assert!(
                     !self.verified.contains_key(&(h.file, h.chunk)),
                     "stored a verified chunk again"
@@ -1241,9 +1264,7 @@ impl Model<'_> {
 
     fn control(&self, msg: &FuzzMsg) -> ControlMsg {
         match msg {
-            FuzzMsg::Hello(h) => {
-                ControlMsg::Hello(h.build(&self.honest.manifest.entries))
-            }
+            FuzzMsg::Hello(h) => ControlMsg::Hello(h.build(&self.honest.manifest.entries)),
             FuzzMsg::HonestEntry(i) => {
                 let entries = &self.honest.manifest.entries;
                 ControlMsg::Entry(entries[usize::from(*i) % entries.len()].clone())
@@ -1349,9 +1370,7 @@ pub fn recv_session(data: &[u8]) {
                 Ok(msg) => ReceiverInput::Control(msg),
                 Err(e) => ReceiverInput::ControlUnreadable(e.to_string()),
             }],
-            Event::Frame(fh) => vec![ReceiverInput::ChunkFrame(
-                fh.build(&model.frame_manifest()),
-            )],
+            Event::Frame(fh) => vec![ReceiverInput::ChunkFrame(fh.build(&model.frame_manifest()))],
             Event::FrameBytes(bytes) => {
                 let mut buf = [0u8; ChunkHeader::LEN];
                 let n = bytes.len().min(ChunkHeader::LEN);
