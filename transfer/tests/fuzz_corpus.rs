@@ -53,5 +53,8 @@ fn every_corpus_and_regression_input_passes_its_harness() {
             regressions.len()
         );
     }
-    assert!(failed.is_empty(), "inputs failing their harness: {failed:#?}");
+    assert!(
+        failed.is_empty(),
+        "inputs failing their harness: {failed:#?}"
+    );
 }
