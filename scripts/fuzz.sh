@@ -16,7 +16,9 @@
 # Needs the nightly toolchain with llvm-tools (rustup component add llvm-tools-preview
 # --toolchain nightly) and cargo-fuzz. Runs niced, one job per target (-jobs=1): the
 # machines are shared. The corpus lives in transfer/fuzz/corpus/TARGET (committed, replayed
-# on stable by transfer/tests/fuzz_corpus.rs); crash inputs land in
+# on stable by transfer/tests/fuzz_corpus.rs); hand-made seeds for what the fuzzer did not
+# find by itself in transfer/fuzz/seeds/TARGET (read, never rewritten: cmin leaves them be);
+# crash inputs land in
 # transfer/fuzz/artifacts/TARGET (not committed: copy one to transfer/fuzz/regressions/TARGET
 # with the fix). Exit status: 1 if any target crashed.
 set -euo pipefail
@@ -53,6 +55,8 @@ summary=()
 crashed=0
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+    seeds=()
+    [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
     if [ "$run" = 1 ]; then
         before=$(find "fuzz/artifacts/$t" -type f | wc -l)
         log="fuzz/logs/$t.log"
@@ -61,7 +65,7 @@ for t in "${targets[@]}"; do
         # One process (no -jobs: its workers write fuzz-N.log here). -max_len: structured
         # inputs need a few KB; -timeout/-rss_limit_mb: a slow or
         # memory-hungry input is a finding too.
-        nice -n 10 cargo +nightly fuzz run "$t" -- -runs="$runs" -max_len=4096 \
+        nice -n 10 cargo +nightly fuzz run "$t" "fuzz/corpus/$t" "${seeds[@]}" -- -runs="$runs" -max_len=4096 \
             -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || status=$?
         secs=$(( $(date +%s) - start ))
         execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -79,14 +83,17 @@ for t in "${targets[@]}"; do
     fi
     if [ "$minimise" = 1 ]; then
         before=$(find "fuzz/corpus/$t" -type f | wc -l)
-        nice -n 10 cargo +nightly fuzz cmin "$t" -- -max_len=4096 >"fuzz/logs/$t.cmin.log" 2>&1
+        # -use_counters=0: keep a file for the edges it reaches, not for how often (hit-count
+        # buckets would keep thousands of files for the same region coverage).
+        nice -n 10 cargo +nightly fuzz cmin "$t" -- -max_len=4096 -use_counters=0 \
+            >"fuzz/logs/$t.cmin.log" 2>&1
         after=$(find "fuzz/corpus/$t" -type f | wc -l)
         line="$t: corpus minimised $before -> $after files ($(du -sk "fuzz/corpus/$t" | cut -f1) KiB)"
         echo "$line"
         summary+=("$line")
     fi
     if [ "$coverage" = 1 ]; then
-        nice -n 10 cargo +nightly fuzz coverage "$t" >"fuzz/logs/$t.coverage.log" 2>&1
+        nice -n 10 cargo +nightly fuzz coverage "$t" "fuzz/corpus/$t" "${seeds[@]}" >"fuzz/logs/$t.coverage.log" 2>&1
         bin="target/$host/coverage/$host/release/$t"
         echo "$t: coverage (llvm-cov report; Regions / Functions / Lines / Branches: total, missed, cover)"
         "$llvm_bin/llvm-cov" report "$bin" -instr-profile="fuzz/coverage/$t/coverage.profdata" \

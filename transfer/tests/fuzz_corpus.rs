@@ -1,5 +1,6 @@
-//! Replays the committed fuzz corpus (`transfer/fuzz/corpus/TARGET/*`) and the inputs of
-//! crashes once found (`transfer/fuzz/regressions/TARGET/*`) through the same harness
+//! Replays the committed fuzz corpus (`transfer/fuzz/corpus/TARGET/*`), the hand-made seeds
+//! (`transfer/fuzz/seeds/TARGET/*`) and the inputs of crashes once found
+//! (`transfer/fuzz/regressions/TARGET/*`) through the same harness
 //! functions the cargo-fuzz targets call (`transfer::fuzzing`).
 //!
 //! This is how CI keeps every fuzz target's findings passing on the stable toolchain,
@@ -40,16 +41,18 @@ fn every_corpus_and_regression_input_passes_its_harness() {
             !corpus.is_empty(),
             "no committed corpus for {target} (run scripts/fuzz.sh --minimise)"
         );
+        let seeds = files(&fuzz.join("seeds").join(target));
         let regressions = files(&fuzz.join("regressions").join(target));
-        for file in corpus.iter().chain(&regressions) {
+        for file in corpus.iter().chain(&seeds).chain(&regressions) {
             let data = std::fs::read(file).expect("read corpus file");
             if std::panic::catch_unwind(|| harness(&data)).is_err() {
                 failed.push(file.display().to_string());
             }
         }
         println!(
-            "{target}: {} corpus and {} regression inputs replayed",
+            "{target}: {} corpus, {} seed and {} regression inputs replayed",
             corpus.len(),
+            seeds.len(),
             regressions.len()
         );
     }
