@@ -2,7 +2,8 @@
 # Gives the orchestrate tests a PostgreSQL server: installs Debian's package if missing, starts
 # the cluster, creates role `shardmove` (password `shardmove`, CREATEDB) and database
 # `shardmove_test` if they do not exist, and prints the URL on stdout (the only stdout line).
-# Idempotent; run as root. Used by .ci/run; handy by hand:
+# Idempotent; run as root. The tests start a throwaway cluster without it; handy to test against
+# a standing server:
 #   export SHARDMOVE_TEST_PG=$(scripts/ci-postgres.sh)
 set -euo pipefail
 log() { echo "ci-postgres: $*" >&2; }

@@ -3,7 +3,11 @@
 # Anything the project needs is installed here, never by hand.
 set -euo pipefail
 # chromium: the status page is tested in headless Chromium (DESIGN.md 6).
-pkgs=(git socat openssh-server openssh-client rsync iproute2 time procps bc chromium)
+# postgresql: the orchestrate tests start a throwaway cluster with its initdb/pg_ctl when
+# SHARDMOVE_TEST_PG is not set (orchestrate/tests/util/pg.rs), so `cargo test --workspace`
+# runs the PostgreSQL variants too.
+# systemd: systemd-analyze verifies the units in packaging/systemd (orchestrate/tests/packaging/).
+pkgs=(git socat openssh-server openssh-client rsync iproute2 time procps bc chromium postgresql systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

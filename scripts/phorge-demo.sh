@@ -91,7 +91,8 @@ git clone -q "$url" "$work/client" 2>/dev/null
 pids+=($!)
 
 move() { # move FROM TO STEPS ROUND
-  local from=$1 to=$2 mode=$3 round=$4 log=$work/move-$mode-$round-$to
+  local from=$1 to=$2 mode=$3 round=$4
+  local log=$work/move-$mode-$round-$to
   echo "== move rLAB: $from -> $to (registry steps: $mode)"
   "$LAB/tools/state.sh" | sed -n '1,12p'
   "$bin/shardmove" migrate --plane phorge --phorge-root "$LAB/phorge" --phorge-steps "$mode" \

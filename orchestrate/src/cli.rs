@@ -122,6 +122,19 @@ pub enum Command {
     /// A Phorge cluster's devices: how `migrate --plane phorge` reaches them.
     #[command(subcommand)]
     Phorge(PhorgeCmd),
+    /// Print a shell completion script to stdout, e.g. `shardmove completions bash >
+    /// /etc/bash_completion.d/shardmove`.
+    Completions {
+        #[arg(value_enum)]
+        shell: crate::manual::Shell,
+    },
+    /// Print the manual page (roff) to stdout, or with --out-dir write one page per command
+    /// and subcommand (shardmove.1, shardmove-migrate.1, ...).
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// The audit log (who changed what, when).
     Events {
         /// Only events whose subject contains this text (e.g. `repo:tenant/name`).
@@ -581,6 +594,26 @@ pub struct MigrateArgs {
     /// Cap each transfer's send rate (shardsend --bwlimit, e.g. 50M).
     #[arg(long)]
     pub bwlimit: Option<String>,
+    /// Install B's copies for their numeric owners as on A (shardsend --preserve-owner; B's
+    /// shardrecv must run as root or with CAP_CHOWN and friends, else refused before any data
+    /// moves). Without this, --chown or --map-owner, copies belong to the user running shardrecv.
+    #[arg(long)]
+    pub preserve_owner: bool,
+    /// Install B's copies for USER:GROUP as B knows them, e.g. the forge's daemon user: git
+    /// refuses a repository owned by someone else ("dubious ownership").
+    #[arg(long, value_name = "USER:GROUP")]
+    pub chown: Option<String>,
+    /// Rewrite an owner and/or group, FROM=TO (shardsend --map-owner; repeatable).
+    #[arg(long, value_name = "FROM=TO")]
+    pub map_owner: Vec<String>,
+    /// Copy a symlink leaving the repository as a link when its target is inside DIR (e.g. a
+    /// hooks directory shared by all repositories on both hosts); otherwise it is refused.
+    #[arg(long, value_name = "DIR")]
+    pub allow_external_link: Vec<String>,
+    /// Make copies of repositories that borrow objects (objects/info/alternates) self-contained
+    /// on B; without it such a repository is refused (rolled back, left on A).
+    #[arg(long)]
+    pub dissociate: bool,
     /// Run the full `git fsck --connectivity-only` on B while the repository is read-only.
     /// By default B's pre-copy gets the full check while still live, and the read-only window
     /// only checks what the final pass brought (as git does for a push).
@@ -599,6 +632,14 @@ pub struct MigrateArgs {
     /// Seconds between observation passes of restarted daemons.
     #[arg(long, default_value_t = 60)]
     pub daemon_interval: u64,
+}
+
+/// `name` in the directory of the running binary, if there is such a file (how `migrate`
+/// finds the `shardsend` installed with it).
+pub fn beside_this_binary(name: &str) -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let candidate = exe.parent()?.join(name);
+    candidate.is_file().then(|| candidate.display().to_string())
 }
 
 impl MigrateArgs {
@@ -628,11 +669,26 @@ impl MigrateArgs {
             shardsend: (self.shardsend.clone().or(beside)).unwrap_or_else(|| "shardsend".into()),
             identity: self.identity.clone(),
             freeze_wait: Duration::from_secs(self.freeze_wait),
-            shardsend_args: (self.bwlimit.iter())
-                .flat_map(|b| ["--bwlimit".to_string(), b.clone()])
-                .chain(["--congestion".to_string(), self.congestion.clone()])
-                .collect(),
+            shardsend_args: self.shardsend_args(),
         }
+    }
+
+    /// What every `shardsend` of the batch gets beyond source, target and identity.
+    fn shardsend_args(&self) -> Vec<String> {
+        let flag = |name: &str, value: &String| [format!("--{name}"), value.clone()];
+        let mut args: Vec<String> = Vec::new();
+        args.extend(self.bwlimit.iter().flat_map(|b| flag("bwlimit", b)));
+        args.extend(flag("congestion", &self.congestion));
+        if self.preserve_owner {
+            args.push("--preserve-owner".into());
+        }
+        args.extend(self.chown.iter().flat_map(|c| flag("chown", c)));
+        args.extend(self.map_owner.iter().flat_map(|m| flag("map-owner", m)));
+        args.extend((self.allow_external_link.iter()).flat_map(|d| flag("allow-external-link", d)));
+        if self.dissociate {
+            args.push("--dissociate".into());
+        }
+        args
     }
 
     /// The Phorge cluster `--plane phorge` names.
@@ -844,6 +900,45 @@ mod tests {
         assert_eq!(
             explicit.host_config(None).shardsend_args,
             ["--congestion", "background"]
+        );
+        // Copy fidelity reaches every shardsend.
+        let Command::Migrate(faithful) = parse(&[
+            "migrate",
+            "--instance",
+            "t",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--chown",
+            "git:git",
+            "--map-owner",
+            "root=git",
+            "--map-owner",
+            ":wheel=:git",
+            "--allow-external-link",
+            "/srv/hooks",
+            "--dissociate",
+            "--preserve-owner",
+        ]) else {
+            panic!("not migrate");
+        };
+        assert_eq!(
+            faithful.host_config(None).shardsend_args,
+            [
+                "--congestion",
+                "background",
+                "--preserve-owner",
+                "--chown",
+                "git:git",
+                "--map-owner",
+                "root=git",
+                "--map-owner",
+                ":wheel=:git",
+                "--allow-external-link",
+                "/srv/hooks",
+                "--dissociate"
+            ]
         );
     }
 

@@ -25,6 +25,7 @@ pub mod error;
 pub mod executor;
 pub mod failpoint;
 pub mod maintenance;
+pub mod manual;
 pub mod migrate;
 pub mod names;
 pub mod netns;

@@ -41,10 +41,14 @@ pub enum Script {
     RemoveStaging,
     /// `PATH`: a `*.replaced-*` / `*.rolled-back-*` copy removed.
     RemoveAside,
+    /// `REPO`: prints its object format and ref storage (`sha1 files` by default).
+    GitFormats,
+    /// `OBJECTS REFS`: whether git on this host can use a repository of those formats.
+    GitSupports,
 }
 
 impl Script {
-    pub const ALL: [Script; 11] = [
+    pub const ALL: [Script; 13] = [
         Script::InstallHook,
         Script::RemoveHook,
         Script::WaitIdle,
@@ -56,6 +60,8 @@ impl Script {
         Script::DoctorScan,
         Script::RemoveStaging,
         Script::RemoveAside,
+        Script::GitFormats,
+        Script::GitSupports,
     ];
 
     /// Its name (`$0` on the host, and what error messages show).
@@ -72,6 +78,8 @@ impl Script {
             Script::DoctorScan => "doctor-scan",
             Script::RemoveStaging => "remove-staging",
             Script::RemoveAside => "remove-aside",
+            Script::GitFormats => "git-formats",
+            Script::GitSupports => "git-supports",
         }
     }
 
@@ -90,6 +98,8 @@ impl Script {
             Script::DoctorScan => include_str!("../host-scripts/doctor-scan.sh"),
             Script::RemoveStaging => include_str!("../host-scripts/remove-staging.sh"),
             Script::RemoveAside => include_str!("../host-scripts/remove-aside.sh"),
+            Script::GitFormats => include_str!("../host-scripts/git-formats.sh"),
+            Script::GitSupports => include_str!("../host-scripts/git-supports.sh"),
         }
     }
 
@@ -154,8 +164,10 @@ pub mod exit {
     pub const FAILPOINT: i32 = 86;
     /// `git fsck` found the repository broken.
     pub const CORRUPT: i32 = 87;
+    /// git on the host cannot use the repository's object format or ref storage.
+    pub const UNSUPPORTED: i32 = 88;
 
-    pub const ALL: [(&str, i32); 8] = [
+    pub const ALL: [(&str, i32); 9] = [
         ("EX_ORIG_EXISTS", ORIG_EXISTS),
         ("EX_PUSHES_IN_FLIGHT", PUSHES_IN_FLIGHT),
         ("EX_MISSING", MISSING),
@@ -164,6 +176,7 @@ pub mod exit {
         ("EX_EXISTS", EXISTS),
         ("EX_FAILPOINT", FAILPOINT),
         ("EX_CORRUPT", CORRUPT),
+        ("EX_UNSUPPORTED", UNSUPPORTED),
     ];
 }
 

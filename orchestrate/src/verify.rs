@@ -23,12 +23,15 @@ use crate::error::{Error, Result};
 use crate::executor::{self, Executor};
 use crate::scripts::{exit, Script};
 
-/// `git for-each-ref` of a copy, as one string (object ids and names, sorted by git).
+/// `git for-each-ref` of a copy, as one string (object ids and names, sorted by git). The copy
+/// may belong to the forge's daemon user: git is told to trust it (it only reads here).
 pub async fn refs_digest(exec: &dyn Executor, path: &str) -> Result<String> {
     let out = executor::run(
         exec,
         &[
             "git",
+            "-c",
+            "safe.directory=*",
             "-C",
             path,
             "for-each-ref",
@@ -80,6 +83,72 @@ pub async fn refs_and_connected_since(
             last_line(&out.stderr)
         ))),
         _ => Err(script.failed(exec, &[path], &out)),
+    }
+}
+
+/// A repository's on-disk formats, as git names them (`extensions.objectFormat`,
+/// `extensions.refStorage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitFormats {
+    /// `sha1` or `sha256`.
+    pub objects: String,
+    /// `files` or `reftable`.
+    pub refs: String,
+}
+
+impl GitFormats {
+    /// Whether every git since 2.0 reads it (SHA-1 objects, loose and packed refs).
+    pub fn is_classic(&self) -> bool {
+        self.objects == "sha1" && self.refs == "files"
+    }
+}
+
+impl std::fmt::Display for GitFormats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} objects, {} refs", self.objects, self.refs)
+    }
+}
+
+/// The formats of the repository at `path`, read from its config file (so an old git can
+/// still tell).
+pub async fn git_formats(exec: &dyn Executor, path: &str) -> Result<GitFormats> {
+    let script = Script::GitFormats;
+    let out = script.run(exec, &[path], None).await?;
+    match out.status {
+        0 => {
+            let mut words = out.stdout.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some(objects), Some(refs)) => Ok(GitFormats {
+                    objects: objects.to_string(),
+                    refs: refs.to_string(),
+                }),
+                _ => Err(script.failed(exec, &[path], &out)),
+            }
+        }
+        exit::MISSING => Err(Error::Refused(format!("{path} is not a git repository"))),
+        _ => Err(script.failed(exec, &[path], &out)),
+    }
+}
+
+/// Refused unless git on `exec`'s host can use a repository of `formats`: checked before a
+/// freeze, since a copy B's git cannot read would fail only at verification, inside the
+/// read-only window, or worse, after it.
+pub async fn ensure_git_supports(exec: &dyn Executor, formats: &GitFormats) -> Result<()> {
+    if formats.is_classic() {
+        return Ok(());
+    }
+    let script = Script::GitSupports;
+    let args = [formats.objects.as_str(), formats.refs.as_str()];
+    let out = script.run(exec, &args, None).await?;
+    match out.status {
+        0 => Ok(()),
+        exit::UNSUPPORTED => Err(Error::Refused(format!(
+            "the repository uses {formats}, which git on host {} cannot use ({}); upgrade git \
+             there (reftable needs git 2.45 or later, SHA-256 git 2.29 or later)",
+            exec.host(),
+            last_line(&out.stderr)
+        ))),
+        _ => Err(script.failed(exec, &args, &out)),
     }
 }
 
@@ -204,6 +273,84 @@ mod tests {
             block_on(refs_and_full_connectivity(&exec, &path, &other)).expect_err("refs differ");
         assert!(err.to_string().contains("differ"), "{err}");
         assert!(block_on(refs_and_full_connectivity(&exec, &path, &digest)).is_err());
+    }
+
+    /// Whether `git` (as found on PATH) creates a repository of these formats.
+    fn git_creates(dir: &Path, args: &[&str]) -> bool {
+        Command::new("git")
+            .args(["init", "-q", "--bare"])
+            .args(args)
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Issue 11, item 3: formats are read from the config (an old git can still tell), an old
+    /// git on the target is refused by name, and a reftable ref update in flight counts as busy.
+    #[test]
+    fn git_formats_are_detected_an_old_git_refused_and_reftable_locks_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exec = LocalExecutor;
+        let classic = dir.path().join("classic.git");
+        assert!(git_creates(&classic, &[]));
+        let path = classic.to_string_lossy().into_owned();
+        let formats = block_on(git_formats(&exec, &path)).expect("formats");
+        assert!(formats.is_classic(), "{formats}");
+        block_on(ensure_git_supports(&exec, &formats)).expect("any git reads sha1/files");
+        let missing = dir.path().join("nope").to_string_lossy().into_owned();
+        let err = block_on(git_formats(&exec, &missing)).expect_err("not a repository");
+        assert!(err.to_string().contains("not a git repository"), "{err}");
+
+        let modern = dir.path().join("modern.git");
+        if !git_creates(
+            &modern,
+            &["--object-format=sha256", "--ref-format=reftable"],
+        ) {
+            println!("skipped the reftable half: this git cannot create reftable repositories");
+            return;
+        }
+        let path = modern.to_string_lossy().into_owned();
+        let formats = block_on(git_formats(&exec, &path)).expect("formats");
+        assert_eq!(
+            formats,
+            GitFormats {
+                objects: "sha256".into(),
+                refs: "reftable".into()
+            }
+        );
+        block_on(ensure_git_supports(&exec, &formats)).expect("this git made it");
+        // Debian 12's own git (2.39) predates reftable; a host whose PATH finds it is refused.
+        let old = std::process::Command::new("/usr/bin/git")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let minor = old
+            .strip_prefix("git version 2.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|m| m.parse::<u32>().ok());
+        if minor.is_some_and(|m| m < 45) {
+            let host = crate::executor::executor_for_host("old", "exec:env PATH=/usr/bin:/bin")
+                .expect("prefix executor");
+            let err = block_on(ensure_git_supports(host.as_ref(), &formats))
+                .expect_err("reftable refused on an old git");
+            let text = err.to_string();
+            assert!(
+                text.contains("reftable refs") && text.contains(&old),
+                "{text}"
+            );
+        } else {
+            println!("skipped the old-git half: /usr/bin/git is not older than 2.45 ({old:?})");
+        }
+
+        // A reftable ref update holds tables.list.lock: the push wait sees it.
+        std::fs::write(modern.join("reftable/tables.list.lock"), "").expect("plant lock");
+        let out = block_on(Script::WaitIdle.run(&exec, &[&path, "0"], None)).expect("runs");
+        assert_eq!(out.status, exit::PUSHES_IN_FLIGHT, "{out:?}");
+        assert!(out.stdout.contains("tables.list.lock"), "{out:?}");
+        std::fs::remove_file(modern.join("reftable/tables.list.lock")).expect("lift lock");
+        let out = block_on(Script::WaitIdle.run(&exec, &[&path, "0"], None)).expect("runs");
+        assert_eq!(out.status, 0, "{out:?}");
     }
 
     #[test]

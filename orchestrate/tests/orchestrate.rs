@@ -1,12 +1,15 @@
 //! End-to-end tests of `shardmove`, each run against SQLite and PostgreSQL (one contract
-//! suite; PostgreSQL from `SHARDMOVE_TEST_PG`), with real `git` repositories and processes.
+//! suite; PostgreSQL from `SHARDMOVE_TEST_PG`, or a throwaway cluster the tests start: see
+//! `util::pg`), with real `git` repositories and processes.
 
 mod demo;
 mod migration;
+mod packaging;
 mod phorge;
 mod util;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -1217,4 +1220,56 @@ fn ssh_executor_drives_a_device_over_a_real_sshd(env: &Env) {
         env.json(&["repo", "list"]).as_array().map(Vec::len),
         Some(1)
     );
+}
+
+/// `completions` and `man` need no registry: the scripts parse in their shells, the pages
+/// render with `man`.
+#[test]
+fn completions_and_man_pages_come_from_the_binary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(util::BIN)
+            .args(args)
+            .env("SHARDMOVE_DB", dir.path().join("never-created.db"))
+            .output()
+            .expect("run shardmove");
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let bash = run(&["completions", "bash"]);
+    let script = dir.path().join("shardmove.bash");
+    std::fs::write(&script, &bash).expect("write");
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("bash -n");
+    assert!(check.status.success(), "bash -n: {check:?}");
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef shardmove"));
+    assert!(run(&["completions", "fish"]).contains("complete -c shardmove"));
+
+    let pages = dir.path().join("man");
+    let listed = run(&["man", "--out-dir", &pages.display().to_string()]);
+    assert!(listed.lines().count() > 20, "{listed}");
+    for line in listed.lines() {
+        assert!(Path::new(line).is_file(), "{line} listed but not written");
+    }
+    let page = pages.join("shardmove-migrate.1");
+    assert!(page.is_file());
+    assert!(!dir.path().join("never-created.db").exists());
+    if Path::new("/usr/bin/man").is_file() {
+        let rendered = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&page)
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .output()
+            .expect("man -l");
+        let text = String::from_utf8_lossy(&rendered.stdout);
+        assert!(rendered.status.success(), "man -l: {rendered:?}");
+        assert!(text.contains("--parallel"), "{text}");
+    } else {
+        println!("man not installed: the page's rendering is not checked");
+    }
+    assert!(run(&["man"]).contains(".TH shardmove 1"));
 }

@@ -9,11 +9,16 @@
 //! an unknown peer is refused before a single application byte is read, let alone staged.
 //! The handshake signature is still verified against the certificate's key, so presenting
 //! somebody else's certificate without their private key fails.
+//!
+//! A running receiver checks a [`LiveAllowList`]: `shardrecv` replaces its list on SIGHUP,
+//! and each handshake reads the list as it is then. Connections already made keep going:
+//! removing a key refuses that sender's next connection, not its transfer in flight.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -197,6 +202,49 @@ impl AllowList {
     }
 }
 
+/// The allow-list of a running receiver: replaceable while it serves (SIGHUP), read by
+/// every handshake; counts the senders it refused.
+#[derive(Debug, Default)]
+pub struct LiveAllowList {
+    current: RwLock<Arc<AllowList>>,
+    refusals: AtomicU64,
+}
+
+impl LiveAllowList {
+    pub fn new(list: AllowList) -> Self {
+        LiveAllowList {
+            current: RwLock::new(Arc::new(list)),
+            refusals: AtomicU64::new(0),
+        }
+    }
+
+    /// The list handshakes check from now on; returns the one it replaces.
+    pub fn replace(&self, list: AllowList) -> Arc<AllowList> {
+        let new = Arc::new(list);
+        match self.current.write() {
+            Ok(mut current) => std::mem::replace(&mut *current, new),
+            // A panicked writer left nothing half-done (one pointer swap): take it over.
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
+        }
+    }
+
+    pub fn current(&self) -> Arc<AllowList> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn contains(&self, fp: &Fingerprint) -> bool {
+        self.current().contains(fp)
+    }
+
+    /// Senders refused in the handshake since the start.
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -293,7 +341,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
 /// Verifies a sender's certificate against the allow-list.
 #[derive(Debug)]
 struct AllowListClientVerifier {
-    allow: Arc<AllowList>,
+    allow: Arc<LiveAllowList>,
     signatures: Signatures,
 }
 
@@ -312,6 +360,7 @@ impl ClientCertVerifier for AllowListClientVerifier {
         if self.allow.contains(&got) {
             Ok(ClientCertVerified::assertion())
         } else {
+            self.allow.refusals.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(fingerprint = %got, "refused a sender that is not in the allow-list");
             Err(rustls::Error::General(format!(
                 "sender key {got} is not in the allow-list"
@@ -365,7 +414,7 @@ pub fn client_crypto(
 /// rustls server config for a receiver: presents `identity`, requires an allowed client key.
 pub fn server_crypto(
     identity: &Identity,
-    allow: Arc<AllowList>,
+    allow: Arc<LiveAllowList>,
 ) -> Result<rustls::ServerConfig, Error> {
     let provider = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -421,5 +470,19 @@ mod tests {
         let err = AllowList::load(&path).unwrap_err().to_string();
         assert!(err.contains(":2:"), "{err}");
         assert!(Identity::load(&path).is_err());
+    }
+
+    #[test]
+    fn a_live_allow_list_is_replaced_whole() {
+        let a = Fingerprint::parse(&"aa".repeat(32)).unwrap();
+        let b = Fingerprint::parse(&"bb".repeat(32)).unwrap();
+        let live = LiveAllowList::new(AllowList::from_fingerprints([a]));
+        let before = live.current();
+        assert!(live.contains(&a) && !live.contains(&b));
+        let old = live.replace(AllowList::from_fingerprints([b]));
+        assert!(old.contains(&a));
+        assert!(!live.contains(&a) && live.contains(&b));
+        // Whoever read the list before keeps the list they read.
+        assert!(before.contains(&a));
     }
 }

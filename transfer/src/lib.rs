@@ -11,7 +11,9 @@
 //!   pinned-fingerprint TLS), [`quic`] (endpoint tuning, congestion control; [`background`] is
 //!   the delay-based controller of `--congestion background`), [`io`] (frames on any
 //!   `AsyncRead`/`AsyncWrite`), and the two thin async drivers [`send`] and [`recv`] used by
-//!   the `shardsend` / `shardrecv` binaries.
+//!   the `shardsend` / `shardrecv` binaries; for running `shardrecv` as a service,
+//!   [`notify`] (systemd readiness), [`recv::config`] (its config file) and
+//!   [`recv::metrics`] (Prometheus).
 //!
 //! See `ARCHITECTURE.md` at the repository root for the data flow and invariants.
 
@@ -28,6 +30,7 @@ pub mod gitdir;
 pub mod identity;
 pub mod io;
 pub mod manifest;
+pub mod notify;
 pub mod owner;
 pub mod quic;
 pub mod recv;

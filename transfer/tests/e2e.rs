@@ -5,7 +5,9 @@ mod cut_link;
 mod failpoints;
 mod git_repo;
 mod live_source;
+mod operator;
 mod ownership;
+mod resume_progress;
 mod util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};

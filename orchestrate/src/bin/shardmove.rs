@@ -71,12 +71,6 @@ fn reporter() -> orchestrate::migrate::Reporter {
     })
 }
 
-fn beside_me(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.join(name);
-    candidate.is_file().then_some(candidate)
-}
-
 fn restart_config(
     run_dir: &std::path::Path,
     template: &str,
@@ -98,6 +92,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     #[cfg(feature = "demo")]
     if let Command::Demo(args) = &cli.command {
         return demo_command(args, cli.json).await;
+    }
+    // Generated from the command line's definitions: no registry involved.
+    if orchestrate::manual::run(&cli.command, &mut std::io::stdout())? {
+        return Ok(());
     }
     let actor = cli
         .actor
@@ -221,6 +219,8 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
         }
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo_command(args, json).await,
+        // Answered by `manual::run` before the registry is opened.
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Events { subject, limit } => {
             let events = registry.events(subject.as_deref(), *limit).await?;
             print(json, &events, |e| render::events(e))
@@ -361,7 +361,7 @@ async fn migrate_command(
         let (dir, template) = (&args.run_dir, &args.daemon_template);
         Some(restart_config(dir, template, db, args.daemon_interval)?)
     };
-    let beside = beside_me("shardsend").map(|p| p.display().to_string());
+    let beside = orchestrate::cli::beside_this_binary("shardsend");
     let ports = args.ports(registry, daemons, beside)?;
     if args.dry_run && args.resume.is_none() {
         let plan = ports.plane.plan(&cfg.spec).await?;

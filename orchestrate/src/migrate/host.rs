@@ -77,9 +77,22 @@ impl ExecutorHostOps {
         let src = repo.source.path(&repo.path);
         let dst = repo.target.path(&repo.path);
         Ok(match op {
-            HostOp::Precopy => Completion::Precopied {
-                sent_bytes: self.send(repo, true).await?.sent_bytes,
-            },
+            HostOp::Precopy => {
+                // Before anything is frozen: B's git must read what A's holds.
+                let formats = verify::git_formats(source(repo)?.as_ref(), &src).await?;
+                verify::ensure_git_supports(target(repo)?.as_ref(), &formats)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Refused(why) => Error::Refused(format!(
+                            "{} cannot move to device {}: {why}",
+                            repo.repository, repo.target.device
+                        )),
+                        other => other,
+                    })?;
+                Completion::Precopied {
+                    sent_bytes: self.send(repo, true).await?.sent_bytes,
+                }
+            }
             HostOp::CheckStaged => {
                 // The pre-copy waits in shardrecv's staging area under B's root; fsck it now,
                 // while the repository is live.

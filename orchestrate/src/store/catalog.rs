@@ -375,15 +375,25 @@ impl Registry {
     pub async fn add_device(&self, new: &NewDevice) -> Result<Device> {
         names::check_name("device", &new.name)?;
         names::check_root(&new.root_path)?;
-        if new.host.is_empty()
-            || new
-                .host
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
-        {
+        // An `exec:COMMAND WORDS` host is a command prefix: words, so spaces are its own.
+        let prefix = new
+            .host
+            .strip_prefix(crate::executor::EXEC_HOST_PREFIX)
+            .map(str::trim);
+        let bad = match prefix {
+            Some(command) => command.is_empty() || command.chars().any(char::is_control),
+            None => {
+                new.host.is_empty()
+                    || new
+                        .host
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control())
+            }
+        };
+        if bad {
             return Err(Error::invalid(
                 format!("host {:?}", new.host),
-                "empty or contains whitespace",
+                "empty or contains whitespace (only an `exec:COMMAND ARGS` host has words)",
             ));
         }
         check_transfer_addr(&new.transfer_addr)?;

@@ -6,7 +6,7 @@
 //! and each row fixes both devices at creation (see the schema's 0004 migration for why).
 //! Every write is one transaction; a state change also writes its event.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use sqlx::Row;
@@ -536,6 +536,59 @@ impl Registry {
             repositories,
             counts,
         })
+    }
+}
+
+/// Totals over every batch of the journal, for the status page's `/metrics`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MigrationTotals {
+    /// Batches per state (`running`, `done`, `incomplete`).
+    pub batches: BTreeMap<String, u64>,
+    /// Repositories of all batches per migration state.
+    pub repositories: BTreeMap<String, u64>,
+    /// Size of the trees of repositories that moved (state `done`).
+    pub moved_bytes: u64,
+    /// Bytes that crossed the wire, every repository and pass.
+    pub sent_bytes: u64,
+    /// Read-only windows that ended (frozen and thawed again), seconds.
+    pub readonly_windows: Vec<f64>,
+}
+
+impl Registry {
+    /// [`MigrationTotals`] of the whole journal: one pass over `batches` and `batch_repos`.
+    pub async fn migration_totals(&self) -> Result<MigrationTotals> {
+        let mut conn = self.read_conn().await?;
+        let mut totals = MigrationTotals::default();
+        for row in sqlx::query("SELECT state FROM batches")
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            *totals.batches.entry(row.try_get("state")?).or_default() += 1;
+        }
+        let rows = sqlx::query(
+            "SELECT state, bytes, sent_bytes, frozen_at_ms, thawed_at_ms FROM batch_repos",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let state = parse_state(&row.try_get::<String, _>("state")?)?;
+            *totals
+                .repositories
+                .entry(state.as_str().to_string())
+                .or_default() += 1;
+            if state == RepoState::Done {
+                totals.moved_bytes += row.try_get::<i64, _>("bytes")?.max(0) as u64;
+            }
+            totals.sent_bytes += row.try_get::<i64, _>("sent_bytes")?.max(0) as u64;
+            let frozen: Option<i64> = row.try_get("frozen_at_ms")?;
+            let thawed: Option<i64> = row.try_get("thawed_at_ms")?;
+            if let (Some(frozen), Some(thawed)) = (frozen, thawed) {
+                totals
+                    .readonly_windows
+                    .push((thawed - frozen).max(0) as f64 / 1000.0);
+            }
+        }
+        Ok(totals)
     }
 }
 

@@ -10,9 +10,15 @@ use serde_json::Value;
 use crate::util::{clone_and_commit, commit, git, git_ok, Env, Sshd};
 
 mod chaos;
+mod daemon_user;
 mod doctor;
+mod formats;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
 use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
+use formats::{
+    a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
+    reftable_and_sha256_repositories_move_and_stay_what_they_are,
+};
 
 crate::contract!(
     migrate_moves_verified_repositories_and_disables_the_old_service,
@@ -20,10 +26,13 @@ crate::contract!(
     migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable,
     killed_orchestrator_is_taken_over_from_the_journal,
     kill_after_thawed_takeover_left_b_read_only,
+    precopy_rolled_back_is_retried_by_the_next_migrate,
     every_failpoint_is_taken_over_with_the_invariants,
     doctor_finds_every_planted_problem_and_fixes_the_safe_ones,
     dry_run_changes_nothing,
     status_page_in_chromium_shows_what_is_read_only_and_why,
+    reftable_and_sha256_repositories_move_and_stay_what_they_are,
+    a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
 );
 
 /// Issue 10, item 5: over ssh, killing the driver killed only the local ssh client; the remote
@@ -473,6 +482,43 @@ fn migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable(env: &Env) {
     }
 }
 
+/// Issue 10, item 2: a pre-copy that failed (there, on a push's vanished quarantine
+/// directory) rolled the repository back and ended the batch `failed`; the next `migrate`
+/// then refused with exit 5. A rolled-back repository is left writable on A and the next
+/// `migrate` of the same services retries it to `done`.
+fn precopy_rolled_back_is_retried_by_the_next_migrate(env: &Env) {
+    let shards = setup(env, &[("r1", 1)]);
+    let before = refs(&shards.a.join("t/r1.git"));
+    let args = migrate_args(&shards, &["--json"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env
+        .sm_command(&args)
+        .env("SHARDMOVE_FAILPOINTS", "error:before-host-precopy")
+        .output()
+        .expect("run migrate");
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = env.json(&["migrate", "status"]);
+    assert_eq!(
+        status["repositories"][0]["state"], "rolled_back",
+        "{status}"
+    );
+    let repo = env.json(&["repo", "show", "t/r1"]);
+    assert_eq!(
+        (repo["service"].as_str(), repo["maintenance"].as_bool()),
+        (Some("a"), Some(false))
+    );
+    let run = run_migrate(env, &shards, &["--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let status = env.json(&["migrate", "status"]);
+    assert_eq!(status["repositories"][0]["state"], "done", "{status}");
+    assert_moved(env, &shards, "r1", &before);
+}
+
 fn killed_orchestrator_is_taken_over_from_the_journal(env: &Env) {
     // r2's pre-copy at 2 MB/s (4 s) keeps the first driver busy while the test checks that
     // nobody else may drive its batch.
@@ -638,6 +684,32 @@ fn chromium_run(env: &Env, args: &[&str]) -> crate::util::Run {
     crate::util::to_run(out)
 }
 
+/// `GET /metrics` of the status page at `url` (`http://ADDR/`), over a plain socket as a
+/// Prometheus server would; the body.
+fn scrape(url: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect to the status page");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `name` (with its labels) in a scrape.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name}"))
+}
+
 fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
     if chromium().is_none() {
         println!("skipped: chromium not installed (.ci/run installs it)");
@@ -714,6 +786,18 @@ fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
     // The JSON side agrees.
     let api = chromium_run(env, &["--dump-dom", &format!("{url}api/status")]);
     assert!(api.stdout.contains("\"read_only\""), "{}", api.stdout);
+    // Prometheus sees the same, during the migration...
+    let during = scrape(&url);
+    assert_eq!(
+        metric(&during, "shardmove_repositories_read_only"),
+        1.0,
+        "{during}"
+    );
+    assert_eq!(
+        metric(&during, "shardmove_migration_batches{state=\"running\"}"),
+        1.0,
+        "{during}"
+    );
 
     assert!(
         push.wait().unwrap().success(),
@@ -725,6 +809,55 @@ fn status_page_in_chromium_shows_what_is_read_only_and_why(env: &Env) {
         dom.stdout.contains("Every repository accepts pushes"),
         "{}",
         dom.stdout
+    );
+    // ... and after it: what moved, and the two read-only windows in the histogram.
+    assert!(
+        dom.stdout.contains("2 of 2 repositories moved"),
+        "{}",
+        dom.stdout
+    );
+    assert!(
+        dom.stdout.contains("Last read-only windows"),
+        "{}",
+        dom.stdout
+    );
+    assert!(
+        dom.stdout.contains(" UTC</span>, <span id=\"age\">"),
+        "{}",
+        dom.stdout
+    );
+    let after = scrape(&url);
+    assert_eq!(
+        metric(&after, "shardmove_repositories_read_only"),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "shardmove_migrated_repositories_total"),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "shardmove_readonly_window_seconds_count"),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "shardmove_readonly_window_seconds_bucket{le=\"+Inf\"}"
+        ),
+        2.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "shardmove_migrated_bytes_total") > 0.0,
+        "{after}"
+    );
+    // The r1 window waited for the in-flight push (~6 s): the histogram says so.
+    assert!(
+        metric(&after, "shardmove_readonly_window_seconds_sum") > 1.0,
+        "{after}"
     );
     let _ = page.kill();
     let _ = page.wait();

@@ -10,6 +10,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+pub mod pg;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardmove");
 
 /// One test's world.
@@ -43,19 +45,26 @@ impl Env {
         }
     }
 
-    /// A fresh schema in the database named by `SHARDMOVE_TEST_PG`, or `None` (after saying
-    /// so) when it is not set.
+    /// A fresh schema in the database of [`pg::server`] (`SHARDMOVE_TEST_PG`, or a throwaway
+    /// cluster), or `None` after saying loudly why when PostgreSQL is not installed.
     pub fn postgres() -> Option<Env> {
-        let Ok(base) = std::env::var("SHARDMOVE_TEST_PG") else {
-            println!("skipped: SHARDMOVE_TEST_PG not set");
-            return None;
+        let base = match pg::server() {
+            pg::PgServer::Url(url) => url,
+            pg::PgServer::NotInstalled(reason) => {
+                let test = std::thread::current()
+                    .name()
+                    .unwrap_or("a test")
+                    .to_string();
+                pg::loud(&format!("SKIPPED: {test} because {reason}"));
+                return None;
+            }
         };
         let schema = format!("t_{}_{}", std::process::id(), fastrand::u64(..));
         block_on(async {
             use sqlx::Connection;
             let mut conn = sqlx::PgConnection::connect(&base)
                 .await
-                .expect("connect to SHARDMOVE_TEST_PG");
+                .unwrap_or_else(|e| panic!("connect to {base}: {e}"));
             sqlx::query(&format!("CREATE SCHEMA {schema}"))
                 .execute(&mut conn)
                 .await
@@ -209,7 +218,7 @@ impl Drop for Env {
     }
 }
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -3,12 +3,16 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
-use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
-use transfer::identity::{AllowList, Identity};
-use transfer::quic::{Congestion, TransportOptions};
-use transfer::recv::{Receiver, ServeConfig, DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
+use clap::{CommandFactory, Parser, Subcommand};
+use transfer::cli::{
+    init_logging, report_error, DocCommand, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
+};
+use transfer::identity::{AllowList, Identity, LiveAllowList};
+use transfer::quic::Congestion;
+use transfer::recv::config::{FileConfig, ServeFlags, ServeSettings};
+use transfer::recv::{Receiver, ServeConfig};
 use transfer::Error;
 
 #[derive(Parser)]
@@ -21,12 +25,19 @@ use transfer::Error;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: text (the default), or json (one object per line, for journald
+    /// or a log shipper; RUST_LOG sets the level, info by default). Overrides the config
+    /// file's log_format
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     #[command(flatten)]
     Identity(IdentityCommand),
+    #[command(flatten)]
+    Doc(DocCommand),
     /// Accept transfers into ROOT until interrupted (SIGINT/SIGTERM)
     #[command(
         long_about = "Accept transfers into ROOT until interrupted (SIGINT/SIGTERM).\n\n\
@@ -41,42 +52,60 @@ enum Command {
         any data moves. A receiver killed while installing keeps the verified tree staged: the \
         sender's --resume then sends nothing and installs it. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
-        per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready."
+        per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready \
+        (and 'metrics http://ADDR/metrics' with --metrics).\n\n\
+        Settings can come from a TOML file instead of flags: --config PATH, or \
+        /etc/shard/shardrecv.toml when it exists, with the keys listen, root, identity, allow, \
+        max_transfers, max_queued, congestion, window, metrics and log_format (e.g. \
+        listen = \"0.0.0.0:7400\", max_transfers = 8, window = \"64M\"). Flags override the file; \
+        an unknown or badly typed key is an error naming it.\n\n\
+        Under systemd (Type=notify) it says READY=1 once listening and STOPPING=1 when it stops. \
+        SIGHUP reloads the allow-list (the --allow file, or the config file's allow as it is \
+        now) without dropping transfers in flight: a removed sender's next connection is \
+        refused, a new one gets in; an unreadable list keeps the current one."
     )]
     Serve {
+        /// TOML file of settings (default /etc/shard/shardrecv.toml, read only when it
+        /// exists); flags override it
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
         /// UDP address to listen on, e.g. 0.0.0.0:7400 (port 0 picks a free port)
         #[arg(long)]
-        listen: SocketAddr,
+        listen: Option<SocketAddr>,
         /// Directory that receives the trees
         #[arg(long)]
-        root: PathBuf,
+        root: Option<PathBuf>,
         /// Our identity key (made by `shardrecv keygen`)
         #[arg(long)]
-        identity: PathBuf,
-        /// Allow-list of sender fingerprints
+        identity: Option<PathBuf>,
+        /// Allow-list of sender fingerprints (reloaded on SIGHUP)
         #[arg(long)]
-        allow: PathBuf,
+        allow: Option<PathBuf>,
         /// Transfers served at once; more wait in line, first come first served, and are
-        /// told their place (a waiting sender keeps its connection open)
-        #[arg(long, default_value_t = DEFAULT_MAX_TRANSFERS)]
-        max_transfers: usize,
+        /// told their place (a waiting sender keeps its connection open) [default: 32]
+        #[arg(long)]
+        max_transfers: Option<usize>,
         /// Congestion controller of our sending side (control messages): bbr, cubic or
-        /// newreno. The data direction follows the sender's --congestion
-        #[arg(long, default_value_t = Congestion::default())]
-        congestion: Congestion,
+        /// newreno. The data direction follows the sender's --congestion [default: bbr]
+        #[arg(long)]
+        congestion: Option<Congestion>,
         /// Connection receive window per transfer, K/M suffixes: the most unread data one
         /// transfer may buffer here; it must cover the sender's rate x RTT
         #[arg(long, value_parser = transfer::quic::parse_window)]
         window: Option<u64>,
         /// Transfers waiting in line at most; beyond that senders are refused as busy
-        #[arg(long, default_value_t = DEFAULT_MAX_QUEUED)]
-        max_queued: usize,
+        /// [default: 512]
+        #[arg(long)]
+        max_queued: Option<usize>,
+        /// Serve Prometheus metrics on http://ADDR/metrics (TCP; loopback or an admin
+        /// network: nothing authenticates the scraper), e.g. 127.0.0.1:9400
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_logging("info");
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => report_error(&e, false),
@@ -85,9 +114,15 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
+    let log_format = cli.log_format;
     match cli.command {
-        Command::Identity(command) => command.run(Role::Receiver),
+        Command::Identity(command) => {
+            init_logging("info", log_format.unwrap_or_default());
+            command.run(Role::Receiver)
+        }
+        Command::Doc(command) => command.run(Cli::command()),
         Command::Serve {
+            config,
             listen,
             root,
             identity,
@@ -96,41 +131,118 @@ fn run(cli: Cli) -> Result<(), Error> {
             congestion,
             window,
             max_queued,
+            metrics,
         } => {
-            if std::env::var_os("SHARDMOVE_FAILPOINTS").is_some() && !transfer::failpoint::ENABLED {
-                tracing::warn!("SHARDMOVE_FAILPOINTS is set but this build has no failpoints (build it with `cargo test` or --features failpoints)");
-            }
-            let identity = Identity::load(&identity)?;
-            let allow = AllowList::load(&allow)?;
-            if allow.is_empty() {
-                tracing::warn!(file = %allow.source.display(), "the allow-list is empty: every sender will be refused");
-            }
-            let fingerprint = identity.fingerprint;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
-            rt.block_on(async move {
-                let receiver = Receiver::bind(ServeConfig {
-                    listen,
-                    root,
-                    identity,
-                    allow,
-                    max_transfers,
-                    transport: TransportOptions { congestion, window },
-                    max_queued,
-                })?;
-                let addr = receiver.local_addr()?;
-                println!("listening {addr} fingerprint {fingerprint}");
-                let _ = std::io::stdout().flush();
-                tracing::info!(%addr, %fingerprint, "shardrecv ready");
-                receiver.run(shutdown_signal()).await;
-                Ok(())
-            })
+            let flags = ServeFlags {
+                listen,
+                root,
+                identity,
+                allow,
+                max_transfers,
+                max_queued,
+                congestion,
+                window,
+                metrics,
+                log_format,
+            };
+            let settings = ServeSettings::merge(flags, FileConfig::find(config.as_deref())?)?;
+            init_logging("info", settings.log_format);
+            serve(settings)
         }
     }
 }
 
+fn serve(settings: ServeSettings) -> Result<(), Error> {
+    if std::env::var_os("SHARDMOVE_FAILPOINTS").is_some() && !transfer::failpoint::ENABLED {
+        tracing::warn!("SHARDMOVE_FAILPOINTS is set but this build has no failpoints (build it with `cargo test` or --features failpoints)");
+    }
+    if let Some(path) = &settings.config_file {
+        tracing::info!(config = %path.display(), "settings read from the config file (flags override it)");
+    }
+    let identity = Identity::load(&settings.identity)?;
+    let allow = AllowList::load(&settings.allow)?;
+    if allow.is_empty() {
+        tracing::warn!(file = %allow.source.display(), "the allow-list is empty: every sender will be refused");
+    }
+    let fingerprint = identity.fingerprint;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async move {
+        let receiver = Receiver::bind(ServeConfig {
+            listen: settings.listen,
+            root: settings.root.clone(),
+            identity,
+            allow,
+            max_transfers: settings.max_transfers,
+            transport: settings.transport,
+            max_queued: settings.max_queued,
+            metrics: settings.metrics,
+        })?;
+        let addr = receiver.local_addr()?;
+        println!("listening {addr} fingerprint {fingerprint}");
+        if let Some(metrics) = receiver.metrics_addr() {
+            println!("metrics http://{metrics}/metrics");
+            tracing::info!(%metrics, "serving Prometheus metrics on /metrics");
+        }
+        let _ = std::io::stdout().flush();
+        tracing::info!(%addr, %fingerprint, "shardrecv ready");
+        sd_notify("READY=1");
+        let reloader = tokio::spawn(reload_on_sighup(settings, receiver.allow_list()));
+        receiver
+            .run(async {
+                shutdown_signal().await;
+                sd_notify("STOPPING=1");
+            })
+            .await;
+        reloader.abort();
+        Ok(())
+    })
+}
+
+/// Tells systemd (`Type=notify`) where we are; a failure is logged, never fatal.
+fn sd_notify(state: &str) {
+    match transfer::notify::notify(state) {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, state, "cannot notify systemd"),
+    }
+}
+
+/// SIGHUP: read the allow-list again (from the flag's file, or the config file's `allow` as
+/// it is now) and swap it in; handshakes from then on check the new one, connections already
+/// made go on. A list that cannot be read keeps the current one.
+async fn reload_on_sighup(settings: ServeSettings, live: Arc<LiveAllowList>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the allow-list will not be reloaded");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        sd_notify(&transfer::notify::reloading_message());
+        let loaded = settings
+            .allow_path_now()
+            .and_then(|path| AllowList::load(&path));
+        match loaded {
+            Ok(list) => {
+                let (before, now) = (live.current().len(), list.len());
+                let file = list.source.display().to_string();
+                if list.is_empty() {
+                    tracing::warn!(%file, "the reloaded allow-list is empty: every new sender will be refused");
+                }
+                live.replace(list);
+                tracing::info!(%file, before, now, "allow-list reloaded (transfers in flight go on)");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "allow-list not reloaded: keeping the current one");
+            }
+        }
+        sd_notify("READY=1");
+    }
+}
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {

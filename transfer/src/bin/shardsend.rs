@@ -4,8 +4,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Args, Parser};
-use transfer::cli::{init_logging, report_error, IdentityCommand, Role, EXIT_CODES_HELP};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use transfer::cli::{
+    init_logging, report_error, DocCommand, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
+};
 use transfer::compress::CompressPolicy;
 use transfer::gitdir::GitMode;
 use transfer::identity::{Fingerprint, Identity};
@@ -36,9 +38,21 @@ use transfer::Error;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<IdentityCommand>,
+    command: Option<Command>,
     #[command(flatten)]
     send: SendArgs,
+    /// Log lines on stderr: text, or json (one object per line; RUST_LOG sets the level,
+    /// warn by default)
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Identity(IdentityCommand),
+    #[command(flatten)]
+    Doc(DocCommand),
 }
 
 #[derive(Args)]
@@ -113,13 +127,16 @@ struct SendArgs {
     /// the copy gets no alternates file: it is self-contained
     #[arg(long)]
     dissociate: bool,
-    /// Print a JSON summary on stdout
+    /// Print a JSON summary on stdout; what happens meanwhile goes to stderr as one JSON
+    /// object per line (queued, admitted, reconnecting, reconnected, and progress at most
+    /// every 0.5 s unless --no-progress), instead of sentences and the progress bar
     #[arg(long)]
     json: bool,
     /// Chunk size (K/M suffixes), between 64K and 64M
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
-    /// Never draw a progress bar (it is drawn only when stderr is a terminal)
+    /// Never draw a progress bar (it is drawn only when stderr is a terminal) nor print
+    /// progress events (--json)
     #[arg(long)]
     no_progress: bool,
     /// Seconds to wait for the receiver to answer before giving up
@@ -174,7 +191,7 @@ fn parse_external_prefix(s: &str) -> Result<String, String> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging("warn");
+    init_logging("warn", cli.log_format);
     let json = cli.send.json;
     let code = match run(cli) {
         Ok(()) => 0,
@@ -185,16 +202,34 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Some(identity) => identity.run(Role::Sender),
+        Some(Command::Identity(identity)) => identity.run(Role::Sender),
+        Some(Command::Doc(doc)) => doc.run(Cli::command()),
         None => send_main(cli.send),
     }
 }
 
+/// How often `--json` prints a progress event (besides the first and the last).
+const PROGRESS_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Prints [`SendEvent`]s on stderr: a sentence, or one JSON object per line with `--json`
-/// (stdout carries only the summary).
-fn event_printer(json: bool) -> EventSink {
+/// (stdout carries only the summary). Progress is printed only as JSON, when
+/// `json_progress`: on a terminal the progress bar shows it.
+fn event_printer(json: bool, json_progress: bool) -> EventSink {
+    let last_progress = std::sync::Mutex::new(None::<std::time::Instant>);
     Arc::new(move |event: &SendEvent| {
         use std::io::Write;
+        if let SendEvent::Progress(r) = event {
+            let Ok(mut last) = last_progress.lock() else {
+                return;
+            };
+            let now = std::time::Instant::now();
+            let due = last.is_none_or(|t| now.duration_since(t) >= PROGRESS_EVENT_INTERVAL);
+            let edge = r.seconds == 0.0 || r.done_bytes == r.total_bytes;
+            if !(json && json_progress && (due || edge)) {
+                return;
+            }
+            *last = Some(now);
+        }
         let line = if json {
             serde_json::to_string(event).unwrap_or_default()
         } else {
@@ -227,6 +262,7 @@ fn event_printer(json: bool) -> EventSink {
                     "connected to the receiver again after {waited_seconds:.1} s ({tries} tries): \
                      resuming"
                 ),
+                SendEvent::Progress(_) => return,
             }
         };
         let _ = writeln!(std::io::stderr(), "{line}");
@@ -254,7 +290,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         bwlimit: a.bwlimit,
         resume: a.resume,
         chunk_size: a.chunk_size,
-        progress: !a.no_progress && std::io::stderr().is_terminal(),
+        progress: !a.no_progress && !a.json && std::io::stderr().is_terminal(),
         fault: a.inject_fault,
         stage_only: a.stage_only,
         git: a.git,
@@ -265,7 +301,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
             window: a.window,
         },
         wait_for: a.wait_for,
-        events: Some(event_printer(a.json)),
+        events: Some(event_printer(a.json, !a.no_progress)),
         retry_for: a.retry_for,
         owner: transfer::owner::resolve_local(a.preserve_owner, a.chown.as_ref(), &a.map_owner)?,
         external_links: a

@@ -17,7 +17,13 @@
 //! Memory per transfer is bounded by the data streams (two chunk buffers each, at most
 //! `MAX_CHUNK_SIZE`) plus quinn's receive window ([`crate::quic::CONNECTION_WINDOW`]); a
 //! transfer waiting in line holds only its unread manifest in quinn's stream buffer.
+//!
+//! For operators: the allow-list can be replaced while serving ([`Receiver::allow_list`],
+//! SIGHUP in `shardrecv`), counters are kept for `--metrics` ([`metrics`]), and the daemon's
+//! settings can come from a file ([`config`]).
 
+pub mod config;
+pub mod metrics;
 pub mod session;
 pub mod store;
 
@@ -33,7 +39,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::admission::{Admission, Admissions, QueueFull, Ticket};
 use crate::error::Error;
-use crate::identity::{server_crypto, AllowList, Fingerprint, Identity};
+use crate::identity::{server_crypto, AllowList, Fingerprint, Identity, LiveAllowList};
 use crate::io::{read_chunk_header, read_control, read_payload_counting, write_control};
 use crate::manifest::Manifest;
 use crate::staging::{PrepareError, Request, Staging};
@@ -54,6 +60,8 @@ pub struct ServeConfig {
     pub max_queued: usize,
     /// Congestion controller and other transport choices.
     pub transport: crate::quic::TransportOptions,
+    /// Where to serve Prometheus `/metrics` (TCP), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Default of `shardrecv serve --max-transfers`.
@@ -67,10 +75,14 @@ const QUEUE_HEARTBEAT: Duration = Duration::from_secs(2);
 pub struct Receiver {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 struct Shared {
     root: PathBuf,
+    /// Who may connect; replaced on reload.
+    allow: Arc<LiveAllowList>,
+    metrics: metrics::ReceiverMetrics,
     /// Transfer slots and the line of transfers waiting for one.
     admissions: Mutex<Admissions>,
     /// Woken whenever the line moves (a slot freed, a transfer admitted, a waiter left).
@@ -93,12 +105,17 @@ impl Receiver {
             .root
             .canonicalize()
             .map_err(|e| Error::io(&cfg.root, e))?;
-        let crypto = server_crypto(&cfg.identity, Arc::new(cfg.allow))?;
+        let allow = Arc::new(LiveAllowList::new(cfg.allow));
+        let crypto = server_crypto(&cfg.identity, allow.clone())?;
         let endpoint = crate::quic::server_endpoint(cfg.listen, crypto, &cfg.transport)?;
+        let metrics_listener = cfg.metrics.map(metrics::bind).transpose()?;
         Ok(Receiver {
             endpoint,
+            metrics_listener,
             shared: Arc::new(Shared {
                 root,
+                allow,
+                metrics: metrics::ReceiverMetrics::new(),
                 admissions: Mutex::new(Admissions::new(
                     cfg.max_transfers.max(1) as u64,
                     cfg.max_queued as u64,
@@ -124,9 +141,33 @@ impl Receiver {
             .map_err(|e| Error::io("endpoint", e))
     }
 
+    /// Where `/metrics` is served, with `ServeConfig::metrics`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The allow-list handshakes check: replace it to reload (transfers in flight go on).
+    pub fn allow_list(&self) -> Arc<LiveAllowList> {
+        self.shared.allow.clone()
+    }
+
+    /// What a scrape of `/metrics` shows now.
+    pub fn render_metrics(&self) -> String {
+        self.shared.render_metrics()
+    }
+
     /// Serves until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let metrics_task = self.metrics_listener.take().map(|listener| {
+            let shared = self.shared.clone();
+            tokio::spawn(metrics::serve(
+                listener,
+                Arc::new(move || shared.render_metrics()),
+            ))
+        });
         loop {
             let incoming = tokio::select! {
                 () = &mut shutdown => break,
@@ -153,12 +194,26 @@ impl Receiver {
                 let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
             });
         }
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         self.endpoint.close(0u32.into(), b"receiver shutting down");
         self.endpoint.wait_idle().await;
         tracing::info!(
             max_active = self.max_active(),
             "stopped; most transfers active at once"
         );
+    }
+}
+
+impl Shared {
+    fn render_metrics(&self) -> String {
+        let (active, queued) = self
+            .admissions
+            .lock()
+            .map(|a| (a.active(), a.queued()))
+            .unwrap_or((0, 0));
+        self.metrics.render(self.allow.refusals(), active, queued)
     }
 }
 
@@ -291,6 +346,8 @@ struct Transfer {
     claim: Mutex<Option<Claim>>,
     /// Frame bytes read from the data streams, counted per read (reported in `Progress`).
     wire_read: AtomicU64,
+    /// The receiver's state, for its counters.
+    shared: Arc<Shared>,
 }
 
 impl Transfer {
@@ -337,6 +394,7 @@ async fn handle_connection(
         slot: Mutex::new(None),
         claim: Mutex::new(None),
         wire_read: AtomicU64::new(0),
+        shared: shared.clone(),
     });
     // The first message is read here: until a slot is ours, the rest of the control stream
     // (the manifest) stays unread in quinn's flow-controlled buffer.
@@ -352,12 +410,29 @@ async fn handle_connection(
     let mut reader: Option<tokio::task::JoinHandle<()>> = None;
     let mut acceptor: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(crate::wire::PROGRESS_INTERVAL);
+    // Whether this end refused or failed the transfer (counted then, by its code).
+    let mut fail_sent = false;
     let result = loop {
         if let Some(output) = pending.pop_front() {
             match output {
                 ReceiverOutput::Send(msg) => {
                     if let ControlMsg::Fail { code, message } = &msg {
                         tracing::warn!(?code, %message, "refusing transfer");
+                        let accepted = t
+                            .session
+                            .lock()
+                            .map(|s| s.verified().is_some())
+                            .unwrap_or(true);
+                        let reason = metrics::reason_of(*code);
+                        if accepted {
+                            shared.metrics.fail(reason);
+                        } else {
+                            shared.metrics.refuse(reason);
+                        }
+                        fail_sent = true;
+                    }
+                    if let ControlMsg::Retry { .. } = &msg {
+                        shared.metrics.chunk_retries.inc();
                     }
                     if let ControlMsg::Accept { verified_bytes } = &msg {
                         tracing::info!(resumed_bytes = verified_bytes, "accepted");
@@ -392,7 +467,12 @@ async fn handle_connection(
                     acceptor = Some(tokio::spawn(accept_data_streams(conn.clone(), t.clone())));
                 }
                 ReceiverOutput::Install => {
+                    let started = Instant::now();
                     let input = install(&t).await;
+                    shared
+                        .metrics
+                        .install_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     pending.extend(t.handle(input));
                 }
                 ReceiverOutput::DiscardStaging => {
@@ -428,6 +508,26 @@ async fn handle_connection(
         r.abort();
     }
     let _ = send.finish();
+    // A sender that left before it was accepted (out of the line, a handshake cut short) is
+    // neither refused nor failed.
+    let accepted = t
+        .session
+        .lock()
+        .map(|s| s.verified().is_some())
+        .unwrap_or(false);
+    match &result {
+        Ok(Outcome::Installed { .. }) => shared.metrics.complete("installed"),
+        Ok(Outcome::Staged { .. }) => shared.metrics.complete("staged"),
+        Err(e) if accepted && !fail_sent => shared.metrics.fail(match e {
+            Error::Refused {
+                code: FailCode::Aborted,
+                ..
+            } => "aborted",
+            Error::Interrupted(_) => "interrupted",
+            _ => "other",
+        }),
+        Err(_) => {}
+    }
     match result {
         Ok(Outcome::Installed {
             root_hash,
@@ -585,6 +685,7 @@ async fn wait_for_slot(
         };
         match admission {
             Admission::Admitted => {
+                shared.metrics.admitted.inc();
                 // Out of the line (dropping the waiter cancels nothing now); the others
                 // moved up.
                 drop(waiter);
@@ -714,6 +815,10 @@ async fn receive_stream(mut stream: quinn::RecvStream, t: Arc<Transfer>) {
             Ok(Some(h)) => {
                 t.wire_read
                     .fetch_add(ChunkHeader::LEN as u64, Ordering::Relaxed);
+                t.shared
+                    .metrics
+                    .received_bytes
+                    .inc_by(ChunkHeader::LEN as u64);
                 h
             }
             Ok(None) | Err(Error::Interrupted(_)) => break,
@@ -751,6 +856,7 @@ async fn receive_stream(mut stream: quinn::RecvStream, t: Arc<Transfer>) {
         {
             break;
         }
+        t.shared.metrics.received_bytes.inc_by(header.payload_len);
         if !store {
             pool.give(payload);
             continue;
@@ -799,6 +905,7 @@ async fn receive_stream(mut stream: quinn::RecvStream, t: Arc<Transfer>) {
             });
             if let ReceiverInput::ChunkMismatch { reason, .. } = &input {
                 tracing::warn!(file, chunk, %reason, "chunk failed verification");
+                t.shared.metrics.verify_failures.inc();
             }
             t.handle_for_control(input);
             drop(permit);

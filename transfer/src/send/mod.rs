@@ -33,6 +33,7 @@
 
 pub mod codec;
 pub mod fault;
+pub mod progress;
 pub mod queue;
 pub mod reconnect;
 pub mod session;
@@ -145,6 +146,10 @@ pub enum SendEvent {
     },
     /// Connected again after an outage of `waited_seconds`; resuming.
     Reconnected { waited_seconds: f64, tries: u32 },
+    /// Bytes done of the tree (resumed ones included) and this run's rate (resumed ones
+    /// excluded): at the receiver's `Accept`, on each of its progress reports, and once it
+    /// verified everything ([`progress`]).
+    Progress(progress::ProgressReport),
 }
 
 /// Receives [`SendEvent`]s.
@@ -177,7 +182,8 @@ pub struct SendSummary {
     pub chunks_resumed: u64,
     pub chunks_retried: u64,
     pub seconds: f64,
-    /// Tree size over wall time, MB/s (10^6).
+    /// Bytes sent in this run (`sent_bytes`) over wall time, MB/s (10^6): what an earlier
+    /// run left verified (`resumed_bytes`) is not in it.
     pub mb_per_s: f64,
     pub streams: usize,
     pub bwlimit: Option<u64>,
@@ -278,7 +284,8 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
                 summary.attempts = attempts;
                 summary.reconnects = reconnector.reconnects();
                 summary.seconds = started.elapsed().as_secs_f64();
-                summary.mb_per_s = summary.bytes as f64 / summary.seconds.max(1e-9) / 1e6;
+                // What this run moved: bytes resumed from an earlier run are not in it.
+                summary.mb_per_s = summary.sent_bytes as f64 / summary.seconds.max(1e-9) / 1e6;
                 return Ok(summary);
             }
             Err(Error::SourceChanged(paths)) if !last => {
@@ -658,7 +665,6 @@ async fn attempt_on(
                         resumed_bytes = stats.resumed_bytes,
                         "receiver accepted"
                     );
-                    progress.set_position(stats.resumed_bytes);
                     if let Some(f) = &shared.fault {
                         f.aim(&plan);
                     }
@@ -687,11 +693,7 @@ async fn attempt_on(
                         Err(e) => break Err(Error::Other(format!("source check failed: {e}"))),
                     }
                 }
-                SenderOutput::Progress {
-                    verified_bytes,
-                    wire_bytes,
-                } => {
-                    progress.set_position(stats().resumed_bytes + verified_bytes);
+                SenderOutput::Progress { wire_bytes, .. } => {
                     let handed = shared.handed();
                     if let Ok(mut d) = shared.decider.lock() {
                         let now = shared.started.elapsed().as_secs_f64();
@@ -713,6 +715,9 @@ async fn attempt_on(
                             limit,
                             "receiver at its limit: waiting in line"
                         );
+                    }
+                    if let SendEvent::Progress(r) = &event {
+                        show_progress(&progress, r);
                     }
                     report(cfg, &event);
                 }
@@ -794,12 +799,29 @@ fn make_progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            "{spinner} [{elapsed_precise}] {wide_bar} {prefix} {msg}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+/// Draws a [`progress::ProgressReport`]: the bar's own rate estimator would count resumed
+/// bytes as if they had just arrived, so the text comes from the report.
+fn show_progress(bar: &indicatif::ProgressBar, r: &progress::ProgressReport) {
+    use indicatif::{HumanBytes, HumanDuration};
+    bar.set_position(r.done_bytes);
+    let eta = r.eta_seconds.map_or_else(
+        || "-".to_string(),
+        |s| HumanDuration(Duration::from_secs_f64(s.min(1e7))).to_string(),
+    );
+    bar.set_prefix(format!(
+        "{}/{} {}/s ETA {eta}",
+        HumanBytes(r.done_bytes),
+        HumanBytes(r.total_bytes),
+        HumanBytes(r.bytes_per_second as u64),
+    ));
 }
 
 /// A chunk frame ready to be written.

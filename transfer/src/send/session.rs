@@ -23,6 +23,7 @@ use crate::wire::{
     hex, ControlMsg, FailCode, Hash, Hello, OwnerPolicy, RootHasher, PROTOCOL_VERSION,
 };
 
+use super::progress::ProgressMeter;
 use super::queue::ChunkId;
 use super::SendEvent;
 
@@ -87,7 +88,8 @@ pub enum SenderOutput {
     },
     /// Every chunk is out: re-stat the sources and answer [`SenderInput::SourceChecked`].
     CheckSource,
-    /// The receiver's progress, for the progress bar and the compression decision.
+    /// The receiver's progress, for the compression decision (what to show is a
+    /// [`SendEvent::Progress`]).
     Progress {
         verified_bytes: u64,
         wire_bytes: u64,
@@ -152,6 +154,8 @@ pub struct SenderSession {
     retries: std::collections::HashMap<ChunkId, u32>,
     vanished: Vec<String>,
     stats: SenderStats,
+    /// Bytes done and this run's rate, reported as [`SendEvent::Progress`].
+    progress: ProgressMeter,
 }
 
 impl SenderSession {
@@ -166,6 +170,7 @@ impl SenderSession {
             retries: Default::default(),
             vanished: Vec::new(),
             stats: SenderStats::default(),
+            progress: ProgressMeter::new(manifest.total_bytes),
         }
     }
 
@@ -273,7 +278,7 @@ impl SenderSession {
                 let queued = *queued;
                 self.handshake(queued, msg, now, out)
             }
-            (State::Sending { .. }, SenderInput::Control(msg)) => self.sending(msg, out),
+            (State::Sending { .. }, SenderInput::Control(msg)) => self.sending(msg, now, out),
             (
                 State::Sending { .. },
                 SenderInput::ChunkWritten {
@@ -392,6 +397,10 @@ impl SenderSession {
                     }
                 }
                 self.stats.resumed_bytes = verified_bytes;
+                // The receiver's count of verified bytes, resumed ones included: done from
+                // the first report on.
+                let report = self.progress.accepted(verified_bytes, now);
+                out.push(SenderOutput::Event(SendEvent::Progress(report)));
                 self.state = State::Sending {
                     outstanding: plan.len() as u64,
                     checking: false,
@@ -411,7 +420,12 @@ impl SenderSession {
         }
     }
 
-    fn sending(&mut self, msg: ControlMsg, out: &mut Vec<SenderOutput>) -> Result<(), Error> {
+    fn sending(
+        &mut self,
+        msg: ControlMsg,
+        now: Instant,
+        out: &mut Vec<SenderOutput>,
+    ) -> Result<(), Error> {
         let State::Sending {
             outstanding,
             checking,
@@ -430,6 +444,8 @@ impl SenderSession {
                     verified_bytes,
                     wire_bytes,
                 });
+                let report = self.progress.verified(verified_bytes, now);
+                out.push(SenderOutput::Event(SendEvent::Progress(report)));
                 Ok(())
             }
             ControlMsg::Retry {
@@ -468,9 +484,11 @@ impl SenderSession {
                 root_hash,
                 path,
                 replaced,
-            } if done_sent && !self.cfg.stage_only => self.verified(root_hash, path, replaced, out),
+            } if done_sent && !self.cfg.stage_only => {
+                self.verified(root_hash, path, replaced, now, out)
+            }
             ControlMsg::Staged { root_hash } if done_sent && self.cfg.stage_only => {
-                self.verified(root_hash, Vec::new(), None, out)
+                self.verified(root_hash, Vec::new(), None, now, out)
             }
             other => Err(Error::Other(format!(
                 "unexpected message from the receiver: {}",
@@ -485,6 +503,7 @@ impl SenderSession {
         theirs: Hash,
         path: Vec<u8>,
         replaced: Option<Vec<u8>>,
+        now: Instant,
         out: &mut Vec<SenderOutput>,
     ) -> Result<(), Error> {
         let ours = self.root_hash().ok_or_else(|| {
@@ -497,6 +516,8 @@ impl SenderSession {
                 hex(&ours)
             )));
         }
+        let report = self.progress.complete(now);
+        out.push(SenderOutput::Event(SendEvent::Progress(report)));
         self.finish(
             Ok(Ending::Verified {
                 root_hash: ours,
@@ -665,7 +686,13 @@ mod tests {
             }),
             t0,
         );
-        assert!(matches!(&out[..], [SenderOutput::Enqueue(p)] if p == &[(1, 1), (2, 0)]));
+        // The first progress report already counts the resumed chunk as done.
+        assert!(
+            matches!(&out[..], [SenderOutput::Event(SendEvent::Progress(r)), SenderOutput::Enqueue(p)]
+                if p == &[(1, 1), (2, 0)] && r.done_bytes == 1 << 16 && r.resumed_bytes == 1 << 16
+                    && r.total_bytes == (1 << 16) + 8),
+            "{out:?}"
+        );
         assert!(s.handle(written(2, 0), t0).is_empty());
         let out = s.handle(written(1, 1), t0);
         assert!(matches!(&out[..], [SenderOutput::CheckSource]), "{out:?}");
@@ -685,7 +712,8 @@ mod tests {
         );
         assert!(matches!(
             &out[..],
-            [SenderOutput::Finished(Ok(Ending::Verified { .. }))]
+            [SenderOutput::Event(SendEvent::Progress(r)), SenderOutput::Finished(Ok(Ending::Verified { .. }))]
+                if r.done_bytes == r.total_bytes
         ));
         assert!(s.is_finished());
         assert_eq!(s.stats().chunks_resumed, 1);

@@ -215,6 +215,28 @@ pub fn send_cmd_in(
     c
 }
 
+/// `shardsend SRC ADDR DEST --identity --peer --json EXTRA...`: with the JSON progress events
+/// on stderr (no `--no-progress`).
+pub fn send_cmd_with_progress(
+    keys: &Keys,
+    src: &Path,
+    addr: &str,
+    dest: &str,
+    extra: &[&str],
+) -> Command {
+    let mut c = Command::new(shardsend());
+    c.arg(src)
+        .arg(addr)
+        .arg(dest)
+        .arg("--identity")
+        .arg(&keys.send_key)
+        .arg("--peer")
+        .arg(keys.recv_fp.to_string())
+        .arg("--json")
+        .args(extra);
+    c
+}
+
 pub fn send(keys: &Keys, src: &Path, addr: &str, dest: &str, extra: &[&str]) -> Output {
     send_cmd(keys, src, addr, dest, extra)
         .output()

@@ -1,0 +1,2 @@
+set -eu
+git_supports "$1" "$2"

@@ -1,0 +1,343 @@
+//! `shardrecv serve`'s config file (`/etc/shard/shardrecv.toml` by default, `--config PATH`):
+//! the same settings as the flags, for a daemon started by systemd or a package, where a
+//! file under `/etc` is what an operator edits and a configuration manager writes.
+//!
+//! Flags override the file, key by key, so a unit can pin one setting (`--listen`) and leave
+//! the rest to the file. The file is TOML read with `deny_unknown_fields`: a misspelt key is
+//! an error naming it, not a setting silently ignored; a badly typed value names its key and
+//! line too. Relative paths in the file are relative to the file's directory, so a config
+//! and its keys can move together. The default path is read only when it exists; a path
+//! given with `--config` must exist.
+//!
+//! On SIGHUP the daemon reads the file again for `allow` only (the allow-list is reloaded;
+//! see `shardrecv`'s `serve` help): the other settings need a restart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::cli::LogFormat;
+use crate::error::Error;
+use crate::quic::{Congestion, TransportOptions};
+
+use super::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
+
+/// Read when it exists and no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shard/shardrecv.toml";
+
+/// The file's keys; every one optional (a flag may give it instead).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// UDP address to listen on, e.g. `"0.0.0.0:7400"`.
+    pub listen: Option<SocketAddr>,
+    /// Directory that receives the trees.
+    pub root: Option<PathBuf>,
+    /// Our identity key.
+    pub identity: Option<PathBuf>,
+    /// Allow-list file of sender fingerprints (re-read on SIGHUP).
+    pub allow: Option<PathBuf>,
+    pub max_transfers: Option<usize>,
+    pub max_queued: Option<usize>,
+    #[serde(default, deserialize_with = "congestion")]
+    pub congestion: Option<Congestion>,
+    /// Connection receive window, `"64M"`-style or a number of bytes.
+    #[serde(default, deserialize_with = "window")]
+    pub window: Option<u64>,
+    /// TCP address of the Prometheus `/metrics` endpoint.
+    pub metrics: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+}
+
+fn congestion<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Congestion>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A window as `"64M"` or as a plain number of bytes.
+fn window<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Window {
+        Bytes(u64),
+        Text(String),
+    }
+    let text = match Window::deserialize(d)? {
+        Window::Bytes(n) => n.to_string(),
+        Window::Text(t) => t,
+    };
+    crate::quic::parse_window(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// A TOML error as one line naming the line and, for a bad value, its key (the file is
+/// flat: the key is what stands before `=` on that line); unknown keys are named by the
+/// message itself.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    let Some(start) = e.span().map(|s| s.start) else {
+        return e.to_string().trim_end().to_string();
+    };
+    let before = text.get(..start).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty());
+    match key {
+        Some(key) if !message.starts_with("unknown field") => {
+            format!("line {line_no}: key `{key}`: {message}")
+        }
+        _ => format!("line {line_no}: {message}"),
+    }
+}
+
+impl FileConfig {
+    /// Reads and checks `path`; relative paths in it become relative to its directory.
+    pub fn load(path: &Path) -> Result<FileConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
+            Error::Input(format!(
+                "config file {}: {}",
+                path.display(),
+                describe(&text, &e)
+            ))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.root, &mut cfg.identity, &mut cfg.allow]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// `--config PATH` if given (it must exist), else the default path if it exists, else
+    /// nothing. Returns the file read, if any, with its settings.
+    pub fn find(explicit: Option<&Path>) -> Result<Option<(PathBuf, FileConfig)>, Error> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                if !p.exists() {
+                    return Ok(None);
+                }
+                p
+            }
+        };
+        let cfg = FileConfig::load(&path)?;
+        Ok(Some((path, cfg)))
+    }
+}
+
+/// `shardrecv serve`'s flags as given (`None`: not on the command line).
+#[derive(Debug, Clone, Default)]
+pub struct ServeFlags {
+    pub listen: Option<SocketAddr>,
+    pub root: Option<PathBuf>,
+    pub identity: Option<PathBuf>,
+    pub allow: Option<PathBuf>,
+    pub max_transfers: Option<usize>,
+    pub max_queued: Option<usize>,
+    pub congestion: Option<Congestion>,
+    pub window: Option<u64>,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The settings a daemon runs with: flags over the file over the defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeSettings {
+    pub listen: SocketAddr,
+    pub root: PathBuf,
+    pub identity: PathBuf,
+    pub allow: PathBuf,
+    pub max_transfers: usize,
+    pub max_queued: usize,
+    pub transport: TransportOptions,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// The config file read, if any (re-read on SIGHUP for `allow`).
+    pub config_file: Option<PathBuf>,
+    /// Whether `allow` came from the flag (then a SIGHUP reloads that file, whatever the
+    /// config file says).
+    pub allow_from_flag: bool,
+}
+
+impl ServeSettings {
+    /// Merges `flags` over `file` (read from `config_file`) over the defaults; a required
+    /// setting given by neither is an error saying both ways to give it.
+    pub fn merge(
+        flags: ServeFlags,
+        file: Option<(PathBuf, FileConfig)>,
+    ) -> Result<ServeSettings, Error> {
+        let (config_file, file) = match file {
+            Some((p, f)) => (Some(p), f),
+            None => (None, FileConfig::default()),
+        };
+        let missing = |flag: &str, key: &str| {
+            let source = match &config_file {
+                Some(p) => format!("`{key}` in {}", p.display()),
+                None => format!("`{key}` in a config file ({DEFAULT_CONFIG_PATH} or --config)"),
+            };
+            Error::Input(format!("missing {flag}: give it, or {source}"))
+        };
+        let allow_from_flag = flags.allow.is_some();
+        Ok(ServeSettings {
+            listen: flags
+                .listen
+                .or(file.listen)
+                .ok_or_else(|| missing("--listen", "listen"))?,
+            root: flags
+                .root
+                .or(file.root)
+                .ok_or_else(|| missing("--root", "root"))?,
+            identity: flags
+                .identity
+                .or(file.identity)
+                .ok_or_else(|| missing("--identity", "identity"))?,
+            allow: flags
+                .allow
+                .or(file.allow)
+                .ok_or_else(|| missing("--allow", "allow"))?,
+            max_transfers: flags
+                .max_transfers
+                .or(file.max_transfers)
+                .unwrap_or(DEFAULT_MAX_TRANSFERS),
+            max_queued: flags
+                .max_queued
+                .or(file.max_queued)
+                .unwrap_or(DEFAULT_MAX_QUEUED),
+            transport: TransportOptions {
+                congestion: flags.congestion.or(file.congestion).unwrap_or_default(),
+                window: flags.window.or(file.window),
+            },
+            metrics: flags.metrics.or(file.metrics),
+            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            config_file,
+            allow_from_flag,
+        })
+    }
+
+    /// The allow-list file to read on SIGHUP: the flag's, else the config file's `allow`
+    /// as it is now (an unreadable file keeps the current one, with the error).
+    pub fn allow_path_now(&self) -> Result<PathBuf, Error> {
+        match (&self.config_file, self.allow_from_flag) {
+            (Some(path), false) => FileConfig::load(path)?.allow.ok_or_else(|| {
+                Error::Input(format!(
+                    "config file {}: `allow` was removed; keeping the current allow-list",
+                    path.display()
+                ))
+            }),
+            _ => Ok(self.allow.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("shardrecv.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn every_key_reads_and_relative_paths_follow_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            r#"
+listen = "0.0.0.0:7400"
+root = "/srv/repos"
+identity = "recv.key"
+allow = "/etc/shard/senders.txt"
+max_transfers = 4
+max_queued = 9
+congestion = "cubic"
+window = "64M"
+metrics = "127.0.0.1:9400"
+log_format = "json"
+"#,
+        );
+        let f = FileConfig::load(&p).unwrap();
+        assert_eq!(f.listen, Some("0.0.0.0:7400".parse().unwrap()));
+        assert_eq!(f.identity, Some(d.path().join("recv.key")));
+        assert_eq!(f.allow, Some(PathBuf::from("/etc/shard/senders.txt")));
+        assert_eq!(f.max_transfers, Some(4));
+        assert_eq!(f.congestion, Some(Congestion::Cubic));
+        assert_eq!(f.window, Some(64 << 20));
+        assert_eq!(f.log_format, Some(LogFormat::Json));
+        // A plain number of bytes is a window too.
+        let p = write(d.path(), "window = 8388608\n");
+        assert_eq!(FileConfig::load(&p).unwrap().window, Some(8 << 20));
+    }
+
+    #[test]
+    fn unknown_and_badly_typed_keys_are_errors_naming_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        for (text, key) in [
+            (
+                "listen = \"0.0.0.0:7400\"\nmax_transfer = 4\n",
+                "max_transfer",
+            ),
+            ("max_transfers = \"four\"\n", "max_transfers"),
+            ("listen = \"nowhere\"\n", "listen"),
+            ("congestion = \"fast\"\n", "congestion"),
+            ("window = \"1G\"\n", "window"),
+            ("log_format = \"xml\"\n", "log_format"),
+        ] {
+            let p = write(d.path(), text);
+            let err = FileConfig::load(&p).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+            assert!(err.contains("shardrecv.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_missing_settings_say_how_to_give_them() {
+        let file = FileConfig {
+            listen: Some("0.0.0.0:7400".parse().unwrap()),
+            root: Some("/srv/a".into()),
+            identity: Some("/k".into()),
+            allow: Some("/allow".into()),
+            max_transfers: Some(4),
+            ..FileConfig::default()
+        };
+        let flags = ServeFlags {
+            root: Some("/srv/b".into()),
+            max_transfers: Some(8),
+            ..ServeFlags::default()
+        };
+        let s = ServeSettings::merge(flags, Some(("/etc/x.toml".into(), file.clone()))).unwrap();
+        assert_eq!(s.root, PathBuf::from("/srv/b"));
+        assert_eq!(s.max_transfers, 8);
+        assert_eq!(s.listen, "0.0.0.0:7400".parse().unwrap());
+        assert_eq!(s.max_queued, DEFAULT_MAX_QUEUED);
+        assert!(!s.allow_from_flag);
+        let err = ServeSettings::merge(
+            ServeFlags::default(),
+            Some((
+                "/etc/x.toml".into(),
+                FileConfig {
+                    allow: None,
+                    ..file
+                },
+            )),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--allow") && err.contains("`allow` in /etc/x.toml"),
+            "{err}"
+        );
+    }
+}
