@@ -24,6 +24,8 @@ pub mod compress;
 pub mod dissociate;
 pub mod error;
 pub mod failpoint;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod gitdir;
 pub mod identity;
 pub mod io;

@@ -30,6 +30,14 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_NAME_LEN: usize = 255;
 /// Name of the staging directory under the receiver's root; no entry may use it.
 pub const STAGING_DIR_NAME: &str = ".shardrecv";
+/// Most entries a manifest may announce. The receiver holds the whole manifest in memory
+/// until it is verified, so a peer's announcement must not be able to make that unbounded;
+/// 16 Mi entries is far above any repository (the largest git trees have a few million
+/// files).
+pub const MAX_MANIFEST_ENTRIES: u64 = 1 << 24;
+/// Most bytes of paths, link targets and extended attributes a manifest may carry, in all
+/// (the other bound on the receiver's memory: each entry's frame may be up to 1 MiB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 
 /// Why a manifest (or one entry of it) was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -57,6 +65,10 @@ pub enum ManifestError {
     BadHardlink { path: String, target: String },
     #[error("extended attribute of {path:?}: {reason}")]
     BadXattr { path: String, reason: String },
+    #[error("manifest announces {0} entries; a receiver accepts at most {MAX_MANIFEST_ENTRIES}")]
+    EntriesAnnounced(u64),
+    #[error("manifest entries carry more than {MAX_MANIFEST_BYTES} bytes of paths, link targets and attributes")]
+    TooLarge,
     #[error("more entries than the {0} announced")]
     TooManyEntries(u64),
     #[error("manifest announced {announced} entries but sent {sent}")]
@@ -279,6 +291,17 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Bytes of an entry's variable-length fields, counted against [`MAX_MANIFEST_BYTES`].
+pub fn held_bytes_of(entry: &Entry) -> u64 {
+    let attrs = entry.attrs.as_ref().map_or(0, |a| {
+        a.xattrs
+            .iter()
+            .map(|(name, value)| (name.len() + value.len()) as u64)
+            .sum()
+    });
+    (entry.path.len() + entry.link_target.len()) as u64 + attrs
+}
+
 /// Incremental, validating construction of a [`Manifest`] from untrusted entries.
 pub struct ManifestBuilder {
     root_kind: RootKind,
@@ -293,6 +316,10 @@ pub struct ManifestBuilder {
     /// Regular files so far: what a hardlink may name.
     files: HashSet<Vec<u8>>,
     bytes: u64,
+    /// Variable-length bytes held so far, bounded by `held_bytes_limit`
+    /// ([`MAX_MANIFEST_BYTES`]; lower in unit tests).
+    held_bytes: u64,
+    held_bytes_limit: u64,
     hasher: ManifestHasher,
 }
 
@@ -305,6 +332,9 @@ impl ManifestBuilder {
         validate_destination(&hello.dest)?;
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&hello.chunk_size) {
             return Err(ManifestError::ChunkSize(hello.chunk_size));
+        }
+        if hello.entry_count > MAX_MANIFEST_ENTRIES {
+            return Err(ManifestError::EntriesAnnounced(hello.entry_count));
         }
         if hello.root_kind == RootKind::File && hello.entry_count != 1 {
             return Err(ManifestError::FileRoot);
@@ -327,6 +357,8 @@ impl ManifestBuilder {
             dirs: HashSet::new(),
             files: HashSet::new(),
             bytes: 0,
+            held_bytes: 0,
+            held_bytes_limit: MAX_MANIFEST_BYTES,
             hasher: ManifestHasher::new(),
         })
     }
@@ -375,10 +407,11 @@ impl ManifestBuilder {
                 reason,
             })?;
         }
+        // Sets are updated only once every check passed: a refused entry leaves no trace (a
+        // refused file must not become a hardlink target).
+        let mut is_dir = false;
         match entry.kind {
-            EntryKind::File => {
-                self.files.insert(entry.path.clone());
-            }
+            EntryKind::File => {}
             EntryKind::Dir | EntryKind::Symlink | EntryKind::Hardlink if entry.size != 0 => {
                 return Err(ManifestError::NonZeroSize {
                     kind: match entry.kind {
@@ -399,10 +432,7 @@ impl ManifestBuilder {
                     });
                 }
             }
-            EntryKind::Dir if !entry.path.is_empty() => {
-                self.dirs.insert(entry.path.clone());
-            }
-            EntryKind::Dir => {}
+            EntryKind::Dir => is_dir = !entry.path.is_empty(),
             EntryKind::Symlink => {
                 if !symlink_stays_inside(&entry.path, &entry.link_target)
                     && !external_link_allowed(&entry.link_target, &self.external_links)
@@ -414,14 +444,41 @@ impl ManifestBuilder {
                 }
             }
         }
-        self.bytes = match self.bytes.checked_add(entry.size) {
+        let bytes = match self.bytes.checked_add(entry.size) {
             Some(b) if b <= self.announced_bytes => b,
             _ => return Err(ManifestError::TooManyBytes(self.announced_bytes)),
         };
+        let held_bytes = self.held_bytes.saturating_add(held_bytes_of(&entry));
+        if held_bytes > self.held_bytes_limit {
+            return Err(ManifestError::TooLarge);
+        }
+        self.bytes = bytes;
+        self.held_bytes = held_bytes;
+        if entry.kind == EntryKind::File {
+            self.files.insert(entry.path.clone());
+        }
+        if is_dir {
+            self.dirs.insert(entry.path.clone());
+        }
         self.hasher.add(&entry);
         self.seen.insert(entry.path.clone());
         self.entries.push(entry);
         Ok(())
+    }
+
+    /// Entries accepted so far.
+    pub fn len(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    /// True before the first entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Variable-length bytes (paths, link targets, attributes) of the entries accepted so far.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
     }
 
     /// Number of entries still expected.
@@ -766,6 +823,70 @@ mod tests {
         assert_eq!(chunk_len(size, cs, 1280), Some(7));
         assert_eq!(chunk_len(size, cs, 1281), None);
         assert_eq!(chunk_len(size, cs, u64::MAX), None);
+    }
+
+    #[test]
+    fn a_refused_file_entry_cannot_be_named_by_a_hardlink() {
+        // The file is refused for its size (more bytes than announced); before the fix it was
+        // already recorded as a hardlink target, so a builder used past the error accepted a
+        // link to a file the manifest does not have.
+        let mut b = builder(2, 10);
+        assert_eq!(
+            b.push(entry("big", EntryKind::File, 11)),
+            Err(ManifestError::TooManyBytes(10))
+        );
+        let mut e = entry("link", EntryKind::Hardlink, 0);
+        e.link_target = b"big".to_vec();
+        assert!(matches!(b.push(e), Err(ManifestError::BadHardlink { .. })));
+        // Nor may a refused directory be a parent.
+        let mut b = builder(2, 0);
+        let mut d = entry("d", EntryKind::Dir, 0);
+        d.attrs = Some(crate::wire::Attrs {
+            xattrs: vec![(b"bogus".to_vec(), Vec::new())],
+            ..Default::default()
+        });
+        assert!(matches!(b.push(d), Err(ManifestError::BadXattr { .. })));
+        assert!(matches!(
+            b.push(entry("d/f", EntryKind::File, 0)),
+            Err(ManifestError::MissingParent(_))
+        ));
+    }
+
+    #[test]
+    fn a_manifest_cannot_announce_more_entries_than_the_cap() {
+        let mut h = hello(MAX_MANIFEST_ENTRIES + 1, 0);
+        assert!(matches!(
+            ManifestBuilder::new(&h),
+            Err(ManifestError::EntriesAnnounced(n)) if n == MAX_MANIFEST_ENTRIES + 1
+        ));
+        h.entry_count = MAX_MANIFEST_ENTRIES;
+        assert!(ManifestBuilder::new(&h).is_ok());
+    }
+
+    #[test]
+    fn a_manifest_cannot_hold_more_than_the_byte_cap() {
+        // 64 KiB attribute values (the most Linux takes); the limit is lowered so that the
+        // test does not hold 1 GiB (16 Ki such entries reach the real one).
+        let per_entry = (MAX_XATTR_VALUE + b"user.v".len() + 5) as u64;
+        let mut b = builder(1000, 0);
+        b.held_bytes_limit = 4 * per_entry + 7;
+        let fit = 4;
+        let value = vec![b'v'; MAX_XATTR_VALUE];
+        let mut refused = None;
+        for i in 0..=fit {
+            let mut e = entry(&format!("f{i:04}"), EntryKind::File, 0);
+            e.attrs = Some(crate::wire::Attrs {
+                xattrs: vec![(b"user.v".to_vec(), value.clone())],
+                ..Default::default()
+            });
+            if let Err(err) = b.push(e) {
+                refused = Some((i, err));
+                break;
+            }
+        }
+        assert_eq!(refused, Some((fit, ManifestError::TooLarge)));
+        assert_eq!(b.held_bytes(), fit * per_entry);
+        assert_eq!(b.len(), fit + 1);
     }
 
     proptest! {
