@@ -79,7 +79,6 @@ if [ ! -s "$fixture.json" ] || [ ! -d "$fixture" ]; then
 else
   echo "reusing $fixture" >&2
 fi
-fixture_bytes=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disk_bytes"])' "$fixture.json")
 
 if [ -n "$keep" ]; then
   mkdir -p "$keep"
@@ -91,9 +90,11 @@ recv_pid=""
 repack_pid=""
 pusher_pid=""
 stop_bg() {
-  [ -n "$pusher_pid" ] && kill "$pusher_pid" 2>/dev/null && wait "$pusher_pid" 2>/dev/null || true
-  [ -n "$repack_pid" ] && kill "$repack_pid" 2>/dev/null && wait "$repack_pid" 2>/dev/null || true
-  [ -n "$recv_pid" ] && kill "$recv_pid" 2>/dev/null && wait "$recv_pid" 2>/dev/null || true
+  local pid
+  for pid in $pusher_pid $repack_pid $recv_pid; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   pusher_pid=""; repack_pid=""; recv_pid=""
 }
 cleanup() {
@@ -279,7 +280,7 @@ $table
 echo
 echo "$section"
 if [ "$bench" = 1 ]; then
-  # shellcheck source=lib/results.sh
+  # shellcheck source=scripts/lib/results.sh
   . scripts/lib/results.sh
   write_results_section "$out" "## Busy repository window (issue 11)" "$section"
 fi
