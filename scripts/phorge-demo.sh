@@ -141,7 +141,9 @@ column -t -s $'\t' "$work/rows.tsv"
 if [ "$bench" = 1 ]; then
   . scripts/lib/results.sh
   machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
-  section="Measured $(date -u '+%Y-%m-%d %H:%M UTC') on $machine, with \`scripts/phorge-demo.sh --rounds $rounds --steps $steps --bench\`.
+  section="## Phorge moves (issue 14)
+
+Measured $(date -u '+%Y-%m-%d %H:%M UTC') on $machine, with \`scripts/phorge-demo.sh --rounds $rounds --steps $steps --bench\`.
 The Phorge lab kit (pinned Phorge, MariaDB, front + two devices in mount namespaces), rLAB moved
 A -> B -> A each round with \`shardmove migrate --plane phorge\` while a client pushed through the
 front ($acked pushes acknowledged, $lost lost, $refused refused inside freezes). Read-only window:

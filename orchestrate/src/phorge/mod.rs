@@ -394,6 +394,19 @@ impl PhorgePlane {
             (Steps::Cli, ControlOp::Freeze { message }) => {
                 self.bin_repository(&["maintenance", r, "--start", message], None)
                     .await?;
+                // `maintenance --start` only refuses new pushes; one already past the front's
+                // check goes on writing A's copy (the manual runbook's own hole: its final
+                // copy can miss an acknowledged push). Without the agent's write lock, wait
+                // on A's disk until no receive-pack works there and no ref lock is held.
+                let exec =
+                    crate::executor::executor_for_host(&repo.source.device, &repo.source.host)?;
+                crate::maintenance::wait_idle(
+                    exec.as_ref(),
+                    &repo.source.path(&repo.path),
+                    r,
+                    std::time::Duration::from_secs(self.cfg.freeze_wait_secs),
+                )
+                .await?;
             }
             (Steps::Cli, ControlOp::Clusterize) => {
                 self.bin_repository(&["clusterize", r, "--service", &spec.to], None)
