@@ -296,6 +296,22 @@ fn run_migrate(env: &Env, shards: &Shards, extra: &[&str]) -> crate::util::Run {
     env.sm(&refs)
 }
 
+/// `shardmove migrate ...` with `SHARDMOVE_FAILPOINTS=points` (see `orchestrate::failpoint`),
+/// run to its end (or its kill).
+fn migrate_with_failpoints(
+    env: &Env,
+    shards: &Shards,
+    extra: &[&str],
+    points: &str,
+) -> std::process::Output {
+    let args = migrate_args(shards, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.sm_command(&refs)
+        .env("SHARDMOVE_FAILPOINTS", points)
+        .output()
+        .expect("run shardmove migrate")
+}
+
 /// `shardmove migrate ...` in the background, output discarded.
 fn spawn_migrate(env: &Env, shards: &Shards, extra: &[&str]) -> Child {
     let args = migrate_args(shards, extra);
@@ -489,13 +505,7 @@ fn migrate_rolls_back_what_cannot_be_copied_and_leaves_it_writable(env: &Env) {
 fn precopy_rolled_back_is_retried_by_the_next_migrate(env: &Env) {
     let shards = setup(env, &[("r1", 1)]);
     let before = refs(&shards.a.join("t/r1.git"));
-    let args = migrate_args(&shards, &["--json"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = env
-        .sm_command(&args)
-        .env("SHARDMOVE_FAILPOINTS", "error:before-host-precopy")
-        .output()
-        .expect("run migrate");
+    let out = migrate_with_failpoints(env, &shards, &["--json"], "error:before-host-precopy");
     assert_eq!(
         out.status.code(),
         Some(9),
@@ -583,13 +593,8 @@ fn kill_after_thawed_takeover_left_b_read_only(env: &Env) {
         .iter()
         .map(|r| refs(&shards.a.join(format!("t/{r}.git"))))
         .collect();
-    let args = migrate_args(&shards, &["--parallel", "1"]);
-    let refs_args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let killed = env
-        .sm_command(&refs_args)
-        .env("SHARDMOVE_FAILPOINTS", "after-journal-promoted")
-        .output()
-        .expect("run shardmove migrate");
+    let killed =
+        migrate_with_failpoints(env, &shards, &["--parallel", "1"], "after-journal-promoted");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
         killed.status.signal(),
