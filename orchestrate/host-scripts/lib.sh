@@ -264,3 +264,11 @@ doctor_scan() {
 remove_staging() {
   if [ -d "$1" ]; then flock -n "$1/lock" rm -rf "$1" || exit "$EX_MISSING"; fi
 }
+
+# installed_root DEST RECORD: "absent" when nothing is at DEST, else the root hash B's
+# shardrecv recorded in RECORD when it installed DEST ("unrecorded" when it has none): what a
+# transfer ticket's grant must say (create, or replace that tree).
+installed_root() {
+  if [ ! -e "$1" ] && [ ! -L "$1" ]; then echo absent; return 0; fi
+  if [ -f "$2" ]; then cat "$2"; echo; else echo unrecorded; fi
+}

@@ -591,6 +591,16 @@ pub struct MigrateArgs {
     /// Seconds maintenance start waits for pushes in flight.
     #[arg(long, default_value_t = 30)]
     pub freeze_wait: u64,
+    /// Sign a transfer ticket for every pass with this key (a key made by `shardsend
+    /// keygen`, on this host), for target receivers run with `--ticket-signer` set to its
+    /// fingerprint: each ticket lets only the source's sender key create (or replace the
+    /// recorded tree at) this repository's path, until it expires
+    #[arg(long, value_name = "PATH", env = "SHARDMOVE_TICKET_KEY")]
+    pub ticket_key: Option<PathBuf>,
+    /// Seconds a transfer ticket stays valid (a pass reconnecting after that fails, and the
+    /// pre-copy's retry gets a new one)
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::tickets::DEFAULT_TTL.as_secs())]
+    pub ticket_ttl: u64,
     /// Cap each transfer's send rate (shardsend --bwlimit, e.g. 50M).
     #[arg(long)]
     pub bwlimit: Option<String>,
@@ -664,13 +674,22 @@ impl MigrateArgs {
 
     /// How steps run on the shard hosts. `shardsend`: `--shardsend`, else `beside` (the one
     /// found beside this binary), else whichever the hosts' PATH has.
-    pub fn host_config(&self, beside: Option<String>) -> HostConfig {
-        HostConfig {
+    pub fn host_config(&self, beside: Option<String>) -> Result<HostConfig> {
+        let tickets = self
+            .ticket_key
+            .as_deref()
+            .map(|key| {
+                crate::tickets::TicketSigner::load(key, Duration::from_secs(self.ticket_ttl))
+            })
+            .transpose()?
+            .map(std::sync::Arc::new);
+        Ok(HostConfig {
+            tickets,
             shardsend: (self.shardsend.clone().or(beside)).unwrap_or_else(|| "shardsend".into()),
             identity: self.identity.clone(),
             freeze_wait: Duration::from_secs(self.freeze_wait),
             shardsend_args: self.shardsend_args(),
-        }
+        })
     }
 
     /// What every `shardsend` of the batch gets beyond source, target and identity.
@@ -721,7 +740,7 @@ impl MigrateArgs {
         beside: Option<String>,
     ) -> Result<crate::migrate::Ports> {
         use std::sync::Arc;
-        let hosts = self.host_config(beside);
+        let hosts = self.host_config(beside)?;
         match self.plane {
             PlaneKind::Builtin => {
                 if self.instance.is_none() && self.command.is_none() {
@@ -870,7 +889,7 @@ mod tests {
         );
         assert_eq!((cfg.parallel, cfg.per_host), (1, 2));
         assert_eq!(cfg.message, DEFAULT_MIGRATE_MESSAGE);
-        let hosts = args.host_config(Some("/opt/bin/shardsend".into()));
+        let hosts = args.host_config(Some("/opt/bin/shardsend".into())).expect("hosts");
         assert_eq!(hosts.shardsend, "/opt/bin/shardsend");
         assert_eq!(hosts.identity, "/etc/shard/send.key");
         assert_eq!(
@@ -878,7 +897,7 @@ mod tests {
             ["--bwlimit", "50M", "--congestion", "background"]
         );
         assert_eq!(hosts.freeze_wait, Duration::from_secs(7));
-        assert_eq!(args.host_config(None).shardsend, "shardsend");
+        assert_eq!(args.host_config(None).expect("hosts").shardsend, "shardsend");
         let Command::Migrate(explicit) = parse(&[
             "migrate",
             "--instance",
@@ -893,12 +912,12 @@ mod tests {
             panic!("not migrate");
         };
         assert_eq!(
-            explicit.host_config(Some("/opt/ss".into())).shardsend,
+            explicit.host_config(Some("/opt/ss".into())).expect("hosts").shardsend,
             "/x/ss"
         );
         // Migrations yield to users' traffic unless told otherwise.
         assert_eq!(
-            explicit.host_config(None).shardsend_args,
+            explicit.host_config(None).expect("hosts").shardsend_args,
             ["--congestion", "background"]
         );
         // Copy fidelity reaches every shardsend.
@@ -924,7 +943,7 @@ mod tests {
             panic!("not migrate");
         };
         assert_eq!(
-            faithful.host_config(None).shardsend_args,
+            faithful.host_config(None).expect("hosts").shardsend_args,
             [
                 "--congestion",
                 "background",

@@ -88,7 +88,7 @@ async fn start_receiver(
     listen: &str,
     root: &Path,
     key: &Path,
-    allow: &Path,
+    (allow, ticket_signer): (&Path, &str),
 ) -> Result<Daemon> {
     let exe = bin_dir.join("shardrecv");
     let argv = [
@@ -102,6 +102,9 @@ async fn start_receiver(
         utf8(key)?,
         "--allow",
         utf8(allow)?,
+        // Tickets on, as a fleet runs: only what the orchestrator signed gets written.
+        "--ticket-signer",
+        ticket_signer,
     ];
     // Through the host's executor: in its network namespace when it has one (`ip netns
     // exec` execs in place, so the child is shardrecv itself).
@@ -408,6 +411,12 @@ async fn demo(
             .map_err(|e| Error::Refused(e.to_string()))?;
         fps.push(id.fingerprint.to_string());
     }
+    // The orchestrator's own key: it signs a transfer ticket for every pass.
+    let orchestrator_key = keys.join("orchestrator.key");
+    let signer = transfer::identity::Identity::generate(&orchestrator_key)
+        .map_err(|e| Error::Refused(e.to_string()))?
+        .fingerprint
+        .to_string();
     let allow = keys.join("allow.txt");
     std::fs::write(
         &allow,
@@ -422,7 +431,7 @@ async fn demo(
             &network.listen(side),
             &work.join(host),
             &keys.join(format!("{host}.key")),
-            &allow,
+            (&allow, &signer),
         )
         .await?;
         report(&format!(
@@ -595,6 +604,10 @@ async fn demo(
             shardsend: cfg.bin_dir.join("shardsend").display().to_string(),
             identity: keys.join("shard-a.key").display().to_string(),
             freeze_wait: Duration::from_secs(30),
+            tickets: Some(std::sync::Arc::new(crate::tickets::TicketSigner::load(
+                &keys.join("orchestrator.key"),
+                crate::tickets::DEFAULT_TTL,
+            )?)),
             shardsend_args: Vec::new(),
         },
     );

@@ -37,6 +37,7 @@ pub mod store;
 /// The registry's catalog, by its older name.
 pub use store as registry;
 pub mod status_page;
+pub mod tickets;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -45,10 +45,12 @@ pub enum Script {
     GitFormats,
     /// `OBJECTS REFS`: whether git on this host can use a repository of those formats.
     GitSupports,
+    /// `DEST RECORD`: `absent`, `unrecorded`, or the root hash shardrecv recorded for DEST.
+    InstalledRoot,
 }
 
 impl Script {
-    pub const ALL: [Script; 13] = [
+    pub const ALL: [Script; 14] = [
         Script::InstallHook,
         Script::RemoveHook,
         Script::WaitIdle,
@@ -62,6 +64,7 @@ impl Script {
         Script::RemoveAside,
         Script::GitFormats,
         Script::GitSupports,
+        Script::InstalledRoot,
     ];
 
     /// Its name (`$0` on the host, and what error messages show).
@@ -80,6 +83,7 @@ impl Script {
             Script::RemoveAside => "remove-aside",
             Script::GitFormats => "git-formats",
             Script::GitSupports => "git-supports",
+            Script::InstalledRoot => "installed-root",
         }
     }
 
@@ -100,6 +104,7 @@ impl Script {
             Script::RemoveAside => include_str!("../host-scripts/remove-aside.sh"),
             Script::GitFormats => include_str!("../host-scripts/git-formats.sh"),
             Script::GitSupports => include_str!("../host-scripts/git-supports.sh"),
+            Script::InstalledRoot => include_str!("../host-scripts/installed-root.sh"),
         }
     }
 

@@ -338,6 +338,7 @@ impl FuzzHello {
             git: self.git,
             owner: OwnerPolicy::Receiver,
             external_links: self.external_links.iter().map(FuzzPath::build).collect(),
+            ticket: Vec::new(),
         }
     }
 }

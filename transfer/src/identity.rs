@@ -82,6 +82,8 @@ impl fmt::Debug for Fingerprint {
 pub struct Identity {
     pub cert: CertificateDer<'static>,
     key_der: Vec<u8>,
+    /// DER `SubjectPublicKeyInfo`: the fingerprint is BLAKE3 of these bytes.
+    spki: Vec<u8>,
     pub fingerprint: Fingerprint,
 }
 
@@ -138,11 +140,28 @@ impl Identity {
         let cert = cert.der().clone();
         let fingerprint = Fingerprint::of_certificate(&cert)
             .map_err(|e| Error::Identity(format!("minted an unreadable certificate: {e}")))?;
+        use rcgen::PublicKeyData;
         Ok(Identity {
             cert,
             key_der: key.serialize_der(),
+            spki: key.subject_public_key_info(),
             fingerprint,
         })
+    }
+
+    /// The public key as DER `SubjectPublicKeyInfo` (BLAKE3 of it is [`Identity::fingerprint`]).
+    pub fn public_key_info(&self) -> &[u8] {
+        &self.spki
+    }
+
+    /// Signs `message` with this key (ECDSA P-256 with SHA-256, ASN.1 signature): how the
+    /// orchestrator signs transfer tickets ([`crate::ticket`]).
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Error> {
+        use rcgen::SigningKey;
+        let key = rcgen::KeyPair::try_from(self.key_der.as_slice())
+            .map_err(|e| Error::Identity(format!("cannot reload the key: {e}")))?;
+        key.sign(message)
+            .map_err(|e| Error::Identity(format!("cannot sign: {e}")))
     }
 
     fn private_key(&self) -> PrivateKeyDer<'static> {

@@ -37,6 +37,7 @@ pub mod recv;
 pub mod scan;
 pub mod send;
 pub mod staging;
+pub mod ticket;
 pub mod tracker;
 pub mod units;
 pub mod wire;

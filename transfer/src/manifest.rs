@@ -30,6 +30,9 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_NAME_LEN: usize = 255;
 /// Name of the staging directory under the receiver's root; no entry may use it.
 pub const STAGING_DIR_NAME: &str = ".shardrecv";
+/// Name of the directory under the receiver's root where it records the root hash of each
+/// tree it installed (what `replace` tickets name); no entry may use it either.
+pub const INSTALLED_ROOTS_DIR_NAME: &str = ".shardrecv-roots";
 /// Most entries a manifest may announce. The receiver holds the whole manifest in memory
 /// until it is verified, so a peer's announcement must not be able to make that unbounded;
 /// 16 Mi entries is far above any repository (the largest git trees have a few million
@@ -164,8 +167,12 @@ pub fn validate_destination(dest: &[u8]) -> Result<(), ManifestError> {
         return Err(err("empty"));
     }
     check_relative_path(dest).map_err(err)?;
-    if dest.split(|b| *b == b'/').next() == Some(STAGING_DIR_NAME.as_bytes()) {
+    let first = dest.split(|b| *b == b'/').next();
+    if first == Some(STAGING_DIR_NAME.as_bytes()) {
         return Err(err("the staging directory is reserved"));
+    }
+    if first == Some(INSTALLED_ROOTS_DIR_NAME.as_bytes()) {
+        return Err(err("the receiver's record of installed trees is reserved"));
     }
     Ok(())
 }

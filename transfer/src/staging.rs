@@ -58,6 +58,39 @@ pub fn staging_dir(root: &Path, dest: &[u8]) -> PathBuf {
     root.join(STAGING_DIR_NAME).join(&key.as_str()[..32])
 }
 
+/// Where the receiver records the root hash (hex) of the tree it installed at `dest`: what a
+/// `replace` ticket is checked against ([`crate::ticket::Grant::Replace`]).
+pub fn installed_root_file(root: &Path, dest: &[u8]) -> PathBuf {
+    let key = blake3::hash(dest).to_hex();
+    root.join(crate::manifest::INSTALLED_ROOTS_DIR_NAME)
+        .join(&key.as_str()[..32])
+}
+
+/// Whether anything is at `dest` under `root`, and the root hash recorded for it, if any.
+pub fn installed_root(root: &Path, dest: &[u8]) -> (bool, Option<String>) {
+    let exists = fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(dest))).is_ok();
+    let recorded = fs::read_to_string(installed_root_file(root, dest))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    (exists, recorded.filter(|_| exists))
+}
+
+/// Forgets the root recorded for `dest` (before an install replaces the tree: a crash
+/// between the two then leaves no record, never a stale one).
+pub fn forget_installed_root(root: &Path, dest: &[u8]) -> Result<(), Error> {
+    remove_any(&installed_root_file(root, dest))
+}
+
+/// Records `root_hash` as the root of the tree just installed at `dest`.
+pub fn record_installed_root(root: &Path, dest: &[u8], root_hash: &Hash) -> Result<(), Error> {
+    let file = installed_root_file(root, dest);
+    if let Some(dir) = file.parent() {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    write_atomically(&file, crate::wire::hex(root_hash).as_bytes())
+}
+
 /// Why staging could not be prepared.
 #[derive(Debug)]
 pub enum PrepareError {

@@ -31,13 +31,16 @@
 //!   versions have no attributes, and their files belong to the receiver's user as before.
 //! - 5: [`Hello::external_links`]: the absolute prefixes symlinks leaving the tree may point
 //!   into (`--allow-external-link`); earlier senders send none, and such links are refused.
+//! - 6: [`Hello::ticket`]: the orchestrator's signed transfer ticket ([`crate::ticket`]),
+//!   empty without one; [`FailCode::Unauthorized`] answers a refused ticket (earlier senders,
+//!   which cannot carry one, get `BadRequest` with the same message).
 
 use thiserror::Error;
 
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"shardxfer/1";
 /// Version carried in [`Hello`]; bumped on any incompatible change of this module.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Oldest sender version a receiver still serves.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// First version whose senders understand [`ControlMsg::Queued`].
@@ -48,6 +51,9 @@ pub const GIT_FLAG_SINCE_VERSION: u16 = 3;
 pub const OWNER_SINCE_VERSION: u16 = 4;
 /// First version whose `Hello` carries [`Hello::external_links`].
 pub const EXTERNAL_LINKS_SINCE_VERSION: u16 = 5;
+/// First version whose `Hello` carries [`Hello::ticket`] and whose senders know
+/// [`FailCode::Unauthorized`].
+pub const TICKET_SINCE_VERSION: u16 = 6;
 /// Most external link prefixes a `Hello` may carry.
 pub const MAX_EXTERNAL_LINK_PREFIXES: usize = 256;
 /// Most owner rules a `Hello` may carry.
@@ -183,6 +189,9 @@ pub struct Hello {
     /// Version 5: absolute directories that symlinks leaving the tree may point into
     /// (`shardsend --allow-external-link`); checked by the receiver like any entry.
     pub external_links: Vec<Vec<u8>>,
+    /// Version 6: the transfer ticket's text (`shardsend --ticket`), empty without one;
+    /// at most [`crate::ticket::MAX_TICKET_LEN`] bytes.
+    pub ticket: Vec<u8>,
 }
 
 /// Who owns the installed files (protocol version 4); see [`crate::owner`].
@@ -234,6 +243,8 @@ pub enum FailCode {
     Io = 5,
     /// The sender aborted.
     Aborted = 6,
+    /// Version 6: the transfer's ticket is missing or does not allow it.
+    Unauthorized = 7,
 }
 
 impl FailCode {
@@ -245,6 +256,7 @@ impl FailCode {
             4 => FailCode::Verification,
             5 => FailCode::Io,
             6 => FailCode::Aborted,
+            7 => FailCode::Unauthorized,
             other => {
                 return Err(WireError::InvalidValue {
                     field: "fail code",
@@ -451,6 +463,9 @@ impl ControlMsg {
                         put_bytes(out, prefix);
                     }
                 }
+                if h.version >= TICKET_SINCE_VERSION {
+                    put_bytes(out, &h.ticket);
+                }
             }
             ControlMsg::Entry(e) => {
                 out.push(if e.attrs.is_some() {
@@ -591,6 +606,7 @@ impl ControlMsg {
                     git: false,
                     owner: OwnerPolicy::Receiver,
                     external_links: Vec::new(),
+                    ticket: Vec::new(),
                 };
                 if version >= GIT_FLAG_SINCE_VERSION {
                     hello.git = r.bool("git")?;
@@ -608,6 +624,15 @@ impl ControlMsg {
                     }
                     for _ in 0..n {
                         hello.external_links.push(r.bytes()?);
+                    }
+                }
+                if version >= TICKET_SINCE_VERSION {
+                    hello.ticket = r.bytes()?;
+                    if hello.ticket.len() > crate::ticket::MAX_TICKET_LEN {
+                        return Err(WireError::InvalidValue {
+                            field: "ticket length",
+                            value: hello.ticket.len() as u64,
+                        });
                     }
                 }
                 if version > PROTOCOL_VERSION {
@@ -1023,9 +1048,10 @@ mod tests {
                 any::<bool>(),
                 arb_owner(),
                 proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 0..3),
+                proptest::collection::vec(any::<u8>(), 0..64),
             )
                 .prop_map(
-                    |(version, dest, file, cs, ec, tb, resume, info, git, owner, links)| {
+                    |(version, dest, file, cs, ec, tb, resume, info, git, owner, links, ticket)| {
                         ControlMsg::Hello(Hello {
                             version,
                             dest,
@@ -1045,6 +1071,11 @@ mod tests {
                             },
                             external_links: if version >= EXTERNAL_LINKS_SINCE_VERSION {
                                 links
+                            } else {
+                                Vec::new()
+                            },
+                            ticket: if version >= TICKET_SINCE_VERSION {
+                                ticket
                             } else {
                                 Vec::new()
                             },
@@ -1092,7 +1123,7 @@ mod tests {
                     path,
                     replaced
                 }),
-            (1u8..=6, ".{0,30}").prop_map(|(c, message)| ControlMsg::Fail {
+            (1u8..=7, ".{0,30}").prop_map(|(c, message)| ControlMsg::Fail {
                 code: FailCode::from_u8(c).expect("valid code"),
                 message
             }),

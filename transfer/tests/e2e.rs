@@ -8,6 +8,7 @@ mod live_source;
 mod operator;
 mod ownership;
 mod resume_progress;
+mod tickets;
 mod util;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};

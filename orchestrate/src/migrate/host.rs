@@ -25,6 +25,9 @@ pub struct HostConfig {
     pub shardsend_args: Vec<String>,
     /// How long the freeze waits for pushes in flight.
     pub freeze_wait: Duration,
+    /// Signs a transfer ticket for every pass (`--ticket-key`), for receivers that require
+    /// them.
+    pub tickets: Option<std::sync::Arc<crate::tickets::TicketSigner>>,
 }
 
 /// Host operations through each device's executor.
@@ -51,6 +54,19 @@ impl ExecutorHostOps {
             ))
         })?;
         let src = repo.source.path(&repo.path);
+        let ticket = match &self.cfg.tickets {
+            Some(signer) => Some(
+                signer
+                    .ticket_for(
+                        repo,
+                        (source(repo)?.as_ref(), target(repo)?.as_ref()),
+                        (&self.cfg.shardsend, &self.cfg.identity),
+                        stage_only,
+                    )
+                    .await?,
+            ),
+            None => None,
+        };
         let mut argv: Vec<&str> = vec![
             &self.cfg.shardsend,
             &src,
@@ -66,6 +82,9 @@ impl ExecutorHostOps {
         ];
         if stage_only {
             argv.push("--stage-only");
+        }
+        if let Some(ticket) = &ticket {
+            argv.extend(["--ticket", ticket.as_str()]);
         }
         argv.extend(self.cfg.shardsend_args.iter().map(String::as_str));
         let out = executor::run(source(repo)?.as_ref(), &argv).await?;

@@ -13,8 +13,10 @@ mod chaos;
 mod daemon_user;
 mod doctor;
 mod formats;
+mod tickets;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
 use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
+use tickets::migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one;
 use formats::{
     a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
     reftable_and_sha256_repositories_move_and_stay_what_they_are,
@@ -33,6 +35,7 @@ crate::contract!(
     status_page_in_chromium_shows_what_is_read_only_and_why,
     reftable_and_sha256_repositories_move_and_stay_what_they_are,
     a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
+    migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one,
 );
 
 /// Issue 10, item 5: over ssh, killing the driver killed only the local ssh client; the remote
@@ -164,11 +167,14 @@ struct Layout<'a> {
     hosts: [&'a str; 2],
     /// Their roots, relative to the test's directory.
     roots: [&'a str; 2],
+    /// Extra `shardrecv serve` arguments for B's receiver.
+    recv_args: &'a [&'a str],
 }
 
 const LOCAL: Layout<'static> = Layout {
     hosts: ["localhost", "localhost"],
     roots: ["shard-a", "shard-b"],
+    recv_args: &[],
 };
 
 fn setup(env: &Env, repos: &[(&str, usize)]) -> Shards {
@@ -193,6 +199,7 @@ fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
         .arg(&recv_key)
         .arg("--allow")
         .arg(&allow)
+        .args(layout.recv_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -422,6 +429,7 @@ fn migrate_over_ssh_moves_and_verifies(env: &Env) {
     let layout = Layout {
         hosts: [host_a.alias, host_b.alias],
         roots: ["shard-a'$HOME", "shard-b;*"],
+        recv_args: &[],
     };
     let names = ["r1", "r2"];
     let shards = setup_on(env, &[("r1", 1), ("r2", 0)], &layout);

@@ -9,7 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use transfer::cli::{
     init_logging, report_error, DocCommand, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
 };
-use transfer::identity::{AllowList, Identity, LiveAllowList};
+use transfer::identity::{AllowList, Fingerprint, Identity, LiveAllowList};
 use transfer::quic::Congestion;
 use transfer::recv::config::{FileConfig, ServeFlags, ServeSettings};
 use transfer::recv::{Receiver, ServeConfig};
@@ -101,7 +101,18 @@ enum Command {
         /// network: nothing authenticates the scraper), e.g. 127.0.0.1:9400
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// Require a transfer ticket signed by the orchestrator key with this fingerprint
+        /// (`shardmove ticket-key`); repeatable, for a key rotation. With tickets on, a
+        /// sender on the allow-list may still only write what a ticket for it allows: this
+        /// destination, created or replacing a known tree, before it expires. Without, the
+        /// allow-list alone decides (standalone shardsend use)
+        #[arg(long, value_name = "FINGERPRINT", value_parser = parse_fingerprint)]
+        ticket_signer: Vec<Fingerprint>,
     },
+}
+
+fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    Fingerprint::parse(s).map_err(|e| e.to_string())
 }
 
 fn main() {
@@ -132,6 +143,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             window,
             max_queued,
             metrics,
+            ticket_signer,
         } => {
             let flags = ServeFlags {
                 listen,
@@ -144,6 +156,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 window,
                 metrics,
                 log_format,
+                ticket_signers: ticket_signer,
             };
             let settings = ServeSettings::merge(flags, FileConfig::find(config.as_deref())?)?;
             init_logging("info", settings.log_format);
@@ -179,6 +192,7 @@ fn serve(settings: ServeSettings) -> Result<(), Error> {
             transport: settings.transport,
             max_queued: settings.max_queued,
             metrics: settings.metrics,
+            ticket_signers: settings.ticket_signers.clone(),
         })?;
         let addr = receiver.local_addr()?;
         println!("listening {addr} fingerprint {fingerprint}");

@@ -127,6 +127,11 @@ struct SendArgs {
     /// the copy gets no alternates file: it is self-contained
     #[arg(long)]
     dissociate: bool,
+    /// The transfer ticket `shardmove` signed for this transfer (its text, or @FILE to read
+    /// it from a file): required by a receiver run with --ticket-signer, ignored by others
+    /// that do not ask for one
+    #[arg(long, value_name = "TICKET|@FILE", env = "SHARDSEND_TICKET", hide_env_values = true)]
+    ticket: Option<String>,
     /// Print a JSON summary on stdout; what happens meanwhile goes to stderr as one JSON
     /// object per line (queued, admitted, reconnecting, reconnected, and progress at most
     /// every 0.5 s unless --no-progress), instead of sentences and the progress bar
@@ -187,6 +192,23 @@ fn parse_external_prefix(s: &str) -> Result<String, String> {
     transfer::manifest::check_external_prefix(s.as_bytes())
         .map(|()| s.to_string())
         .map_err(|reason| format!("{s:?}: {reason}"))
+}
+
+/// `--ticket`: the text itself, or `@FILE` holding it.
+fn read_ticket(arg: String) -> Result<String, Error> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
+        None => arg,
+    };
+    let text = text.trim().to_string();
+    if text.len() > transfer::ticket::MAX_TICKET_LEN {
+        return Err(Error::Input(format!(
+            "--ticket: {} bytes, more than a ticket's {}",
+            text.len(),
+            transfer::ticket::MAX_TICKET_LEN
+        )));
+    }
+    Ok(text)
 }
 
 fn main() {
@@ -310,6 +332,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
             .map(String::into_bytes)
             .collect(),
         dissociate: a.dissociate,
+        ticket: a.ticket.map(read_ticket).transpose()?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

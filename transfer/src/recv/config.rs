@@ -19,6 +19,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::cli::LogFormat;
 use crate::error::Error;
+use crate::identity::Fingerprint;
 use crate::quic::{Congestion, TransportOptions};
 
 use super::{DEFAULT_MAX_QUEUED, DEFAULT_MAX_TRANSFERS};
@@ -48,6 +49,9 @@ pub struct FileConfig {
     /// TCP address of the Prometheus `/metrics` endpoint.
     pub metrics: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
+    /// Fingerprints of the orchestrator keys whose transfer tickets are honoured; any given
+    /// makes tickets required.
+    pub ticket_signers: Option<Vec<String>>,
 }
 
 fn congestion<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Congestion>, D::Error> {
@@ -149,6 +153,8 @@ pub struct ServeFlags {
     pub window: Option<u64>,
     pub metrics: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
+    /// `--ticket-signer`s (empty: not given).
+    pub ticket_signers: Vec<Fingerprint>,
 }
 
 /// The settings a daemon runs with: flags over the file over the defaults.
@@ -163,6 +169,8 @@ pub struct ServeSettings {
     pub transport: TransportOptions,
     pub metrics: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Orchestrator keys whose tickets are required and honoured (empty: tickets off).
+    pub ticket_signers: Vec<Fingerprint>,
     /// The config file read, if any (re-read on SIGHUP for `allow`).
     pub config_file: Option<PathBuf>,
     /// Whether `allow` came from the flag (then a SIGHUP reloads that file, whatever the
@@ -189,7 +197,27 @@ impl ServeSettings {
             Error::Input(format!("missing {flag}: give it, or {source}"))
         };
         let allow_from_flag = flags.allow.is_some();
+        let ticket_signers = if flags.ticket_signers.is_empty() {
+            let in_file = |fp: &String| {
+                Fingerprint::parse(fp).map_err(|e| {
+                    Error::Input(format!(
+                        "`ticket_signers` in {}: {e}",
+                        config_file
+                            .as_ref()
+                            .map_or("the config file".into(), |p| p.display().to_string())
+                    ))
+                })
+            };
+            file.ticket_signers
+                .iter()
+                .flatten()
+                .map(in_file)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            flags.ticket_signers
+        };
         Ok(ServeSettings {
+            ticket_signers,
             listen: flags
                 .listen
                 .or(file.listen)

@@ -27,7 +27,7 @@ pub mod metrics;
 pub mod session;
 pub mod store;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -62,6 +62,9 @@ pub struct ServeConfig {
     pub transport: crate::quic::TransportOptions,
     /// Where to serve Prometheus `/metrics` (TCP), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Orchestrator keys whose transfer tickets are honoured; when any is given, every
+    /// transfer needs a ticket ([`crate::ticket`]); when none, the allow-list alone decides.
+    pub ticket_signers: Vec<Fingerprint>,
 }
 
 /// Default of `shardrecv serve --max-transfers`.
@@ -90,6 +93,11 @@ struct Shared {
     /// Destinations being received or waiting now, with the sender and connection holding
     /// each.
     active: Mutex<HashMap<Vec<u8>, ActiveTransfer>>,
+    /// Tickets on: the trusted signers and the nonces spent by installs.
+    tickets: Option<(
+        Arc<HashSet<Fingerprint>>,
+        Arc<Mutex<crate::ticket::SpentNonces>>,
+    )>,
 }
 
 struct ActiveTransfer {
@@ -122,6 +130,12 @@ impl Receiver {
                 )),
                 line_moved: Notify::new(),
                 active: Mutex::new(HashMap::new()),
+                tickets: (!cfg.ticket_signers.is_empty()).then(|| {
+                    (
+                        Arc::new(cfg.ticket_signers.iter().copied().collect()),
+                        Arc::new(Mutex::new(crate::ticket::SpentNonces::default())),
+                    )
+                }),
             }),
         })
     }
@@ -207,6 +221,20 @@ impl Receiver {
 }
 
 impl Shared {
+    /// The ticket rules for a connection from `sender`, when tickets are on.
+    fn ticket_gate(&self, sender: Fingerprint) -> Option<session::TicketGate> {
+        let (signers, spent) = self.tickets.as_ref()?;
+        Some(session::TicketGate {
+            signers: signers.clone(),
+            spent: spent.clone(),
+            sender,
+            now: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+    }
+
     fn render_metrics(&self) -> String {
         let (active, queued) = self
             .admissions
@@ -387,7 +415,7 @@ async fn handle_connection(
         .map_err(|e| Error::Interrupted(e.to_string()))?;
     let (to_control, mut from_streams) = mpsc::unbounded_channel();
     let t = Arc::new(Transfer {
-        session: Mutex::new(ReceiverSession::new()),
+        session: Mutex::new(ReceiverSession::with_tickets(shared.ticket_gate(peer))),
         staging: Mutex::new(None),
         manifest: Mutex::new(None),
         to_control,
@@ -441,15 +469,18 @@ async fn handle_connection(
                         pending.extend(t.handle(ReceiverInput::ConnectionLost(e.to_string())));
                     }
                 }
-                ReceiverOutput::Claim { dest, resume } => {
+                ReceiverOutput::Claim {
+                    dest,
+                    resume,
+                    ticketed,
+                } => {
                     let admitted = admit(
                         &shared,
                         &t,
                         &conn,
                         &mut send,
                         &dest,
-                        peer,
-                        resume,
+                        (peer, resume, ticketed),
                         &mut pending,
                     )
                     .await;
@@ -534,6 +565,17 @@ async fn handle_connection(
             path,
             replaced,
         }) => {
+            let dest = t
+                .claim
+                .lock()
+                .ok()
+                .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
+                .unwrap_or_default();
+            if let Err(e) = crate::staging::record_installed_root(&shared.root, &dest, &root_hash)
+            {
+                // Installed all the same; only a `replace` ticket for it will be refused.
+                tracing::warn!(error = %e, "cannot record the installed tree's root hash");
+            }
             tracing::info!(path = %String::from_utf8_lossy(&path),
                 replaced = ?replaced.map(|r| String::from_utf8_lossy(&r).into_owned()),
                 root = %hex(&root_hash), "installed");
@@ -588,8 +630,7 @@ async fn admit(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     dest: &[u8],
-    peer: Fingerprint,
-    resume: bool,
+    (peer, resume, ticketed): (Fingerprint, bool, bool),
     pending: &mut VecDeque<ReceiverOutput>,
 ) -> bool {
     let dest_text = String::from_utf8_lossy(dest).into_owned();
@@ -603,6 +644,19 @@ async fn admit(
     };
     if let Ok(mut c) = t.claim.lock() {
         *c = Some(claimed);
+    }
+    if ticketed {
+        // Claimed: no other transfer of ours changes the destination until we let go.
+        let (exists, installed_root) = crate::staging::installed_root(&shared.root, dest);
+        let outputs = t.handle(ReceiverInput::AtDestination {
+            exists,
+            installed_root,
+        });
+        let refused = !outputs.is_empty();
+        pending.extend(outputs);
+        if refused {
+            return false;
+        }
     }
     let slot = wait_for_slot(
         shared,
@@ -784,6 +838,16 @@ async fn install(t: &Arc<Transfer>) -> ReceiverInput {
     let (Some(staging), Some(manifest)) = (staging, manifest) else {
         return ReceiverInput::InstallFailed("staging vanished".into());
     };
+    // The recorded root of the tree being replaced goes first (see forget_installed_root).
+    let dest = t
+        .claim
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
+        .unwrap_or_default();
+    if let Err(e) = crate::staging::forget_installed_root(&t.shared.root, &dest) {
+        return ReceiverInput::InstallFailed(e.to_string());
+    }
     match tokio::task::spawn_blocking(move || staging.install(&manifest)).await {
         Ok(Ok((path, replaced))) => ReceiverInput::Installed {
             path: path.as_os_str().as_bytes().to_vec(),

@@ -13,20 +13,43 @@
 //! payload is stored, and `Install` is asked for only once every chunk is verified and both
 //! root hashes are equal (property-tested below, with real staging on disk).
 //!
+//! With tickets on ([`TicketGate`], [`crate::ticket`]) the `Hello` must carry a ticket that
+//! opens with a trusted signer and names this destination, this sender and a time not past;
+//! once the destination is claimed, what is installed there must fit the ticket's grant
+//! ([`ReceiverInput::AtDestination`]); the manifest must be the one it names, if it names
+//! one; and an install spends its nonce, so the ticket cannot serve another transfer.
+//!
 //! States: `AwaitHello` → `AwaitAdmission` (`Claim`; `Queued` to a version 2 sender while in
 //! line) → `Manifest` (entries, `ManifestEnd`) → `Preparing` → `Receiving` (`Have`*, `Accept`;
 //! frames, `Done`, `Progress` on ticks, `Retry` on mismatches) → `Installing` or `Staged` →
 //! `Finished`.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use crate::error::Error;
+use crate::identity::Fingerprint;
 use crate::manifest::{Manifest, ManifestBuilder};
 use crate::staging::Request;
+use crate::ticket::{self, Refusal, SpentNonces, Ticket};
 use crate::tracker::{ChunkState, ChunkTracker, Mismatch};
 use crate::wire::{
     hex, ChunkHeader, ControlMsg, FailCode, Hash, MAX_HAVE_PER_FRAME, QUEUED_SINCE_VERSION,
+    TICKET_SINCE_VERSION,
 };
+
+/// What a receiver with tickets on checks each transfer against (see [`crate::ticket`]).
+#[derive(Debug, Clone)]
+pub struct TicketGate {
+    /// Fingerprints of the orchestrator keys whose tickets are honoured.
+    pub signers: Arc<HashSet<Fingerprint>>,
+    /// Nonces of tickets whose transfer installed (shared by the receiver's transfers).
+    pub spent: Arc<Mutex<SpentNonces>>,
+    /// The TLS-authenticated sender of this connection.
+    pub sender: Fingerprint,
+    /// Unix seconds when the connection was accepted: the expiry is checked against it.
+    pub now: u64,
+}
 
 /// What happened, for the session.
 #[derive(Debug, Clone)]
@@ -49,6 +72,13 @@ pub enum ReceiverInput {
     Admitted,
     /// The destination is held by someone else, or the line is full.
     Refused(String),
+    /// What is installed at the claimed destination (after [`ReceiverOutput::Claim`] with
+    /// `ticketed`, before `Admitted`): whether anything is there, and the root hash (hex) the
+    /// receiver recorded when it installed it.
+    AtDestination {
+        exists: bool,
+        installed_root: Option<String>,
+    },
     /// Staging is ready; the tracker holds what an earlier attempt verified.
     Prepared(ChunkTracker),
     PrepareFailed {
@@ -96,8 +126,13 @@ pub enum ReceiverOutput {
     /// Write this on the control stream.
     Send(ControlMsg),
     /// Claim `dest` and wait for a transfer slot; answer `InLine`*, then `Admitted` or
-    /// `Refused`.
-    Claim { dest: Vec<u8>, resume: bool },
+    /// `Refused`. When `ticketed`, answer [`ReceiverInput::AtDestination`] first, once the
+    /// destination is claimed.
+    Claim {
+        dest: Vec<u8>,
+        resume: bool,
+        ticketed: bool,
+    },
     /// Prepare staging as the sender asked (owner check, space check, carry-over when
     /// resuming, with git's rules for a git directory); answer `Prepared` or `PrepareFailed`.
     Prepare {
@@ -154,6 +189,9 @@ pub struct ReceiverSession {
     manifest: Option<Arc<Manifest>>,
     tracker: Option<ChunkTracker>,
     sender_root: Option<Hash>,
+    /// Tickets on: the rules, and the ticket this transfer carries once it passed them.
+    gate: Option<TicketGate>,
+    ticket: Option<Ticket>,
 }
 
 impl Default for ReceiverSession {
@@ -164,6 +202,11 @@ impl Default for ReceiverSession {
 
 impl ReceiverSession {
     pub fn new() -> Self {
+        Self::with_tickets(None)
+    }
+
+    /// A session that requires a ticket passing `gate` (none: the allow-list alone decides).
+    pub fn with_tickets(gate: Option<TicketGate>) -> Self {
         ReceiverSession {
             state: State::AwaitHello,
             version: 0,
@@ -173,7 +216,45 @@ impl ReceiverSession {
             manifest: None,
             tracker: None,
             sender_root: None,
+            gate,
+            ticket: None,
         }
+    }
+
+    /// The ticket this transfer carries, once it passed the checks.
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
+    }
+
+    /// Refuses the transfer for its ticket: `Unauthorized` to senders that know the code.
+    fn unauthorized(&mut self, refusal: Refusal, out: &mut Vec<ReceiverOutput>) {
+        let code = if self.version >= TICKET_SINCE_VERSION {
+            FailCode::Unauthorized
+        } else {
+            FailCode::BadRequest
+        };
+        self.fail(code, refusal.to_string(), out);
+    }
+
+    /// The `Hello`'s ticket against the gate: opened, for this destination and sender, not
+    /// expired, not spent.
+    fn admit_ticket(gate: &TicketGate, hello: &crate::wire::Hello) -> Result<Ticket, Refusal> {
+        if hello.ticket.is_empty() {
+            return Err(Refusal::Missing);
+        }
+        let text = std::str::from_utf8(&hello.ticket)
+            .map_err(|_| Refusal::Malformed("not UTF-8 text".into()))?;
+        let signed = ticket::open(text, &gate.signers)?;
+        ticket::check(&signed.ticket, gate.now, &hello.dest, &gate.sender)?;
+        let spent = gate
+            .spent
+            .lock()
+            .map(|mut s| s.is_spent(&signed.ticket, gate.now))
+            .unwrap_or(true);
+        if spent {
+            return Err(Refusal::Replayed);
+        }
+        Ok(signed.ticket)
     }
 
     pub fn is_finished(&self) -> bool {
@@ -223,6 +304,11 @@ impl ReceiverSession {
         match (self.state, input) {
             (State::Installing, In::Installed { path, replaced }) => {
                 let root_hash = self.sender_root.unwrap_or_default();
+                if let (Some(gate), Some(held)) = (&self.gate, &self.ticket) {
+                    if let Ok(mut spent) = gate.spent.lock() {
+                        spent.spend(held, gate.now);
+                    }
+                }
                 out.push(ReceiverOutput::Send(ControlMsg::Installed {
                     root_hash,
                     path: path.clone(),
@@ -263,16 +349,23 @@ impl ReceiverSession {
                 self.fail(FailCode::BadRequest, format!("protocol error: {e}"), out)
             }
             (State::AwaitHello, In::Control(ControlMsg::Hello(hello))) => {
+                self.version = hello.version;
+                if let Some(gate) = &self.gate {
+                    match Self::admit_ticket(gate, &hello) {
+                        Ok(ticket) => self.ticket = Some(ticket),
+                        Err(refusal) => return self.unauthorized(refusal, out),
+                    }
+                }
                 match ManifestBuilder::new(&hello) {
                     Ok(b) => {
                         self.builder = Some(b);
-                        self.version = hello.version;
                         self.install = hello.install;
                         self.request = Request::of(&hello);
                         self.state = State::AwaitAdmission;
                         out.push(ReceiverOutput::Claim {
                             dest: hello.dest,
                             resume: hello.resume,
+                            ticketed: self.ticket.is_some(),
                         });
                     }
                     Err(e) => self.fail(FailCode::BadRequest, e.to_string(), out),
@@ -300,6 +393,21 @@ impl ReceiverSession {
                     }));
                 }
             }
+            (
+                State::AwaitAdmission,
+                In::AtDestination {
+                    exists,
+                    installed_root,
+                },
+            ) => {
+                if let Some(held) = &self.ticket {
+                    if let Err(refusal) =
+                        ticket::check_grant(&held.grant, exists, installed_root.as_deref())
+                    {
+                        self.unauthorized(refusal, out);
+                    }
+                }
+            }
             (State::AwaitAdmission, In::Admitted) => self.state = State::Manifest,
             (State::AwaitAdmission, In::Refused(message)) => {
                 self.fail(FailCode::Busy, message, out)
@@ -318,6 +426,11 @@ impl ReceiverSession {
                     Some(b) => b.finish(&manifest_hash).map_err(|e| e.to_string()),
                     None => Err("internal: no manifest builder".into()),
                 };
+                if let (Ok(m), Some(t)) = (&built, &self.ticket) {
+                    if let Err(refusal) = ticket::check_manifest(t, &m.manifest_hash) {
+                        return self.unauthorized(refusal, out);
+                    }
+                }
                 match built {
                     Ok(m) => {
                         let manifest = Arc::new(m);
@@ -631,6 +744,7 @@ mod tests {
             git: false,
             owner: Default::default(),
             external_links: Vec::new(),
+            ticket: Vec::new(),
         })
     }
 
@@ -961,6 +1075,7 @@ mod tests {
                 git: false,
                 owner: crate::wire::OwnerPolicy::Receiver,
                 external_links: Vec::new(),
+                ticket: Vec::new(),
             },
         );
         let (mut to_receiver, mut receiver_in) = tokio::io::duplex(1 << 20);
@@ -1134,6 +1249,7 @@ mod tests {
                             git: false,
                             owner: Default::default(),
                             external_links: Vec::new(),
+                            ticket: Vec::new(),
                         })
                     }
                 ),

@@ -120,6 +120,9 @@ pub struct SendConfig {
     /// Make a repository that borrows objects (alternates) self-contained on the receiver
     /// ([`crate::dissociate`]).
     pub dissociate: bool,
+    /// The orchestrator's transfer ticket, for a receiver that requires one
+    /// ([`crate::ticket`]).
+    pub ticket: Option<String>,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -517,6 +520,7 @@ async fn attempt_once(
             git: scanned.git,
             owner: cfg.owner.clone(),
             external_links: cfg.external_links.clone(),
+            ticket: cfg.ticket.clone().unwrap_or_default().into_bytes(),
         },
     );
     let result = attempt_on(cfg, session, Arc::new(scanned), &conn, totals).await;

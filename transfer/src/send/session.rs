@@ -48,6 +48,8 @@ pub struct SenderSessionConfig {
     pub owner: OwnerPolicy,
     /// Where symlinks leaving the tree may point (`--allow-external-link`).
     pub external_links: Vec<Vec<u8>>,
+    /// The transfer ticket's text ([`crate::ticket`]), empty without one.
+    pub ticket: Vec<u8>,
 }
 
 /// What happened, for the session.
@@ -190,6 +192,7 @@ impl SenderSession {
             git: self.cfg.git,
             owner: self.cfg.owner.clone(),
             external_links: self.cfg.external_links.clone(),
+            ticket: self.cfg.ticket.clone(),
         }));
         msgs.extend(manifest.entries.iter().cloned().map(ControlMsg::Entry));
         msgs.push(ControlMsg::ManifestEnd {
@@ -639,6 +642,7 @@ mod tests {
             git: false,
             owner: OwnerPolicy::Receiver,
             external_links: Vec::new(),
+            ticket: Vec::new(),
         }
     }
 

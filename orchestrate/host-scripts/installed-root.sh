@@ -1,0 +1,2 @@
+set -eu
+installed_root "$1" "$2"
