@@ -595,6 +595,7 @@ async fn demo(
             shardsend: cfg.bin_dir.join("shardsend").display().to_string(),
             identity: keys.join("shard-a.key").display().to_string(),
             freeze_wait: Duration::from_secs(30),
+            repack_wait: Duration::from_secs(3600),
             shardsend_args: Vec::new(),
         },
     );

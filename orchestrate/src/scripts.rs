@@ -45,10 +45,13 @@ pub enum Script {
     GitFormats,
     /// `OBJECTS REFS`: whether git on this host can use a repository of those formats.
     GitSupports,
+    /// `REPO SECONDS`: once no git gc/repack rewrites the repository, prints its formats and
+    /// what it waited for (the pre-copy's one process on A).
+    PrecopySource,
 }
 
 impl Script {
-    pub const ALL: [Script; 13] = [
+    pub const ALL: [Script; 14] = [
         Script::InstallHook,
         Script::RemoveHook,
         Script::WaitIdle,
@@ -62,6 +65,7 @@ impl Script {
         Script::RemoveAside,
         Script::GitFormats,
         Script::GitSupports,
+        Script::PrecopySource,
     ];
 
     /// Its name (`$0` on the host, and what error messages show).
@@ -80,6 +84,7 @@ impl Script {
             Script::RemoveAside => "remove-aside",
             Script::GitFormats => "git-formats",
             Script::GitSupports => "git-supports",
+            Script::PrecopySource => "precopy-source",
         }
     }
 
@@ -100,6 +105,7 @@ impl Script {
             Script::RemoveAside => include_str!("../host-scripts/remove-aside.sh"),
             Script::GitFormats => include_str!("../host-scripts/git-formats.sh"),
             Script::GitSupports => include_str!("../host-scripts/git-supports.sh"),
+            Script::PrecopySource => include_str!("../host-scripts/precopy-source.sh"),
         }
     }
 
@@ -166,8 +172,10 @@ pub mod exit {
     pub const CORRUPT: i32 = 87;
     /// git on the host cannot use the repository's object format or ref storage.
     pub const UNSUPPORTED: i32 = 88;
+    /// A git gc/repack still rewrites the repository after the wait; stdout says which.
+    pub const OBJECTS_BUSY: i32 = 89;
 
-    pub const ALL: [(&str, i32); 9] = [
+    pub const ALL: [(&str, i32); 10] = [
         ("EX_ORIG_EXISTS", ORIG_EXISTS),
         ("EX_PUSHES_IN_FLIGHT", PUSHES_IN_FLIGHT),
         ("EX_MISSING", MISSING),
@@ -177,6 +185,7 @@ pub mod exit {
         ("EX_FAILPOINT", FAILPOINT),
         ("EX_CORRUPT", CORRUPT),
         ("EX_UNSUPPORTED", UNSUPPORTED),
+        ("EX_OBJECTS_BUSY", OBJECTS_BUSY),
     ];
 }
 

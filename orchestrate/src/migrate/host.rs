@@ -25,6 +25,8 @@ pub struct HostConfig {
     pub shardsend_args: Vec<String>,
     /// How long the freeze waits for pushes in flight.
     pub freeze_wait: Duration,
+    /// How long a pre-copy round waits for a `git gc`/`repack` running on A to finish.
+    pub repack_wait: Duration,
 }
 
 /// Host operations through each device's executor.
@@ -78,9 +80,25 @@ impl ExecutorHostOps {
         let dst = repo.target.path(&repo.path);
         Ok(match op {
             HostOp::Precopy => {
+                // A repack running now would be copied over and over, or fail the frozen
+                // final pass: each round starts once it is over (see before_precopy).
+                let started = std::time::Instant::now();
+                let ready = maintenance::before_precopy(
+                    source(repo)?.as_ref(),
+                    &src,
+                    &repo.repository,
+                    self.cfg.repack_wait,
+                )
+                .await?;
+                let waited = ready.waited_for.map(|what| {
+                    format!(
+                        "waited {:.1} s for {what} on {}",
+                        started.elapsed().as_secs_f64(),
+                        repo.source.device
+                    )
+                });
                 // Before anything is frozen: B's git must read what A's holds.
-                let formats = verify::git_formats(source(repo)?.as_ref(), &src).await?;
-                verify::ensure_git_supports(target(repo)?.as_ref(), &formats)
+                verify::ensure_git_supports(target(repo)?.as_ref(), &ready.formats)
                     .await
                     .map_err(|e| match e {
                         Error::Refused(why) => Error::Refused(format!(
@@ -91,6 +109,7 @@ impl ExecutorHostOps {
                     })?;
                 Completion::Precopied {
                     sent_bytes: self.send(repo, true).await?.sent_bytes,
+                    waited,
                 }
             }
             HostOp::CheckStaged => {
