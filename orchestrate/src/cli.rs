@@ -561,8 +561,9 @@ pub struct MigrateArgs {
     pub conduit: ConduitArgs,
     /// shardsend's congestion controller for the transfers. `background` (the default)
     /// yields to users' traffic on shared links (a competing TCP flow keeps most of the link);
-    /// `bbr` takes the link's full rate, even with loss.
-    #[arg(long, default_value = "background", value_parser = ["background", "bbr", "cubic", "newreno"])]
+    /// `bbr` takes the link's full rate, even with loss; `auto` is shardsend's own default
+    /// (bbr, cubic on loopback).
+    #[arg(long, default_value = "background", value_parser = ["background", "auto", "bbr", "cubic", "newreno"])]
     pub congestion: String,
     /// Only these repositories (NAME or INSTANCE/NAME); default: all of the instance on --from.
     #[arg(long, num_args = 1..)]
@@ -601,6 +602,11 @@ pub struct MigrateArgs {
     /// pre-copy's retry gets a new one)
     #[arg(long, value_name = "SECONDS", default_value_t = crate::tickets::DEFAULT_TTL.as_secs())]
     pub ticket_ttl: u64,
+    /// Seconds a pre-copy round waits for a `git gc`/`repack` already working in the
+    /// repository on A to finish (it would otherwise be copied twice, or break the frozen final
+    /// pass); after that the repository is left on A.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub repack_wait: u64,
     /// Cap each transfer's send rate (shardsend --bwlimit, e.g. 50M).
     #[arg(long)]
     pub bwlimit: Option<String>,
@@ -688,6 +694,7 @@ impl MigrateArgs {
             shardsend: (self.shardsend.clone().or(beside)).unwrap_or_else(|| "shardsend".into()),
             identity: self.identity.clone(),
             freeze_wait: Duration::from_secs(self.freeze_wait),
+            repack_wait: Duration::from_secs(self.repack_wait),
             shardsend_args: self.shardsend_args(),
         })
     }

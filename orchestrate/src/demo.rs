@@ -608,6 +608,7 @@ async fn demo(
                 &keys.join("orchestrator.key"),
                 crate::tickets::DEFAULT_TTL,
             )?)),
+            repack_wait: Duration::from_secs(3600),
             shardsend_args: Vec::new(),
         },
     );

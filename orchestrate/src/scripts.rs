@@ -47,10 +47,13 @@ pub enum Script {
     GitSupports,
     /// `DEST RECORD`: `absent`, `unrecorded`, or the root hash shardrecv recorded for DEST.
     InstalledRoot,
+    /// `REPO SECONDS`: once no git gc/repack rewrites the repository, prints its formats and
+    /// what it waited for (the pre-copy's one process on A).
+    PrecopySource,
 }
 
 impl Script {
-    pub const ALL: [Script; 14] = [
+    pub const ALL: [Script; 15] = [
         Script::InstallHook,
         Script::RemoveHook,
         Script::WaitIdle,
@@ -65,6 +68,7 @@ impl Script {
         Script::GitFormats,
         Script::GitSupports,
         Script::InstalledRoot,
+        Script::PrecopySource,
     ];
 
     /// Its name (`$0` on the host, and what error messages show).
@@ -84,6 +88,7 @@ impl Script {
             Script::GitFormats => "git-formats",
             Script::GitSupports => "git-supports",
             Script::InstalledRoot => "installed-root",
+            Script::PrecopySource => "precopy-source",
         }
     }
 
@@ -105,6 +110,7 @@ impl Script {
             Script::GitFormats => include_str!("../host-scripts/git-formats.sh"),
             Script::GitSupports => include_str!("../host-scripts/git-supports.sh"),
             Script::InstalledRoot => include_str!("../host-scripts/installed-root.sh"),
+            Script::PrecopySource => include_str!("../host-scripts/precopy-source.sh"),
         }
     }
 
@@ -171,8 +177,10 @@ pub mod exit {
     pub const CORRUPT: i32 = 87;
     /// git on the host cannot use the repository's object format or ref storage.
     pub const UNSUPPORTED: i32 = 88;
+    /// A git gc/repack still rewrites the repository after the wait; stdout says which.
+    pub const OBJECTS_BUSY: i32 = 89;
 
-    pub const ALL: [(&str, i32); 9] = [
+    pub const ALL: [(&str, i32); 10] = [
         ("EX_ORIG_EXISTS", ORIG_EXISTS),
         ("EX_PUSHES_IN_FLIGHT", PUSHES_IN_FLIGHT),
         ("EX_MISSING", MISSING),
@@ -182,6 +190,7 @@ pub mod exit {
         ("EX_FAILPOINT", FAILPOINT),
         ("EX_CORRUPT", CORRUPT),
         ("EX_UNSUPPORTED", UNSUPPORTED),
+        ("EX_OBJECTS_BUSY", OBJECTS_BUSY),
     ];
 }
 

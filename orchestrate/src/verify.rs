@@ -97,6 +97,18 @@ pub struct GitFormats {
 }
 
 impl GitFormats {
+    /// Reads `OBJECTS REFS` as `git-formats` prints it.
+    pub fn parse(line: &str) -> Option<GitFormats> {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some(objects), Some(refs), None) => Some(GitFormats {
+                objects: objects.to_string(),
+                refs: refs.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether every git since 2.0 reads it (SHA-1 objects, loose and packed refs).
     pub fn is_classic(&self) -> bool {
         self.objects == "sha1" && self.refs == "files"
@@ -115,16 +127,7 @@ pub async fn git_formats(exec: &dyn Executor, path: &str) -> Result<GitFormats> 
     let script = Script::GitFormats;
     let out = script.run(exec, &[path], None).await?;
     match out.status {
-        0 => {
-            let mut words = out.stdout.split_whitespace();
-            match (words.next(), words.next()) {
-                (Some(objects), Some(refs)) => Ok(GitFormats {
-                    objects: objects.to_string(),
-                    refs: refs.to_string(),
-                }),
-                _ => Err(script.failed(exec, &[path], &out)),
-            }
-        }
+        0 => GitFormats::parse(out.stdout.trim()).ok_or_else(|| script.failed(exec, &[path], &out)),
         exit::MISSING => Err(Error::Refused(format!("{path} is not a git repository"))),
         _ => Err(script.failed(exec, &[path], &out)),
     }

@@ -365,6 +365,75 @@ struct RunFigures {
     fsck_failures: usize,
     windows: Vec<f64>,
     final_runs: usize,
+    /// What the soak did, with wall-clock times (UTC, as migrate's progress lines).
+    events: Vec<String>,
+    /// Per window over 1 s: the repository's progress lines from every driver, with the
+    /// soak's kills between them, to see which step took the time.
+    long_windows: Vec<String>,
+}
+
+/// Now as `HH:MM:SS.mmm` UTC, the clock of migrate's progress lines.
+fn utc_clock_ms(ms: u64) -> String {
+    let day_ms = ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The breakdown of `repo`'s long window: its lines from each driver's log in the order the
+/// drivers ran, then the soak's events, both sorted by their clock.
+fn window_breakdown(dir: &Path, fig: &RunFigures, repo: &Value) -> String {
+    let label = repo["repository"].as_str().unwrap_or("?");
+    let mut lines: Vec<String> = Vec::new();
+    let mut logs: Vec<(String, PathBuf)> = (0..fig.kills + fig.finished_before_kill)
+        .map(|k| (format!("driver {k}"), dir.join(format!("migrate-{k}.log"))))
+        .collect();
+    logs.extend((1..=fig.final_runs).map(|n| {
+        (
+            format!("final driver {n}"),
+            dir.join(format!("migrate-final-{n}.log")),
+        )
+    }));
+    let needle = format!("{label}:");
+    for (name, path) in logs {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in text.lines() {
+            if line.contains(&needle) || line.contains("taking over") || line.contains("took over")
+            {
+                lines.push(format!("{line}    [{name}]"));
+            }
+        }
+    }
+    lines.extend(fig.events.iter().map(|e| format!("{e}    [soak]")));
+    // Progress lines and events both start with HH:MM:SS.mmm: sorting them as text orders
+    // them in time (within one UTC day).
+    lines.sort();
+    let at = |key: &str| {
+        repo[key]
+            .as_u64()
+            .map(utc_clock_ms)
+            .unwrap_or_else(|| "-".into())
+    };
+    format!(
+        "long window: {label} read-only {:.3} s (frozen {}, thawed {}):\n  {}",
+        repo["readonly_seconds"].as_f64().unwrap_or(0.0),
+        at("frozen_at_ms"),
+        at("thawed_at_ms"),
+        lines.join("\n  ")
+    )
 }
 
 fn one_run(args: &Args, dir: &Path, rng: &mut fastrand::Rng) -> Result<RunFigures> {
@@ -421,11 +490,24 @@ fn one_run(args: &Args, dir: &Path, rng: &mut fastrand::Rng) -> Result<RunFigure
             let _ = child.kill();
             let _ = child.wait();
             fig.kills += 1;
+            fig.events.push(format!(
+                "{} driver {k} killed{}",
+                utc_clock_ms(now_ms()),
+                if after_frozen {
+                    " (just after 'frozen')"
+                } else {
+                    ""
+                }
+            ));
         }
         let _ = reader.join();
         if k % 3 == 2 {
             w.kill_recv();
+            fig.events
+                .push(format!("{} shardrecv killed", utc_clock_ms(now_ms())));
             w.start_recv()?;
+            fig.events
+                .push(format!("{} shardrecv restarted", utc_clock_ms(now_ms())));
             fig.recv_kills += 1;
         }
     }
@@ -520,6 +602,10 @@ fn one_run(args: &Args, dir: &Path, rng: &mut fastrand::Rng) -> Result<RunFigure
         }
         if let Some(s) = r["readonly_seconds"].as_f64() {
             fig.windows.push(s);
+            if s > 1.0 {
+                let breakdown = window_breakdown(dir, &fig, r);
+                fig.long_windows.push(breakdown);
+            }
         }
     }
     Ok(fig)
@@ -594,6 +680,9 @@ fn main() -> Result<()> {
             f.fsck_failures,
             if ok { "ok" } else { "INVARIANT BROKEN" }
         );
+        for breakdown in &f.long_windows {
+            println!("{breakdown}");
+        }
     }
     if !all_ok {
         bail!("an invariant was broken (see above)");

@@ -378,9 +378,11 @@ pub enum Finish {
 pub enum Completion {
     #[default]
     Nothing,
-    /// A pre-copy round: bytes that crossed the wire.
+    /// A pre-copy round: bytes that crossed the wire, and what the round waited for first
+    /// (a `git repack` on A), for the progress report.
     Precopied {
         sent_bytes: u64,
+        waited: Option<String>,
     },
     /// The staged tree's check: its refs' object ids, or `None` when there was nothing staged
     /// to check.
@@ -540,7 +542,7 @@ impl RepoMachine {
     fn completed(&mut self, action: Action, done: Completion, from_interlude: bool) {
         match done {
             Completion::Nothing => {}
-            Completion::Precopied { sent_bytes } => {
+            Completion::Precopied { sent_bytes, .. } => {
                 self.sent_bytes += sent_bytes;
                 self.precopy_round += 1;
                 let settled = sent_bytes <= self.ctx.profile.precopy_settled_bytes;

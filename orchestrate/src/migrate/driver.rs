@@ -298,6 +298,7 @@ async fn drive_repo(
 ) -> Result<Finish> {
     let mut since = Instant::now();
     let mut sent = 0u64;
+    let mut rounds = 0u32;
     loop {
         let action = machine.poll();
         let event = match &action {
@@ -324,7 +325,17 @@ async fn drive_repo(
         };
         crate::failpoint::hit(&format!("after-{}", action.name()));
         match (&action, &event) {
-            (_, Event::Completed(Completion::Precopied { sent_bytes })) => sent += sent_bytes,
+            (_, Event::Completed(Completion::Precopied { sent_bytes, waited })) => {
+                sent += sent_bytes;
+                rounds += 1;
+                report(&format!(
+                    "{label}: pre-copy round {rounds}: {sent_bytes} bytes sent{}",
+                    waited
+                        .as_ref()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
+                ));
+            }
             (_, Event::Completed(Completion::FinalPass { sent_bytes, .. })) => sent += sent_bytes,
             (
                 Action::Journal(JournalWrite {
@@ -333,16 +344,21 @@ async fn drive_repo(
                 _,
             ) => {
                 report(&format!(
-                    "{label}: {} in {:.3} s{}",
+                    "{label}: {} in {:.3} s{}{}",
                     state.as_str(),
                     since.elapsed().as_secs_f64(),
                     match sent {
                         0 => String::new(),
                         n => format!(", {n} bytes sent"),
+                    },
+                    match rounds {
+                        0 | 1 => String::new(),
+                        n => format!(" in {n} rounds"),
                     }
                 ));
                 since = Instant::now();
                 sent = 0;
+                rounds = 0;
             }
             (_, Event::Failed(why)) => report(&format!("{label}: {} failed: {why}", action.name())),
             _ => {}

@@ -28,6 +28,8 @@ pub struct HostConfig {
     /// Signs a transfer ticket for every pass (`--ticket-key`), for receivers that require
     /// them.
     pub tickets: Option<std::sync::Arc<crate::tickets::TicketSigner>>,
+    /// How long a pre-copy round waits for a `git gc`/`repack` running on A to finish.
+    pub repack_wait: Duration,
 }
 
 /// Host operations through each device's executor.
@@ -97,9 +99,25 @@ impl ExecutorHostOps {
         let dst = repo.target.path(&repo.path);
         Ok(match op {
             HostOp::Precopy => {
+                // A repack running now would be copied over and over, or fail the frozen
+                // final pass: each round starts once it is over (see before_precopy).
+                let started = std::time::Instant::now();
+                let ready = maintenance::before_precopy(
+                    source(repo)?.as_ref(),
+                    &src,
+                    &repo.repository,
+                    self.cfg.repack_wait,
+                )
+                .await?;
+                let waited = ready.waited_for.map(|what| {
+                    format!(
+                        "waited {:.1} s for {what} on {}",
+                        started.elapsed().as_secs_f64(),
+                        repo.source.device
+                    )
+                });
                 // Before anything is frozen: B's git must read what A's holds.
-                let formats = verify::git_formats(source(repo)?.as_ref(), &src).await?;
-                verify::ensure_git_supports(target(repo)?.as_ref(), &formats)
+                verify::ensure_git_supports(target(repo)?.as_ref(), &ready.formats)
                     .await
                     .map_err(|e| match e {
                         Error::Refused(why) => Error::Refused(format!(
@@ -110,6 +128,7 @@ impl ExecutorHostOps {
                     })?;
                 Completion::Precopied {
                     sent_bytes: self.send(repo, true).await?.sent_bytes,
+                    waited,
                 }
             }
             HostOp::CheckStaged => {

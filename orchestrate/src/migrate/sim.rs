@@ -144,7 +144,10 @@ impl World {
             Action::Host(op) => match op {
                 HostOp::Precopy => {
                     self.staging = Some((self.a_refs.clone(), self.a_hook));
-                    Completion::Precopied { sent_bytes: 1 }
+                    Completion::Precopied {
+                        sent_bytes: 1,
+                        waited: None,
+                    }
                 }
                 HostOp::CheckStaged => Completion::Staged {
                     tips: self

@@ -14,12 +14,17 @@ mod daemon_user;
 mod doctor;
 mod formats;
 mod tickets;
+mod repack;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
 use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
 use tickets::migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one;
 use formats::{
     a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
     reftable_and_sha256_repositories_move_and_stay_what_they_are,
+};
+use repack::{
+    a_repack_on_a_is_waited_out_before_the_precopy,
+    a_repack_outlasting_the_wait_leaves_the_repository_writable_on_a,
 };
 
 crate::contract!(
@@ -36,6 +41,8 @@ crate::contract!(
     reftable_and_sha256_repositories_move_and_stay_what_they_are,
     a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
     migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one,
+    a_repack_on_a_is_waited_out_before_the_precopy,
+    a_repack_outlasting_the_wait_leaves_the_repository_writable_on_a,
 );
 
 /// Issue 10, item 5: over ssh, killing the driver killed only the local ssh client; the remote

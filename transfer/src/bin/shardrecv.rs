@@ -85,8 +85,9 @@ enum Command {
         /// told their place (a waiting sender keeps its connection open) [default: 32]
         #[arg(long)]
         max_transfers: Option<usize>,
-        /// Congestion controller of our sending side (control messages): bbr, cubic or
-        /// newreno. The data direction follows the sender's --congestion [default: bbr]
+        /// Congestion controller of our sending side (control messages): auto (bbr, cubic
+        /// on loopback), bbr, cubic or newreno. The data direction follows the sender's
+        /// --congestion [default: auto]
         #[arg(long)]
         congestion: Option<Congestion>,
         /// Connection receive window per transfer, K/M suffixes: the most unread data one
