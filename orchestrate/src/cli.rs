@@ -896,7 +896,9 @@ mod tests {
         );
         assert_eq!((cfg.parallel, cfg.per_host), (1, 2));
         assert_eq!(cfg.message, DEFAULT_MIGRATE_MESSAGE);
-        let hosts = args.host_config(Some("/opt/bin/shardsend".into())).expect("hosts");
+        let hosts = args
+            .host_config(Some("/opt/bin/shardsend".into()))
+            .expect("hosts");
         assert_eq!(hosts.shardsend, "/opt/bin/shardsend");
         assert_eq!(hosts.identity, "/etc/shard/send.key");
         assert_eq!(
@@ -904,7 +906,10 @@ mod tests {
             ["--bwlimit", "50M", "--congestion", "background"]
         );
         assert_eq!(hosts.freeze_wait, Duration::from_secs(7));
-        assert_eq!(args.host_config(None).expect("hosts").shardsend, "shardsend");
+        assert_eq!(
+            args.host_config(None).expect("hosts").shardsend,
+            "shardsend"
+        );
         let Command::Migrate(explicit) = parse(&[
             "migrate",
             "--instance",
@@ -919,7 +924,10 @@ mod tests {
             panic!("not migrate");
         };
         assert_eq!(
-            explicit.host_config(Some("/opt/ss".into())).expect("hosts").shardsend,
+            explicit
+                .host_config(Some("/opt/ss".into()))
+                .expect("hosts")
+                .shardsend,
             "/x/ss"
         );
         // Migrations yield to users' traffic unless told otherwise.

@@ -52,7 +52,8 @@ impl std::fmt::Debug for TicketSigner {
 impl TicketSigner {
     /// Loads the orchestrator key (made by `shardsend keygen`).
     pub fn load(path: &Path, ttl: Duration) -> Result<TicketSigner> {
-        let key = Identity::load(path).map_err(|e| Error::invalid("--ticket-key", &e.to_string()))?;
+        let key =
+            Identity::load(path).map_err(|e| Error::invalid("--ticket-key", e.to_string()))?;
         Ok(TicketSigner {
             key,
             ttl,
@@ -79,7 +80,11 @@ impl TicketSigner {
         let sender = self.sender(repo, source, shardsend, identity).await?;
         let known = match fresh {
             true => None,
-            false => self.grants.lock().ok().and_then(|g| g.get(&repo.repository).cloned()),
+            false => self
+                .grants
+                .lock()
+                .ok()
+                .and_then(|g| g.get(&repo.repository).cloned()),
         };
         let grant = match known {
             Some(grant) => grant,
@@ -111,10 +116,16 @@ impl TicketSigner {
         identity: &str,
     ) -> Result<Fingerprint> {
         let device = &repo.source.device;
-        if let Some(fp) = self.senders.lock().ok().and_then(|s| s.get(device).copied()) {
+        if let Some(fp) = self
+            .senders
+            .lock()
+            .ok()
+            .and_then(|s| s.get(device).copied())
+        {
             return Ok(fp);
         }
-        let out = executor::run(source, &[shardsend, "fingerprint", "--identity", identity]).await?;
+        let out =
+            executor::run(source, &[shardsend, "fingerprint", "--identity", identity]).await?;
         let fp = Fingerprint::parse(out.stdout.trim()).map_err(|e| {
             Error::Refused(format!(
                 "`{shardsend} fingerprint --identity {identity}` on device {device} printed no \

@@ -541,6 +541,7 @@ mod tests {
             git: false,
             owner: Default::default(),
             external_links: Vec::new(),
+            ticket: Vec::new(),
         }
     }
 

@@ -36,7 +36,6 @@ use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use rustls::pki_types::SignatureVerificationAlgorithm;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -54,8 +53,8 @@ pub const CLOCK_SKEW_SECS: u64 = 30;
 /// The DER prefix of every ECDSA P-256 `SubjectPublicKeyInfo` (algorithm id-ecPublicKey,
 /// curve prime256v1, a 66-byte bit string); the 65-byte uncompressed point follows.
 const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
 /// What a ticket allows at its destination.
@@ -117,7 +116,10 @@ pub enum Refusal {
     /// A `create` ticket, and a tree is installed at the destination.
     DestinationExists,
     /// A `replace` ticket, and what is installed differs (`None`: nothing recorded there).
-    WrongRoot { expected: String, found: Option<String> },
+    WrongRoot {
+        expected: String,
+        found: Option<String>,
+    },
     /// The transfer's manifest is not the one the ticket names.
     WrongManifest { expected: String, found: String },
 }
@@ -143,7 +145,10 @@ impl fmt::Display for Refusal {
                  new one"
             ),
             Refusal::WrongDestination(d) => {
-                write!(f, "the transfer ticket is for destination {d:?}, not this one")
+                write!(
+                    f,
+                    "the transfer ticket is for destination {d:?}, not this one"
+                )
             }
             Refusal::WrongSender(fp) => {
                 write!(f, "the transfer ticket is for sender {fp}, not this one")
@@ -280,7 +285,11 @@ pub fn check(
 
 /// Checks the grant against what is installed at the destination: `installed_root` is the
 /// recorded root hash (hex) of the tree there, `exists` whether anything is there at all.
-pub fn check_grant(grant: &Grant, exists: bool, installed_root: Option<&str>) -> Result<(), Refusal> {
+pub fn check_grant(
+    grant: &Grant,
+    exists: bool,
+    installed_root: Option<&str>,
+) -> Result<(), Refusal> {
     match grant {
         Grant::Create if exists => Err(Refusal::DestinationExists),
         Grant::Create => Ok(()),
@@ -394,10 +403,23 @@ mod tests {
         assert_eq!(check(&t, 900, b"t/r1.git", &sender.fingerprint), Ok(()));
         // Expired (past the skew allowance), wrong destination, wrong sender.
         assert_eq!(
-            check(&t, 1_000 + CLOCK_SKEW_SECS + 1, b"t/r1.git", &sender.fingerprint),
+            check(
+                &t,
+                1_000 + CLOCK_SKEW_SECS + 1,
+                b"t/r1.git",
+                &sender.fingerprint
+            ),
             Err(Refusal::Expired(1_000))
         );
-        assert_eq!(check(&t, 1_000 + CLOCK_SKEW_SECS, b"t/r1.git", &sender.fingerprint), Ok(()));
+        assert_eq!(
+            check(
+                &t,
+                1_000 + CLOCK_SKEW_SECS,
+                b"t/r1.git",
+                &sender.fingerprint
+            ),
+            Ok(())
+        );
         assert_eq!(
             check(&t, 900, b"t/r2.git", &sender.fingerprint),
             Err(Refusal::WrongDestination("t/r1.git".into()))

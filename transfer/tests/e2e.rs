@@ -688,6 +688,7 @@ mod hostile {
                 git: false,
                 owner: Default::default(),
                 external_links: Vec::new(),
+                ticket: Vec::new(),
             })];
             msgs.extend(entries.into_iter().map(ControlMsg::Entry));
             msgs.push(ControlMsg::ManifestEnd {

@@ -13,11 +13,10 @@ mod chaos;
 mod daemon_user;
 mod doctor;
 mod formats;
-mod tickets;
 mod repack;
+mod tickets;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
 use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
-use tickets::migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one;
 use formats::{
     a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
     reftable_and_sha256_repositories_move_and_stay_what_they_are,
@@ -26,6 +25,7 @@ use repack::{
     a_repack_on_a_is_waited_out_before_the_precopy,
     a_repack_outlasting_the_wait_leaves_the_repository_writable_on_a,
 };
+use tickets::migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one;
 
 crate::contract!(
     migrate_moves_verified_repositories_and_disables_the_old_service,

@@ -32,6 +32,8 @@ struct Cli {
     log_format: Option<LogFormat>,
 }
 
+// Parsed once per process: the size of its largest variant (`serve`'s flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     #[command(flatten)]

@@ -130,7 +130,12 @@ struct SendArgs {
     /// The transfer ticket `shardmove` signed for this transfer (its text, or @FILE to read
     /// it from a file): required by a receiver run with --ticket-signer, ignored by others
     /// that do not ask for one
-    #[arg(long, value_name = "TICKET|@FILE", env = "SHARDSEND_TICKET", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "TICKET|@FILE",
+        env = "SHARDSEND_TICKET",
+        hide_env_values = true
+    )]
     ticket: Option<String>,
     /// Print a JSON summary on stdout; what happens meanwhile goes to stderr as one JSON
     /// object per line (queued, admitted, reconnecting, reconnected, and progress at most

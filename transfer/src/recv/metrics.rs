@@ -48,6 +48,7 @@ pub fn reason_of(code: FailCode) -> &'static str {
         FailCode::Verification => "verification",
         FailCode::Io => "io",
         FailCode::Aborted => "aborted",
+        FailCode::Unauthorized => "unauthorized",
     }
 }
 

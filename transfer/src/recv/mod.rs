@@ -94,10 +94,13 @@ struct Shared {
     /// each.
     active: Mutex<HashMap<Vec<u8>, ActiveTransfer>>,
     /// Tickets on: the trusted signers and the nonces spent by installs.
-    tickets: Option<(
-        Arc<HashSet<Fingerprint>>,
-        Arc<Mutex<crate::ticket::SpentNonces>>,
-    )>,
+    tickets: Option<TicketState>,
+}
+
+/// A receiver's ticket rules: whose signatures count, and what installs have spent.
+struct TicketState {
+    signers: Arc<HashSet<Fingerprint>>,
+    spent: Arc<Mutex<crate::ticket::SpentNonces>>,
 }
 
 struct ActiveTransfer {
@@ -130,11 +133,9 @@ impl Receiver {
                 )),
                 line_moved: Notify::new(),
                 active: Mutex::new(HashMap::new()),
-                tickets: (!cfg.ticket_signers.is_empty()).then(|| {
-                    (
-                        Arc::new(cfg.ticket_signers.iter().copied().collect()),
-                        Arc::new(Mutex::new(crate::ticket::SpentNonces::default())),
-                    )
+                tickets: (!cfg.ticket_signers.is_empty()).then(|| TicketState {
+                    signers: Arc::new(cfg.ticket_signers.iter().copied().collect()),
+                    spent: Arc::new(Mutex::new(crate::ticket::SpentNonces::default())),
                 }),
             }),
         })
@@ -223,10 +224,10 @@ impl Receiver {
 impl Shared {
     /// The ticket rules for a connection from `sender`, when tickets are on.
     fn ticket_gate(&self, sender: Fingerprint) -> Option<session::TicketGate> {
-        let (signers, spent) = self.tickets.as_ref()?;
+        let tickets = self.tickets.as_ref()?;
         Some(session::TicketGate {
-            signers: signers.clone(),
-            spent: spent.clone(),
+            signers: tickets.signers.clone(),
+            spent: tickets.spent.clone(),
             sender,
             now: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -571,9 +572,14 @@ async fn handle_connection(
                 .ok()
                 .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
                 .unwrap_or_default();
-            if let Err(e) = crate::staging::record_installed_root(&shared.root, &dest, &root_hash)
-            {
-                // Installed all the same; only a `replace` ticket for it will be refused.
+            // With tickets on, what a `replace` ticket names. (Forgotten before every install,
+            // tickets or not, so a record never outlives its tree.)
+            let recorded = match shared.tickets {
+                Some(_) => crate::staging::record_installed_root(&shared.root, &dest, &root_hash),
+                None => Ok(()),
+            };
+            if let Err(e) = recorded {
+                // Installed all the same; only a `replace` ticket for it is refused.
                 tracing::warn!(error = %e, "cannot record the installed tree's root hash");
             }
             tracing::info!(path = %String::from_utf8_lossy(&path),

@@ -17,7 +17,13 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn signed(by: &Identity, dest: &str, grant: Grant, sender: &Fingerprint, expires_at: u64) -> String {
+fn signed(
+    by: &Identity,
+    dest: &str,
+    grant: Grant,
+    sender: &Fingerprint,
+    expires_at: u64,
+) -> String {
     let t = Ticket {
         destination: dest.into(),
         grant,
@@ -37,7 +43,11 @@ fn refused(keys: &Keys, d: &Daemon, src: &Path, dest: &str, ticket: Option<&str>
     let extra: Vec<&str> = ticket.map(|t| vec!["--ticket", t]).unwrap_or_default();
     let out = send(keys, src, &d.addr, dest, &extra);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
-    assert!(stderr(&out).contains(why), "expected {why:?} in: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(why),
+        "expected {why:?} in: {}",
+        stderr(&out)
+    );
     assert_eq!(d.root.join(dest).exists(), existed, "{dest} changed");
 }
 
@@ -48,7 +58,13 @@ fn tickets_allow_only_the_transfer_they_name() {
     let rogue = Identity::generate(&keys.path("rogue.key")).expect("key");
     let root = keys.path("root");
     let signer = orch.fingerprint.to_string();
-    let d = Daemon::start_with(&keys, &root, "127.0.0.1:0", &[], &["--ticket-signer", &signer]);
+    let d = Daemon::start_with(
+        &keys,
+        &root,
+        "127.0.0.1:0",
+        &[],
+        &["--ticket-signer", &signer],
+    );
     let src = keys.path("src");
     std::fs::create_dir_all(src.join("refs")).unwrap();
     write_random(&src.join("pack"), 300_000, 7);
@@ -61,13 +77,26 @@ fn tickets_allow_only_the_transfer_they_name() {
 
     // A create ticket: installed; the same ticket again is spent.
     let create_a = signed(&orch, "a.git", Grant::Create, &me, later);
-    assert_ok(&send(&keys, &src, &d.addr, "a.git", &["--ticket", &create_a]));
+    assert_ok(&send(
+        &keys,
+        &src,
+        &d.addr,
+        "a.git",
+        &["--ticket", &create_a],
+    ));
     assert_same_tree(&src, &root.join("a.git"));
     refused(&keys, &d, &src, "a.git", Some(&create_a), "already used");
 
     // Another destination, another sender, past its expiry, signed by an untrusted key.
     let for_b = signed(&orch, "b.git", Grant::Create, &me, later);
-    refused(&keys, &d, &src, "c.git", Some(&for_b), "is for destination \"b.git\"");
+    refused(
+        &keys,
+        &d,
+        &src,
+        "c.git",
+        Some(&for_b),
+        "is for destination \"b.git\"",
+    );
     let for_rogue = signed(&orch, "c.git", Grant::Create, &rogue.fingerprint, later);
     refused(&keys, &d, &src, "c.git", Some(&for_rogue), "is for sender");
     let expired = signed(&orch, "c.git", Grant::Create, &me, now() - 3600);
@@ -79,7 +108,14 @@ fn tickets_allow_only_the_transfer_they_name() {
     let for_c = signed(&orch, "c.git", Grant::Create, &me, later);
     let (b, c): (Vec<&str>, Vec<&str>) = (for_b.split('.').collect(), for_c.split('.').collect());
     let tampered = format!("{}.{}.{}.{}", c[0], c[1], b[2], b[3]);
-    refused(&keys, &d, &src, "c.git", Some(&tampered), "signature is invalid");
+    refused(
+        &keys,
+        &d,
+        &src,
+        "c.git",
+        Some(&tampered),
+        "signature is invalid",
+    );
     refused(&keys, &d, &src, "c.git", Some("smt1.garbage"), "malformed");
     // The untampered one still works.
     assert_ok(&send(&keys, &src, &d.addr, "c.git", &["--ticket", &for_c]));
@@ -91,12 +127,17 @@ fn tickets_allow_only_the_transfer_they_name() {
         root: "00".repeat(32),
     };
     let wrong = signed(&orch, "a.git", wrong_root, &me, later);
-    refused(&keys, &d, &src, "a.git", Some(&wrong), "allows replacing the tree");
-    let recorded = std::fs::read_to_string(transfer::staging::installed_root_file(
-        &d.root,
-        b"a.git",
-    ))
-    .expect("the install recorded its root");
+    refused(
+        &keys,
+        &d,
+        &src,
+        "a.git",
+        Some(&wrong),
+        "allows replacing the tree",
+    );
+    let recorded =
+        std::fs::read_to_string(transfer::staging::installed_root_file(&d.root, b"a.git"))
+            .expect("the install recorded its root");
     std::fs::write(src.join("refs/main"), "two\n").unwrap();
     let replace = signed(
         &orch,
@@ -107,8 +148,17 @@ fn tickets_allow_only_the_transfer_they_name() {
         &me,
         later,
     );
-    assert_ok(&send(&keys, &src, &d.addr, "a.git", &["--ticket", &replace]));
-    assert_eq!(std::fs::read_to_string(root.join("a.git/refs/main")).unwrap(), "two\n");
+    assert_ok(&send(
+        &keys,
+        &src,
+        &d.addr,
+        "a.git",
+        &["--ticket", &replace],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(root.join("a.git/refs/main")).unwrap(),
+        "two\n"
+    );
     // The record follows the new tree: the old root no longer replaces it.
     let stale = signed(
         &orch,
@@ -119,7 +169,14 @@ fn tickets_allow_only_the_transfer_they_name() {
         &me,
         later,
     );
-    refused(&keys, &d, &src, "a.git", Some(&stale), "allows replacing the tree");
+    refused(
+        &keys,
+        &d,
+        &src,
+        "a.git",
+        Some(&stale),
+        "allows replacing the tree",
+    );
     assert!(d.log().contains("refusing transfer"), "{}", d.log());
 }
 
@@ -133,5 +190,11 @@ fn a_receiver_without_tickets_ignores_one_and_the_allow_list_decides() {
     std::fs::write(src.join("f"), "x").unwrap();
     assert_ok(&send(&keys, &src, &d.addr, "plain", &[]));
     let t = signed(&orch, "other", Grant::Create, &keys.send_fp, now() + 60);
-    assert_ok(&send(&keys, &src, &d.addr, "with-ticket", &["--ticket", &t]));
+    assert_ok(&send(
+        &keys,
+        &src,
+        &d.addr,
+        "with-ticket",
+        &["--ticket", &t],
+    ));
 }
