@@ -128,7 +128,8 @@ pusher() {
 
 # One run: variant ($1: yes = repack during pre-copy), run number ($2). Appends one line to
 # $work/results.tsv: variant run window_s precopy_s precopy_bytes final_s final_bytes
-# verify_s repack_s repack_overlapped_window pushes_ok pushes_refused load1.
+# verify_s repack_s repack_overlapped_window pushes_ok pushes_refused load1 precopy_rounds
+# waited_for_git_s (a run that did not finish has its state and error as window_s).
 run_one() {
   local variant=$1 n=$2
   run_dir=$work/$variant-$n
@@ -180,13 +181,13 @@ run_one() {
     [ "$(cat "$run_dir/repack.rc")" = 0 ] || echo "note: repack on A exited $(cat "$run_dir/repack.rc"): $(head -c 300 "$run_dir/repack.log")" >&2
   fi
   if [ "$rc" != 0 ]; then
-    echo "migrate failed (exit $rc) in $variant run $n:" >&2
-    tail -20 "$run_dir/migrate.log" >&2
-    exit 1
+    # A rolled-back move is a result too (a row saying so), not the end of the benchmark.
+    echo "migrate exited $rc in $variant run $n:" >&2
+    tail -5 "$run_dir/migrate.log" >&2
   fi
   "${sm[@]}" migrate status --json > "$run_dir/status.json"
   # B's copy has A's refs (A's repack changes no ref).
-  if ! cmp -s <(git -C "$repo" for-each-ref) <(git -C "$run_dir/b/t/busy.git" for-each-ref); then
+  if [ "$rc" = 0 ] && ! cmp -s <(git -C "$repo" for-each-ref) <(git -C "$run_dir/b/t/busy.git" for-each-ref); then
     echo "B's refs differ from A's after $variant run $n" >&2
     exit 1
   fi
@@ -203,14 +204,20 @@ s = json.load(open(status_path))
 if isinstance(s, list):
     s = s[0]
 repo = s["repositories"][0]
-assert repo["state"] == "done", repo
-window = repo["readonly_seconds"]
+done = repo["state"] == "done"
+window = repo["readonly_seconds"] if done else None
 # Progress lines: "HH:MM:SS.mmm t/busy: STATE in X s[, N bytes sent]".
 steps = {}
+rounds, waited = 0, 0.0
 for line in open(log_path):
     m = re.search(r": (\w[\w-]*) in ([0-9.]+) s(?:, (\d+) bytes sent)?", line)
     if m:
         steps[m.group(1)] = (float(m.group(2)), int(m.group(3) or 0))
+    if re.search(r": pre-copy round \d+:", line):
+        rounds += 1
+        w = re.search(r"\(waited ([0-9.]+) s for", line)
+        if w:
+            waited += float(w.group(1))
 pre = steps.get("precopied", (0.0, 0))
 final = steps.get("copied", (0.0, 0))
 verify = steps.get("verified", (0.0, 0))
@@ -220,8 +227,10 @@ overlap = "-"
 if r0:
     frozen, thawed = repo.get("frozen_at_ms"), repo.get("thawed_at_ms")
     overlap = "yes" if frozen is not None and r1 > frozen else "no"
-print("\t".join(str(x) for x in [variant, n, f"{window:.3f}", f"{pre[0]:.1f}", pre[1],
-      f"{final[0]:.3f}", final[1], f"{verify[0]:.3f}", f"{repack_s:.1f}", overlap, ok, refused, load]))
+shown = f"{window:.3f}" if done else f"{repo['state']}: {repo.get('error') or ''}"[:120].replace("|", "/")
+print("\t".join(str(x) for x in [variant, n, shown, f"{pre[0]:.1f}", pre[1],
+      f"{final[0]:.3f}", final[1], f"{verify[0]:.3f}", f"{repack_s:.1f}", overlap, ok, refused, load,
+      rounds, f"{waited:.1f}"]))
 PY
   stop_bg
   # Keep the last run's logs with --work, but not its two copies of the repository.
@@ -238,8 +247,9 @@ done
 
 summary() {
   # variant -> "median max windows..."
-  awk -F'\t' -v v="$1" '$1 == v {print $3}' "$work/results.tsv" | sort -g |
-    awk '{a[NR]=$1} END {if (NR == 0) exit; m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%.3f %.3f\n", m, a[NR]}'
+  # (runs that did not finish count as failures, not windows)
+  awk -F'\t' -v v="$1" '$1 == v && $3 ~ /^[0-9.]+$/ {print $3}' "$work/results.tsv" | sort -g |
+    awk '{a[NR]=$1} END {if (NR == 0) {print "- -"; exit}; m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%.3f %.3f\n", m, a[NR]}'
 }
 machine="$(nproc) cores, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}'), $(free -g | awk '/Mem:/ {print $2}') GiB RAM"
 report=$(python3 - "$fixture.json" <<'PY'
@@ -250,15 +260,17 @@ print(f"{r['disk_bytes']} bytes on disk ({r['pack_bytes']} in {r['packs']} pack(
       f"{r['loose_refs']} loose, {r['commits']} commits; generated in {r['elapsed_ms'] / 1000:.0f} s")
 PY
 )
-table="| repack during pre-copy | run | read-only window (s) | final pass (s) | final pass bytes sent | verify in window (s) | pre-copy (s) | pre-copy bytes sent | repack (s) | repack still running at freeze | pushes ok / refused | load1 |
-|---|---|---|---|---|---|---|---|---|---|---|---|
-$(awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n", $1, $2, $3, $6, $7, $8, $4, $5, ($1 == "yes" ? $9 : "-"), $10, $11, $12, $13}' "$work/results.tsv")"
+table="| repack during pre-copy | run | read-only window (s) | final pass (s) | final pass bytes sent | verify in window (s) | pre-copy (s) | pre-copy rounds | waited for git (s) | pre-copy bytes sent | repack (s) | repack still running at freeze | pushes ok / refused | load1 |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+$(awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n", $1, $2, $3, $6, $7, $8, $4, $14, $15, $5, ($1 == "yes" ? $9 : "-"), $10, $11, $12, $13}' "$work/results.tsv")"
 summary_lines=""
 for variant in $variant_list; do
   read -r med max < <(summary "$variant")
   summary_lines="$summary_lines
 - repack during pre-copy: **$variant**: median $med s, max $max s over $runs runs"
-  echo "repack during pre-copy $variant: read-only window median $med s, max $max s ($runs runs)"
+  failed=$(awk -F'\t' -v v="$variant" '$1 == v && $3 !~ /^[0-9.]+$/' "$work/results.tsv" | wc -l)
+  [ "$failed" = 0 ] || summary_lines="$summary_lines ($failed of them did not finish: see the table)"
+  echo "repack during pre-copy $variant: read-only window median $med s, max $max s ($runs runs, $failed not finished)"
 done
 args="--size $size --loose $loose --refs $refs --runs $runs --repack-during-precopy $variants"
 [ "$repack_delay" = 1 ] || args="$args --repack-delay $repack_delay"
