@@ -124,17 +124,5 @@ pub(super) fn a_target_whose_git_cannot_read_reftable_is_refused_before_the_free
         error.contains("reftable refs") && error.contains(&old_git) && error.contains("b1"),
         "the error names the format, B's git and the device: {error}"
     );
-    // Never frozen, never copied: A's copy takes pushes, B holds nothing of it.
-    assert!(
-        r["readonly_seconds"].is_null() || r["readonly_seconds"].as_f64() == Some(0.0),
-        "{r}"
-    );
-    let repo = env.json(&["repo", "show", "t/modern"]);
-    assert_eq!(repo["service"], "a");
-    assert_eq!(repo["maintenance"], false);
-    let work = env.path("still-on-a");
-    clone_and_commit(&shards.a.join("t/modern.git"), &work, "still on A");
-    let push = git(&work, &["push", "-q", "origin", "HEAD"]);
-    assert_eq!(push.code, 0, "{}", push.stderr);
-    assert!(!shards.b.join("t/modern.git").exists());
+    assert_left_writable_on_a(env, &shards, "modern", r);
 }

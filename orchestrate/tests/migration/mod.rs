@@ -149,9 +149,11 @@ impl Drop for Shards {
     fn drop(&mut self) {
         let _ = self.recv.kill();
         let _ = self.recv.wait();
+        // The test daemons' pid files (the run directory also holds their logs).
         for entry in std::fs::read_dir(&self.run).into_iter().flatten().flatten() {
-            if let Ok(pid) = std::fs::read_to_string(entry.path()) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
+            let pid = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if let Ok(pid) = pid.trim().parse::<u32>() {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
             }
         }
     }
@@ -375,6 +377,24 @@ fn assert_moved(env: &Env, shards: &Shards, name: &str, refs_before: &str) {
         "{}",
         push.stderr
     );
+}
+
+/// `t/NAME` was refused before its freeze: never read-only (`status`, its row of `migrate
+/// status`), still on service a out of maintenance, A's copy takes a push, B holds nothing.
+#[track_caller]
+fn assert_left_writable_on_a(env: &Env, shards: &Shards, name: &str, status: &Value) {
+    assert!(
+        status["readonly_seconds"].is_null() || status["readonly_seconds"].as_f64() == Some(0.0),
+        "never frozen: {status}"
+    );
+    let shown = env.json(&["repo", "show", &format!("t/{name}")]);
+    assert_eq!(shown["service"], "a", "{shown}");
+    assert_eq!(shown["maintenance"], false, "{shown}");
+    let work = env.path(&format!("still-on-a-{name}"));
+    clone_and_commit(&shards.a.join(format!("t/{name}.git")), &work, "still on A");
+    let push = git(&work, &["push", "-q", "origin", "HEAD"]);
+    assert_eq!(push.code, 0, "{}", push.stderr);
+    assert!(!shards.b.join(format!("t/{name}.git")).exists());
 }
 
 fn refs(path: &Path) -> String {

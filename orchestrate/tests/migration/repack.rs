@@ -84,16 +84,5 @@ pub(super) fn a_repack_outlasting_the_wait_leaves_the_repository_writable_on_a(e
             && error.contains("--repack-wait"),
         "the error says what runs and what to do: {error}"
     );
-    assert!(
-        r["readonly_seconds"].is_null() || r["readonly_seconds"].as_f64() == Some(0.0),
-        "never frozen: {r}"
-    );
-    let shown = env.json(&["repo", "show", "t/r1"]);
-    assert_eq!(shown["service"], "a");
-    assert_eq!(shown["maintenance"], false);
-    let work = env.path("still-on-a");
-    clone_and_commit(&repo, &work, "still on A");
-    let push = git(&work, &["push", "-q", "origin", "HEAD"]);
-    assert_eq!(push.code, 0, "{}", push.stderr);
-    assert!(!shards.b.join("t/r1.git").exists());
+    assert_left_writable_on_a(env, &shards, "r1", r);
 }

@@ -12,10 +12,6 @@ pub(crate) fn migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_need
         ..LOCAL
     };
     let shards = setup_on(env, &[("r1", 1), ("r2", 0)], &layout);
-    let before: Vec<String> = ["r1", "r2"]
-        .iter()
-        .map(|r| refs(&shards.a.join(format!("t/{r}.git"))))
-        .collect();
 
     // Without tickets: every pre-copy is refused, nothing is frozen, all stays on A.
     let run = run_migrate(env, &shards, &["--json"]);
@@ -25,15 +21,15 @@ pub(crate) fn migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_need
         assert_eq!(r["state"], "rolled_back", "{r}");
         let error = r["error"].as_str().unwrap_or_default();
         assert!(error.contains("requires a transfer ticket"), "{error}");
-    }
-    for name in ["r1", "r2"] {
-        let shown = env.json(&["repo", "show", &format!("t/{name}")]);
-        assert_eq!(shown["service"], "a");
-        assert_eq!(shown["maintenance"], false);
-        assert!(!shards.b.join(format!("t/{name}.git")).exists());
+        let name = r["repository"].as_str().unwrap_or_default();
+        assert_left_writable_on_a(env, &shards, name.trim_start_matches("t/"), r);
     }
 
-    // With them: the next run moves both.
+    // With them: the next run moves both (with the pushes A took meanwhile).
+    let before: Vec<String> = ["r1", "r2"]
+        .iter()
+        .map(|r| refs(&shards.a.join(format!("t/{r}.git"))))
+        .collect();
     let key = orchestrator_key.display().to_string();
     let run = run_migrate(env, &shards, &["--json", "--ticket-key", &key]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);

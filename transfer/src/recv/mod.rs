@@ -380,6 +380,15 @@ struct Transfer {
 }
 
 impl Transfer {
+    /// The destination this transfer claimed (empty before the claim).
+    fn claimed_dest(&self) -> Vec<u8> {
+        self.claim
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
+            .unwrap_or_default()
+    }
+
     /// Feeds the session; the outputs are returned for the caller to carry out.
     fn handle(&self, input: ReceiverInput) -> Vec<ReceiverOutput> {
         match self.session.lock() {
@@ -566,12 +575,7 @@ async fn handle_connection(
             path,
             replaced,
         }) => {
-            let dest = t
-                .claim
-                .lock()
-                .ok()
-                .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
-                .unwrap_or_default();
+            let dest = t.claimed_dest();
             // With tickets on, what a `replace` ticket names. (Forgotten before every install,
             // tickets or not, so a record never outlives its tree.)
             let recorded = match shared.tickets {
@@ -796,12 +800,7 @@ async fn prepare(
     manifest: Arc<Manifest>,
     request: Request,
 ) -> ReceiverInput {
-    let dest = t
-        .claim
-        .lock()
-        .ok()
-        .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
-        .unwrap_or_default();
+    let dest = t.claimed_dest();
     let dest_text = String::from_utf8_lossy(&dest).into_owned();
     let root = shared.root.clone();
     let m = manifest.clone();
@@ -845,12 +844,7 @@ async fn install(t: &Arc<Transfer>) -> ReceiverInput {
         return ReceiverInput::InstallFailed("staging vanished".into());
     };
     // The recorded root of the tree being replaced goes first (see forget_installed_root).
-    let dest = t
-        .claim
-        .lock()
-        .ok()
-        .and_then(|c| c.as_ref().map(|c| c.dest.clone()))
-        .unwrap_or_default();
+    let dest = t.claimed_dest();
     if let Err(e) = crate::staging::forget_installed_root(&t.shared.root, &dest) {
         return ReceiverInput::InstallFailed(e.to_string());
     }

@@ -139,15 +139,11 @@ fn tickets_allow_only_the_transfer_they_name() {
         std::fs::read_to_string(transfer::staging::installed_root_file(&d.root, b"a.git"))
             .expect("the install recorded its root");
     std::fs::write(src.join("refs/main"), "two\n").unwrap();
-    let replace = signed(
-        &orch,
-        "a.git",
-        Grant::Replace {
-            root: recorded.trim().to_string(),
-        },
-        &me,
-        later,
-    );
+    let replace_recorded = || {
+        let root = recorded.trim().to_string();
+        signed(&orch, "a.git", Grant::Replace { root }, &me, later)
+    };
+    let replace = replace_recorded();
     assert_ok(&send(
         &keys,
         &src,
@@ -160,15 +156,7 @@ fn tickets_allow_only_the_transfer_they_name() {
         "two\n"
     );
     // The record follows the new tree: the old root no longer replaces it.
-    let stale = signed(
-        &orch,
-        "a.git",
-        Grant::Replace {
-            root: recorded.trim().to_string(),
-        },
-        &me,
-        later,
-    );
+    let stale = replace_recorded();
     refused(
         &keys,
         &d,
