@@ -382,6 +382,15 @@ mod tests {
         }
     }
 
+    /// The orchestrator's key, a sender's and another one.
+    fn three_identities(dir: &std::path::Path) -> (Identity, Identity, Identity) {
+        (
+            identity(dir, "orch"),
+            identity(dir, "send"),
+            identity(dir, "other"),
+        )
+    }
+
     fn trusted(id: &Identity) -> HashSet<Fingerprint> {
         [id.fingerprint].into_iter().collect()
     }
@@ -389,11 +398,7 @@ mod tests {
     #[test]
     fn a_signed_ticket_opens_and_checks_for_its_transfer_only() {
         let dir = tempfile::tempdir().expect("dir");
-        let (orch, sender, other) = (
-            identity(dir.path(), "orch"),
-            identity(dir.path(), "send"),
-            identity(dir.path(), "other"),
-        );
+        let (orch, sender, other) = three_identities(dir.path());
         let t = ticket(&sender.fingerprint, 1_000);
         let text = sign(&t, &orch).expect("sign");
         assert!(text.starts_with("smt1.") && text.len() < 1024, "{text}");
@@ -442,11 +447,7 @@ mod tests {
     #[test]
     fn a_tampered_ticket_is_refused() {
         let dir = tempfile::tempdir().expect("dir");
-        let (orch, sender, other) = (
-            identity(dir.path(), "orch"),
-            identity(dir.path(), "send"),
-            identity(dir.path(), "other"),
-        );
+        let (orch, sender, other) = three_identities(dir.path());
         let t = ticket(&sender.fingerprint, 1_000);
         let text = sign(&t, &orch).expect("sign");
         let parts: Vec<&str> = text.split('.').collect();
