@@ -62,11 +62,6 @@ impl TicketSigner {
         })
     }
 
-    /// What receivers pin with `--ticket-signer`.
-    pub fn fingerprint(&self) -> Fingerprint {
-        self.key.fingerprint
-    }
-
     /// The ticket for one pass of `repo` from `source` (running `shardsend` with `identity`)
     /// to `target`. `fresh`: look at B's destination again (the pre-copy), else reuse what
     /// this run found there.

@@ -181,15 +181,11 @@ impl fmt::Display for Refusal {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A fresh random nonce (128 bits, hex), from the kernel.
 pub fn nonce() -> Result<String, Error> {
     let mut bytes = [0u8; 16];
     getrandom(&mut bytes)?;
-    Ok(hex(&bytes))
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn getrandom(buf: &mut [u8]) -> Result<(), Error> {
@@ -304,10 +300,10 @@ pub fn check_grant(
 /// Checks the manifest hash the transfer announced against the ticket's, if it names one.
 pub fn check_manifest(ticket: &Ticket, manifest_hash: &[u8; 32]) -> Result<(), Refusal> {
     match &ticket.manifest {
-        Some(expected) if !expected.eq_ignore_ascii_case(&hex(manifest_hash)) => {
+        Some(expected) if !expected.eq_ignore_ascii_case(&crate::wire::hex(manifest_hash)) => {
             Err(Refusal::WrongManifest {
                 expected: expected.clone(),
-                found: hex(manifest_hash),
+                found: crate::wire::hex(manifest_hash),
             })
         }
         _ => Ok(()),

@@ -379,6 +379,23 @@ fn assert_moved(env: &Env, shards: &Shards, name: &str, refs_before: &str) {
     );
 }
 
+/// `migrate` ended incomplete (exit 9) with every repository of the batch rolled back: their
+/// rows of `migrate status`.
+#[track_caller]
+fn all_rolled_back(env: &Env, run: &crate::util::Run) -> Vec<Value> {
+    assert_eq!(run.code, 9, "{}{}", run.stdout, run.stderr);
+    let status = env.json(&["migrate", "status"]);
+    let rows = status["repositories"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!rows.is_empty(), "{status}");
+    for r in &rows {
+        assert_eq!(r["state"], "rolled_back", "{r}");
+    }
+    rows
+}
+
 /// `t/NAME` was refused before its freeze: never read-only (`status`, its row of `migrate
 /// status`), still on service a out of maintenance, A's copy takes a push, B holds nothing.
 #[track_caller]
