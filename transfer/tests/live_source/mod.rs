@@ -234,7 +234,7 @@ fn precopy_restarts_when_files_vanish_or_shrink_mid_send() {
     assert_same_tree(&src, &root.join("r"));
 }
 
-/// Churn (files and directories created and deleted, a file rewritten every few
+/// Churn (files and directories created and deleted, a 1 MiB file rewritten every few
 /// milliseconds) never fails a pre-copy, even without git's rules; an installing pass over
 /// the same churn refuses after its attempts (exit 6), and succeeds once the source holds
 /// still.
@@ -251,7 +251,8 @@ fn churning_tree_never_fails_a_precopy_and_the_final_pass_waits_for_it_to_hold_s
         &src,
         &keys.path("stop-churn"),
         "i=$((i+1)); mkdir -p tmp$((i % 5))/sub; echo $i > tmp$((i % 5))/sub/f; \
-         rm -rf tmp$(((i + 2) % 5)); echo $i$i$i > hot; ln -sf big link$((i % 2)); rm -f link$(((i + 1) % 2))",
+         rm -rf tmp$(((i + 2) % 5)); head -c 1048576 /dev/urandom > hot; ln -sf big link$((i % 2)); \
+         rm -f link$(((i + 1) % 2))",
     );
     for pass in 0..3 {
         let out = send(
@@ -271,7 +272,16 @@ fn churning_tree_never_fails_a_precopy_and_the_final_pass_waits_for_it_to_hold_s
         let j = assert_ok(&out);
         assert_eq!(j["staged_only"], true, "pass {pass}: {j}");
     }
-    let out = send(&keys, &src, &d.addr, "r", &["--resume", "--git", "off"]);
+    // The 1 MiB `hot` file changes in every round of the loop and every attempt resends it;
+    // at 2 MB/s an attempt lasts at least half a second, so even a loop starved by a loaded
+    // machine changes something inside each attempt.
+    let out = send(
+        &keys,
+        &src,
+        &d.addr,
+        "r",
+        &["--resume", "--git", "off", "--bwlimit", "2M"],
+    );
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(stderr(&out).contains("kept changing"), "{}", stderr(&out));
     assert!(
