@@ -2,7 +2,7 @@
 # Batch migration benchmark: `shardmove migrate` vs the manual runbook, in one run.
 #
 #   scripts/bench-migrate.sh [--repos 200] [--total 2G] [--parallel 4] [--out bench/RESULTS.md] [--no-write]
-#                            [--work DIR]
+#                            [--work DIR] [--bin DIR] [--no-baseline]
 #
 # Generates REPOS repositories of mixed sizes adding up to about TOTAL (mkfixture, bare and
 # loose), and sets up two identical worlds (registry, shard roots A and B). Then:
@@ -14,6 +14,9 @@
 # them to bench/RESULTS.md. Both worlds live on the same disk; nothing leaves 127.0.0.1.
 # --work DIR keeps the work directory (logs: DIR/migrate.log, DIR/migrate.json) and reuses the
 # fixtures already generated there by an earlier run with the same --repos and --total.
+# --bin DIR runs the binaries in DIR (another build, e.g. an older commit's target/release)
+# instead of building this tree; --no-baseline skips the runbook (and writes no results): with
+# both, two builds' `shardmove migrate` can be compared run after run on the same fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,8 @@ parallel=4
 out=bench/RESULTS.md
 write=1
 keep=""
+bin=""
+baseline=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --repos) repos=$2; shift 2 ;;
@@ -31,14 +36,18 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --no-write) write=0; shift ;;
     --work) keep=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --bin) bin=$(cd "$2" && pwd); shift 2 ;;
+    --no-baseline) baseline=0; write=0; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
 scripts/install-deps.sh >/dev/null
-cargo build --release -q --workspace
-bin=$PWD/target/release
+if [ -z "$bin" ]; then
+  cargo build --release -q --workspace
+  bin=$PWD/target/release
+fi
 if [ -n "$keep" ]; then
   mkdir -p "$keep"
   work=$(cd "$keep" && pwd)
@@ -55,6 +64,8 @@ cleanup() {
 }
 trap cleanup EXIT
 now() { date +%s.%N; }
+# stats FILE: median and max of the numbers in FILE.
+stats() { sort -g "$1" | awk '{a[NR]=$1} END {printf "%.3f %.3f\n", a[int((NR+1)/2)], a[NR]}'; }
 
 # --- fixtures: sizes weighted 1,2,4,8,16 (mixed small and large), summing to ~TOTAL -------------
 total_bytes=$(numfmt --from=iec "$total")
@@ -102,7 +113,7 @@ make_world() {
 }
 echo "setting up both worlds..." >&2
 make_world shardmove
-make_world baseline
+[ "$baseline" = 0 ] || make_world baseline
 
 # --- shardmove migrate ------------------------------------------------------------------------
 echo "shardmove migrate --parallel $parallel..." >&2
@@ -119,6 +130,12 @@ assert s["state"] == "done", s["state"]
 for r in s["status"]["repositories"]:
     print(r["readonly_seconds"])
 PY
+
+if [ "$baseline" = 0 ]; then
+  read -r sm_med sm_max < <(stats "$work/sm-windows.txt")
+  echo "shardmove ($bin) total $(printf %.2f "$sm_total") s, window median $sm_med s, max $sm_max s"
+  exit 0
+fi
 
 # --- baseline: the manual runbook, sequential ---------------------------------------------------
 # shellcheck source=lib/sshd.sh
@@ -147,7 +164,6 @@ done
 t1=$(now)
 base_total=$(echo "$t1 - $t0" | bc -l)
 
-stats() { sort -g "$1" | awk '{a[NR]=$1} END {printf "%.3f %.3f\n", a[int((NR+1)/2)], a[NR]}'; }
 read -r sm_med sm_max < <(stats "$work/sm-windows.txt")
 read -r base_med base_max < <(stats "$work/base-windows.txt")
 bytes=$(du -sb "$work/fixtures" | cut -f1)
