@@ -29,7 +29,6 @@ EX_CORRUPT=87          # git fsck found the repository broken
 # shellcheck disable=SC2034
 EX_UNSUPPORTED=88      # git on this host cannot read the repository's format
 # shellcheck disable=SC2034
-EX_OBJECTS_BUSY=89     # a git gc/repack still works in the repository after the wait
 
 # git, trusting the repository whoever owns it: the forge's daemon user owns the copies, and
 # git refuses such a repository to anyone else, root included ("dubious ownership"). Every
@@ -174,62 +173,6 @@ busy() {
     if [ -n "$lock" ]; then echo "lock file $lock"; return 0; fi
   fi
   return 1
-}
-
-# wait_objects_idle REPO SECONDS: returns once no git gc, repack, prune, pack-refs,
-# multi-pack-index or maintenance run works in REPO, printing the first one seen (nothing
-# when there was none); after SECONDS, prints it and exits EX_OBJECTS_BUSY. Such a command
-# deletes loose objects, packs and loose refs it has just rewritten: a pass copying the
-# repository meanwhile would copy it twice, and a frozen final pass would fail.
-wait_objects_idle() {
-  repo=$(cd "$1" && pwd -P) || exit "$EX_MISSING"
-  pat=$(cwd_pattern "$repo")
-  first=
-  end=
-  while what=$(rewriting_objects "$pat"); do
-    now=$(date +%s)
-    if [ -z "$end" ]; then end=$((now + $2)); first=$what; fi
-    if [ "$now" -ge "$end" ]; then echo "$what"; exit "$EX_OBJECTS_BUSY"; fi
-    sleep 0.5
-  done
-  [ -z "$first" ] || echo "$first"
-}
-
-# rewriting_objects PATTERN: prints the first git process rewriting objects or refs in the
-# repository, or fails when there is none. The git subcommand is the first word after git's
-# own options; `pack-objects --stdout` serving a fetch is not one of them.
-rewriting_objects() {
-  procs_in "$1" | {
-    set -f
-    while read -r pid cmd; do
-      # shellcheck disable=SC2086 # split the command line into its words
-      set -- $cmd
-      case ${1##*/} in git) ;; *) continue ;; esac
-      shift
-      while [ $# -gt 0 ]; do
-        case $1 in
-          -C|-c|--git-dir|--work-tree|--namespace|--exec-path) shift 2 || set -- ;;
-          -*) shift ;;
-          *) break ;;
-        esac
-      done
-      case ${1-} in
-        gc|repack|prune|prune-packed|pack-refs|multi-pack-index|maintenance)
-          echo "process $pid: $cmd"; exit 0 ;;
-      esac
-    done
-    exit 1
-  }
-}
-
-# git_formats REPO: prints REPO's object format and ref storage ("sha1 files" by default),
-# read from its config file itself: a git too old for the format refuses to open the
-# repository at all, and this must still answer.
-git_formats() {
-  [ -f "$1/config" ] || exit "$EX_MISSING"
-  objects=$(git config --file "$1/config" --get extensions.objectformat) || objects=sha1
-  refs=$(git config --file "$1/config" --get extensions.refstorage) || refs=files
-  printf '%s %s\n' "$objects" "$refs"
 }
 
 # git_supports OBJECTS REFS: whether git here can create (and so read) a repository of that

@@ -103,66 +103,6 @@ fn wait_outcome(
     }
 }
 
-/// What a pre-copy round learnt on A before copying.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceReady {
-    /// The repository's formats (B's git must read them).
-    pub formats: crate::verify::GitFormats,
-    /// The git process the round waited for, if any.
-    pub waited_for: Option<String>,
-}
-
-/// Before a pre-copy round, in one process on A: waits until no `git gc`, `repack`, `prune`,
-/// `pack-refs`, `multi-pack-index` or `maintenance run` works in the repository (at most
-/// `wait`), then reads its formats.
-///
-/// **Why the pre-copy waits.** Such a command writes new packs and then deletes the loose
-/// objects, packs and loose refs they replace. A pre-copy round running beside it copies the
-/// repository twice over; a freeze while it runs leaves it deleting files under the final
-/// pass, which then fails ("source changed") and rolls the move back. Waiting before each
-/// pre-copy round keeps both out: the round after the wait carries the new packs while the
-/// repository is live, and the freeze finds nothing left to rewrite. `gc.auto` is not turned
-/// off instead: it would not stop a repack already running or one started by cron.
-pub async fn before_precopy(
-    executor: &dyn Executor,
-    repo_path: &str,
-    repo_name: &str,
-    wait: Duration,
-) -> Result<SourceReady> {
-    let secs = wait.as_secs().to_string();
-    let args = [repo_path, secs.as_str()];
-    let script = Script::PrecopySource;
-    let out = script.run(executor, &args, None).await?;
-    let mut lines = out.stdout.lines();
-    match out.status {
-        0 => {
-            let formats = lines
-                .next()
-                .and_then(crate::verify::GitFormats::parse)
-                .ok_or_else(|| script.failed(executor, &args, &out))?;
-            let waited_for = lines
-                .find_map(|l| l.strip_prefix("waited "))
-                .map(str::to_string);
-            Ok(SourceReady {
-                formats,
-                waited_for,
-            })
-        }
-        exit::OBJECTS_BUSY => Err(Error::Refused(format!(
-            "{repo_name} is still being repacked on {} after {} s ({}); the pre-copy waits \
-             for git's gc/repack so that the read-only window stays short: retry when it ends, \
-             or give it longer with --repack-wait",
-            executor.host(),
-            wait.as_secs(),
-            out.stdout.trim()
-        ))),
-        exit::MISSING => Err(Error::Refused(format!(
-            "{repo_path} is not a git repository"
-        ))),
-        _ => Err(script.failed(executor, &args, &out)),
-    }
-}
-
 /// A rolled-back copy at `dest` moved aside as `DEST.rolled-back-STAMP`, and the transfer's
 /// `staging` directory discarded unless a transfer still holds its lock.
 pub async fn discard_copy(

@@ -41,19 +41,14 @@ pub enum Script {
     RemoveStaging,
     /// `PATH`: a `*.replaced-*` / `*.rolled-back-*` copy removed.
     RemoveAside,
-    /// `REPO`: prints its object format and ref storage (`sha1 files` by default).
-    GitFormats,
     /// `OBJECTS REFS`: whether git on this host can use a repository of those formats.
     GitSupports,
     /// `DEST RECORD`: `absent`, `unrecorded`, or the root hash shardrecv recorded for DEST.
     InstalledRoot,
-    /// `REPO SECONDS`: once no git gc/repack rewrites the repository, prints its formats and
-    /// what it waited for (the pre-copy's one process on A).
-    PrecopySource,
 }
 
 impl Script {
-    pub const ALL: [Script; 15] = [
+    pub const ALL: [Script; 13] = [
         Script::InstallHook,
         Script::RemoveHook,
         Script::WaitIdle,
@@ -65,10 +60,8 @@ impl Script {
         Script::DoctorScan,
         Script::RemoveStaging,
         Script::RemoveAside,
-        Script::GitFormats,
         Script::GitSupports,
         Script::InstalledRoot,
-        Script::PrecopySource,
     ];
 
     /// Its name (`$0` on the host, and what error messages show).
@@ -85,10 +78,8 @@ impl Script {
             Script::DoctorScan => "doctor-scan",
             Script::RemoveStaging => "remove-staging",
             Script::RemoveAside => "remove-aside",
-            Script::GitFormats => "git-formats",
             Script::GitSupports => "git-supports",
             Script::InstalledRoot => "installed-root",
-            Script::PrecopySource => "precopy-source",
         }
     }
 
@@ -107,10 +98,8 @@ impl Script {
             Script::DoctorScan => include_str!("../host-scripts/doctor-scan.sh"),
             Script::RemoveStaging => include_str!("../host-scripts/remove-staging.sh"),
             Script::RemoveAside => include_str!("../host-scripts/remove-aside.sh"),
-            Script::GitFormats => include_str!("../host-scripts/git-formats.sh"),
             Script::GitSupports => include_str!("../host-scripts/git-supports.sh"),
             Script::InstalledRoot => include_str!("../host-scripts/installed-root.sh"),
-            Script::PrecopySource => include_str!("../host-scripts/precopy-source.sh"),
         }
     }
 
@@ -177,10 +166,8 @@ pub mod exit {
     pub const CORRUPT: i32 = 87;
     /// git on the host cannot use the repository's object format or ref storage.
     pub const UNSUPPORTED: i32 = 88;
-    /// A git gc/repack still rewrites the repository after the wait; stdout says which.
-    pub const OBJECTS_BUSY: i32 = 89;
 
-    pub const ALL: [(&str, i32); 10] = [
+    pub const ALL: [(&str, i32); 9] = [
         ("EX_ORIG_EXISTS", ORIG_EXISTS),
         ("EX_PUSHES_IN_FLIGHT", PUSHES_IN_FLIGHT),
         ("EX_MISSING", MISSING),
@@ -190,7 +177,6 @@ pub mod exit {
         ("EX_FAILPOINT", FAILPOINT),
         ("EX_CORRUPT", CORRUPT),
         ("EX_UNSUPPORTED", UNSUPPORTED),
-        ("EX_OBJECTS_BUSY", OBJECTS_BUSY),
     ];
 }
 

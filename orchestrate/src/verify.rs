@@ -86,52 +86,8 @@ pub async fn refs_and_connected_since(
     }
 }
 
-/// A repository's on-disk formats, as git names them (`extensions.objectFormat`,
-/// `extensions.refStorage`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GitFormats {
-    /// `sha1` or `sha256`.
-    pub objects: String,
-    /// `files` or `reftable`.
-    pub refs: String,
-}
-
-impl GitFormats {
-    /// Reads `OBJECTS REFS` as `git-formats` prints it.
-    pub fn parse(line: &str) -> Option<GitFormats> {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next(), words.next()) {
-            (Some(objects), Some(refs), None) => Some(GitFormats {
-                objects: objects.to_string(),
-                refs: refs.to_string(),
-            }),
-            _ => None,
-        }
-    }
-
-    /// Whether every git since 2.0 reads it (SHA-1 objects, loose and packed refs).
-    pub fn is_classic(&self) -> bool {
-        self.objects == "sha1" && self.refs == "files"
-    }
-}
-
-impl std::fmt::Display for GitFormats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} objects, {} refs", self.objects, self.refs)
-    }
-}
-
-/// The formats of the repository at `path`, read from its config file (so an old git can
-/// still tell).
-pub async fn git_formats(exec: &dyn Executor, path: &str) -> Result<GitFormats> {
-    let script = Script::GitFormats;
-    let out = script.run(exec, &[path], None).await?;
-    match out.status {
-        0 => GitFormats::parse(out.stdout.trim()).ok_or_else(|| script.failed(exec, &[path], &out)),
-        exit::MISSING => Err(Error::Refused(format!("{path} is not a git repository"))),
-        _ => Err(script.failed(exec, &[path], &out)),
-    }
-}
+/// A repository's on-disk formats; `shardsend` reports them in git mode.
+pub use transfer::gitdir::GitFormats;
 
 /// Refused unless git on `exec`'s host can use a repository of `formats`: checked before a
 /// freeze, since a copy B's git cannot read would fail only at verification, inside the
@@ -288,21 +244,23 @@ mod tests {
             .is_ok_and(|s| s.success())
     }
 
-    /// Issue 11, item 3: formats are read from the config (an old git can still tell), an old
-    /// git on the target is refused by name, and a reftable ref update in flight counts as busy.
+    /// The formats as shardsend reads them from a repository's config file.
+    fn formats_of(repo: &Path) -> GitFormats {
+        GitFormats::of_config(&std::fs::read(repo.join("config")).expect("config"))
+    }
+
+    /// Issue 11, item 3: formats are read from the config of repositories git made (an old
+    /// git could not open them), an old git on the target is refused by name, and a reftable
+    /// ref update in flight counts as busy.
     #[test]
     fn git_formats_are_detected_an_old_git_refused_and_reftable_locks_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let exec = LocalExecutor;
         let classic = dir.path().join("classic.git");
         assert!(git_creates(&classic, &[]));
-        let path = classic.to_string_lossy().into_owned();
-        let formats = block_on(git_formats(&exec, &path)).expect("formats");
+        let formats = formats_of(&classic);
         assert!(formats.is_classic(), "{formats}");
         block_on(ensure_git_supports(&exec, &formats)).expect("any git reads sha1/files");
-        let missing = dir.path().join("nope").to_string_lossy().into_owned();
-        let err = block_on(git_formats(&exec, &missing)).expect_err("not a repository");
-        assert!(err.to_string().contains("not a git repository"), "{err}");
 
         let modern = dir.path().join("modern.git");
         if !git_creates(
@@ -313,7 +271,7 @@ mod tests {
             return;
         }
         let path = modern.to_string_lossy().into_owned();
-        let formats = block_on(git_formats(&exec, &path)).expect("formats");
+        let formats = formats_of(&modern);
         assert_eq!(
             formats,
             GitFormats {

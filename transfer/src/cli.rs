@@ -60,7 +60,8 @@ pub const EXIT_CODES_HELP: &str =
     "Exit codes: 0 success (installed and verified), 1 unexpected failure, \
 2 bad input (arguments, source, identity), 3 cannot connect or peer key mismatch/not allowed, \
 4 refused by the receiver (busy destination, no space, bad request), 5 verification failed, \
-6 interrupted (connection lost or source kept changing: run again with --resume).";
+6 interrupted (connection lost or source kept changing: run again with --resume), \
+7 the source repository was still being repacked after --repack-wait.";
 
 /// Which binary runs an [`IdentityCommand`]: says where its fingerprint goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

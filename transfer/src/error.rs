@@ -23,6 +23,8 @@ pub mod exit {
     pub const VERIFY: i32 = 5;
     /// The connection was lost mid-transfer: run again with `--resume`.
     pub const INTERRUPTED: i32 = 6;
+    /// git's gc/repack still rewrote the source repository after `--repack-wait`.
+    pub const SOURCE_BUSY: i32 = 7;
 }
 
 #[derive(Debug, Error)]
@@ -55,6 +57,9 @@ pub enum Error {
     Interrupted(String),
     #[error("source changed while being sent: {0}")]
     SourceChanged(String),
+    /// A git gc/repack still rewrote the source after the wait (`--repack-wait`).
+    #[error("{0}")]
+    SourceBusy(String),
     #[error("{0}")]
     Other(String),
 }
@@ -78,6 +83,7 @@ impl Error {
             },
             Error::Verification(_) => exit::VERIFY,
             Error::Interrupted(_) | Error::SourceChanged(_) => exit::INTERRUPTED,
+            Error::SourceBusy(_) => exit::SOURCE_BUSY,
             Error::Io { .. } | Error::Wire(_) | Error::Manifest(_) | Error::Other(_) => {
                 exit::FAILURE
             }

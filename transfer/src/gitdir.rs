@@ -73,6 +73,80 @@ impl fmt::Display for GitMode {
     }
 }
 
+/// A repository's on-disk formats, as git names them (`extensions.objectFormat`,
+/// `extensions.refStorage`): what git on the receiving host must be able to read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GitFormats {
+    /// `sha1` or `sha256`.
+    pub objects: String,
+    /// `files` or `reftable`.
+    pub refs: String,
+}
+
+impl GitFormats {
+    /// Reads them from a repository's `config` file the way git does when it opens the
+    /// repository (its own config file only, no includes; section and key names in any
+    /// case; `sha1` and `files` unless set). Reading the file instead of asking `git config`
+    /// spares a process, and works whatever git (if any) this host has.
+    pub fn of_config(config: &[u8]) -> GitFormats {
+        let mut formats = GitFormats {
+            objects: "sha1".into(),
+            refs: "files".into(),
+        };
+        let mut in_extensions = false;
+        for line in config.split(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            let mut rest = line.trim();
+            if let Some(header) = rest.strip_prefix('[') {
+                let Some((section, after)) = header.split_once(']') else {
+                    in_extensions = false;
+                    continue;
+                };
+                // `[extensions "sub"]` is another section than `[extensions]`.
+                in_extensions = section.trim().eq_ignore_ascii_case("extensions");
+                rest = after.trim();
+            }
+            if !in_extensions || rest.is_empty() || rest.starts_with(['#', ';']) {
+                continue;
+            }
+            let Some((key, value)) = rest.split_once('=') else {
+                continue;
+            };
+            let value = value.split(['#', ';']).next().unwrap_or("").trim();
+            let value = value.trim_matches('"').to_ascii_lowercase();
+            match key.trim().to_ascii_lowercase().as_str() {
+                "objectformat" => formats.objects = value,
+                "refstorage" => formats.refs = value,
+                _ => {}
+            }
+        }
+        formats
+    }
+
+    /// Reads `OBJECTS REFS` (as the orchestrator's `git-formats` host script prints it).
+    pub fn parse(line: &str) -> Option<GitFormats> {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some(objects), Some(refs), None) => Some(GitFormats {
+                objects: objects.to_string(),
+                refs: refs.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether every git since 2.0 reads it (SHA-1 objects, loose and packed refs).
+    pub fn is_classic(&self) -> bool {
+        self.objects == "sha1" && self.refs == "files"
+    }
+}
+
+impl fmt::Display for GitFormats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} objects, {} refs", self.objects, self.refs)
+    }
+}
+
 /// True when `dir` has what every git directory has: a `HEAD` file and `objects/` and
 /// `refs/` directories.
 pub fn looks_like_git_dir(dir: &Path) -> bool {
@@ -192,6 +266,33 @@ pub fn same_source_version(old: &Entry, new: &Entry, git: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_are_read_from_the_config_as_git_reads_them() {
+        let classic =
+            GitFormats::of_config(b"[core]\n\trepositoryformatversion = 0\n\tbare = true\n");
+        assert_eq!(classic, GitFormats::parse("sha1 files").unwrap());
+        assert!(classic.is_classic());
+        let modern = GitFormats::of_config(
+            b"[core]\n\trepositoryformatversion = 1\n[Extensions]\n\tobjectFormat = sha256 # new\n\
+              \tREFSTORAGE=\"reftable\"\n[remote \"origin\"]\n\turl = x\n",
+        );
+        assert_eq!(modern, GitFormats::parse("sha256 reftable").unwrap());
+        assert!(!modern.is_classic());
+        assert_eq!(modern.to_string(), "sha256 objects, reftable refs");
+        // A subsection, a comment and a key elsewhere are not the repository's format.
+        let other = GitFormats::of_config(
+            b"[extensions \"x\"]\n\tobjectformat = sha256\n[core]\n\tobjectformat = sha256\n\
+              [extensions]\n\t# refstorage = reftable\n",
+        );
+        assert!(other.is_classic(), "{other}");
+        assert_eq!(
+            GitFormats::of_config(b"[extensions] objectformat = sha256\n").objects,
+            "sha256"
+        );
+        assert_eq!(GitFormats::parse("sha1"), None);
+        assert_eq!(GitFormats::parse("sha1 files extra"), None);
+    }
 
     #[test]
     fn transient_files_of_pushes_and_gc_are_recognised() {

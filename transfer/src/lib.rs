@@ -26,6 +26,7 @@ pub mod error;
 pub mod failpoint;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod git_maintenance;
 pub mod gitdir;
 pub mod identity;
 pub mod io;

@@ -82,16 +82,31 @@ impl ExecutorHostOps {
             "--no-progress",
             "--resume",
         ];
+        // A pre-copy round waits for a git gc/repack on A (see transfer::git_maintenance).
+        let repack_wait = format!("{}s", self.cfg.repack_wait.as_secs());
         if stage_only {
-            argv.push("--stage-only");
+            argv.extend(["--stage-only", "--repack-wait", &repack_wait]);
         }
         if let Some(ticket) = &ticket {
             argv.extend(["--ticket", ticket.as_str()]);
         }
         argv.extend(self.cfg.shardsend_args.iter().map(String::as_str));
-        let out = executor::run(source(repo)?.as_ref(), &argv).await?;
-        serde_json::from_str(&out.stdout)
-            .map_err(|e| Error::Refused(format!("shardsend printed no JSON summary ({e})")))
+        let exec = source(repo)?;
+        let out = executor::run_status(exec.as_ref(), &argv).await?;
+        match out.status {
+            0 => serde_json::from_str(&out.stdout)
+                .map_err(|e| Error::Refused(format!("shardsend printed no JSON summary ({e})"))),
+            transfer::error::exit::SOURCE_BUSY => Err(Error::Refused(format!(
+                "{} is still being repacked on {} after {} s; the pre-copy waits for git's \
+                 gc/repack so that the read-only window stays short: retry when it ends, or \
+                 give it longer with --repack-wait ({})",
+                repo.repository,
+                exec.host(),
+                self.cfg.repack_wait.as_secs(),
+                out.stderr.trim()
+            ))),
+            _ => Err(executor::host_error(exec.as_ref(), &argv, &out)),
+        }
     }
 
     async fn run_op(&self, repo: &RepoPlan, op: &HostOp) -> Result<Completion> {
@@ -99,25 +114,25 @@ impl ExecutorHostOps {
         let dst = repo.target.path(&repo.path);
         Ok(match op {
             HostOp::Precopy => {
-                // A repack running now would be copied over and over, or fail the frozen
-                // final pass: each round starts once it is over (see before_precopy).
-                let started = std::time::Instant::now();
-                let ready = maintenance::before_precopy(
-                    source(repo)?.as_ref(),
-                    &src,
-                    &repo.repository,
-                    self.cfg.repack_wait,
-                )
-                .await?;
-                let waited = ready.waited_for.map(|what| {
+                // shardsend waits for a repack running on A first (--repack-wait), which
+                // would be copied over and over, or fail the frozen final pass.
+                let sent = self.send(repo, true).await?;
+                let waited = sent.waited_for.as_ref().map(|what| {
                     format!(
                         "waited {:.1} s for {what} on {}",
-                        started.elapsed().as_secs_f64(),
-                        repo.source.device
+                        sent.waited_seconds, repo.source.device
                     )
                 });
-                // Before anything is frozen: B's git must read what A's holds.
-                verify::ensure_git_supports(target(repo)?.as_ref(), &ready.formats)
+                // Before anything is frozen: B's git must read what A's holds. Checked after
+                // the round (shardsend reads the formats, sparing a process per round): a
+                // refusal then rolls back a staged copy, which is rare and harmless.
+                let formats = sent.git_formats.clone().ok_or_else(|| {
+                    Error::Refused(format!(
+                        "{} on {} was not sent as a git repository",
+                        src, repo.source.device
+                    ))
+                })?;
+                verify::ensure_git_supports(target(repo)?.as_ref(), &formats)
                     .await
                     .map_err(|e| match e {
                         Error::Refused(why) => Error::Refused(format!(
@@ -127,7 +142,7 @@ impl ExecutorHostOps {
                         other => other,
                     })?;
                 Completion::Precopied {
-                    sent_bytes: self.send(repo, true).await?.sent_bytes,
+                    sent_bytes: sent.sent_bytes,
                     waited,
                 }
             }

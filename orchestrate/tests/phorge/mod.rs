@@ -422,6 +422,13 @@ pub(crate) fn phorge_repository_moves_there_and_back_with_a_client_pushing(env: 
         Some("after-journal-clusterized"),
     ));
     settle();
+    // Pushes through Phorge's front take seconds on a loaded machine: let the client go on
+    // (a while at most) until it has enough acknowledged pushes for the checks below, the
+    // last ones on B.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while seen.lock().unwrap().acked.len() <= 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     stop.store(true, Ordering::Relaxed);
     pusher.join().expect("client");
 

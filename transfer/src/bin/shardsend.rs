@@ -98,6 +98,14 @@ struct SendArgs {
     /// so a pre-copy of a live repository is consistent
     #[arg(long, default_value = "auto", value_name = "MODE")]
     git: GitMode,
+    /// In git mode, before sending: while a git gc, repack, prune, pack-refs,
+    /// multi-pack-index or maintenance run works in the repository, wait up to DURATION
+    /// (e.g. 90s, 1h; 0 only looks) for it to end, then exit 7 if it still runs. A pre-copy
+    /// beside a repack copies the repository twice, a final pass fails. Processes are found
+    /// by their working directory: run as root or as the repositories' user to see them.
+    /// The JSON summary says what was waited for (waited_for, waited_seconds)
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    repack_wait: Option<std::time::Duration>,
     /// Install the files for their numeric owner and group as on this host (the receiver
     /// must run as root, or with CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID, or the
     /// transfer is refused before any data moves).
@@ -339,6 +347,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
             .collect(),
         dissociate: a.dissociate,
         ticket: a.ticket.map(read_ticket).transpose()?,
+        repack_wait: a.repack_wait,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

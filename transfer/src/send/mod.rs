@@ -50,7 +50,7 @@ use tokio::sync::mpsc;
 
 use crate::compress::{AutoDecider, CompressPolicy, Decision, Handed};
 use crate::error::Error;
-use crate::gitdir::GitMode;
+use crate::gitdir::{GitFormats, GitMode};
 use crate::identity::{client_crypto, Fingerprint, Identity};
 use crate::io::{read_control, write_control, write_controls, BufferPool, RateLimiter};
 use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
@@ -123,6 +123,9 @@ pub struct SendConfig {
     /// The orchestrator's transfer ticket, for a receiver that requires one
     /// ([`crate::ticket`]).
     pub ticket: Option<String>,
+    /// In git mode, wait up to this long before sending while git's gc/repack rewrites the
+    /// repository ([`crate::git_maintenance`]); `None`: do not look.
+    pub repack_wait: Option<Duration>,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -222,6 +225,16 @@ pub struct SendSummary {
     pub reconnects: u32,
     /// QUIC path statistics of the last attempt, for diagnosing slow links.
     pub quic: QuicStats,
+    /// In git mode: the repository's formats, read from its config (what git on the
+    /// receiving host must read).
+    #[serde(default)]
+    pub git_formats: Option<GitFormats>,
+    /// With `--repack-wait`: the git gc/repack the send waited for before it began, if any,
+    /// and how long it waited (included in `seconds`).
+    #[serde(default)]
+    pub waited_for: Option<String>,
+    #[serde(default)]
+    pub waited_seconds: f64,
 }
 
 /// What quinn saw of the path.
@@ -261,6 +274,7 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
     crate::manifest::validate_destination(cfg.dest.as_bytes())
         .map_err(|e| Error::Input(e.to_string()))?;
     let started = Instant::now();
+    let before = before_sending_git(cfg).await?;
     let mut resume = cfg.resume;
     let mut totals = Totals::default();
     let max_attempts = if cfg.stage_only {
@@ -286,6 +300,11 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
             Ok(mut summary) => {
                 summary.attempts = attempts;
                 summary.reconnects = reconnector.reconnects();
+                if let Some(git) = &before {
+                    summary.git_formats = Some(git.formats.clone());
+                    summary.waited_for = git.waited.as_ref().and_then(|w| w.process.clone());
+                    summary.waited_seconds = git.waited.as_ref().map_or(0.0, |w| w.seconds);
+                }
                 summary.seconds = started.elapsed().as_secs_f64();
                 // What this run moved: bytes resumed from an earlier run are not in it.
                 summary.mb_per_s = summary.sent_bytes as f64 / summary.seconds.max(1e-9) / 1e6;
@@ -327,6 +346,62 @@ pub async fn send(cfg: &SendConfig) -> Result<SendSummary, Error> {
         }
         attempts += 1;
     }
+}
+
+/// What [`before_sending_git`] learnt of a git source.
+struct GitSource {
+    formats: GitFormats,
+    waited: Option<crate::git_maintenance::Waited>,
+}
+
+/// For a git directory: waits out git's gc/repack (`cfg.repack_wait`), then reads its
+/// formats. `None` for any other source.
+async fn before_sending_git(cfg: &SendConfig) -> Result<Option<GitSource>, Error> {
+    let src = cfg.src.clone();
+    let is_git = match cfg.git {
+        GitMode::Off => false,
+        GitMode::On => true,
+        GitMode::Auto => crate::gitdir::looks_like_git_dir(&src),
+    };
+    if !is_git {
+        if cfg.repack_wait.is_some() && cfg.git == GitMode::Off {
+            return Err(Error::Input(
+                "--repack-wait needs git mode (not --git off)".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let max = cfg.repack_wait;
+    tokio::task::spawn_blocking(move || {
+        let waited = match max {
+            Some(max) => match crate::git_maintenance::wait_until_idle(&src, max)
+                .map_err(|e| Error::io(&src, e))?
+            {
+                Ok(waited) => Some(waited),
+                Err(what) => {
+                    return Err(Error::SourceBusy(format!(
+                        "{} is still being rewritten by git after {} s ({what}): a pre-copy \
+                         beside a gc/repack copies the repository twice, a final pass fails; \
+                         retry when it ends, or wait longer (--repack-wait)",
+                        src.display(),
+                        max.as_secs_f64()
+                    )))
+                }
+            },
+            None => None,
+        };
+        let config = match std::fs::read(src.join("config")) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(src.join("config"), e)),
+        };
+        Ok(Some(GitSource {
+            formats: GitFormats::of_config(&config),
+            waited,
+        }))
+    })
+    .await
+    .map_err(|e| Error::Other(e.to_string()))?
 }
 
 /// Passes `event` to the caller's sink, if any.
@@ -587,6 +662,9 @@ async fn attempt_once(
         queued_seconds: totals.queued_seconds,
         reconnects: 0,
         quic,
+        git_formats: None,
+        waited_for: None,
+        waited_seconds: 0.0,
     })
 }
 

@@ -322,3 +322,91 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Issue 13: the pre-copy's wait for git's gc/repack moved from a host script into
+/// `shardsend --repack-wait`. A stand-in `git repack` working in the repository holds the
+/// send back; one outlasting the wait ends it with exit 7 and nothing staged; once it is
+/// gone the send goes through at once. The summary carries the formats B's git must read.
+#[test]
+fn repack_wait_holds_the_send_back_while_git_rewrites_the_repository() {
+    let keys = Keys::new();
+    let root = keys.path("root");
+    let d = Daemon::start(&keys, &root);
+    let (bare, _work) = bare_repo(keys.dir.path(), &[("a.txt", b"hello\n".as_slice())]);
+    // Started, and calling itself `git repack`, before this returns.
+    let repack = |seconds: &str| {
+        let child = std::process::Command::new("perl")
+            .arg("-e")
+            .arg(format!("$0 = 'git repack -a -d'; sleep {seconds}"))
+            .current_dir(&bare)
+            .spawn()
+            .unwrap();
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        assert!(wait_for(Duration::from_secs(10), || std::fs::read(
+            &cmdline
+        )
+        .is_ok_and(|c| c.starts_with(b"git repack"))));
+        child
+    };
+
+    // Outlasts the wait: exit 7, naming the process; nothing reached the receiver.
+    let mut long = repack("60");
+    let out = send(
+        &keys,
+        &bare,
+        &d.addr,
+        "r.git",
+        &["--stage-only", "--repack-wait", "1s"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("still being rewritten by git") && err.contains("git repack -a -d"),
+        "{err}"
+    );
+    assert!(visible_entries(&root).is_empty());
+    long.kill().unwrap();
+    long.wait().unwrap();
+
+    // Ends within the wait: the send waits for it, then goes through and says so.
+    let mut short = repack("1");
+    let j = assert_ok(&send(
+        &keys,
+        &bare,
+        &d.addr,
+        "r.git",
+        &["--stage-only", "--repack-wait", "30s"],
+    ));
+    short.wait().unwrap();
+    assert_eq!(j["staged_only"], true, "{j}");
+    assert!(
+        j["waited_for"]
+            .as_str()
+            .unwrap_or("")
+            .contains("git repack"),
+        "{j}"
+    );
+    assert!(j["waited_seconds"].as_f64().unwrap() > 0.2, "{j}");
+    assert_eq!(j["git_formats"]["objects"], "sha1", "{j}");
+    assert_eq!(j["git_formats"]["refs"], "files", "{j}");
+
+    // Idle: no wait at all; and --git off cannot look for git's processes.
+    let j = assert_ok(&send(
+        &keys,
+        &bare,
+        &d.addr,
+        "r.git",
+        &["--resume", "--repack-wait", "30s"],
+    ));
+    assert_eq!(j["waited_for"], serde_json::Value::Null, "{j}");
+    assert_eq!(j["complete"], true, "{j}");
+    let out = send(
+        &keys,
+        &bare,
+        &d.addr,
+        "s.git",
+        &["--git", "off", "--repack-wait", "1s"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--repack-wait needs git mode"));
+}

@@ -1,2 +1,0 @@
-set -eu
-git_formats "$1"
