@@ -4,6 +4,7 @@ mod busy_receiver;
 mod cut_link;
 mod failpoints;
 mod git_repo;
+mod limits;
 mod live_source;
 mod operator;
 mod ownership;

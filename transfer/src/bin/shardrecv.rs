@@ -13,6 +13,7 @@ use transfer::identity::{AllowList, Fingerprint, Identity, LiveAllowList};
 use transfer::quic::Congestion;
 use transfer::recv::config::{FileConfig, ServeFlags, ServeSettings};
 use transfer::recv::{Receiver, ServeConfig};
+use transfer::units::parse_size;
 use transfer::Error;
 
 #[derive(Parser)]
@@ -58,7 +59,8 @@ enum Command {
         (and 'metrics http://ADDR/metrics' with --metrics).\n\n\
         Settings can come from a TOML file instead of flags: --config PATH, or \
         /etc/shard/shardrecv.toml when it exists, with the keys listen, root, identity, allow, \
-        max_transfers, max_queued, congestion, window, metrics and log_format (e.g. \
+        max_transfers, max_queued, congestion, window, metrics, log_format, ticket_signers, \
+        keep_free, handshake_rate and max_handshakes (e.g. \
         listen = \"0.0.0.0:7400\", max_transfers = 8, window = \"64M\"). Flags override the file; \
         an unknown or badly typed key is an error naming it.\n\n\
         Under systemd (Type=notify) it says READY=1 once listening and STOPPING=1 when it stops. \
@@ -111,6 +113,22 @@ enum Command {
         /// allow-list alone decides (standalone shardsend use)
         #[arg(long, value_name = "FINGERPRINT", value_parser = parse_fingerprint)]
         ticket_signer: Vec<Fingerprint>,
+        /// Disk space under --root never promised to transfers, K/M/G suffixes (room for
+        /// everything else on that disk). Transfers are admitted only while what they still
+        /// have to write fits beside what the others will still write, so concurrent
+        /// transfers never fill the disk together; one that does not fit is refused before
+        /// any data moves (exit 4 on the sender) [default: 0]
+        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+        keep_free: Option<u64>,
+        /// New connections per second per source address (IPv6: per /64), with bursts of
+        /// twice that; more are refused before any cryptography, so a flood of handshakes
+        /// does not take the CPU of authorised transfers. 0: no limit [default: 20]
+        #[arg(long, value_name = "N")]
+        handshake_rate: Option<u32>,
+        /// Handshakes in progress at once; beyond that a new address must first prove it
+        /// is real (QUIC Retry) and a proven one is refused [default: 128]
+        #[arg(long, value_name = "N")]
+        max_handshakes: Option<usize>,
     },
 }
 
@@ -147,6 +165,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             max_queued,
             metrics,
             ticket_signer,
+            keep_free,
+            handshake_rate,
+            max_handshakes,
         } => {
             let flags = ServeFlags {
                 listen,
@@ -160,6 +181,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 metrics,
                 log_format,
                 ticket_signers: ticket_signer,
+                keep_free,
+                handshake_rate,
+                max_handshakes,
             };
             let settings = ServeSettings::merge(flags, FileConfig::find(config.as_deref())?)?;
             init_logging("info", settings.log_format);
@@ -196,6 +220,9 @@ fn serve(settings: ServeSettings) -> Result<(), Error> {
             max_queued: settings.max_queued,
             metrics: settings.metrics,
             ticket_signers: settings.ticket_signers.clone(),
+            keep_free: settings.keep_free,
+            handshake_rate: settings.handshake_rate,
+            max_handshakes: settings.max_handshakes,
         })?;
         let addr = receiver.local_addr()?;
         println!("listening {addr} fingerprint {fingerprint}");

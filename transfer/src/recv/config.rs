@@ -52,6 +52,13 @@ pub struct FileConfig {
     /// Fingerprints of the orchestrator keys whose transfer tickets are honoured; any given
     /// makes tickets required.
     pub ticket_signers: Option<Vec<String>>,
+    /// Bytes of the root's disk never promised to transfers, `"10G"`-style or a number.
+    #[serde(default, deserialize_with = "size")]
+    pub keep_free: Option<u64>,
+    /// Handshakes per second per source address (0: unlimited).
+    pub handshake_rate: Option<u32>,
+    /// Handshakes in progress at once.
+    pub max_handshakes: Option<usize>,
 }
 
 fn congestion<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Congestion>, D::Error> {
@@ -74,6 +81,22 @@ fn window<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     crate::quic::parse_window(&text)
         .map(Some)
         .map_err(serde::de::Error::custom)
+}
+
+/// A size as `"10G"` (binary suffixes) or as a plain number of bytes.
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(Some(n)),
+        Size::Text(t) => crate::units::parse_size(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 /// A TOML error as one line naming the line and, for a bad value, its key (the file is
@@ -155,6 +178,9 @@ pub struct ServeFlags {
     pub log_format: Option<LogFormat>,
     /// `--ticket-signer`s (empty: not given).
     pub ticket_signers: Vec<Fingerprint>,
+    pub keep_free: Option<u64>,
+    pub handshake_rate: Option<u32>,
+    pub max_handshakes: Option<usize>,
 }
 
 /// The settings a daemon runs with: flags over the file over the defaults.
@@ -171,6 +197,11 @@ pub struct ServeSettings {
     pub log_format: LogFormat,
     /// Orchestrator keys whose tickets are required and honoured (empty: tickets off).
     pub ticket_signers: Vec<Fingerprint>,
+    /// Disk bytes never promised to transfers ([`crate::space`]).
+    pub keep_free: u64,
+    /// Handshakes per second per source address, and at once ([`crate::handshake_limit`]).
+    pub handshake_rate: u32,
+    pub max_handshakes: usize,
     /// The config file read, if any (re-read on SIGHUP for `allow`).
     pub config_file: Option<PathBuf>,
     /// Whether `allow` came from the flag (then a SIGHUP reloads that file, whatever the
@@ -247,6 +278,15 @@ impl ServeSettings {
                 window: flags.window.or(file.window),
             },
             metrics: flags.metrics.or(file.metrics),
+            keep_free: flags.keep_free.or(file.keep_free).unwrap_or(0),
+            handshake_rate: flags
+                .handshake_rate
+                .or(file.handshake_rate)
+                .unwrap_or(crate::handshake_limit::DEFAULT_RATE),
+            max_handshakes: flags
+                .max_handshakes
+                .or(file.max_handshakes)
+                .unwrap_or(crate::handshake_limit::DEFAULT_MAX_IN_PROGRESS),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             config_file,
             allow_from_flag,
@@ -294,6 +334,9 @@ congestion = "cubic"
 window = "64M"
 metrics = "127.0.0.1:9400"
 log_format = "json"
+keep_free = "2G"
+handshake_rate = 5
+max_handshakes = 64
 "#,
         );
         let f = FileConfig::load(&p).unwrap();
@@ -304,6 +347,15 @@ log_format = "json"
         assert_eq!(f.congestion, Some(Congestion::Cubic));
         assert_eq!(f.window, Some(64 << 20));
         assert_eq!(f.log_format, Some(LogFormat::Json));
+        assert_eq!(f.keep_free, Some(2 << 30));
+        assert_eq!((f.handshake_rate, f.max_handshakes), (Some(5), Some(64)));
+        let s = ServeSettings::merge(ServeFlags::default(), Some((p.clone(), f))).unwrap();
+        assert_eq!(
+            (s.keep_free, s.handshake_rate, s.max_handshakes),
+            (2 << 30, 5, 64)
+        );
+        let p = write(d.path(), "keep_free = 1048576\n");
+        assert_eq!(FileConfig::load(&p).unwrap().keep_free, Some(1 << 20));
         // A plain number of bytes is a window too.
         let p = write(d.path(), "window = 8388608\n");
         assert_eq!(FileConfig::load(&p).unwrap().window, Some(8 << 20));
@@ -322,6 +374,8 @@ log_format = "json"
             ("congestion = \"fast\"\n", "congestion"),
             ("window = \"1G\"\n", "window"),
             ("log_format = \"xml\"\n", "log_format"),
+            ("keep_free = \"lots\"\n", "keep_free"),
+            ("handshake_rate = -1\n", "handshake_rate"),
         ] {
             let p = write(d.path(), text);
             let err = FileConfig::load(&p).unwrap_err().to_string();

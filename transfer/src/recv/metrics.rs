@@ -79,6 +79,11 @@ pub struct ReceiverMetrics {
     pub verify_failures: Counter,
     /// Seconds from a complete verification to the tree renamed into place.
     pub install_seconds: Histogram,
+    /// Connections refused before their handshake, by reason
+    /// ([`crate::handshake_limit::Why::label`]).
+    pub handshakes_refused: Family<Reason, Counter>,
+    /// Bytes promised to transfers in progress and not yet written, set when scraped.
+    pub space_promised: Gauge,
     /// Handshake refusals already counted (the allow-list counts them itself).
     tls_refusals_seen: AtomicU64,
 }
@@ -103,6 +108,19 @@ impl ReceiverMetrics {
         let verify_failures = Counter::default();
         // 5 ms to ~82 s: a small repository's renames up to a large tree's syncfs.
         let install_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 15));
+        let handshakes_refused = Family::<Reason, Counter>::default();
+        let space_promised = Gauge::default();
+        registry.register(
+            "handshakes_refused",
+            "Connections refused before their handshake, by reason (handshake_rate: the \
+             source address's handshakes per second; handshakes_in_progress: too many at once)",
+            handshakes_refused.clone(),
+        );
+        registry.register(
+            "space_promised_bytes",
+            "Disk bytes promised to transfers in progress and not yet written",
+            space_promised.clone(),
+        );
         registry.register(
             "received_bytes",
             "Frame bytes (headers and payloads) read from senders' data streams",
@@ -166,6 +184,8 @@ impl ReceiverMetrics {
             chunk_retries,
             verify_failures,
             install_seconds,
+            handshakes_refused,
+            space_promised,
             tls_refusals_seen: AtomicU64::new(0),
         }
     }
@@ -174,6 +194,14 @@ impl ReceiverMetrics {
         self.refused
             .get_or_create(&Reason {
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn handshake_refused(&self, why: crate::handshake_limit::Why) {
+        self.handshakes_refused
+            .get_or_create(&Reason {
+                reason: why.label().to_string(),
             })
             .inc();
     }

@@ -39,9 +39,11 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::admission::{Admission, Admissions, QueueFull, Ticket};
 use crate::error::Error;
+use crate::handshake_limit::{HandshakeLimiter, Verdict};
 use crate::identity::{server_crypto, AllowList, Fingerprint, Identity, LiveAllowList};
 use crate::io::{read_chunk_header, read_control, read_payload_counting, write_control};
 use crate::manifest::Manifest;
+use crate::space::{PromiseId, SpaceLedger};
 use crate::staging::{PrepareError, Request, Staging};
 use crate::wire::{hex, ChunkHeader, ControlMsg, FailCode};
 
@@ -65,6 +67,12 @@ pub struct ServeConfig {
     /// Orchestrator keys whose transfer tickets are honoured; when any is given, every
     /// transfer needs a ticket ([`crate::ticket`]); when none, the allow-list alone decides.
     pub ticket_signers: Vec<Fingerprint>,
+    /// Bytes of the root's file system never promised to transfers ([`crate::space`]).
+    pub keep_free: u64,
+    /// Handshakes per second per source address (0: no limit), and in progress at once
+    /// ([`crate::handshake_limit`]).
+    pub handshake_rate: u32,
+    pub max_handshakes: usize,
 }
 
 /// Default of `shardrecv serve --max-transfers`.
@@ -95,6 +103,10 @@ struct Shared {
     active: Mutex<HashMap<Vec<u8>, ActiveTransfer>>,
     /// Tickets on: the trusted signers and the nonces spent by installs.
     tickets: Option<TicketState>,
+    /// Disk space promised to the transfers in progress.
+    space: Mutex<SpaceLedger>,
+    /// Handshakes per address and at once, before any cryptography.
+    handshakes: Mutex<HandshakeLimiter>,
 }
 
 /// A receiver's ticket rules: whose signatures count, and what installs have spent.
@@ -137,6 +149,11 @@ impl Receiver {
                     signers: Arc::new(cfg.ticket_signers.iter().copied().collect()),
                     spent: Arc::new(Mutex::new(crate::ticket::SpentNonces::default())),
                 }),
+                space: Mutex::new(SpaceLedger::new(cfg.keep_free)),
+                handshakes: Mutex::new(HandshakeLimiter::new(
+                    cfg.handshake_rate,
+                    cfg.max_handshakes,
+                )),
             }),
         })
     }
@@ -192,9 +209,36 @@ impl Receiver {
                 },
             };
             let shared = self.shared.clone();
+            let remote = incoming.remote_address();
+            let verdict = match shared.handshakes.lock() {
+                Ok(mut h) => h.admit(
+                    remote.ip(),
+                    incoming.remote_address_validated(),
+                    Instant::now(),
+                ),
+                Err(_) => Verdict::Accept,
+            };
+            match verdict {
+                Verdict::Accept => {}
+                Verdict::Retry => {
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().refuse();
+                    }
+                    continue;
+                }
+                Verdict::Refuse(why) => {
+                    shared.metrics.handshake_refused(why);
+                    tracing::debug!(%remote, reason = why.label(), "handshake refused");
+                    incoming.refuse();
+                    continue;
+                }
+            }
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                let conn = match incoming.await {
+                let handshake = incoming.await;
+                if let Ok(mut h) = shared.handshakes.lock() {
+                    h.finished();
+                }
+                let conn = match handshake {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(%remote, error = %e, "handshake failed");
@@ -242,6 +286,10 @@ impl Shared {
             .lock()
             .map(|a| (a.active(), a.queued()))
             .unwrap_or((0, 0));
+        let promised = self.space.lock().map(|l| l.outstanding()).unwrap_or(0);
+        self.metrics
+            .space_promised
+            .set(i64::try_from(promised).unwrap_or(i64::MAX));
         self.metrics.render(self.allow.refusals(), active, queued)
     }
 }
@@ -279,6 +327,29 @@ impl Drop for Slot {
             a.release();
         }
         self.shared.line_moved.notify_waiters();
+    }
+}
+
+/// Disk space promised to one transfer; the promise ends when this is dropped.
+struct SpacePromise {
+    shared: Arc<Shared>,
+    id: PromiseId,
+}
+
+impl SpacePromise {
+    /// `bytes` more were written.
+    fn wrote(&self, bytes: u64) {
+        if let Ok(mut l) = self.shared.space.lock() {
+            l.wrote(self.id, bytes);
+        }
+    }
+}
+
+impl Drop for SpacePromise {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.shared.space.lock() {
+            l.release(self.id);
+        }
     }
 }
 
@@ -375,6 +446,8 @@ struct Transfer {
     claim: Mutex<Option<Claim>>,
     /// Frame bytes read from the data streams, counted per read (reported in `Progress`).
     wire_read: AtomicU64,
+    /// The disk space promised to this transfer, once staging is prepared.
+    space: Mutex<Option<SpacePromise>>,
     /// The receiver's state, for its counters.
     shared: Arc<Shared>,
 }
@@ -432,6 +505,7 @@ async fn handle_connection(
         slot: Mutex::new(None),
         claim: Mutex::new(None),
         wire_read: AtomicU64::new(0),
+        space: Mutex::new(None),
         shared: shared.clone(),
     });
     // The first message is read here: until a slot is ours, the rest of the control stream
@@ -811,6 +885,29 @@ async fn prepare(
     let failed = |code, message| ReceiverInput::PrepareFailed { code, message };
     match prepared.and_then(|r| r) {
         Ok((staging, tracker)) => {
+            // Staging checked this transfer alone against the free space; the ledger checks
+            // it beside every transfer in progress. A refusal keeps what is staged (it is on
+            // the disk already, and a later resume carries it over).
+            let needed = crate::space::footprint(
+                manifest
+                    .total_bytes
+                    .saturating_sub(tracker.verified_bytes()),
+                manifest.entries.len() as u64,
+                manifest
+                    .total_chunks()
+                    .saturating_sub(tracker.verified_chunks()),
+            );
+            match promise_space(shared, needed) {
+                Ok(promise) => {
+                    if let Ok(mut p) = t.space.lock() {
+                        *p = Some(promise);
+                    }
+                }
+                Err(message) => {
+                    drop(staging);
+                    return failed(FailCode::NoSpace, message);
+                }
+            }
             if let Ok(mut s) = t.staging.lock() {
                 *s = Some(staging);
             }
@@ -834,6 +931,27 @@ async fn prepare(
         Err(PrepareError::Refused(message)) => failed(FailCode::BadRequest, message),
         Err(PrepareError::Io(e)) => failed(FailCode::Io, format!("cannot prepare staging: {e}")),
     }
+}
+
+/// Promises `needed` bytes on the root's file system, or says why not.
+fn promise_space(shared: &Arc<Shared>, needed: u64) -> Result<SpacePromise, String> {
+    let available = crate::staging::available_bytes(&shared.root).map_err(|e| {
+        format!(
+            "cannot read the free space under {}: {e}",
+            shared.root.display()
+        )
+    })?;
+    let mut ledger = shared
+        .space
+        .lock()
+        .map_err(|_| "internal error: space ledger lock poisoned".to_string())?;
+    let id = ledger
+        .try_promise(needed, available)
+        .map_err(|shortfall| format!("{shortfall} under {}", shared.root.display()))?;
+    Ok(SpacePromise {
+        shared: shared.clone(),
+        id,
+    })
 }
 
 /// Installs the verified staging on a blocking thread; the answer for the session.
@@ -945,7 +1063,13 @@ async fn receive_stream(mut stream: quinn::RecvStream, t: Arc<Transfer>) {
                 match stored {
                     // Journaled only once written and verified.
                     Stored::Verified(hash) => match journal(&t2, file, chunk, &hash) {
-                        Ok(()) => ReceiverInput::ChunkStored { file, chunk, hash },
+                        Ok(()) => {
+                            if let Some(p) = t2.space.lock().ok().as_ref().and_then(|p| p.as_ref())
+                            {
+                                p.wrote(header.raw_len);
+                            }
+                            ReceiverInput::ChunkStored { file, chunk, hash }
+                        }
                         Err(e) => ReceiverInput::StoreFailed {
                             no_space: e.raw_os_error() == Some(libc::ENOSPC),
                             error: format!("journal: {e}"),

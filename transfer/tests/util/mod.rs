@@ -494,6 +494,14 @@ pub fn linkemu() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
+/// The workspace's `handshake-flood` (bench crate), built like [`linkemu`]; `None` when it
+/// was not built.
+pub fn handshake_flood() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("handshake-flood");
+    path.is_file().then_some(path)
+}
+
 /// A `linkemu` link between two namespaces it creates (A 10.250.88.1, B 10.250.88.2); ended
 /// with SIGTERM on drop (its watchdog removes the namespaces even if that fails).
 pub struct Link {
