@@ -18,7 +18,9 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 
 use super::batch::{self, Start, HEARTBEAT};
-use super::core::{Action, Completion, Event, Finish, JournalWrite, RepoContext, RepoMachine};
+use super::core::{
+    Action, Completion, Event, Finish, HostOp, JournalWrite, RepoContext, RepoMachine,
+};
 use super::ports::{BatchSpec, ControlPlane, HostOps, Journal, JournaledRepo, RepoPlan};
 use super::{MigrateConfig, MigrationSummary, Reporter};
 use crate::error::{Error, Result};
@@ -311,6 +313,21 @@ async fn drive_repo(
                 if crate::failpoint::error(&format!("before-{}", action.name())) =>
             {
                 Event::Failed(format!("failpoint error:before-{}", action.name()))
+            }
+            Action::Host(op @ (HostOp::Precopy | HostOp::FinalPass)) => {
+                // The target's keys as the registry pins them now: a key rotation may have
+                // moved on since the run started (see `crate::keys`).
+                let mut plan = plan.clone();
+                match ports.plane.target_pins(&plan.target.device).await {
+                    Ok(Some(pins)) if !pins.is_empty() => plan.target.fingerprints = pins,
+                    Ok(_) => {}
+                    Err(e) => report(&format!(
+                        "{label}: cannot read {}'s keys again ({e}): pinning {}",
+                        plan.target.device,
+                        plan.target.fingerprints.join(", ")
+                    )),
+                }
+                outcome(ports.hosts.run(&plan, op).await)?
             }
             Action::Host(op) => outcome(ports.hosts.run(plan, op).await)?,
             Action::Control(op) => outcome(ports.plane.apply(spec, plan, op).await)?,
