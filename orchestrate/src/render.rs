@@ -86,8 +86,20 @@ pub fn devices(all: &[Device]) -> String {
     all.iter()
         .map(|d| {
             format!(
-                "{}\tservice: {}\thost: {}\ttransfer: {}\troot: {}\n",
-                d.name, d.service, d.host, d.transfer_addr, d.root_path
+                "{}\tservice: {}\thost: {}\ttransfer: {}\troot: {}\tpinned: {}{}\n",
+                d.name,
+                d.service,
+                d.host,
+                d.transfer_addr,
+                d.root_path,
+                match d.fingerprints.is_empty() {
+                    true => "(none)".to_string(),
+                    false => d.fingerprints.join(","),
+                },
+                match d.rotation {
+                    Some(_) => " (key rotation under way)",
+                    None => "",
+                }
             )
         })
         .collect()
@@ -580,7 +592,7 @@ mod tests {
         assert_eq!(device_added(&d), "added device a1 to service a");
         assert_eq!(
             devices(std::slice::from_ref(&d)),
-            "a1\tservice: a\thost: localhost\ttransfer: 127.0.0.1:7400\troot: /srv/a\n"
+            "a1\tservice: a\thost: localhost\ttransfer: 127.0.0.1:7400\troot: /srv/a\tpinned: (none)\n"
         );
         assert_eq!(
             device(&d),
@@ -595,6 +607,12 @@ mod tests {
             since: T,
         });
         rotating.fingerprints = vec!["bb".into(), "aa".into()];
+        assert!(
+            devices(std::slice::from_ref(&rotating))
+                .ends_with("\tpinned: bb,aa (key rotation under way)\n"),
+            "{}",
+            devices(std::slice::from_ref(&rotating))
+        );
         assert!(
             device(&rotating).ends_with(
                 "fingerprint: aa\n  key rotation: to bb (the new key preferred, since \

@@ -10,6 +10,14 @@
 //! **Resumed read-only windows go first.** A repository whose window was open when the
 //! previous driver died is driven at once, without queueing behind the pre-copies of others
 //! (issue 10, item 3: one window lasted 3.69 s after a takeover).
+//!
+//! **Each transfer pass pins the target's keys as they are then.** The ends of a repository
+//! are read when the run starts, but a batch may run for hours and a key rotation of the
+//! target (`crate::keys`) may add, prefer and finally unpin keys meanwhile; the receiver drops
+//! the old key once the registry no longer pins it. So before every pre-copy round and final
+//! pass the driver asks the plane for the target's pins again
+//! ([`ControlPlane::target_pins`]; one indexed read on the built-in registry), and a pass
+//! started after `--finish` pins the new key only.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -145,6 +145,11 @@ pub(crate) fn device_rotate_key_walks_the_steps_while_a_migration_runs(env: &Env
     );
     let shown = env.ok(&["device", "show", "b1"]);
     assert!(shown.contains(&format!("pinned: {old}, {new}")), "{shown}");
+    let listed = env.ok(&["device", "list"]);
+    assert!(
+        listed.contains(&format!("pinned: {old},{new} (key rotation under way)")),
+        "{listed}"
+    );
     // A second new key, or preferring a key the receiver does not serve yet: refused.
     let other = keygen("shardrecv", &env.path("recv-other.key"));
     assert!(env
