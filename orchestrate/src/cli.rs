@@ -200,6 +200,77 @@ pub enum DeviceCmd {
         /// Device name.
         name: String,
     },
+    /// Replace a device's shardrecv key without failing a transfer: one step per run
+    /// (--add, --prefer, --finish; --abort to go back), where it stands without one.
+    #[command(long_about = ROTATE_KEY_HELP)]
+    RotateKey(RotateKeyArgs),
+}
+
+/// `device rotate-key --help`: the whole procedure.
+pub const ROTATE_KEY_HELP: &str = "\
+Replace a device's shardrecv key without failing a transfer: one step per run, and without a
+step, where the rotation stands and what to do next.
+
+A sender pins several keys and asks the receiver for them by name; a receiver serves several
+and presents the first one asked for that it holds. So nothing fails while the device's
+shardrecv holds at least one of the keys the registry pins, which every step keeps true:
+
+  0. On the device's host: shardrecv keygen --out /etc/shard/recv-new.key (prints NEW).
+  1. rotate-key DEVICE --add NEW: the registry pins the old key and NEW (the old one preferred);
+     every `migrate` pass from now on gives shardsend both.
+     Then give the device's shardrecv both keys, the old one first (its config:
+     identity = [\"/etc/shard/recv.key\", \"/etc/shard/recv-new.key\"]) and reload it
+     (systemctl reload shardrecv, or kill -HUP).
+  2. rotate-key DEVICE --prefer: checks with a real handshake that the device's shardrecv
+     serves NEW, then pins NEW first. Then make NEW its primary (identity = [NEW, OLD]) and
+     reload it, for senders that name no key (shardsend from before key rotation).
+  3. rotate-key DEVICE --finish: checks again that it serves NEW, then unpins the old key.
+     Then drop the old key from shardrecv (identity = NEW) and reload it. Transfers in flight
+     keep their connection; passes of running batches re-read the pins, so they follow.
+  --abort instead of 2 or 3: checks that it still serves the old key, then unpins NEW.
+
+Each step is an event in `shardmove events`; a step out of order (finishing with no rotation
+under way, adding a second new key, ...) is refused (exit 5) and changes nothing, as is a step
+whose check fails (shardrecv unreachable, or not serving the key). The checks connect from this
+host to the device's transfer address (UDP) without a key of their own: shardrecv proves its
+key, then refuses the connection (it logs a failed handshake).";
+
+/// `device rotate-key`'s arguments: the device and at most one step.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("step").args(["add", "prefer", "finish", "abort"])))]
+pub struct RotateKeyArgs {
+    /// Device name.
+    pub device: String,
+    /// Step 1: pin NEW (its shardrecv's new key fingerprint) beside the device's key.
+    #[arg(long, value_name = "NEW")]
+    pub add: Option<String>,
+    /// Step 2: once its shardrecv serves both keys (checked), pin the new key first.
+    #[arg(long)]
+    pub prefer: bool,
+    /// Step 3: once its shardrecv serves the new key (checked), unpin the old one.
+    #[arg(long)]
+    pub finish: bool,
+    /// Go back: once its shardrecv serves the old key (checked), unpin the new one.
+    #[arg(long)]
+    pub abort: bool,
+}
+
+impl RotateKeyArgs {
+    /// The library request (a malformed `--add` fingerprint is invalid input).
+    pub fn request(&self) -> Result<crate::keys::RotateKey> {
+        use crate::keys::KeyStep;
+        let step = match (&self.add, self.prefer, self.finish, self.abort) {
+            (Some(fp), ..) => KeyStep::add(fp)?,
+            (None, true, ..) => KeyStep::Prefer,
+            (None, false, true, _) => KeyStep::Finish,
+            (None, false, false, true) => KeyStep::Abort,
+            (None, false, false, false) => KeyStep::Status,
+        };
+        Ok(crate::keys::RotateKey {
+            device: self.device.clone(),
+            step,
+        })
+    }
 }
 
 /// `device add`'s arguments.
@@ -523,7 +594,8 @@ pub enum PhorgeCmd {
         /// Its shardrecv, HOST:PORT.
         #[arg(long)]
         transfer: Option<String>,
-        /// Its shardrecv's key fingerprint.
+        /// Its shardrecv's key fingerprint; during a key rotation both keys, preferred first,
+        /// separated by a space ("NEW OLD"): transfers pin every one (docs/key-rotation.md).
         #[arg(long)]
         fingerprint: Option<String>,
         #[command(flatten)]
@@ -1037,6 +1109,34 @@ mod tests {
         assert!(
             Cli::try_parse_from(["shardmove", "observe", "--daemon", "--instance", "t"]).is_err()
         );
+    }
+
+    #[test]
+    fn rotate_key_takes_at_most_one_step() {
+        use crate::keys::KeyStep;
+        let fp = "ab".repeat(32);
+        let step = |args: &[&str]| {
+            let mut all = vec!["device", "rotate-key", "b1"];
+            all.extend(args);
+            match parse(&all) {
+                Command::Device(DeviceCmd::RotateKey(a)) => a.request().map(|r| r.step),
+                _ => panic!("not rotate-key"),
+            }
+        };
+        assert_eq!(step(&[]).unwrap(), KeyStep::Status);
+        assert_eq!(step(&["--add", &fp]).unwrap(), KeyStep::Add(fp.clone()));
+        assert_eq!(step(&["--prefer"]).unwrap(), KeyStep::Prefer);
+        assert_eq!(step(&["--finish"]).unwrap(), KeyStep::Finish);
+        assert_eq!(step(&["--abort"]).unwrap(), KeyStep::Abort);
+        assert!(step(&["--add", "nope"]).is_err());
+        for two in [
+            vec!["--prefer", "--finish"],
+            vec!["--add", fp.as_str(), "--abort"],
+        ] {
+            let mut all = vec!["shardmove", "device", "rotate-key", "b1"];
+            all.extend(two);
+            assert!(Cli::try_parse_from(all).is_err());
+        }
     }
 
     #[cfg(feature = "demo")]

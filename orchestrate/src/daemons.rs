@@ -91,6 +91,35 @@ pub struct RestartConfig {
     pub settle: Duration,
 }
 
+impl RestartConfig {
+    /// Daemons run by this very `shardmove` binary (`{exe}`), with pid files under `run_dir`
+    /// (made absolute: the daemons do not share our working directory), waiting up to 10 s.
+    pub fn for_this_binary(
+        run_dir: &std::path::Path,
+        template: &str,
+        db: &str,
+        interval_secs: u64,
+    ) -> crate::Result<RestartConfig> {
+        let io = |context, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| crate::Error::Io {
+                context,
+                path,
+                source,
+            }
+        };
+        Ok(RestartConfig {
+            run_dir: std::path::absolute(run_dir).map_err(io("resolving --run-dir", run_dir))?,
+            template: template.to_string(),
+            exe: std::env::current_exe()
+                .map_err(io("finding the shardmove binary", std::path::Path::new("")))?,
+            db: db.to_string(),
+            interval_secs,
+            settle: Duration::from_secs(10),
+        })
+    }
+}
+
 /// What `host restart` did on one device.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RestartOutcome {

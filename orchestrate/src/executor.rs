@@ -470,6 +470,8 @@ mod tests {
             transfer_addr: "10.0.0.2:4433".into(),
             root_path: "/srv/b".into(),
             fingerprint: None,
+            fingerprints: Vec::new(),
+            rotation: None,
             created_at: 0,
         }
     }

@@ -8,6 +8,7 @@
 //!   store calls and host steps, each callable on its own.
 //! - [`maintenance`]: the pre-receive hook and the wait for pushes in flight.
 //! - [`daemons`]: daemon plan, restart, and the bundled observation worker.
+//! - [`keys`]: `device rotate-key`, a device's shardrecv key replaced with overlap.
 //! - [`executor`]: how steps reach a shard host's disk (local processes, a network
 //!   namespace of this machine, ssh).
 //! - [`netns`]: a pair of network namespaces joined by a veth pair (the demo's shard hosts).
@@ -24,6 +25,7 @@ pub mod doctor;
 pub mod error;
 pub mod executor;
 pub mod failpoint;
+pub mod keys;
 pub mod maintenance;
 pub mod manual;
 pub mod migrate;

@@ -8,8 +8,11 @@
 //! through serde instead, so what a text shows never decides what a script can read.
 
 use crate::daemons::{PlanEntry, RestartOutcome};
+use crate::keys::RotationReport;
 use crate::migrate::{MigrationStatus, MigrationSummary, RepoPlan};
-use crate::registry::{Binding, Device, Event, Instance, Repository, Service, SyncChange};
+use crate::registry::{
+    Binding, Device, Event, Instance, Repository, RotationStage, Service, SyncChange,
+};
 use crate::repos::{Clusterized, Observation};
 
 /// `YYYY-MM-DD HH:MM:SS UTC` from unix seconds (days-to-civil, proleptic Gregorian).
@@ -83,8 +86,20 @@ pub fn devices(all: &[Device]) -> String {
     all.iter()
         .map(|d| {
             format!(
-                "{}\tservice: {}\thost: {}\ttransfer: {}\troot: {}\n",
-                d.name, d.service, d.host, d.transfer_addr, d.root_path
+                "{}\tservice: {}\thost: {}\ttransfer: {}\troot: {}\tpinned: {}{}\n",
+                d.name,
+                d.service,
+                d.host,
+                d.transfer_addr,
+                d.root_path,
+                match d.fingerprints.is_empty() {
+                    true => "(none)".to_string(),
+                    false => d.fingerprints.join(","),
+                },
+                match d.rotation {
+                    Some(_) => " (key rotation under way)",
+                    None => "",
+                }
             )
         })
         .collect()
@@ -92,7 +107,7 @@ pub fn devices(all: &[Device]) -> String {
 
 /// `device show`.
 pub fn device(d: &Device) -> String {
-    format!(
+    let mut text = format!(
         "device {}\n  service: {}\n  host: {}\n  transfer: {}\n  root: {}\n  fingerprint: {}",
         d.name,
         d.service,
@@ -100,7 +115,65 @@ pub fn device(d: &Device) -> String {
         d.transfer_addr,
         d.root_path,
         d.fingerprint.as_deref().unwrap_or("(none)")
-    )
+    );
+    if let Some(r) = &d.rotation {
+        text.push_str(&format!(
+            "\n  key rotation: to {} ({}, since {})\n  pinned: {}",
+            r.new,
+            match r.stage {
+                RotationStage::Added => "added, the old key preferred",
+                RotationStage::Preferred => "the new key preferred",
+            },
+            utc(r.since),
+            d.fingerprints.join(", ")
+        ));
+    }
+    text
+}
+
+/// `device rotate-key`: what the step did, what was checked, what to do next.
+pub fn key_rotation(r: &RotationReport) -> String {
+    let mut text = match (r.step, &r.rotation) {
+        ("status", None) => format!("device {}: no key rotation under way\n", r.device),
+        ("status", Some(rot)) => format!(
+            "device {}: key rotation from {} to {} ({}, since {})\n",
+            r.device,
+            rot.old,
+            rot.new,
+            rot.stage.as_str(),
+            utc(rot.since)
+        ),
+        ("added", _) => format!(
+            "device {}: new key pinned beside the old one (the old one still preferred)\n",
+            r.device
+        ),
+        ("preferred", _) => format!("device {}: the new key is now preferred\n", r.device),
+        ("finished", _) => format!(
+            "device {}: key rotation finished; unpinned {}\n",
+            r.device,
+            r.unpinned.as_deref().unwrap_or("(none)")
+        ),
+        (step, _) => format!(
+            "device {}: key rotation {step}; unpinned {}\n",
+            r.device,
+            r.unpinned.as_deref().unwrap_or("(none)")
+        ),
+    };
+    if let Some(c) = &r.check {
+        text.push_str(&format!(
+            "  checked: its shardrecv at {} presents {} when asked for it (its primary: {})\n",
+            c.addr, c.presented, c.primary
+        ));
+    }
+    text.push_str(&format!(
+        "  pinned (senders accept these, the first preferred): {}\n",
+        match r.fingerprints.is_empty() {
+            true => "(none)".to_string(),
+            false => r.fingerprints.join(", "),
+        }
+    ));
+    text.push_str(&format!("next: {}\n", r.next));
+    text
 }
 
 /// `instance add`.
@@ -493,6 +566,8 @@ mod tests {
             transfer_addr: "127.0.0.1:7400".into(),
             root_path: "/srv/a".into(),
             fingerprint: fingerprint.map(str::to_string),
+            fingerprints: fingerprint.iter().map(|f| f.to_string()).collect(),
+            rotation: None,
             created_at: T,
         }
     }
@@ -517,13 +592,56 @@ mod tests {
         assert_eq!(device_added(&d), "added device a1 to service a");
         assert_eq!(
             devices(std::slice::from_ref(&d)),
-            "a1\tservice: a\thost: localhost\ttransfer: 127.0.0.1:7400\troot: /srv/a\n"
+            "a1\tservice: a\thost: localhost\ttransfer: 127.0.0.1:7400\troot: /srv/a\tpinned: (none)\n"
         );
         assert_eq!(
             device(&d),
             "device a1\n  service: a\n  host: localhost\n  transfer: 127.0.0.1:7400\n  root: /srv/a\n  fingerprint: (none)"
         );
         assert!(device(&device_a1(Some("ab:cd"))).ends_with("fingerprint: ab:cd"));
+        let mut rotating = device_a1(Some("aa"));
+        rotating.rotation = Some(crate::registry::KeyRotation {
+            old: "aa".into(),
+            new: "bb".into(),
+            stage: RotationStage::Preferred,
+            since: T,
+        });
+        rotating.fingerprints = vec!["bb".into(), "aa".into()];
+        assert!(
+            devices(std::slice::from_ref(&rotating))
+                .ends_with("\tpinned: bb,aa (key rotation under way)\n"),
+            "{}",
+            devices(std::slice::from_ref(&rotating))
+        );
+        assert!(
+            device(&rotating).ends_with(
+                "fingerprint: aa\n  key rotation: to bb (the new key preferred, since \
+                 2026-11-25 15:44:30 UTC)\n  pinned: bb, aa"
+            ),
+            "{}",
+            device(&rotating)
+        );
+        let report = RotationReport {
+            device: "a1".into(),
+            step: "preferred",
+            fingerprint: Some("aa".into()),
+            fingerprints: vec!["bb".into(), "aa".into()],
+            rotation: rotating.rotation.clone(),
+            check: Some(crate::keys::ServedCheck {
+                addr: "127.0.0.1:7400".into(),
+                asked_for: "bb".into(),
+                presented: "bb".into(),
+                primary: "aa".into(),
+            }),
+            unpinned: None,
+            next: "make it primary".into(),
+        };
+        assert_eq!(
+            key_rotation(&report),
+            "device a1: the new key is now preferred\n  checked: its shardrecv at 127.0.0.1:7400 \
+             presents bb when asked for it (its primary: aa)\n  pinned (senders accept these, \
+             the first preferred): bb, aa\nnext: make it primary\n"
+        );
         let i = Instance {
             name: "t".into(),
             created_at: T,
@@ -861,7 +979,7 @@ mod tests {
             host: "localhost".into(),
             root: root.into(),
             transfer_addr: format!("{device}.example:7400"),
-            fingerprint: None,
+            fingerprints: Vec::new(),
         };
         let plan = [RepoPlan {
             repository: "t/r1".into(),

@@ -319,10 +319,12 @@ pub fn server_endpoint(
         .map_err(|e| Error::io(format!("listen {listen}"), e))
 }
 
-/// Connects to a receiver at `addr`; the pinned-key check happens in `crypto`.
+/// Connects to a receiver at `addr`, asking for `server_name` (which keys we pin:
+/// [`crate::identity::server_name_for`]); the pinned-key check happens in `crypto`.
 pub async fn connect(
     addr: SocketAddr,
     crypto: rustls::ClientConfig,
+    server_name: &str,
     timeout: Duration,
     options: &TransportOptions,
 ) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
@@ -340,7 +342,7 @@ pub async fn connect(
     let endpoint = quinn::Endpoint::new(endpoint_config(), None, socket, runtime()?)
         .map_err(|e| Error::io("udp endpoint", e))?;
     let connecting = endpoint
-        .connect_with(client, addr, "shardxfer")
+        .connect_with(client, addr, server_name)
         .map_err(|e| Error::Connect {
             addr: addr.to_string(),
             reason: e.to_string(),
@@ -382,11 +384,81 @@ pub async fn connect(
     Ok((endpoint, conn))
 }
 
+/// Asks the receiver at `addr` which key it presents to a sender preferring `prefer` (none:
+/// what a sender naming no key gets, the receiver's primary), and returns the fingerprint of
+/// the key it proved it holds (its handshake signature checked). The probe brings no client
+/// key, so the receiver refuses the connection right after (and logs a failed handshake):
+/// nothing is staged or counted as a transfer. How `shardmove device rotate-key` checks a
+/// receiver before the registry relies on its new key.
+pub async fn probe(
+    addr: SocketAddr,
+    prefer: &[crate::identity::Fingerprint],
+    timeout: Duration,
+) -> Result<crate::identity::Fingerprint, Error> {
+    let result = Arc::new(crate::identity::ProbeResult::default());
+    let crypto = crate::identity::probe_crypto(result.clone())?;
+    let quic = QuicClientConfig::try_from(crypto).map_err(|e| Error::Identity(e.to_string()))?;
+    let client = quinn::ClientConfig::new(Arc::new(quic));
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::new(endpoint_config(), None, bind_udp(bind)?, runtime()?)
+        .map_err(|e| Error::io("udp endpoint", e))?;
+    let server_name = crate::identity::server_name_for(prefer);
+    let connecting = endpoint
+        .connect_with(client, addr, &server_name)
+        .map_err(|e| Error::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    // The receiver's refusal of our missing certificate may come before or after our side
+    // counts the handshake as done; either way its key was proven by then.
+    let outcome = tokio::time::timeout(timeout, connecting).await;
+    if let Ok(Ok(conn)) = &outcome {
+        conn.close(0u32.into(), b"probe");
+    }
+    endpoint.close(0u32.into(), b"probe");
+    if let Some(fp) = result.proven() {
+        return Ok(fp);
+    }
+    Err(match outcome {
+        Err(_) => Error::Unreachable {
+            addr: addr.to_string(),
+            reason: format!(
+                "no answer within {} s (is shardrecv running and the UDP port open?)",
+                timeout.as_secs_f64()
+            ),
+        },
+        Ok(Err(e)) => Error::Connect {
+            addr: addr.to_string(),
+            reason: format!("the receiver proved no key: {e}"),
+        },
+        Ok(Ok(_)) => Error::Connect {
+            addr: addr.to_string(),
+            reason: "the receiver proved no key".into(),
+        },
+    })
+}
+
+/// The fingerprint of the key the peer of `conn` authenticated with.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<crate::identity::Fingerprint> {
+    let any = conn.peer_identity()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::identity::Fingerprint::of_certificate(certs.first()?).ok()
+}
+
 /// Turns a handshake failure into a sentence an operator can act on.
 pub fn explain_handshake_error(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
-    if text.contains("not the pinned") {
-        format!("the receiver's key is not the one given with --peer ({text})")
+    if text.contains("is not pinned") {
+        format!(
+            "the receiver's key is none of those given with --peer; during a key rotation pin \
+             both the old and the new key ({text})"
+        )
     } else if text.contains("certificate") || text.contains("alert") || text.contains("handshake") {
         format!(
             "the TLS handshake failed, most likely because our key is not in the receiver's \

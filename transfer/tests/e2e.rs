@@ -9,6 +9,7 @@ mod live_source;
 mod operator;
 mod ownership;
 mod resume_progress;
+mod rotation;
 mod tickets;
 mod util;
 
@@ -658,10 +659,11 @@ mod hostile {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let id = Identity::load(&keys.send_key).unwrap();
-            let crypto = client_crypto(&id, keys.recv_fp).unwrap();
+            let crypto = client_crypto(&id, &[keys.recv_fp]).unwrap();
             let (_ep, conn) = transfer::quic::connect(
                 addr.parse().unwrap(),
                 crypto,
+                &transfer::identity::server_name_for(&[keys.recv_fp]),
                 Duration::from_secs(5),
                 &transfer::quic::TransportOptions::default(),
             )

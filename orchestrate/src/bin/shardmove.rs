@@ -71,22 +71,6 @@ fn reporter() -> orchestrate::migrate::Reporter {
     })
 }
 
-fn restart_config(
-    run_dir: &std::path::Path,
-    template: &str,
-    db: &str,
-    interval_secs: u64,
-) -> anyhow::Result<RestartConfig> {
-    Ok(RestartConfig {
-        run_dir: std::path::absolute(run_dir).context("resolving --run-dir")?,
-        template: template.to_string(),
-        exe: std::env::current_exe().context("finding the shardmove binary")?,
-        db: db.to_string(),
-        interval_secs,
-        settle: Duration::from_secs(10),
-    })
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     // The demo brings its own registry.
     #[cfg(feature = "demo")]
@@ -128,6 +112,10 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             }
             DeviceCmd::List => print(json, &registry.devices().await?, |d| render::devices(d)),
             DeviceCmd::Show { name } => print(json, &registry.device(name).await?, render::device),
+            DeviceCmd::RotateKey(args) => {
+                let report = orchestrate::keys::rotate_key(registry, &args.request()?).await?;
+                print(json, &report, render::key_rotation)
+            }
         },
         Command::Instance(cmd) => match cmd {
             InstanceCmd::Add { name } => print(
@@ -182,7 +170,7 @@ async fn dispatch(registry: &Registry, cli: &Cli, json: bool) -> anyhow::Result<
             template,
             interval,
         }) => {
-            let config = restart_config(run_dir, template, &cli.db, *interval)?;
+            let config = RestartConfig::for_this_binary(run_dir, template, &cli.db, *interval)?;
             let outcomes = daemons::restart(registry, &config, instance.as_deref()).await?;
             print(json, &outcomes, |o| render::restarted(o))
         }
@@ -359,7 +347,12 @@ async fn migrate_command(
         None
     } else {
         let (dir, template) = (&args.run_dir, &args.daemon_template);
-        Some(restart_config(dir, template, db, args.daemon_interval)?)
+        Some(RestartConfig::for_this_binary(
+            dir,
+            template,
+            db,
+            args.daemon_interval,
+        )?)
     };
     let beside = orchestrate::cli::beside_this_binary("shardsend");
     let ports = args.ports(registry, daemons, beside)?;

@@ -27,11 +27,11 @@ pub struct BuiltinPlane {
 
 fn endpoint(device: Device) -> Endpoint {
     Endpoint {
+        fingerprints: device.pins(),
         device: device.name,
         host: device.host,
         root: device.root_path,
         transfer_addr: device.transfer_addr,
-        fingerprint: device.fingerprint,
     }
 }
 
@@ -88,7 +88,7 @@ impl BuiltinPlane {
             .into_iter()
             .next()
             .ok_or_else(|| Error::Refused(format!("service {} has no device", spec.to)))?;
-        if to.fingerprint.is_none() {
+        if to.pins().is_empty() {
             return Err(Error::Refused(format!(
                 "device {} has no key fingerprint: shardsend must pin its shardrecv \
                  (`device add ... --fingerprint F`)",
@@ -219,6 +219,10 @@ impl ControlPlane for BuiltinPlane {
                 endpoint(self.registry.device(target).await?),
             ))
         })
+    }
+
+    fn target_pins<'a>(&'a self, target: &'a str) -> BoxFuture<'a, Option<Vec<String>>> {
+        Box::pin(async move { Ok(Some(self.registry.device(target).await?.pins())) })
     }
 
     fn before_batch<'a>(&'a self, spec: &'a BatchSpec) -> BoxFuture<'a, Vec<String>> {

@@ -10,6 +10,14 @@
 //! **Resumed read-only windows go first.** A repository whose window was open when the
 //! previous driver died is driven at once, without queueing behind the pre-copies of others
 //! (issue 10, item 3: one window lasted 3.69 s after a takeover).
+//!
+//! **Each transfer pass pins the target's keys as they are then.** The ends of a repository
+//! are read when the run starts, but a batch may run for hours and a key rotation of the
+//! target (`crate::keys`) may add, prefer and finally unpin keys meanwhile; the receiver drops
+//! the old key once the registry no longer pins it. So before every pre-copy round and final
+//! pass the driver asks the plane for the target's pins again
+//! ([`ControlPlane::target_pins`]; one indexed read on the built-in registry), and a pass
+//! started after `--finish` pins the new key only.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +26,9 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 
 use super::batch::{self, Start, HEARTBEAT};
-use super::core::{Action, Completion, Event, Finish, JournalWrite, RepoContext, RepoMachine};
+use super::core::{
+    Action, Completion, Event, Finish, HostOp, JournalWrite, RepoContext, RepoMachine,
+};
 use super::ports::{BatchSpec, ControlPlane, HostOps, Journal, JournaledRepo, RepoPlan};
 use super::{MigrateConfig, MigrationSummary, Reporter};
 use crate::error::{Error, Result};
@@ -311,6 +321,21 @@ async fn drive_repo(
                 if crate::failpoint::error(&format!("before-{}", action.name())) =>
             {
                 Event::Failed(format!("failpoint error:before-{}", action.name()))
+            }
+            Action::Host(op @ (HostOp::Precopy | HostOp::FinalPass)) => {
+                // The target's keys as the registry pins them now: a key rotation may have
+                // moved on since the run started (see `crate::keys`).
+                let mut plan = plan.clone();
+                match ports.plane.target_pins(&plan.target.device).await {
+                    Ok(Some(pins)) if !pins.is_empty() => plan.target.fingerprints = pins,
+                    Ok(_) => {}
+                    Err(e) => report(&format!(
+                        "{label}: cannot read {}'s keys again ({e}): pinning {}",
+                        plan.target.device,
+                        plan.target.fingerprints.join(", ")
+                    )),
+                }
+                outcome(ports.hosts.run(&plan, op).await)?
             }
             Action::Host(op) => outcome(ports.hosts.run(plan, op).await)?,
             Action::Control(op) => outcome(ports.plane.apply(spec, plan, op).await)?,

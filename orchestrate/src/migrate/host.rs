@@ -3,7 +3,8 @@
 //! where the plane freezes by a flag (Phorge).
 //!
 //! Transfers run `shardsend` on the source's host towards the target's `shardrecv`, pinned to
-//! the target's fingerprint; its `--json` summary is read as [`transfer::send::SendSummary`].
+//! the target's fingerprints (one `--peer` each, preferred first: two during a key rotation);
+//! its `--json` summary is read as [`transfer::send::SendSummary`].
 
 use std::path::Path;
 use std::time::Duration;
@@ -49,12 +50,12 @@ fn target(repo: &RepoPlan) -> Result<Box<dyn Executor>> {
 impl ExecutorHostOps {
     /// One `shardsend` pass (`stage_only`: the live pre-copy), its summary.
     async fn send(&self, repo: &RepoPlan, stage_only: bool) -> Result<transfer::send::SendSummary> {
-        let fingerprint = repo.target.fingerprint.as_deref().ok_or_else(|| {
-            Error::Refused(format!(
+        if repo.target.fingerprints.is_empty() {
+            return Err(Error::Refused(format!(
                 "device {} has no key fingerprint: shardsend must pin its shardrecv",
                 repo.target.device
-            ))
-        })?;
+            )));
+        }
         let src = repo.source.path(&repo.path);
         let ticket = match &self.cfg.tickets {
             Some(signer) => Some(
@@ -76,14 +77,15 @@ impl ExecutorHostOps {
             &repo.path,
             "--identity",
             &self.cfg.identity,
-            "--peer",
-            fingerprint,
             "--json",
             "--no-progress",
             "--resume",
         ];
         // A pre-copy round waits for a git gc/repack on A (see transfer::git_maintenance).
         let repack_wait = format!("{}s", self.cfg.repack_wait.as_secs());
+        for fingerprint in &repo.target.fingerprints {
+            argv.extend(["--peer", fingerprint.as_str()]);
+        }
         if stage_only {
             argv.extend(["--stage-only", "--repack-wait", &repack_wait]);
         }

@@ -45,8 +45,9 @@ pub struct Endpoint {
     pub root: String,
     /// The device's shardrecv, `HOST:PORT`.
     pub transfer_addr: String,
-    /// Its shardrecv's key fingerprint (a target must have one).
-    pub fingerprint: Option<String>,
+    /// Its shardrecv's key fingerprints, preferred first (a target must have one; two during
+    /// a key rotation): shardsend pins them all.
+    pub fingerprints: Vec<String>,
 }
 
 impl Endpoint {
@@ -86,6 +87,14 @@ pub trait ControlPlane: Send + Sync {
         source: &'a str,
         target: &'a str,
     ) -> BoxFuture<'a, (Endpoint, Endpoint)>;
+
+    /// The keys a transfer to `target` pins now, if this plane reads them again before every
+    /// pass (`None`: keep those read when the run started). A key rotation may move on while a
+    /// batch runs; a pass pinning what the registry says at its start stays within what the
+    /// device's shardrecv serves (see `crate::keys`).
+    fn target_pins<'a>(&'a self, _target: &'a str) -> BoxFuture<'a, Option<Vec<String>>> {
+        Box::pin(async { Ok(None) })
+    }
 
     /// Before a batch: B bound, A closed to new repositories. Returns what it did.
     fn before_batch<'a>(&'a self, spec: &'a BatchSpec) -> BoxFuture<'a, Vec<String>>;

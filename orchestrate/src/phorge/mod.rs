@@ -236,7 +236,9 @@ impl PhorgePlane {
             host: prop(PROP_HOST).unwrap_or_else(|| "localhost".into()),
             root: root.to_string(),
             transfer_addr: prop(PROP_TRANSFER).unwrap_or_default(),
-            fingerprint: prop(PROP_FINGERPRINT),
+            fingerprints: prop(PROP_FINGERPRINT)
+                .map(|v| pins_of_property(&v))
+                .unwrap_or_default(),
         })
     }
 
@@ -335,7 +337,7 @@ impl PhorgePlane {
                     ))
                 })?;
             let target_end = self.endpoint(&target, &root).await?;
-            if target_end.transfer_addr.is_empty() || target_end.fingerprint.is_none() {
+            if target_end.transfer_addr.is_empty() || target_end.fingerprints.is_empty() {
                 return Err(Error::Refused(format!(
                     "Almanac device {target} has no {PROP_TRANSFER} / {PROP_FINGERPRINT} property: \
                      set them with `shardmove phorge device {target} --transfer HOST:PORT --fingerprint F`"
@@ -551,5 +553,29 @@ impl ControlPlane for PhorgePlane {
         op: &'a ControlOp,
     ) -> BoxFuture<'a, Completion> {
         Box::pin(self.apply_op(spec, repo, op))
+    }
+}
+/// The keys in a `shardmove.fingerprint` property, preferred first: one fingerprint, or
+/// several separated by spaces or commas during a key rotation (`shardmove phorge device NAME
+/// --fingerprint "NEW OLD"`).
+fn pins_of_property(value: &str) -> Vec<String> {
+    value
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_fingerprint_property_may_hold_several_keys_preferred_first() {
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        assert_eq!(super::pins_of_property(&a), vec![a.clone()]);
+        assert_eq!(
+            super::pins_of_property(&format!(" {b}, {a}\n")),
+            vec![b.clone(), a.clone()]
+        );
+        assert!(super::pins_of_property("  ").is_empty());
     }
 }

@@ -123,8 +123,92 @@ pub struct Device {
     pub host: String,
     pub transfer_addr: String,
     pub root_path: String,
+    /// The key of its shardrecv the device is known by (during a rotation, the old one).
     pub fingerprint: Option<String>,
+    /// The keys senders pin, preferred first: `fingerprint`, and during a key rotation the
+    /// new key too ([`Device::pins`]).
+    pub fingerprints: Vec<String>,
+    /// A key rotation under way (`device rotate-key`, see [`crate::keys`]).
+    pub rotation: Option<KeyRotation>,
     pub created_at: i64,
+}
+
+/// How far a device's key rotation went.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationStage {
+    /// Both keys pinned, the old one preferred.
+    Added,
+    /// Both keys pinned, the new one preferred.
+    Preferred,
+}
+
+impl RotationStage {
+    /// As stored in `devices.rotation_stage`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationStage::Added => "added",
+            RotationStage::Preferred => "preferred",
+        }
+    }
+
+    fn parse(text: &str) -> Option<RotationStage> {
+        match text {
+            "added" => Some(RotationStage::Added),
+            "preferred" => Some(RotationStage::Preferred),
+            _ => None,
+        }
+    }
+}
+
+/// A key rotation under way on a device: `old` (its `fingerprint`) is being replaced by `new`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KeyRotation {
+    pub old: String,
+    pub new: String,
+    pub stage: RotationStage,
+    /// When `--add` pinned the new key (unix seconds).
+    pub since: i64,
+}
+
+/// A device's keys as the registry records them: what `device rotate-key` changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeys {
+    pub fingerprint: Option<String>,
+    /// Under way: the new key, how far, since when (the old key is `fingerprint`).
+    pub rotation: Option<(String, RotationStage, i64)>,
+}
+
+impl DeviceKeys {
+    /// The keys senders pin, preferred first.
+    pub fn pins(&self) -> Vec<String> {
+        match (&self.fingerprint, &self.rotation) {
+            (Some(old), Some((new, RotationStage::Added, _))) => vec![old.clone(), new.clone()],
+            (Some(old), Some((new, RotationStage::Preferred, _))) => {
+                vec![new.clone(), old.clone()]
+            }
+            (None, Some((new, _, _))) => vec![new.clone()],
+            (fingerprint, None) => fingerprint.iter().cloned().collect(),
+        }
+    }
+}
+
+impl Device {
+    /// The keys senders pin, preferred first (what `migrate` gives shardsend as `--peer`s).
+    pub fn pins(&self) -> Vec<String> {
+        self.keys().pins()
+    }
+
+    /// Its keys as `device rotate-key` sees them.
+    pub fn keys(&self) -> DeviceKeys {
+        DeviceKeys {
+            fingerprint: self.fingerprint.clone(),
+            rotation: self
+                .rotation
+                .as_ref()
+                .map(|r| (r.new.clone(), r.stage, r.since)),
+        }
+    }
 }
 
 /// What `device add` records.
@@ -460,6 +544,56 @@ impl Registry {
                 name: name.into(),
             })?;
         device_from_row(&row)
+    }
+
+    /// Sets device `name`'s keys to `to`, provided they are still `from` (what the caller
+    /// decided on; a concurrent `rotate-key` step in between is refused), with `action`'s
+    /// event. The caller runs its checks on the hosts before, outside any transaction.
+    pub async fn set_device_keys(
+        &self,
+        name: &str,
+        from: &DeviceKeys,
+        to: &DeviceKeys,
+        action: &str,
+        detail: &str,
+    ) -> Result<Device> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(&format!(
+            "{DEVICE_SELECT} WHERE d.name = $1{}",
+            self.backend().lock_clause()
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "device",
+            name: name.into(),
+        })?;
+        let now_keys = device_from_row(&row)?.keys();
+        if now_keys != *from {
+            return Err(Error::Refused(format!(
+                "device {name}'s keys changed meanwhile (another rotate-key step?): nothing \
+                 done; look at `shardmove device rotate-key {name}` and run the step again"
+            )));
+        }
+        let (next, stage, since) = match &to.rotation {
+            Some((new, stage, since)) => (Some(new.clone()), Some(stage.as_str()), Some(*since)),
+            None => (None, None, None),
+        };
+        sqlx::query(
+            "UPDATE devices SET fingerprint = $1, next_fingerprint = $2, rotation_stage = $3, \
+             rotation_since = $4 WHERE name = $5",
+        )
+        .bind(to.fingerprint.clone())
+        .bind(next)
+        .bind(stage)
+        .bind(since)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        self.commit_with_event(tx, action, &format!("device:{name}"), detail)
+            .await?;
+        self.device(name).await
     }
 
     /// The devices of one service.
@@ -971,17 +1105,46 @@ async fn service_devices(conn: &mut AnyConnection, service: &str) -> Result<Vec<
     rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
 }
 
-const DEVICE_SELECT: &str = "SELECT d.name, s.name AS service, d.host, d.transfer_addr, d.root_path, d.fingerprint, d.created_at \
+const DEVICE_SELECT: &str =
+    "SELECT d.name, s.name AS service, d.host, d.transfer_addr, d.root_path, d.fingerprint, \
+                             d.next_fingerprint, d.rotation_stage, d.rotation_since, d.created_at \
                              FROM devices d JOIN services s ON s.id = d.service_id";
 
 fn device_from_row(row: &sqlx::any::AnyRow) -> Result<Device> {
+    let name: String = row.try_get("name")?;
+    let fingerprint: Option<String> = row.try_get("fingerprint")?;
+    let next: Option<String> = row.try_get("next_fingerprint")?;
+    let stage: Option<String> = row.try_get("rotation_stage")?;
+    let since: Option<i64> = row.try_get("rotation_since")?;
+    let rotation = match (next, stage) {
+        (Some(new), Some(stage)) => {
+            let stage = RotationStage::parse(&stage).ok_or_else(|| {
+                Error::Refused(format!(
+                    "device {name}: unknown key rotation stage {stage:?} in the registry"
+                ))
+            })?;
+            Some((new, stage, since.unwrap_or(0)))
+        }
+        _ => None,
+    };
+    let keys = DeviceKeys {
+        fingerprint: fingerprint.clone(),
+        rotation,
+    };
     Ok(Device {
-        name: row.try_get("name")?,
+        fingerprints: keys.pins(),
+        rotation: keys.rotation.map(|(new, stage, since)| KeyRotation {
+            old: fingerprint.clone().unwrap_or_default(),
+            new,
+            stage,
+            since,
+        }),
+        fingerprint,
+        name,
         service: row.try_get("service")?,
         host: row.try_get("host")?,
         transfer_addr: row.try_get("transfer_addr")?,
         root_path: row.try_get("root_path")?,
-        fingerprint: row.try_get("fingerprint")?,
         created_at: row.try_get("created_at")?,
     })
 }

@@ -111,6 +111,7 @@ pub(super) fn a_target_whose_git_cannot_read_reftable_is_refused_before_the_free
         hosts: ["localhost", "exec:env PATH=/usr/bin:/bin"],
         roots: ["shard-a", "shard-b"],
         recv_args: &[],
+        recv_config: None,
     };
     let shards = setup_on(env, &[("modern", 0)], &layout);
     make_modern(env, &shards, "modern");

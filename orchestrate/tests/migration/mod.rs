@@ -14,6 +14,7 @@ mod daemon_user;
 mod doctor;
 mod formats;
 mod repack;
+mod rotation;
 mod tickets;
 use chaos::every_failpoint_is_taken_over_with_the_invariants;
 use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
@@ -25,6 +26,7 @@ use repack::{
     a_repack_on_a_is_waited_out_before_the_precopy,
     a_repack_outlasting_the_wait_leaves_the_repository_writable_on_a,
 };
+use rotation::device_rotate_key_walks_the_steps_while_a_migration_runs;
 use tickets::migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one;
 
 crate::contract!(
@@ -43,6 +45,7 @@ crate::contract!(
     migrate_signs_a_ticket_for_every_pass_and_a_ticketed_receiver_needs_one,
     a_repack_on_a_is_waited_out_before_the_precopy,
     a_repack_outlasting_the_wait_leaves_the_repository_writable_on_a,
+    device_rotate_key_walks_the_steps_while_a_migration_runs,
 );
 
 /// Issue 10, item 5: over ssh, killing the driver killed only the local ssh client; the remote
@@ -178,12 +181,17 @@ struct Layout<'a> {
     roots: [&'a str; 2],
     /// Extra `shardrecv serve` arguments for B's receiver.
     recv_args: &'a [&'a str],
+    /// B's receiver reads its identity and allow-list from this config file (in the test's
+    /// directory; the test writes it, naming `recv.key` and `allow.txt`) instead of flags, so
+    /// a SIGHUP reloads what the file says then.
+    recv_config: Option<&'a str>,
 }
 
 const LOCAL: Layout<'static> = Layout {
     hosts: ["localhost", "localhost"],
     roots: ["shard-a", "shard-b"],
     recv_args: &[],
+    recv_config: None,
 };
 
 fn setup(env: &Env, repos: &[(&str, usize)]) -> Shards {
@@ -201,13 +209,18 @@ fn setup_on(env: &Env, repos: &[(&str, usize)], layout: &Layout) -> Shards {
     let recv_fp = keygen("shardrecv", &recv_key);
     let allow = env.path("allow.txt");
     std::fs::write(&allow, format!("{send_fp}\n")).unwrap();
-    let recv = Command::new(tool("shardrecv"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
-        .arg(&b)
-        .arg("--identity")
-        .arg(&recv_key)
-        .arg("--allow")
-        .arg(&allow)
+    let mut recv = Command::new(tool("shardrecv"));
+    recv.args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(&b);
+    match layout.recv_config {
+        Some(file) => recv.arg("--config").arg(env.path(file)),
+        None => recv
+            .arg("--identity")
+            .arg(&recv_key)
+            .arg("--allow")
+            .arg(&allow),
+    };
+    let recv = recv
         .args(layout.recv_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -474,6 +487,7 @@ fn migrate_over_ssh_moves_and_verifies(env: &Env) {
         hosts: [host_a.alias, host_b.alias],
         roots: ["shard-a'$HOME", "shard-b;*"],
         recv_args: &[],
+        recv_config: None,
     };
     let names = ["r1", "r2"];
     let shards = setup_on(env, &[("r1", 1), ("r2", 0)], &layout);

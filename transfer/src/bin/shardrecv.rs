@@ -9,7 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use transfer::cli::{
     init_logging, report_error, DocCommand, IdentityCommand, LogFormat, Role, EXIT_CODES_HELP,
 };
-use transfer::identity::{AllowList, Fingerprint, Identity, LiveAllowList};
+use transfer::identity::{AllowList, Fingerprint, IdentitySet, LiveAllowList, LiveIdentities};
 use transfer::quic::Congestion;
 use transfer::recv::config::{FileConfig, ServeFlags, ServeSettings};
 use transfer::recv::{Receiver, ServeConfig};
@@ -56,7 +56,15 @@ enum Command {
         sender's --resume then sends nothing and installs it. \
         Only senders whose key fingerprint is listed in the --allow file may connect (one fingerprint \
         per line, '#' comments). Prints 'listening ADDR fingerprint FP' on stdout once ready \
-        (and 'metrics http://ADDR/metrics' with --metrics).\n\n\
+        (FP: the primary identity's), then 'metrics http://ADDR/metrics' with --metrics, then \
+        'also fingerprint FP' for each further identity.\n\n\
+        Key rotation: --identity may be repeated (the config file's identity may be a list); the \
+        first is the primary. Senders name the keys they pin in the TLS server name, and get the \
+        first of ours they name; a sender naming none (older shardsend) gets the primary. To \
+        rotate without failing a transfer: serve the old and the new key (old first), reload; \
+        pin both on the senders (shardsend --peer NEW --peer OLD, or shardmove device rotate-key); \
+        make the new key primary, reload; once no sender pins only the old key, drop it, \
+        reload (metrics: shardrecv_identity_presented_total says which keys senders still get).\n\n\
         Settings can come from a TOML file instead of flags: --config PATH, or \
         /etc/shard/shardrecv.toml when it exists, with the keys listen, root, identity, allow, \
         max_transfers, max_queued, congestion, window, metrics, log_format, ticket_signers, \
@@ -64,9 +72,11 @@ enum Command {
         listen = \"0.0.0.0:7400\", max_transfers = 8, window = \"64M\"). Flags override the file; \
         an unknown or badly typed key is an error naming it.\n\n\
         Under systemd (Type=notify) it says READY=1 once listening and STOPPING=1 when it stops. \
-        SIGHUP reloads the allow-list (the --allow file, or the config file's allow as it is \
-        now) without dropping transfers in flight: a removed sender's next connection is \
-        refused, a new one gets in; an unreadable list keeps the current one."
+        SIGHUP reloads the identities and the allow-list (the --identity and --allow files, or \
+        the config file's identity and allow as they are now) without dropping transfers in \
+        flight: a removed sender's next connection is refused, a new one gets in, a removed key \
+        is no longer presented to new connections. They are reloaded together or not at all: an \
+        unreadable key file or list keeps the current ones (the log says why)."
     )]
     Serve {
         /// TOML file of settings (default /etc/shard/shardrecv.toml, read only when it
@@ -79,9 +89,10 @@ enum Command {
         /// Directory that receives the trees
         #[arg(long)]
         root: Option<PathBuf>,
-        /// Our identity key (made by `shardrecv keygen`)
-        #[arg(long)]
-        identity: Option<PathBuf>,
+        /// Our identity key (made by `shardrecv keygen`); repeat it to serve several during a
+        /// key rotation, the first being the primary (reloaded on SIGHUP)
+        #[arg(long, value_name = "KEY")]
+        identity: Vec<PathBuf>,
         /// Allow-list of sender fingerprints (reloaded on SIGHUP)
         #[arg(long)]
         allow: Option<PathBuf>,
@@ -199,12 +210,13 @@ fn serve(settings: ServeSettings) -> Result<(), Error> {
     if let Some(path) = &settings.config_file {
         tracing::info!(config = %path.display(), "settings read from the config file (flags override it)");
     }
-    let identity = Identity::load(&settings.identity)?;
+    let identities = IdentitySet::load(&settings.identity)?;
     let allow = AllowList::load(&settings.allow)?;
     if allow.is_empty() {
         tracing::warn!(file = %allow.source.display(), "the allow-list is empty: every sender will be refused");
     }
-    let fingerprint = identity.fingerprint;
+    let served = identities.fingerprints();
+    let described = identities.describe();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -213,7 +225,7 @@ fn serve(settings: ServeSettings) -> Result<(), Error> {
         let receiver = Receiver::bind(ServeConfig {
             listen: settings.listen,
             root: settings.root.clone(),
-            identity,
+            identities,
             allow,
             max_transfers: settings.max_transfers,
             transport: settings.transport,
@@ -225,15 +237,24 @@ fn serve(settings: ServeSettings) -> Result<(), Error> {
             max_handshakes: settings.max_handshakes,
         })?;
         let addr = receiver.local_addr()?;
-        println!("listening {addr} fingerprint {fingerprint}");
+        // The first line keeps its four words (scripts read the primary from it).
+        println!("listening {addr} fingerprint {}", served[0]);
         if let Some(metrics) = receiver.metrics_addr() {
             println!("metrics http://{metrics}/metrics");
             tracing::info!(%metrics, "serving Prometheus metrics on /metrics");
         }
+        // Whoever read the first line may have gone: a closed stdout must not stop us.
+        for fp in &served[1..] {
+            let _ = writeln!(std::io::stdout(), "also fingerprint {fp}");
+        }
         let _ = std::io::stdout().flush();
-        tracing::info!(%addr, %fingerprint, "shardrecv ready");
+        tracing::info!(%addr, fingerprint = %served[0], identities = %described, "shardrecv ready");
         sd_notify("READY=1");
-        let reloader = tokio::spawn(reload_on_sighup(settings, receiver.allow_list()));
+        let reloader = tokio::spawn(reload_on_sighup(
+            settings,
+            receiver.identities(),
+            receiver.allow_list(),
+        ));
         receiver
             .run(async {
                 shutdown_signal().await;
@@ -253,35 +274,52 @@ fn sd_notify(state: &str) {
     }
 }
 
-/// SIGHUP: read the allow-list again (from the flag's file, or the config file's `allow` as
-/// it is now) and swap it in; handshakes from then on check the new one, connections already
-/// made go on. A list that cannot be read keeps the current one.
-async fn reload_on_sighup(settings: ServeSettings, live: Arc<LiveAllowList>) {
+/// SIGHUP: read the identities and the allow-list again (from the flags' files, or the
+/// config file's `identity` and `allow` as they are now) and swap both in; handshakes from
+/// then on use the new ones, connections already made go on. Both are read before either is
+/// swapped: a key file or list that cannot be read keeps the current ones, so the receiver
+/// never serves half of an operator's change.
+async fn reload_on_sighup(
+    settings: ServeSettings,
+    identities: Arc<LiveIdentities>,
+    live: Arc<LiveAllowList>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: the allow-list will not be reloaded");
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: identities and allow-list will not be reloaded");
             return;
         }
     };
     while hup.recv().await.is_some() {
         sd_notify(&transfer::notify::reloading_message());
-        let loaded = settings
-            .allow_path_now()
-            .and_then(|path| AllowList::load(&path));
+        let loaded = settings.reload_paths_now().and_then(|paths| {
+            Ok((
+                IdentitySet::load(&paths.identities)?,
+                AllowList::load(&paths.allow)?,
+            ))
+        });
         match loaded {
-            Ok(list) => {
+            Ok((set, list)) => {
+                let before_ids = identities.current().describe();
+                let now_ids = set.describe();
                 let (before, now) = (live.current().len(), list.len());
                 let file = list.source.display().to_string();
                 if list.is_empty() {
                     tracing::warn!(%file, "the reloaded allow-list is empty: every new sender will be refused");
                 }
+                identities.replace(set);
                 live.replace(list);
+                if before_ids == now_ids {
+                    tracing::info!(identities = %now_ids, "identities reloaded, unchanged");
+                } else {
+                    tracing::info!(before = %before_ids, now = %now_ids, "identities reloaded: new connections get these keys (connections made go on)");
+                }
                 tracing::info!(%file, before, now, "allow-list reloaded (transfers in flight go on)");
             }
             Err(e) => {
-                tracing::error!(error = %e, "allow-list not reloaded: keeping the current one");
+                tracing::error!(error = %e, "nothing reloaded: keeping the current identities and allow-list");
             }
         }
         sd_notify("READY=1");

@@ -70,9 +70,11 @@ struct SendArgs {
     #[arg(long, required = true)]
     identity: Option<PathBuf>,
     /// The receiver's key fingerprint (printed by `shardrecv keygen`); the connection is
-    /// refused if the receiver presents any other key
-    #[arg(long, required = true)]
-    peer: Option<String>,
+    /// refused if the receiver presents any other key. Repeat it during a key rotation to
+    /// accept the old and the new key, preferred first: the receiver is asked for them in
+    /// this order and presents the first it holds
+    #[arg(long, required = true, value_name = "FINGERPRINT")]
+    peer: Vec<String>,
     /// Compression: off, auto (compress only while the link is slower than the measured
     /// breakpoint), zstd or zstd:LEVEL (1-22)
     #[arg(long, default_value = "auto")]
@@ -208,6 +210,17 @@ fn parse_external_prefix(s: &str) -> Result<String, String> {
         .map_err(|reason| format!("{s:?}: {reason}"))
 }
 
+/// `--peer`s: each a fingerprint; at least one.
+fn parse_peers(given: &[String]) -> Result<Vec<Fingerprint>, Error> {
+    if given.is_empty() {
+        return Err(Error::Input("missing --peer".into()));
+    }
+    given
+        .iter()
+        .map(|p| Fingerprint::parse(p).map_err(|e| Error::Input(format!("--peer: {e}"))))
+        .collect()
+}
+
 /// `--ticket`: the text itself, or `@FILE` holding it.
 fn read_ticket(arg: String) -> Result<String, Error> {
     let text = match arg.strip_prefix('@') {
@@ -320,7 +333,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         addr: a.receiver.ok_or_else(|| missing("RECEIVER"))?,
         dest: a.dest.ok_or_else(|| missing("DEST"))?,
         identity: Arc::new(identity),
-        peer: Fingerprint::parse(&a.peer.ok_or_else(|| missing("--peer"))?)?,
+        peers: parse_peers(&a.peer)?,
         compress: a.compress,
         streams: streams_for_window(a.streams, a.window),
         bwlimit: a.bwlimit,

@@ -9,8 +9,10 @@
 //! and its keys can move together. The default path is read only when it exists; a path
 //! given with `--config` must exist.
 //!
-//! On SIGHUP the daemon reads the file again for `allow` only (the allow-list is reloaded;
-//! see `shardrecv`'s `serve` help): the other settings need a restart.
+//! On SIGHUP the daemon reads the file again for `identity` and `allow` (the identities and
+//! the allow-list are reloaded together; see `shardrecv`'s `serve` help): the other settings
+//! need a restart. `identity` takes one key file or a list (a key rotation serves two for a
+//! while; the first is the primary, see [`crate::identity`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,8 +37,9 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// Directory that receives the trees.
     pub root: Option<PathBuf>,
-    /// Our identity key.
-    pub identity: Option<PathBuf>,
+    /// Our identity keys: `"recv.key"` or `["old.key", "new.key"]` (the first is the primary).
+    #[serde(default, deserialize_with = "identities")]
+    pub identity: Option<Vec<PathBuf>>,
     /// Allow-list file of sender fingerprints (re-read on SIGHUP).
     pub allow: Option<PathBuf>,
     pub max_transfers: Option<usize>,
@@ -64,6 +67,25 @@ pub struct FileConfig {
 fn congestion<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Congestion>, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// `identity`: one path, or a non-empty list of them.
+fn identities<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PathBuf>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    match OneOrMany::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected a key file path or a list of them"))?
+    {
+        OneOrMany::One(p) => Ok(Some(vec![p])),
+        OneOrMany::Many(v) if v.is_empty() => Err(serde::de::Error::custom(
+            "an empty list: give at least one key file",
+        )),
+        OneOrMany::Many(v) => Ok(Some(v)),
+    }
 }
 
 /// A window as `"64M"` or as a plain number of bytes.
@@ -134,9 +156,11 @@ impl FileConfig {
             ))
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.root, &mut cfg.identity, &mut cfg.allow]
+        let identities = cfg.identity.iter_mut().flatten();
+        for p in [&mut cfg.root, &mut cfg.allow]
             .into_iter()
             .flatten()
+            .chain(identities)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -168,7 +192,8 @@ impl FileConfig {
 pub struct ServeFlags {
     pub listen: Option<SocketAddr>,
     pub root: Option<PathBuf>,
-    pub identity: Option<PathBuf>,
+    /// `--identity`s (empty: not given).
+    pub identity: Vec<PathBuf>,
     pub allow: Option<PathBuf>,
     pub max_transfers: Option<usize>,
     pub max_queued: Option<usize>,
@@ -188,7 +213,8 @@ pub struct ServeFlags {
 pub struct ServeSettings {
     pub listen: SocketAddr,
     pub root: PathBuf,
-    pub identity: PathBuf,
+    /// Key files, never empty; the first is the primary.
+    pub identity: Vec<PathBuf>,
     pub allow: PathBuf,
     pub max_transfers: usize,
     pub max_queued: usize,
@@ -202,11 +228,21 @@ pub struct ServeSettings {
     /// Handshakes per second per source address, and at once ([`crate::handshake_limit`]).
     pub handshake_rate: u32,
     pub max_handshakes: usize,
-    /// The config file read, if any (re-read on SIGHUP for `allow`).
+    /// The config file read, if any (re-read on SIGHUP for `identity` and `allow`).
     pub config_file: Option<PathBuf>,
     /// Whether `allow` came from the flag (then a SIGHUP reloads that file, whatever the
     /// config file says).
     pub allow_from_flag: bool,
+    /// Whether the identities came from `--identity` flags (then a SIGHUP reloads those
+    /// files, whatever the config file says).
+    pub identity_from_flag: bool,
+}
+
+/// What a SIGHUP reads: the key files and the allow-list file as they are named now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadPaths {
+    pub identities: Vec<PathBuf>,
+    pub allow: PathBuf,
 }
 
 impl ServeSettings {
@@ -228,6 +264,7 @@ impl ServeSettings {
             Error::Input(format!("missing {flag}: give it, or {source}"))
         };
         let allow_from_flag = flags.allow.is_some();
+        let identity_from_flag = !flags.identity.is_empty();
         let ticket_signers = if flags.ticket_signers.is_empty() {
             let in_file = |fp: &String| {
                 Fingerprint::parse(fp).map_err(|e| {
@@ -257,10 +294,13 @@ impl ServeSettings {
                 .root
                 .or(file.root)
                 .ok_or_else(|| missing("--root", "root"))?,
-            identity: flags
-                .identity
-                .or(file.identity)
-                .ok_or_else(|| missing("--identity", "identity"))?,
+            identity: match identity_from_flag {
+                true => flags.identity,
+                false => file
+                    .identity
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| missing("--identity", "identity"))?,
+            },
             allow: flags
                 .allow
                 .or(file.allow)
@@ -290,21 +330,41 @@ impl ServeSettings {
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             config_file,
             allow_from_flag,
+            identity_from_flag,
         })
     }
 
-    /// The allow-list file to read on SIGHUP: the flag's, else the config file's `allow`
-    /// as it is now (an unreadable file keeps the current one, with the error).
-    pub fn allow_path_now(&self) -> Result<PathBuf, Error> {
-        match (&self.config_file, self.allow_from_flag) {
-            (Some(path), false) => FileConfig::load(path)?.allow.ok_or_else(|| {
-                Error::Input(format!(
-                    "config file {}: `allow` was removed; keeping the current allow-list",
-                    path.display()
-                ))
-            }),
-            _ => Ok(self.allow.clone()),
-        }
+    /// What a SIGHUP reloads: the flags' files, else the config file's `identity` and `allow`
+    /// as they are now. An unreadable config file, or one that lost either key, is an error
+    /// (the caller keeps what it serves).
+    pub fn reload_paths_now(&self) -> Result<ReloadPaths, Error> {
+        let file = match (
+            &self.config_file,
+            self.allow_from_flag && self.identity_from_flag,
+        ) {
+            (Some(path), false) => Some((path, FileConfig::load(path)?)),
+            _ => None,
+        };
+        let removed = |path: &Path, key: &str| {
+            Error::Input(format!(
+                "config file {}: `{key}` was removed",
+                path.display()
+            ))
+        };
+        let identities = match (&file, self.identity_from_flag) {
+            (Some((path, cfg)), false) => cfg
+                .identity
+                .clone()
+                .ok_or_else(|| removed(path, "identity"))?,
+            _ => self.identity.clone(),
+        };
+        let allow = match (&file, self.allow_from_flag) {
+            (Some((path, cfg)), false) => {
+                cfg.allow.clone().ok_or_else(|| removed(path, "allow"))?
+            }
+            _ => self.allow.clone(),
+        };
+        Ok(ReloadPaths { identities, allow })
     }
 }
 
@@ -341,7 +401,7 @@ max_handshakes = 64
         );
         let f = FileConfig::load(&p).unwrap();
         assert_eq!(f.listen, Some("0.0.0.0:7400".parse().unwrap()));
-        assert_eq!(f.identity, Some(d.path().join("recv.key")));
+        assert_eq!(f.identity, Some(vec![d.path().join("recv.key")]));
         assert_eq!(f.allow, Some(PathBuf::from("/etc/shard/senders.txt")));
         assert_eq!(f.max_transfers, Some(4));
         assert_eq!(f.congestion, Some(Congestion::Cubic));
@@ -376,6 +436,9 @@ max_handshakes = 64
             ("log_format = \"xml\"\n", "log_format"),
             ("keep_free = \"lots\"\n", "keep_free"),
             ("handshake_rate = -1\n", "handshake_rate"),
+            ("identity = []\n", "identity"),
+            ("identity = 7\n", "identity"),
+            ("identity = [\"a.key\", 7]\n", "identity"),
         ] {
             let p = write(d.path(), text);
             let err = FileConfig::load(&p).unwrap_err().to_string();
@@ -389,7 +452,7 @@ max_handshakes = 64
         let file = FileConfig {
             listen: Some("0.0.0.0:7400".parse().unwrap()),
             root: Some("/srv/a".into()),
-            identity: Some("/k".into()),
+            identity: Some(vec!["/k".into()]),
             allow: Some("/allow".into()),
             max_transfers: Some(4),
             ..FileConfig::default()
@@ -421,5 +484,64 @@ max_handshakes = 64
             err.contains("--allow") && err.contains("`allow` in /etc/x.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn identity_takes_one_path_or_a_list_and_a_reload_rereads_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "listen = \"127.0.0.1:0\"\nroot = \"/r\"\nidentity = [\"old.key\", \"/etc/new.key\"]\nallow = \"a\"\n",
+        );
+        let f = FileConfig::load(&p).unwrap();
+        assert_eq!(
+            f.identity,
+            Some(vec![
+                d.path().join("old.key"),
+                PathBuf::from("/etc/new.key")
+            ])
+        );
+        let s = ServeSettings::merge(ServeFlags::default(), Some((p.clone(), f))).unwrap();
+        assert_eq!(s.identity.len(), 2);
+        assert!(!s.identity_from_flag && !s.allow_from_flag);
+        // The operator switches the primary and reloads: the file as it is now counts.
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:0\"\nroot = \"/r\"\nidentity = [\"/etc/new.key\", \"old.key\"]\nallow = \"b\"\n",
+        )
+        .unwrap();
+        let now = s.reload_paths_now().unwrap();
+        assert_eq!(
+            now.identities,
+            vec![PathBuf::from("/etc/new.key"), d.path().join("old.key")]
+        );
+        assert_eq!(now.allow, d.path().join("b"));
+        // A file that lost `identity`, or that no longer parses, reloads nothing.
+        std::fs::write(&p, "allow = \"b\"\n").unwrap();
+        let err = s.reload_paths_now().unwrap_err().to_string();
+        assert!(err.contains("`identity` was removed"), "{err}");
+        std::fs::write(&p, "identity = [\n").unwrap();
+        assert!(s.reload_paths_now().is_err());
+        // Flags win over the file, at the start and at every reload.
+        let flags = ServeFlags {
+            identity: vec!["/flag-a.key".into(), "/flag-b.key".into()],
+            allow: Some("/flag-allow".into()),
+            ..ServeFlags::default()
+        };
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:0\"\nroot = \"/r\"\nidentity = \"x.key\"\n",
+        )
+        .unwrap();
+        let s =
+            ServeSettings::merge(flags, Some((p.clone(), FileConfig::load(&p).unwrap()))).unwrap();
+        assert!(s.identity_from_flag);
+        std::fs::write(&p, "garbage").unwrap();
+        let now = s.reload_paths_now().unwrap();
+        assert_eq!(
+            now.identities,
+            vec![PathBuf::from("/flag-a.key"), PathBuf::from("/flag-b.key")]
+        );
+        assert_eq!(now.allow, PathBuf::from("/flag-allow"));
     }
 }

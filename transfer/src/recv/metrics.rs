@@ -33,6 +33,28 @@ pub struct Reason {
     pub reason: String,
 }
 
+/// Labels of the identity gauge: a key we serve, and whether it is the primary.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabel {
+    pub fingerprint: String,
+    pub primary: String,
+}
+
+/// Label of the presented-identity counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabel {
+    pub fingerprint: String,
+}
+
+/// The receiver's identities as a scrape sees them.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityReport {
+    /// Served now, the primary first.
+    pub served: Vec<crate::identity::Fingerprint>,
+    /// Handshakes in which each key was presented since the start.
+    pub presented: Vec<(crate::identity::Fingerprint, u64)>,
+}
+
 /// Label of the completed-transfer counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -84,8 +106,16 @@ pub struct ReceiverMetrics {
     pub handshakes_refused: Family<Reason, Counter>,
     /// Bytes promised to transfers in progress and not yet written, set when scraped.
     pub space_promised: Gauge,
+    /// The keys served now (1 each), labelled with whether it is the primary: during a key
+    /// rotation, which receivers already hold the new key.
+    pub identities: Family<IdentityLabel, Gauge>,
+    /// Handshakes in which each key was presented: an old key no sender asks for any more
+    /// can be dropped.
+    pub identity_presented: Family<KeyLabel, Counter>,
     /// Handshake refusals already counted (the allow-list counts them itself).
     tls_refusals_seen: AtomicU64,
+    /// Presentations already counted, per key (the identities count them themselves).
+    presented_seen: std::sync::Mutex<std::collections::HashMap<crate::identity::Fingerprint, u64>>,
 }
 
 impl Default for ReceiverMetrics {
@@ -172,7 +202,23 @@ impl ReceiverMetrics {
             "Seconds to install a verified tree (owners, modes, syncfs, renames)",
             install_seconds.clone(),
         );
+        let identities = Family::<IdentityLabel, Gauge>::default();
+        let identity_presented = Family::<KeyLabel, Counter>::default();
+        registry.register(
+            "identity",
+            "Key fingerprints this receiver serves (1 each); primary=\"true\" for the one \
+             presented to senders that name none",
+            identities.clone(),
+        );
+        registry.register(
+            "identity_presented",
+            "Handshakes in which each key was presented (the sender's server name chose it, \
+             or the primary)",
+            identity_presented.clone(),
+        );
         ReceiverMetrics {
+            identities,
+            identity_presented,
             registry,
             received_bytes,
             active,
@@ -187,6 +233,7 @@ impl ReceiverMetrics {
             handshakes_refused,
             space_promised,
             tls_refusals_seen: AtomicU64::new(0),
+            presented_seen: Default::default(),
         }
     }
 
@@ -223,8 +270,40 @@ impl ReceiverMetrics {
     }
 
     /// The text for a scrape. `tls_refusals` is the allow-list's running count of senders
-    /// refused in the handshake; `active` and `queued` the admissions' state now.
-    pub fn render(&self, tls_refusals: u64, active: u64, queued: u64) -> String {
+    /// refused in the handshake; `active` and `queued` the admissions' state now;
+    /// `identities` the keys served now and how often each was presented.
+    pub fn render(
+        &self,
+        tls_refusals: u64,
+        active: u64,
+        queued: u64,
+        identities: &IdentityReport,
+    ) -> String {
+        // A reload may have dropped a key: the gauge shows only what is served now.
+        self.identities.clear();
+        for (i, fp) in identities.served.iter().enumerate() {
+            self.identities
+                .get_or_create(&IdentityLabel {
+                    fingerprint: fp.to_string(),
+                    primary: (i == 0).to_string(),
+                })
+                .set(1);
+        }
+        // One scrape at a time moves the counters (a poisoned lock only means a scrape
+        // panicked after counting: its counts stand).
+        let mut seen = match self.presented_seen.lock() {
+            Ok(seen) => seen,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (fp, count) in &identities.presented {
+            let before = seen.insert(*fp, *count).unwrap_or(0);
+            self.identity_presented
+                .get_or_create(&KeyLabel {
+                    fingerprint: fp.to_string(),
+                })
+                .inc_by(count.saturating_sub(before));
+        }
+        drop(seen);
         let seen = self.tls_refusals_seen.swap(tls_refusals, Ordering::Relaxed);
         if tls_refusals > seen {
             self.refused
@@ -400,8 +479,42 @@ mod tests {
         m.chunk_retries.inc();
         m.verify_failures.inc_by(2);
         m.install_seconds.observe(0.02);
-        let text = m.render(3, 2, 1);
+        let (a, b) = (
+            crate::identity::Fingerprint([0xaa; 32]),
+            crate::identity::Fingerprint([0xbb; 32]),
+        );
+        let report = IdentityReport {
+            served: vec![a, b],
+            presented: vec![(a, 4), (b, 1)],
+        };
+        let text = m.render(3, 2, 1, &report);
         assert_parses(&text);
+        let (ha, hb) = (a.to_string(), b.to_string());
+        assert!(
+            text.contains(&format!(
+                "shardrecv_identity{{fingerprint=\"{ha}\",primary=\"true\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "shardrecv_identity{{fingerprint=\"{hb}\",primary=\"false\"}} 1"
+        )));
+        assert!(text.contains(&format!(
+            "shardrecv_identity_presented_total{{fingerprint=\"{ha}\"}} 4"
+        )));
+        // After a reload that dropped `a`: only `b` is served (now primary); counts stay.
+        let after = IdentityReport {
+            served: vec![b],
+            presented: vec![(a, 4), (b, 3)],
+        };
+        let text2 = m.render(3, 2, 1, &after);
+        assert!(!text2.contains(&format!("shardrecv_identity{{fingerprint=\"{ha}\"")));
+        assert!(text2.contains(&format!(
+            "shardrecv_identity{{fingerprint=\"{hb}\",primary=\"true\"}} 1"
+        )));
+        assert!(text2.contains(&format!(
+            "shardrecv_identity_presented_total{{fingerprint=\"{hb}\"}} 3"
+        )));
         for want in [
             "shardrecv_received_bytes_total 1234",
             "shardrecv_transfers_active 2",
@@ -419,10 +532,10 @@ mod tests {
         }
         // The handshake refusals are counted once, however often scraped.
         assert!(m
-            .render(3, 0, 0)
+            .render(3, 0, 0, &report)
             .contains("shardrecv_transfers_refused_total{reason=\"not_allowed\"} 3"));
         assert!(m
-            .render(5, 0, 0)
+            .render(5, 0, 0, &report)
             .contains("shardrecv_transfers_refused_total{reason=\"not_allowed\"} 5"));
     }
 

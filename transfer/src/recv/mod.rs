@@ -18,8 +18,9 @@
 //! `MAX_CHUNK_SIZE`) plus quinn's receive window ([`crate::quic::CONNECTION_WINDOW`]); a
 //! transfer waiting in line holds only its unread manifest in quinn's stream buffer.
 //!
-//! For operators: the allow-list can be replaced while serving ([`Receiver::allow_list`],
-//! SIGHUP in `shardrecv`), counters are kept for `--metrics` ([`metrics`]), and the daemon's
+//! For operators: the allow-list and the identities can be replaced while serving
+//! ([`Receiver::allow_list`], [`Receiver::identities`], SIGHUP in `shardrecv`; a key rotation
+//! serves two identities for a while, see [`crate::identity`]), counters are kept for `--metrics` ([`metrics`]), and the daemon's
 //! settings can come from a file ([`config`]).
 
 pub mod config;
@@ -41,6 +42,9 @@ use crate::admission::{Admission, Admissions, QueueFull, Ticket};
 use crate::error::Error;
 use crate::handshake_limit::{HandshakeLimiter, Verdict};
 use crate::identity::{server_crypto, AllowList, Fingerprint, Identity, LiveAllowList};
+use crate::identity::{
+    server_crypto, AllowList, Fingerprint, IdentitySet, LiveAllowList, LiveIdentities,
+};
 use crate::io::{read_chunk_header, read_control, read_payload_counting, write_control};
 use crate::manifest::Manifest;
 use crate::space::{PromiseId, SpaceLedger};
@@ -54,7 +58,8 @@ use store::{store_chunk, Stored};
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub root: PathBuf,
-    pub identity: Identity,
+    /// The keys we present (the first is the primary), chosen per handshake.
+    pub identities: IdentitySet,
     pub allow: AllowList,
     /// Transfers served at once; more wait in line.
     pub max_transfers: usize,
@@ -93,6 +98,8 @@ struct Shared {
     root: PathBuf,
     /// Who may connect; replaced on reload.
     allow: Arc<LiveAllowList>,
+    /// Who we are; replaced on reload.
+    identities: Arc<LiveIdentities>,
     metrics: metrics::ReceiverMetrics,
     /// Transfer slots and the line of transfers waiting for one.
     admissions: Mutex<Admissions>,
@@ -129,7 +136,8 @@ impl Receiver {
             .canonicalize()
             .map_err(|e| Error::io(&cfg.root, e))?;
         let allow = Arc::new(LiveAllowList::new(cfg.allow));
-        let crypto = server_crypto(&cfg.identity, allow.clone())?;
+        let identities = Arc::new(LiveIdentities::new(cfg.identities));
+        let crypto = server_crypto(identities.clone(), allow.clone())?;
         let endpoint = crate::quic::server_endpoint(cfg.listen, crypto, &cfg.transport)?;
         let metrics_listener = cfg.metrics.map(metrics::bind).transpose()?;
         Ok(Receiver {
@@ -138,6 +146,7 @@ impl Receiver {
             shared: Arc::new(Shared {
                 root,
                 allow,
+                identities,
                 metrics: metrics::ReceiverMetrics::new(),
                 admissions: Mutex::new(Admissions::new(
                     cfg.max_transfers.max(1) as u64,
@@ -183,6 +192,12 @@ impl Receiver {
     /// The allow-list handshakes check: replace it to reload (transfers in flight go on).
     pub fn allow_list(&self) -> Arc<LiveAllowList> {
         self.shared.allow.clone()
+    }
+
+    /// The identities handshakes choose from: replace them to reload (connections already
+    /// made keep their key).
+    pub fn identities(&self) -> Arc<LiveIdentities> {
+        self.shared.identities.clone()
     }
 
     /// What a scrape of `/metrics` shows now.
@@ -245,7 +260,7 @@ impl Receiver {
                         return;
                     }
                 };
-                let peer = peer_fingerprint(&conn);
+                let peer = crate::quic::peer_fingerprint(&conn);
                 if let Err(e) = handle_connection(shared, conn.clone(), peer).await {
                     tracing::warn!(%remote, error = %e, "transfer ended with an error");
                 }
@@ -290,16 +305,13 @@ impl Shared {
         self.metrics
             .space_promised
             .set(i64::try_from(promised).unwrap_or(i64::MAX));
-        self.metrics.render(self.allow.refusals(), active, queued)
+        let identities = metrics::IdentityReport {
+            served: self.identities.current().fingerprints(),
+            presented: self.identities.presented(),
+        };
+        self.metrics
+            .render(self.allow.refusals(), active, queued, &identities)
     }
-}
-
-fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
-    let any = conn.peer_identity()?;
-    let certs = any
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    Fingerprint::of_certificate(certs.first()?).ok()
 }
 
 /// Releases the in-process claim on a destination when the transfer ends.

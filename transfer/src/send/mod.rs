@@ -89,7 +89,9 @@ pub struct SendConfig {
     pub addr: String,
     pub dest: String,
     pub identity: Arc<Identity>,
-    pub peer: Fingerprint,
+    /// The receiver's key fingerprints we accept (`--peer`, repeatable), preferred first: the
+    /// server name asks for them in this order ([`crate::identity::server_name_for`]).
+    pub peers: Vec<Fingerprint>,
     pub compress: CompressPolicy,
     pub streams: usize,
     pub bwlimit: Option<u64>,
@@ -235,6 +237,10 @@ pub struct SendSummary {
     pub waited_for: Option<String>,
     #[serde(default)]
     pub waited_seconds: f64,
+    /// The receiver's key in the last attempt (one of `--peer`): during a key rotation, which
+    /// of the pinned keys it presented.
+    #[serde(default)]
+    pub receiver_key: String,
 }
 
 /// What quinn saw of the path.
@@ -572,9 +578,19 @@ async fn attempt_once(
         )));
     }
     let addr = resolve(&cfg.addr).await?;
-    let crypto = client_crypto(&cfg.identity, cfg.peer)?;
-    let (endpoint, conn) =
-        crate::quic::connect(addr, crypto, link.connect_timeout, &cfg.transport).await?;
+    let crypto = client_crypto(&cfg.identity, &cfg.peers)?;
+    let server_name = crate::identity::server_name_for(&cfg.peers);
+    let (endpoint, conn) = crate::quic::connect(
+        addr,
+        crypto,
+        &server_name,
+        link.connect_timeout,
+        &cfg.transport,
+    )
+    .await?;
+    let receiver_key = crate::quic::peer_fingerprint(&conn)
+        .map(|fp| fp.to_string())
+        .unwrap_or_default();
     if let Some(event) = link.reconnector.connected(Instant::now()) {
         tracing::info!(?event, "connected to the receiver again; resuming");
         report(cfg, &event);
@@ -665,6 +681,7 @@ async fn attempt_once(
         git_formats: None,
         waited_for: None,
         waited_seconds: 0.0,
+        receiver_key,
     })
 }
 

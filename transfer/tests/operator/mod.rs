@@ -2,110 +2,14 @@
 //! JSON logs, systemd's readiness protocol, SIGHUP reloading the allow-list without
 //! dropping transfers in flight, the `/metrics` endpoint, completions and man pages.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use transfer::identity::Identity;
 
 use crate::util::*;
-
-/// A `shardrecv serve` started with exactly `args` (no flags added), its stdout kept for
-/// the lines after the first; killed on drop.
-struct Served {
-    child: Child,
-    addr: String,
-    stdout: BufReader<ChildStdout>,
-    log: PathBuf,
-}
-
-impl Served {
-    fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
-        let log = dir.join(format!("served-{}.log", rand_suffix()));
-        let mut child = Command::new(shardrecv())
-            .arg("serve")
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = match line.split_whitespace().collect::<Vec<_>>()[..] {
-            ["listening", addr, "fingerprint", _] => addr.to_string(),
-            _ => panic!(
-                "shardrecv did not start: {line:?}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
-        };
-        Served {
-            child,
-            addr,
-            stdout,
-            log,
-        }
-    }
-
-    fn next_line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// `shardsend` with the key at `key` instead of the usual sender's.
-fn send_as(keys: &Keys, key: &Path, src: &Path, addr: &str, dest: &str, extra: &[&str]) -> Command {
-    let mut c = Command::new(shardsend());
-    c.arg(src)
-        .arg(addr)
-        .arg(dest)
-        .arg("--identity")
-        .arg(key)
-        .arg("--peer")
-        .arg(keys.recv_fp.to_string())
-        .args(["--json", "--no-progress", "--connect-timeout", "5"])
-        .args(extra);
-    c
-}
-
-fn small_tree(dir: &Path, bytes: usize) -> PathBuf {
-    let src = dir.join(format!("src-{}", rand_suffix()));
-    std::fs::create_dir_all(&src).unwrap();
-    write_random(&src.join("pack"), bytes, 7);
-    std::fs::write(src.join("HEAD"), "ref: refs/heads/main\n").unwrap();
-    src
-}
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.to_str().unwrap())
-}
 
 fn serve_flags(keys: &Keys, root: &Path) -> Vec<String> {
     vec![
@@ -232,30 +136,6 @@ fn log_format_json_makes_every_log_line_a_json_object() {
     check(&stderr(&out), "shardsend");
 }
 
-/// A unix datagram socket standing in for systemd's `$NOTIFY_SOCKET`.
-struct NotifySocket {
-    socket: UnixDatagram,
-    path: PathBuf,
-}
-
-impl NotifySocket {
-    fn new(dir: &Path) -> NotifySocket {
-        let path = dir.join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        NotifySocket { socket, path }
-    }
-
-    /// The next datagram (waits up to 20 s).
-    fn next(&self) -> String {
-        let mut buf = [0u8; 512];
-        let n = self.socket.recv(&mut buf).expect("no sd_notify datagram");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
-}
-
 #[test]
 fn sd_notify_and_sighup_reload_of_the_allow_list_keep_transfers_in_flight() {
     let keys = Keys::new();
@@ -340,7 +220,7 @@ fn sd_notify_and_sighup_reload_of_the_allow_list_keep_transfers_in_flight() {
 }
 
 /// `GET /metrics` over plain TCP: (status line, body).
-fn scrape(addr: &str) -> (String, String) {
+pub fn scrape(addr: &str) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();

@@ -5,8 +5,9 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use transfer::identity::{Fingerprint, Identity};
@@ -603,4 +604,130 @@ pub fn git_cmd(dir: &Path, args: &[&str]) -> Command {
         .env("GIT_COMMITTER_NAME", "t")
         .env("GIT_COMMITTER_EMAIL", "t@example.invalid");
     c
+}
+
+/// A `shardrecv serve` started with exactly `args` (no flags added), its stdout kept for
+/// the lines after the first; killed on drop.
+pub struct Served {
+    pub child: Child,
+    pub addr: String,
+    pub stdout: BufReader<ChildStdout>,
+    pub log: PathBuf,
+}
+
+impl Served {
+    pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
+        let log = dir.join(format!("served-{}.log", rand_suffix()));
+        let mut child = Command::new(shardrecv())
+            .arg("serve")
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = match line.split_whitespace().collect::<Vec<_>>()[..] {
+            ["listening", addr, "fingerprint", _] => addr.to_string(),
+            _ => panic!(
+                "shardrecv did not start: {line:?}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
+        Served {
+            child,
+            addr,
+            stdout,
+            log,
+        }
+    }
+
+    pub fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `shardsend` with the key at `key` instead of the usual sender's.
+pub fn send_as(
+    keys: &Keys,
+    key: &Path,
+    src: &Path,
+    addr: &str,
+    dest: &str,
+    extra: &[&str],
+) -> Command {
+    let mut c = Command::new(shardsend());
+    c.arg(src)
+        .arg(addr)
+        .arg(dest)
+        .arg("--identity")
+        .arg(key)
+        .arg("--peer")
+        .arg(keys.recv_fp.to_string())
+        .args(["--json", "--no-progress", "--connect-timeout", "5"])
+        .args(extra);
+    c
+}
+
+pub fn small_tree(dir: &Path, bytes: usize) -> PathBuf {
+    let src = dir.join(format!("src-{}", rand_suffix()));
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("pack"), bytes, 7);
+    std::fs::write(src.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+    src
+}
+
+pub fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.to_str().unwrap())
+}
+
+/// A unix datagram socket standing in for systemd's `$NOTIFY_SOCKET`.
+pub struct NotifySocket {
+    pub socket: UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl NotifySocket {
+    pub fn new(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        NotifySocket { socket, path }
+    }
+
+    /// The next datagram (waits up to 20 s).
+    pub fn next(&self) -> String {
+        let mut buf = [0u8; 512];
+        let n = self.socket.recv(&mut buf).expect("no sd_notify datagram");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
 }
