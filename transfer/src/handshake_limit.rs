@@ -7,9 +7,11 @@
 //! flood of handshakes (a broken script in a loop, a scanner, or worse) turns that work into
 //! CPU taken from the transfers that are authorised, whose throughput is what the receiver is
 //! for. So before any cryptography:
-//! - each source address gets `rate` handshakes per second, with bursts up to `burst`
-//!   (a sender makes one connection per pass, and one more per reconnect: it never comes
-//!   close); beyond that its attempts are refused at once, which costs one small packet;
+//! - each source address may fail `rate` handshakes per second, with bursts up to `burst`;
+//!   once it has used them up, its attempts are refused at once, which costs one small
+//!   packet. Only failed handshakes count: a host running many authorised senders at once
+//!   (a migration's source host starts one per repository) is never held back, while an
+//!   address whose handshakes keep failing (an unknown key, garbage) is after its burst;
 //! - at most `max_in_progress` handshakes run at once, whatever their addresses (a flood from
 //!   many addresses); beyond that, an address QUIC has not validated is asked to prove it
 //!   (a stateless Retry: spoofed sources never come back), and a validated one is refused.
@@ -21,7 +23,8 @@
 //! it would have anyway).
 //!
 //! Sans-io: the caller passes the time; `recv` asks [`HandshakeLimiter::admit`] for every
-//! incoming connection and reports [`HandshakeLimiter::finished`] when its handshake ends.
+//! incoming connection and reports [`HandshakeLimiter::finished`] when its handshake ends,
+//! saying whether it failed.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -96,8 +99,8 @@ fn bucket_key(ip: IpAddr) -> IpAddr {
 }
 
 impl HandshakeLimiter {
-    /// `rate` handshakes per second per address (bursts of twice that), `max_in_progress`
-    /// at once. A rate of 0 turns the per-address limit off.
+    /// `rate` failed handshakes per second per address (bursts of twice that),
+    /// `max_in_progress` at once. A rate of 0 turns the per-address limit off.
     pub fn new(rate: u32, max_in_progress: usize) -> HandshakeLimiter {
         HandshakeLimiter {
             rate: f64::from(rate),
@@ -116,7 +119,7 @@ impl HandshakeLimiter {
     /// Decides for a connection from `ip` arriving at `now`; `validated`: QUIC has proved
     /// the address (a Retry token came back).
     pub fn admit(&mut self, ip: IpAddr, validated: bool, now: Instant) -> Verdict {
-        if self.rate > 0.0 && !self.take_token(bucket_key(ip), now) {
+        if self.rate > 0.0 && self.tokens(bucket_key(ip), now) < 1.0 {
             return Verdict::Refuse(Why::AddressRate);
         }
         if self.in_progress >= self.max_in_progress {
@@ -130,12 +133,24 @@ impl HandshakeLimiter {
         Verdict::Accept
     }
 
-    /// A handshake [`admit`](Self::admit) accepted has ended (either way).
-    pub fn finished(&mut self) {
+    /// A handshake [`admit`](Self::admit) accepted has ended; `failed`: it did not
+    /// authenticate a peer, which costs its address a token. Failures that were already in
+    /// progress when the bucket ran dry drive it below zero (down to minus the burst), so a
+    /// flood that got many handshakes in at once waits longer.
+    pub fn finished(&mut self, ip: IpAddr, failed: bool, now: Instant) {
         self.in_progress = self.in_progress.saturating_sub(1);
+        if failed && self.rate > 0.0 {
+            let burst = self.burst;
+            let key = bucket_key(ip);
+            self.tokens(key, now);
+            if let Some(bucket) = self.buckets.get_mut(&key) {
+                bucket.tokens = (bucket.tokens - 1.0).max(-burst);
+            }
+        }
     }
 
-    fn take_token(&mut self, key: IpAddr, now: Instant) -> bool {
+    /// The tokens of `key`'s bucket now (refilled for the time since it was last seen).
+    fn tokens(&mut self, key: IpAddr, now: Instant) -> f64 {
         if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_TRACKED {
             self.forget_full(now);
         }
@@ -147,12 +162,7 @@ impl HandshakeLimiter {
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
         bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        bucket.tokens
     }
 
     /// Forgets buckets that have refilled (they hold nothing a new bucket would not); if the
@@ -181,24 +191,59 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// Admits one attempt from `ip` and ends its handshake (`failed` or not).
+    fn attempt(l: &mut HandshakeLimiter, ip: IpAddr, failed: bool, now: Instant) -> Verdict {
+        let v = l.admit(ip, false, now);
+        if v == Verdict::Accept {
+            l.finished(ip, failed, now);
+        }
+        v
+    }
+
     #[test]
-    fn an_address_gets_its_burst_then_its_rate_and_others_are_not_affected() {
+    fn an_address_may_fail_its_burst_then_its_rate_and_others_are_not_affected() {
         let t0 = Instant::now();
         let mut l = HandshakeLimiter::new(10, 1000);
         let flood = ip("127.0.0.2");
         let admitted = (0..100)
-            .filter(|_| l.admit(flood, false, t0) == Verdict::Accept)
+            .filter(|_| attempt(&mut l, flood, true, t0) == Verdict::Accept)
             .count();
         assert_eq!(admitted, 20, "the burst is twice the rate");
         assert_eq!(l.admit(flood, false, t0), Verdict::Refuse(Why::AddressRate));
         // Another address is served at once.
-        assert_eq!(l.admit(ip("127.0.0.1"), false, t0), Verdict::Accept);
+        assert_eq!(attempt(&mut l, ip("127.0.0.1"), true, t0), Verdict::Accept);
         // A second later the flooder has 10 more.
         let t1 = t0 + Duration::from_secs(1);
         let admitted = (0..100)
-            .filter(|_| l.admit(flood, false, t1) == Verdict::Accept)
+            .filter(|_| attempt(&mut l, flood, true, t1) == Verdict::Accept)
             .count();
         assert_eq!(admitted, 10);
+    }
+
+    #[test]
+    fn authenticated_handshakes_cost_nothing_and_failures_in_flight_cost_more_later() {
+        let t0 = Instant::now();
+        let mut l = HandshakeLimiter::new(10, 1000);
+        // A source host starting 500 senders at once, all authorised.
+        let host = ip("10.0.0.7");
+        for _ in 0..500 {
+            assert_eq!(attempt(&mut l, host, false, t0), Verdict::Accept);
+        }
+        // 60 failing handshakes admitted at once (none had ended): the bucket goes below zero.
+        let flood = ip("10.0.0.9");
+        for _ in 0..60 {
+            assert_eq!(l.admit(flood, false, t0), Verdict::Accept);
+        }
+        for _ in 0..60 {
+            l.finished(flood, true, t0);
+        }
+        assert_eq!(l.in_progress(), 0);
+        // -20 now: refused for 2.1 s, then 1 token.
+        let t2 = t0 + Duration::from_millis(2000);
+        assert_eq!(l.admit(flood, false, t2), Verdict::Refuse(Why::AddressRate));
+        let t3 = t0 + Duration::from_millis(2150);
+        assert_eq!(attempt(&mut l, flood, true, t3), Verdict::Accept);
+        assert_eq!(l.admit(flood, false, t3), Verdict::Refuse(Why::AddressRate));
     }
 
     #[test]
@@ -212,7 +257,7 @@ mod tests {
             l.admit(ip("10.0.0.3"), true, t0),
             Verdict::Refuse(Why::InProgress)
         );
-        l.finished();
+        l.finished(ip("10.0.0.1"), false, t0);
         assert_eq!(l.admit(ip("10.0.0.3"), true, t0), Verdict::Accept);
         assert_eq!(l.in_progress(), 2);
     }
@@ -221,20 +266,18 @@ mod tests {
     fn ipv6_hosts_share_their_64_and_mapped_ipv4_is_ipv4() {
         let t0 = Instant::now();
         let mut l = HandshakeLimiter::new(1, 100);
-        assert_eq!(l.admit(ip("2001:db8::1"), false, t0), Verdict::Accept);
-        assert_eq!(l.admit(ip("2001:db8::ffff:2"), false, t0), Verdict::Accept);
+        let mut fail = |a: &str| attempt(&mut l, ip(a), true, t0);
+        assert_eq!(fail("2001:db8::1"), Verdict::Accept);
+        assert_eq!(fail("2001:db8::ffff:2"), Verdict::Accept);
         assert_eq!(
-            l.admit(ip("2001:db8::3"), false, t0),
+            fail("2001:db8::3"),
             Verdict::Refuse(Why::AddressRate),
             "same /64"
         );
-        assert_eq!(l.admit(ip("2001:db8:0:1::1"), false, t0), Verdict::Accept);
-        assert_eq!(l.admit(ip("::ffff:192.0.2.1"), false, t0), Verdict::Accept);
-        assert_eq!(l.admit(ip("192.0.2.1"), false, t0), Verdict::Accept);
-        assert_eq!(
-            l.admit(ip("192.0.2.1"), false, t0),
-            Verdict::Refuse(Why::AddressRate)
-        );
+        assert_eq!(fail("2001:db8:0:1::1"), Verdict::Accept);
+        assert_eq!(fail("::ffff:192.0.2.1"), Verdict::Accept);
+        assert_eq!(fail("192.0.2.1"), Verdict::Accept);
+        assert_eq!(fail("192.0.2.1"), Verdict::Refuse(Why::AddressRate));
     }
 
     #[test]
@@ -243,8 +286,7 @@ mod tests {
         let mut l = HandshakeLimiter::new(5, usize::MAX);
         for i in 0..(MAX_TRACKED as u32 * 2) {
             let a = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            l.admit(a, false, t0);
-            l.finished();
+            attempt(&mut l, a, true, t0);
             assert!(l.buckets.len() <= MAX_TRACKED);
         }
     }

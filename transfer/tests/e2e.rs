@@ -564,35 +564,23 @@ fn disk_full_is_reported_and_leaves_the_target_untouched() {
         "old copy"
     );
 
-    // Fits alone, but two at once overflow mid-write: one fails with ENOSPC and cleans up.
+    // Fits alone, but two at once would not: the second is refused up front by the space
+    // ledger (issue 15; it used to fail half-way on ENOSPC), the first is installed.
     let a = keys.path("a");
     let b = keys.path("b");
     for (p, seed) in [(&a, 1), (&b, 2)] {
         std::fs::create_dir(p).unwrap();
         write_random(&p.join("pack"), 15 << 20, seed);
     }
-    let ca = send_cmd(
-        &keys,
-        &a,
-        &d.addr,
-        "a.git",
-        &["--bwlimit", "20M", "--compress", "off"],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let cb = send_cmd(
-        &keys,
-        &b,
-        &d.addr,
-        "b.git",
-        &["--bwlimit", "20M", "--compress", "off"],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let slow = ["--bwlimit", "10M", "--compress", "off"];
+    let spawn = |src: &std::path::Path, dest: &str| {
+        send_cmd(&keys, src, &d.addr, dest, &slow)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (ca, cb) = (spawn(&a, "a.git"), spawn(&b, "b.git"));
     let (oa, ob) = (
         ca.wait_with_output().unwrap(),
         cb.wait_with_output().unwrap(),
@@ -604,17 +592,48 @@ fn disk_full_is_reported_and_leaves_the_target_untouched() {
     assert_eq!(failed.len(), 1, "a: {}\nb: {}", stderr(&oa), stderr(&ob));
     let err = stderr(failed[0]);
     assert!(
-        err.contains("disk full") && err.contains("more bytes are needed"),
+        err.contains("promised to 1 transfer(s) in progress"),
         "{err}"
     );
     assert_eq!(failed[0].status.code(), Some(4));
+    let names = visible_entries(&root);
+    assert_eq!(names.len(), 2, "{names:?}");
+    let installed = if oa.status.success() {
+        "a.git"
+    } else {
+        "b.git"
+    };
+    std::fs::remove_dir_all(root.join(installed)).unwrap();
+
+    // The disk filled by someone else mid-transfer: the transfer fails with ENOSPC, says how
+    // much more it needs, and gives its staging back; the old copy is untouched.
+    let child = spawn(&a, "c.git");
+    assert!(wait_for(std::time::Duration::from_secs(20), || {
+        std::fs::read_dir(root.join(".shardrecv"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    }));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let filler = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat /dev/zero > '{}/filler' 2>/dev/null; true",
+            root.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(filler.success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("disk full") && err.contains("more bytes are needed"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("r.git/keep")).unwrap(),
         "old copy"
     );
-    // The failed transfer's staging is gone; the other one is installed.
-    let names = visible_entries(&root);
-    assert_eq!(names.len(), 2, "{names:?}");
     let staged: Vec<_> = std::fs::read_dir(root.join(".shardrecv"))
         .unwrap()
         .collect();

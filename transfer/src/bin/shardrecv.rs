@@ -131,9 +131,11 @@ enum Command {
         /// any data moves (exit 4 on the sender) [default: 0]
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         keep_free: Option<u64>,
-        /// New connections per second per source address (IPv6: per /64), with bursts of
-        /// twice that; more are refused before any cryptography, so a flood of handshakes
-        /// does not take the CPU of authorised transfers. 0: no limit [default: 20]
+        /// Failed handshakes per second per source address (IPv6: per /64), with bursts of
+        /// twice that; once an address used them up, its new connections are refused before
+        /// any cryptography, so a flood of handshakes does not take the CPU of authorised
+        /// transfers. Authorised senders' handshakes cost nothing, however many one host
+        /// starts. 0: no limit [default: 20]
         #[arg(long, value_name = "N")]
         handshake_rate: Option<u32>,
         /// Handshakes in progress at once; beyond that a new address must first prove it

@@ -58,7 +58,7 @@ pub struct FileConfig {
     /// Bytes of the root's disk never promised to transfers, `"10G"`-style or a number.
     #[serde(default, deserialize_with = "size")]
     pub keep_free: Option<u64>,
-    /// Handshakes per second per source address (0: unlimited).
+    /// Failed handshakes per second per source address (0: unlimited).
     pub handshake_rate: Option<u32>,
     /// Handshakes in progress at once.
     pub max_handshakes: Option<usize>,

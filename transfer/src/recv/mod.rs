@@ -251,7 +251,7 @@ impl Receiver {
             tokio::spawn(async move {
                 let handshake = incoming.await;
                 if let Ok(mut h) = shared.handshakes.lock() {
-                    h.finished();
+                    h.finished(remote.ip(), handshake.is_err(), Instant::now());
                 }
                 let conn = match handshake {
                     Ok(c) => c,
@@ -898,8 +898,7 @@ async fn prepare(
     match prepared.and_then(|r| r) {
         Ok((staging, tracker)) => {
             // Staging checked this transfer alone against the free space; the ledger checks
-            // it beside every transfer in progress. A refusal keeps what is staged (it is on
-            // the disk already, and a later resume carries it over).
+            // it beside every transfer in progress.
             let needed = crate::space::footprint(
                 manifest
                     .total_bytes
@@ -916,7 +915,10 @@ async fn prepare(
                     }
                 }
                 Err(message) => {
-                    drop(staging);
+                    // Nothing carried over: no litter. Carried chunks stay for a resume.
+                    if tracker.verified_chunks() == 0 {
+                        staging.discard();
+                    }
                     return failed(FailCode::NoSpace, message);
                 }
             }

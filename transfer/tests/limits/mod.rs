@@ -143,9 +143,9 @@ fn flood(d: &Daemon, keys: &Keys, count: u64, seconds: f64) -> serde_json::Value
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// A flood of handshakes from 127.0.0.2 with a key nobody allowed: the receiver's limiter
-/// refuses all but a burst before any cryptography, while a transfer from 127.0.0.1 goes
-/// through; with the limit off, every one of them costs a full handshake (the control).
+/// A flood of handshakes from 127.0.0.2 with a key nobody allowed: once its burst of failures
+/// is used up the receiver's limiter refuses it before any cryptography, while a transfer from
+/// 127.0.0.1 goes through; with the limit off, every one of them costs a full handshake (the control).
 /// How much throughput the flood takes is measured by `scripts/bench-flood.sh`.
 #[test]
 fn a_handshake_flood_is_refused_before_any_cryptography_while_a_transfer_goes_on() {
@@ -177,10 +177,12 @@ fn a_handshake_flood_is_refused_before_any_cryptography_while_a_transfer_goes_on
     assert_same_tree(&src, &root.join("r.git"));
     eprintln!("flood against a limit of 20/s: {limited}");
     assert_eq!(limited["connected"], 0, "{limited}");
-    // A burst of 40, then 20 a second: everything else refused before the handshake.
+    // A burst of 40 failures, 20 a second after, plus the failures already under way when
+    // the bucket ran dry (it is debited as handshakes fail): the rest, most of the flood, is
+    // refused before the handshake.
     let handshakes = limited["handshake_failed"].as_u64().unwrap();
-    assert!(handshakes <= 40 + 20 * 4, "{limited}");
-    assert!(limited["refused"].as_u64().unwrap() >= 1800, "{limited}");
+    assert!(handshakes <= 300, "{limited}");
+    assert!(limited["refused"].as_u64().unwrap() >= 1700, "{limited}");
     assert!(
         d.log()
             .contains("refused a sender that is not in the allow-list"),
