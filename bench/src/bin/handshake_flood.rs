@@ -105,7 +105,7 @@ fn main() -> Result<()> {
         None => Identity::generate(&keys.path().join("flood.key"))?,
     };
     let peer = Fingerprint::parse(&cli.peer)?;
-    let crypto = client_crypto(&identity, peer)?;
+    let crypto = client_crypto(&identity, &[peer])?;
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(crypto).context("QUIC client config")?;
     let client = quinn::ClientConfig::new(Arc::new(quic));

@@ -41,7 +41,6 @@ use tokio::sync::{mpsc, Notify};
 use crate::admission::{Admission, Admissions, QueueFull, Ticket};
 use crate::error::Error;
 use crate::handshake_limit::{HandshakeLimiter, Verdict};
-use crate::identity::{server_crypto, AllowList, Fingerprint, Identity, LiveAllowList};
 use crate::identity::{
     server_crypto, AllowList, Fingerprint, IdentitySet, LiveAllowList, LiveIdentities,
 };
