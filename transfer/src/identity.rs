@@ -356,18 +356,46 @@ impl IdentitySet {
     }
 }
 
+/// A value a running receiver swaps whole on reload (its identities, its allow-list): each
+/// handshake reads the one in force then; connections already made keep theirs.
+#[derive(Debug, Default)]
+struct Swappable<T>(RwLock<Arc<T>>);
+
+impl<T> Swappable<T> {
+    fn new(value: T) -> Self {
+        Swappable(RwLock::new(Arc::new(value)))
+    }
+
+    /// Puts `value` in force; returns the one it replaces.
+    fn replace(&self, value: T) -> Arc<T> {
+        let new = Arc::new(value);
+        match self.0.write() {
+            Ok(mut current) => std::mem::replace(&mut *current, new),
+            // A panicked writer left nothing half-done (one pointer swap): take it over.
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
+        }
+    }
+
+    fn current(&self) -> Arc<T> {
+        match self.0.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
 /// The identities of a running receiver: replaceable while it serves (SIGHUP), read by every
 /// handshake to choose the certificate; counts how often each was presented.
 #[derive(Debug)]
 pub struct LiveIdentities {
-    current: RwLock<Arc<IdentitySet>>,
+    current: Swappable<IdentitySet>,
     presented: Mutex<HashMap<Fingerprint, u64>>,
 }
 
 impl LiveIdentities {
     pub fn new(set: IdentitySet) -> Self {
         LiveIdentities {
-            current: RwLock::new(Arc::new(set)),
+            current: Swappable::new(set),
             presented: Mutex::new(HashMap::new()),
         }
     }
@@ -375,19 +403,11 @@ impl LiveIdentities {
     /// The set handshakes choose from from now on; returns the one it replaces. Connections
     /// already made keep the key they were made with.
     pub fn replace(&self, set: IdentitySet) -> Arc<IdentitySet> {
-        let new = Arc::new(set);
-        match self.current.write() {
-            Ok(mut current) => std::mem::replace(&mut *current, new),
-            // A panicked writer left nothing half-done (one pointer swap): take it over.
-            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
-        }
+        self.current.replace(set)
     }
 
     pub fn current(&self) -> Arc<IdentitySet> {
-        match self.current.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.current()
     }
 
     /// Handshakes in which each identity was presented since the start (those no longer
@@ -471,33 +491,25 @@ impl AllowList {
 /// every handshake; counts the senders it refused.
 #[derive(Debug, Default)]
 pub struct LiveAllowList {
-    current: RwLock<Arc<AllowList>>,
+    current: Swappable<AllowList>,
     refusals: AtomicU64,
 }
 
 impl LiveAllowList {
     pub fn new(list: AllowList) -> Self {
         LiveAllowList {
-            current: RwLock::new(Arc::new(list)),
+            current: Swappable::new(list),
             refusals: AtomicU64::new(0),
         }
     }
 
     /// The list handshakes check from now on; returns the one it replaces.
     pub fn replace(&self, list: AllowList) -> Arc<AllowList> {
-        let new = Arc::new(list);
-        match self.current.write() {
-            Ok(mut current) => std::mem::replace(&mut *current, new),
-            // A panicked writer left nothing half-done (one pointer swap): take it over.
-            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
-        }
+        self.current.replace(list)
     }
 
     pub fn current(&self) -> Arc<AllowList> {
-        match self.current.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.current()
     }
 
     pub fn contains(&self, fp: &Fingerprint) -> bool {
