@@ -48,7 +48,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::error::Error;
-use crate::wire::ALPN;
+use crate::wire::offered_alpn_ids;
 
 /// A 32-byte public-key fingerprint.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -698,7 +698,7 @@ pub fn client_crypto(
         }))
         .with_client_auth_cert(vec![identity.cert.clone()], identity.private_key())
         .map_err(|e| Error::Identity(e.to_string()))?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = offered_alpn_ids();
     Ok(cfg)
 }
 
@@ -782,7 +782,7 @@ pub fn probe_crypto(result: Arc<ProbeResult>) -> Result<rustls::ClientConfig, Er
             signatures: Signatures(provider),
         }))
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = offered_alpn_ids();
     Ok(cfg)
 }
 
@@ -801,7 +801,7 @@ pub fn server_crypto(
             signatures: Signatures(provider),
         }))
         .with_cert_resolver(identities);
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = offered_alpn_ids();
     Ok(cfg)
 }
 

@@ -451,9 +451,33 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<crate::identity::Fin
     crate::identity::Fingerprint::of_certificate(certs.first()?).ok()
 }
 
+/// What the handshake of `conn` settled about the protocol (see [`crate::wire::Negotiated`]).
+pub fn negotiated(conn: &quinn::Connection) -> Result<crate::wire::Negotiated, Error> {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    crate::wire::Negotiated::from_alpn(alpn.as_deref()).ok_or_else(|| Error::Connect {
+        addr: conn.remote_address().to_string(),
+        reason: format!(
+            "the handshake agreed on protocol id {:?}, which this build does not speak",
+            String::from_utf8_lossy(alpn.as_deref().unwrap_or_default())
+        ),
+    })
+}
+
 /// Turns a handshake failure into a sentence an operator can act on.
 pub fn explain_handshake_error(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
+    // TLS alert 120, no_application_protocol: no ALPN id in common.
+    if text.contains("error 120") || text.contains("known protocol") {
+        return format!(
+            "the peer speaks none of this build's protocol versions ({} and {}): it is more \
+             than one release older or newer; upgrade the older side first ({text})",
+            crate::wire::PROTOCOL_VERSION,
+            crate::wire::PREVIOUS_PROTOCOL_VERSION
+        );
+    }
     if text.contains("is not pinned") {
         format!(
             "the receiver's key is none of those given with --peer; during a key rotation pin \
@@ -472,6 +496,73 @@ pub fn explain_handshake_error(e: &quinn::ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{
+        client_crypto, server_crypto, AllowList, Identity, IdentitySet, LiveAllowList,
+        LiveIdentities,
+    };
+
+    /// A receiver offering `ids` and a sender of this build: the version the sender then
+    /// speaks, or the handshake's error as explained to an operator.
+    async fn negotiate_with(ids: &[&[u8]]) -> Result<crate::wire::Negotiated, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let recv = Identity::generate(&dir.path().join("recv.key")).unwrap();
+        let send = Identity::generate(&dir.path().join("send.key")).unwrap();
+        let pins = [recv.fingerprint];
+        let served = IdentitySet::from_identities([(dir.path().join("recv.key"), recv)]).unwrap();
+        let allow = AllowList::from_fingerprints([send.fingerprint]);
+        let mut server = server_crypto(
+            Arc::new(LiveIdentities::new(served)),
+            Arc::new(LiveAllowList::new(allow)),
+        )
+        .unwrap();
+        server.alpn_protocols = ids.iter().map(|id| id.to_vec()).collect();
+        let options = TransportOptions::default();
+        let listen = server_endpoint("127.0.0.1:0".parse().unwrap(), server, &options).unwrap();
+        let addr = listen.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            if let Some(incoming) = listen.accept().await {
+                let conn = incoming.await.map_err(|e| e.to_string())?;
+                return Ok(negotiated(&conn).map_err(|e| e.to_string())?.version);
+            }
+            Err("no connection".to_string())
+        });
+        let crypto = client_crypto(&send, &pins).unwrap();
+        let name = crate::identity::server_name_for(&pins);
+        let outcome = connect(addr, crypto, &name, Duration::from_secs(5), &options).await;
+        match outcome {
+            Ok((_endpoint, conn)) => {
+                let ours = negotiated(&conn).map_err(|e| e.to_string())?;
+                let theirs = accept.await.unwrap()?;
+                assert_eq!(ours.version, theirs, "both sides read the same version");
+                Ok(ours)
+            }
+            Err(e) => {
+                accept.abort();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn alpn_picks_the_newest_version_both_sides_speak() {
+        use crate::wire::{alpn_id, PREVIOUS_PROTOCOL_VERSION, PROTOCOL_VERSION};
+        // This build on both sides.
+        let ids = crate::wire::offered_alpn_ids();
+        let ids: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
+        let both = negotiate_with(&ids).await.unwrap();
+        assert_eq!(both.version, PROTOCOL_VERSION);
+        assert_eq!(both.alpn, alpn_id(PROTOCOL_VERSION));
+        // A receiver of the previous release: the sender steps down.
+        let previous = alpn_id(PREVIOUS_PROTOCOL_VERSION);
+        let old = negotiate_with(&[&previous]).await.unwrap();
+        assert_eq!(old.version, PREVIOUS_PROTOCOL_VERSION);
+        // A receiver two releases ahead: no version in common, said so.
+        let err = negotiate_with(&[b"shardxfer/99"]).await.unwrap_err();
+        assert!(
+            err.contains("none of this build's protocol versions"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn mtu_choice_is_guarded() {

@@ -5,11 +5,20 @@
 //! ```text
 //! ROOT/.shardrecv/KEY/lock      flock'ed while a transfer runs (one writer per destination,
 //!                               even across two daemons on one root)
-//! ROOT/.shardrecv/KEY/journal   format magic (SXJRNL02), manifest hash, the manifest of the
-//!                               current attempt, then one 48-byte record per verified chunk
+//! ROOT/.shardrecv/KEY/journal   format magic (SXJRNL02: format 2), manifest hash, the manifest
+//!                               of the current attempt, then one 48-byte record per verified
+//!                               chunk
 //! ROOT/.shardrecv/KEY/tree      the staged tree (or file)
 //! ```
 //! (Format 1 kept the manifest in a separate `state` file; a resume still reads it.)
+//!
+//! Versions: the journal's magic carries its format (`SXJRNL` + two digits). A receiver reads
+//! its own format and every earlier one; a journal of a later format (a downgrade after a
+//! newer release staged it) is named in a warning and the transfer starts afresh, which loses
+//! only the resumed bytes, never data. The manifest inside is in the wire codec with the
+//! `Hello` version of the release that wrote it; a decoder reads a newer `Hello` as far as
+//! it knows it ([`crate::wire`]), so releases one apart resume each other's journals (tested
+//! against the previous release's binaries in `transfer/tests/compat.rs`).
 //! Invariants:
 //! - nothing is written outside `ROOT/.shardrecv/` until [`Staging::install`];
 //! - a journal record is appended only after its chunk's bytes were written and hashed equal
@@ -45,8 +54,10 @@ use crate::wire::{
     ControlMsg, Entry, EntryKind, Hash, Hello, ManifestHasher, OwnerPolicy, RootKind,
 };
 
-/// The journal (manifest and records in one file).
+/// The journal (manifest and records in one file), format 2.
 const JOURNAL_MAGIC: &[u8; 8] = b"SXJRNL02";
+/// What every format's magic starts with; two digits of format number follow.
+const JOURNAL_MAGIC_PREFIX: &[u8; 6] = b"SXJRNL";
 /// Before it: records only, the manifest in a separate `state` file (still read on resume).
 const LEGACY_JOURNAL_MAGIC: &[u8; 8] = b"SXJRNL01";
 const LEGACY_STATE_MAGIC: &[u8; 8] = b"SXSTATE1";
@@ -216,7 +227,7 @@ impl Staging {
         // What an earlier attempt verified, by path, if it may be reused.
         let carried: Carried = if resume {
             load_previous(&dir, manifest.chunk_size).unwrap_or_else(|e| {
-                tracing::info!(error = %e, "no usable earlier attempt; starting afresh");
+                tracing::warn!(error = %e, "the earlier attempt's journal is unusable; starting afresh");
                 HashMap::new()
             })
         } else {
@@ -759,7 +770,14 @@ fn split_journal(journal: &[u8]) -> Result<(Hash, &[u8], &[u8]), String> {
         return Ok((hash, &[], &journal[40..]));
     }
     if magic != JOURNAL_MAGIC {
-        return Err("journal: unknown format".into());
+        return Err(match magic.strip_prefix(JOURNAL_MAGIC_PREFIX) {
+            Some(format) => format!(
+                "journal of format {} (this receiver reads formats 01 and 02; a newer release \
+                 wrote it)",
+                String::from_utf8_lossy(format)
+            ),
+            None => "journal: unknown format".into(),
+        });
     }
     let len = journal
         .get(40..48)
@@ -781,9 +799,13 @@ type Carried = HashMap<Vec<u8>, (Entry, Vec<(u64, Hash)>)>;
 /// current format and the legacy one (`state` + a journal of records only).
 fn load_previous(dir: &Path, chunk_size: u64) -> Result<Carried, String> {
     let mut journal = Vec::new();
-    File::open(dir.join("journal"))
-        .and_then(|mut f| f.read_to_end(&mut journal))
-        .map_err(|e| format!("journal: {e}"))?;
+    match File::open(dir.join("journal")) {
+        // No earlier attempt: nothing to carry, nothing to warn about.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        file => file
+            .and_then(|mut f| f.read_to_end(&mut journal))
+            .map_err(|e| format!("journal: {e}"))?,
+    };
     let (manifest_hash, frames, records) = split_journal(&journal)?;
     let legacy_state;
     let frames = if journal.starts_with(LEGACY_JOURNAL_MAGIC) {
@@ -1041,5 +1063,30 @@ pub(crate) mod tests {
             !dir.join("state").exists(),
             "converted to the current format"
         );
+    }
+
+    #[test]
+    fn a_journal_of_a_newer_format_is_named_and_the_transfer_starts_afresh() {
+        let t = tempfile::tempdir().unwrap();
+        let (first, _) = manifests();
+        stage_fully(t.path(), &first);
+        let dir = staging_dir(t.path(), b"r.git");
+        let mut journal = fs::read(dir.join("journal")).unwrap();
+        journal[..8].copy_from_slice(b"SXJRNL03");
+        fs::write(dir.join("journal"), &journal).unwrap();
+        let err = load_previous(&dir, first.chunk_size).unwrap_err();
+        assert!(
+            err.contains("format 03") && err.contains("newer release"),
+            "{err}"
+        );
+        // The resume still works: it just carries nothing over.
+        let (s, tracker) = Staging::prepare(t.path(), b"r.git", &first, &resumed(true)).unwrap();
+        assert_eq!(tracker.verified_bytes(), 0);
+        assert_vouched_chunks_are_on_disk(&s, &tracker, &first);
+        // No journal at all is no error.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(load_previous(empty.path(), first.chunk_size)
+            .unwrap()
+            .is_empty());
     }
 }

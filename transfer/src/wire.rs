@@ -1,4 +1,4 @@
-//! The `shardxfer/1` wire format: control messages and chunk frame headers.
+//! The `shardxfer` wire format: control messages and chunk frame headers.
 //!
 //! Everything here is sans-io: encoding appends to a `Vec<u8>`, decoding reads from a byte
 //! slice and never panics on hostile input (property-tested in this module). The async
@@ -33,14 +33,31 @@
 //!   into (`--allow-external-link`); earlier senders send none, and such links are refused.
 //! - 6: [`Hello::ticket`]: the orchestrator's signed transfer ticket ([`crate::ticket`]),
 //!   empty without one; [`FailCode::Unauthorized`] answers a refused ticket (earlier senders,
-//!   which cannot carry one, get `BadRequest` with the same message).
+//!   which cannot carry one, get `BadRequest` with the same message). Release 0.1.0.
+//! - 7: the version is negotiated in the TLS handshake, by ALPN ([`Negotiated`]): from this
+//!   version on each one has its own id, `shardxfer/7`, and a `Hello` must carry the version
+//!   its connection negotiated. Versions 1 to 6 share the id `shardxfer/1` (they had no
+//!   negotiation: a receiver read the `Hello`'s version). The messages are those of 6.
+//!   Release 0.2.0.
+//!
+//! # The upgrade rule
+//! A build speaks its own version and the one before ([`PREVIOUS_PROTOCOL_VERSION`]): a
+//! sender offers both ids, newest first, and speaks whichever the receiver picked; a receiver
+//! picks the newest id both know, and also serves every version of the legacy id. So a fleet
+//! upgrades one host at a time, senders and receivers in any order, as long as no two hosts
+//! are more than one release apart; a release drops the version before its previous one only
+//! when that is said in its notes (ARCHITECTURE.md, "Versions and upgrades").
 
 use thiserror::Error;
 
-/// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
-pub const ALPN: &[u8] = b"shardxfer/1";
+/// ALPN id of protocol versions 1 to 6, which had no negotiation of their own.
+pub const LEGACY_ALPN: &[u8] = b"shardxfer/1";
 /// Version carried in [`Hello`]; bumped on any incompatible change of this module.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
+/// The version before [`PROTOCOL_VERSION`], which this build also speaks (the upgrade rule).
+pub const PREVIOUS_PROTOCOL_VERSION: u16 = PROTOCOL_VERSION - 1;
+/// First version negotiated by its own ALPN id.
+pub const ALPN_NEGOTIATED_SINCE_VERSION: u16 = 7;
 /// Oldest sender version a receiver still serves.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// First version whose senders understand [`ControlMsg::Queued`].
@@ -54,6 +71,71 @@ pub const EXTERNAL_LINKS_SINCE_VERSION: u16 = 5;
 /// First version whose `Hello` carries [`Hello::ticket`] and whose senders know
 /// [`FailCode::Unauthorized`].
 pub const TICKET_SINCE_VERSION: u16 = 6;
+
+/// The ALPN id of protocol `version`: `shardxfer/V` from [`ALPN_NEGOTIATED_SINCE_VERSION`]
+/// on, [`LEGACY_ALPN`] before.
+pub fn alpn_id(version: u16) -> Vec<u8> {
+    if version >= ALPN_NEGOTIATED_SINCE_VERSION {
+        format!("shardxfer/{version}").into_bytes()
+    } else {
+        LEGACY_ALPN.to_vec()
+    }
+}
+
+/// The ALPN ids this build offers, most preferred first (senders and receivers alike): the
+/// current version's, then the previous one's.
+pub fn offered_alpn_ids() -> Vec<Vec<u8>> {
+    let mut ids = vec![
+        alpn_id(PROTOCOL_VERSION),
+        alpn_id(PREVIOUS_PROTOCOL_VERSION),
+    ];
+    ids.dedup();
+    ids
+}
+
+/// What a connection's TLS handshake settled about the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The ALPN id both sides agreed on (empty: the peer offered none).
+    pub alpn: Vec<u8>,
+    /// The version a sender speaks on this connection.
+    pub version: u16,
+    /// The `Hello` versions a receiver serves on this connection.
+    pub serves: std::ops::RangeInclusive<u16>,
+}
+
+impl Negotiated {
+    /// From the id the handshake agreed on (`None`: no ALPN, read as the legacy id, whose
+    /// `Hello` says the version). `None` back: an id this build does not speak (rustls
+    /// refuses those in the handshake, so this is a peer's or a configuration's bug).
+    pub fn from_alpn(alpn: Option<&[u8]>) -> Option<Negotiated> {
+        let alpn = alpn.unwrap_or(LEGACY_ALPN);
+        if alpn == LEGACY_ALPN {
+            let newest_legacy = ALPN_NEGOTIATED_SINCE_VERSION - 1;
+            return Some(Negotiated {
+                alpn: alpn.to_vec(),
+                version: newest_legacy.min(PROTOCOL_VERSION),
+                serves: MIN_PROTOCOL_VERSION..=newest_legacy.min(PROTOCOL_VERSION),
+            });
+        }
+        let version: u16 = std::str::from_utf8(alpn.strip_prefix(b"shardxfer/")?)
+            .ok()?
+            .parse()
+            .ok()?;
+        let known = (ALPN_NEGOTIATED_SINCE_VERSION..=PROTOCOL_VERSION).contains(&version)
+            && version >= PREVIOUS_PROTOCOL_VERSION;
+        known.then(|| Negotiated {
+            alpn: alpn.to_vec(),
+            version,
+            serves: version..=version,
+        })
+    }
+
+    /// The agreed id as text, for logs and summaries.
+    pub fn alpn_text(&self) -> String {
+        String::from_utf8_lossy(&self.alpn).into_owned()
+    }
+}
 /// Most external link prefixes a `Hello` may carry.
 pub const MAX_EXTERNAL_LINK_PREFIXES: usize = 256;
 /// Most owner rules a `Hello` may carry.
@@ -1186,6 +1268,34 @@ mod tests {
             ControlMsg::decode_body(&body),
             Err(WireError::TrailingBytes(1))
         );
+    }
+
+    #[test]
+    fn alpn_ids_name_the_versions_a_connection_speaks() {
+        assert_eq!(
+            PROTOCOL_VERSION, 7,
+            "the ids below are those of release 0.2.0"
+        );
+        assert_eq!(
+            offered_alpn_ids(),
+            [b"shardxfer/7".to_vec(), b"shardxfer/1".to_vec()]
+        );
+        let current = Negotiated::from_alpn(Some(b"shardxfer/7")).unwrap();
+        assert_eq!((current.version, current.serves), (7, 7..=7));
+        // The previous release's id covers every version before negotiation existed.
+        for alpn in [Some(LEGACY_ALPN), None] {
+            let legacy = Negotiated::from_alpn(alpn).unwrap();
+            assert_eq!((legacy.version, legacy.serves), (6, 1..=6));
+        }
+        for unknown in [
+            &b"shardxfer/8"[..],
+            b"shardxfer/0",
+            b"shardxfer/x",
+            b"h3",
+            b"",
+        ] {
+            assert_eq!(Negotiated::from_alpn(Some(unknown)), None, "{unknown:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `shardsend` and `shardrecv` binaries on loopback.
 
 mod busy_receiver;
+mod compat;
 mod cut_link;
 mod failpoints;
 mod git_repo;

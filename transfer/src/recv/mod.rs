@@ -503,13 +503,17 @@ async fn handle_connection(
     peer: Option<Fingerprint>,
 ) -> Result<(), Error> {
     let peer = peer.ok_or_else(|| Error::Other("peer presented no certificate".into()))?;
+    let negotiated = crate::quic::negotiated(&conn)?;
     let (mut send, mut recv) = conn
         .accept_bi()
         .await
         .map_err(|e| Error::Interrupted(e.to_string()))?;
     let (to_control, mut from_streams) = mpsc::unbounded_channel();
     let t = Arc::new(Transfer {
-        session: Mutex::new(ReceiverSession::with_tickets(shared.ticket_gate(peer))),
+        session: Mutex::new(
+            ReceiverSession::with_tickets(shared.ticket_gate(peer))
+                .serving(negotiated.serves.clone()),
+        ),
         staging: Mutex::new(None),
         manifest: Mutex::new(None),
         to_control,
@@ -525,7 +529,7 @@ async fn handle_connection(
     if let ReceiverInput::Control(ControlMsg::Hello(h)) = &first {
         tracing::info!(dest = %String::from_utf8_lossy(&h.dest), entries = h.entry_count,
             bytes = h.total_bytes, resume = h.resume, version = h.version,
-            sender = %h.sender_info, %peer, "transfer requested");
+            alpn = %negotiated.alpn_text(), sender = %h.sender_info, %peer, "transfer requested");
     }
     let mut pending: VecDeque<ReceiverOutput> = t.handle(first).into();
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();

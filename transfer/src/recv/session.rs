@@ -182,6 +182,8 @@ pub struct ReceiverSession {
     state: State,
     /// The sender's protocol version, from its `Hello`.
     version: u16,
+    /// The `Hello` versions this connection's handshake allows ([`crate::wire::Negotiated`]).
+    serves: std::ops::RangeInclusive<u16>,
     install: bool,
     /// What the sender asked of staging and install (from its `Hello`).
     request: Request,
@@ -210,6 +212,7 @@ impl ReceiverSession {
         ReceiverSession {
             state: State::AwaitHello,
             version: 0,
+            serves: crate::wire::MIN_PROTOCOL_VERSION..=crate::wire::PROTOCOL_VERSION,
             install: false,
             request: Request::default(),
             builder: None,
@@ -219,6 +222,13 @@ impl ReceiverSession {
             gate,
             ticket: None,
         }
+    }
+
+    /// Serves only the `Hello` versions the connection negotiated (by default every version
+    /// this build knows, as for a connection without ALPN).
+    pub fn serving(mut self, versions: std::ops::RangeInclusive<u16>) -> Self {
+        self.serves = versions;
+        self
     }
 
     /// The ticket this transfer carries, once it passed the checks.
@@ -350,6 +360,19 @@ impl ReceiverSession {
             }
             (State::AwaitHello, In::Control(ControlMsg::Hello(hello))) => {
                 self.version = hello.version;
+                let known = crate::wire::MIN_PROTOCOL_VERSION..=crate::wire::PROTOCOL_VERSION;
+                if known.contains(&hello.version) && !self.serves.contains(&hello.version) {
+                    let (low, high) = (self.serves.start(), self.serves.end());
+                    return self.fail(
+                        FailCode::BadRequest,
+                        format!(
+                            "the Hello says protocol version {} but the handshake negotiated \
+                             {low}..={high} (a sender must speak the version its ALPN id names)",
+                            hello.version
+                        ),
+                        out,
+                    );
+                }
                 if let Some(gate) = &self.gate {
                     match Self::admit_ticket(gate, &hello) {
                         Ok(ticket) => self.ticket = Some(ticket),
@@ -1002,6 +1025,47 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_must_carry_the_version_its_connection_negotiated() {
+        use crate::wire::{Negotiated, PREVIOUS_PROTOCOL_VERSION};
+        let h = honest(2);
+        let current = Negotiated::from_alpn(Some(&crate::wire::alpn_id(PROTOCOL_VERSION)))
+            .unwrap()
+            .serves;
+        let legacy = Negotiated::from_alpn(Some(crate::wire::LEGACY_ALPN))
+            .unwrap()
+            .serves;
+        for (serves, version, ok) in [
+            (current.clone(), PROTOCOL_VERSION, true),
+            (current, PREVIOUS_PROTOCOL_VERSION, false),
+            (legacy.clone(), PREVIOUS_PROTOCOL_VERSION, true),
+            (legacy.clone(), 1, true),
+            (legacy, PROTOCOL_VERSION, false),
+        ] {
+            let t = tempfile::tempdir().unwrap();
+            let mut d = Driver::new(t.path(), 0);
+            d.session = ReceiverSession::new().serving(serves.clone());
+            let mut script = honest_script(&h, true);
+            script[0] = Step::Msg(hello(&h, version, true));
+            d.run(&script);
+            let case = format!("version {version} on a connection serving {serves:?}");
+            if ok {
+                assert!(
+                    matches!(d.result, Some(Ok(Outcome::Installed { .. }))),
+                    "{case}"
+                );
+            } else {
+                assert!(
+                    matches!(&d.sent[0], ControlMsg::Fail { code: FailCode::BadRequest, message }
+                        if message.contains("negotiated")),
+                    "{case}: {:?}",
+                    d.sent
+                );
+                assert!(outside_staging(t.path()).is_empty(), "{case}");
+            }
+        }
+    }
+
+    #[test]
     fn a_corrupted_chunk_is_asked_for_again_then_the_transfer_fails() {
         let h = honest(3);
         let t = tempfile::tempdir().unwrap();
@@ -1076,6 +1140,7 @@ mod tests {
                 owner: crate::wire::OwnerPolicy::Receiver,
                 external_links: Vec::new(),
                 ticket: Vec::new(),
+                version: crate::wire::PROTOCOL_VERSION,
             },
         );
         let (mut to_receiver, mut receiver_in) = tokio::io::duplex(1 << 20);

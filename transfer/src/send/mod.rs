@@ -241,6 +241,10 @@ pub struct SendSummary {
     /// of the pinned keys it presented.
     #[serde(default)]
     pub receiver_key: String,
+    /// The protocol version spoken in the last attempt, as negotiated with the receiver:
+    /// the previous one ([`crate::wire::PREVIOUS_PROTOCOL_VERSION`]) with an older receiver.
+    #[serde(default)]
+    pub protocol_version: u16,
 }
 
 /// What quinn saw of the path.
@@ -591,6 +595,16 @@ async fn attempt_once(
     let receiver_key = crate::quic::peer_fingerprint(&conn)
         .map(|fp| fp.to_string())
         .unwrap_or_default();
+    // The receiver picked the protocol (ALPN): the previous version when it is one release
+    // older (the upgrade rule in `wire`).
+    let negotiated = crate::quic::negotiated(&conn)?;
+    if negotiated.version != crate::wire::PROTOCOL_VERSION {
+        tracing::info!(
+            version = negotiated.version,
+            alpn = %negotiated.alpn_text(),
+            "the receiver speaks an earlier protocol version; speaking it"
+        );
+    }
     if let Some(event) = link.reconnector.connected(Instant::now()) {
         tracing::info!(?event, "connected to the receiver again; resuming");
         report(cfg, &event);
@@ -612,6 +626,7 @@ async fn attempt_once(
             owner: cfg.owner.clone(),
             external_links: cfg.external_links.clone(),
             ticket: cfg.ticket.clone().unwrap_or_default().into_bytes(),
+            version: negotiated.version,
         },
     );
     let result = attempt_on(cfg, session, Arc::new(scanned), &conn, totals).await;
@@ -682,6 +697,7 @@ async fn attempt_once(
         waited_for: None,
         waited_seconds: 0.0,
         receiver_key,
+        protocol_version: negotiated.version,
     })
 }
 

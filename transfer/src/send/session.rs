@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::manifest::Manifest;
 use crate::tracker::MAX_CHUNK_ATTEMPTS;
-use crate::wire::{
-    hex, ControlMsg, FailCode, Hash, Hello, OwnerPolicy, RootHasher, PROTOCOL_VERSION,
-};
+use crate::wire::{hex, ControlMsg, FailCode, Hash, Hello, OwnerPolicy, RootHasher};
 
 use super::progress::ProgressMeter;
 use super::queue::ChunkId;
@@ -50,6 +48,8 @@ pub struct SenderSessionConfig {
     pub external_links: Vec<Vec<u8>>,
     /// The transfer ticket's text ([`crate::ticket`]), empty without one.
     pub ticket: Vec<u8>,
+    /// The protocol version this connection negotiated ([`crate::wire::Negotiated`]).
+    pub version: u16,
 }
 
 /// What happened, for the session.
@@ -180,7 +180,7 @@ impl SenderSession {
     pub fn start(&self, manifest: &Manifest) -> Vec<ControlMsg> {
         let mut msgs = Vec::with_capacity(manifest.entries.len() + 2);
         msgs.push(ControlMsg::Hello(Hello {
-            version: PROTOCOL_VERSION,
+            version: self.cfg.version,
             dest: self.cfg.dest.clone(),
             root_kind: manifest.root_kind,
             chunk_size: manifest.chunk_size,
@@ -603,6 +603,7 @@ impl SenderSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::PROTOCOL_VERSION;
     use crate::wire::{Entry, EntryKind, RootKind};
     use proptest::prelude::*;
 
@@ -643,6 +644,7 @@ mod tests {
             owner: OwnerPolicy::Receiver,
             external_links: Vec::new(),
             ticket: Vec::new(),
+            version: PROTOCOL_VERSION,
         }
     }
 

@@ -87,6 +87,12 @@ impl Daemon {
         Daemon::spawn(keys, root, listen, wrapper, extra, &[])
     }
 
+    /// Starts another build's daemon (`exe`, e.g. the previous release's) with this one's
+    /// arguments, which every release since 0.1.0 understands.
+    pub fn start_exe(exe: &Path, keys: &Keys, root: &Path) -> Daemon {
+        Daemon::spawn_exe(exe, keys, root, "127.0.0.1:0", &[], &[], &[])
+    }
+
     /// Starts the daemon with `SHARDMOVE_FAILPOINTS=spec` (see `transfer::failpoint`).
     pub fn start_with_failpoints(keys: &Keys, root: &Path, listen: &str, spec: &str) -> Daemon {
         Daemon::spawn(
@@ -107,6 +113,26 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
+        Daemon::spawn_exe(
+            Path::new(shardrecv()),
+            keys,
+            root,
+            listen,
+            wrapper,
+            extra,
+            env,
+        )
+    }
+
+    fn spawn_exe(
+        exe: &Path,
+        keys: &Keys,
+        root: &Path,
+        listen: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         std::fs::create_dir_all(root).unwrap();
         let log = root
             .parent()
@@ -115,10 +141,10 @@ impl Daemon {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(shardrecv());
+                c.args(rest).arg(exe);
                 c
             }
-            None => Command::new(shardrecv()),
+            None => Command::new(exe),
         };
         let mut child = cmd
             .args(["serve", "--listen", listen, "--root"])
@@ -204,6 +230,28 @@ pub fn send_cmd_in(
         }
         None => Command::new(shardsend()),
     };
+    send_args(&mut c, keys, src, addr, dest);
+    c.arg("--no-progress").args(extra);
+    c
+}
+
+/// [`send_cmd`] of another build's `shardsend` (`exe`, e.g. the previous release's).
+pub fn send_cmd_exe(
+    exe: &Path,
+    keys: &Keys,
+    src: &Path,
+    addr: &str,
+    dest: &str,
+    extra: &[&str],
+) -> Command {
+    let mut c = Command::new(exe);
+    send_args(&mut c, keys, src, addr, dest);
+    c.arg("--no-progress").args(extra);
+    c
+}
+
+/// What every test send says: source, receiver, destination, keys, a JSON summary.
+fn send_args(c: &mut Command, keys: &Keys, src: &Path, addr: &str, dest: &str) {
     c.arg(src)
         .arg(addr)
         .arg(dest)
@@ -211,9 +259,7 @@ pub fn send_cmd_in(
         .arg(&keys.send_key)
         .arg("--peer")
         .arg(keys.recv_fp.to_string())
-        .args(["--json", "--no-progress"])
-        .args(extra);
-    c
+        .arg("--json");
 }
 
 /// `shardsend SRC ADDR DEST --identity --peer --json EXTRA...`: with the JSON progress events
@@ -226,15 +272,8 @@ pub fn send_cmd_with_progress(
     extra: &[&str],
 ) -> Command {
     let mut c = Command::new(shardsend());
-    c.arg(src)
-        .arg(addr)
-        .arg(dest)
-        .arg("--identity")
-        .arg(&keys.send_key)
-        .arg("--peer")
-        .arg(keys.recv_fp.to_string())
-        .arg("--json")
-        .args(extra);
+    send_args(&mut c, keys, src, addr, dest);
+    c.args(extra);
     c
 }
 
