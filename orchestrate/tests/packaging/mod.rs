@@ -19,10 +19,12 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
 
-const UNITS: [&str; 3] = [
+const UNITS: [&str; 5] = [
     "shardrecv.service",
     "shardrecv@.service",
     "shardmove-status.service",
+    "shardmove-doctor.service",
+    "shardmove-doctor.timer",
 ];
 
 /// Every unit, with its `ExecStart=` pointing at the binaries this test run built (verify
@@ -42,7 +44,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         let text = std::fs::read_to_string(packaging().join("systemd").join(unit))
             .unwrap_or_else(|e| panic!("{unit}: {e}"));
         assert!(
-            text.lines().any(|l| l.starts_with("ExecStart=/usr/bin/")),
+            unit.ends_with(".timer") || text.lines().any(|l| l.starts_with("ExecStart=/usr/bin/")),
             "{unit}: ExecStart should name the installed binary"
         );
         let local = text.replace(
@@ -181,6 +183,7 @@ fn debian_package_installs_and_its_binaries_run() {
         "/usr/share/fish/vendor_completions.d/shardsend.fish",
         "/etc/shard/shardrecv.toml.example",
         "/lib/systemd/system/shardrecv@.service",
+        "/lib/systemd/system/shardmove-doctor.timer",
     ] {
         assert!(
             Path::new(file).is_file(),
@@ -194,6 +197,8 @@ fn debian_package_installs_and_its_binaries_run() {
                 "--man=no",
                 "/lib/systemd/system/shardrecv.service",
                 "/lib/systemd/system/shardmove-status.service",
+                "/lib/systemd/system/shardmove-doctor.service",
+                "/lib/systemd/system/shardmove-doctor.timer",
                 "shardrecv@repo002.service",
             ])
             .output()
