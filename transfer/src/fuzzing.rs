@@ -1195,6 +1195,10 @@ impl Model<'_> {
                     ReceiverInput::InstallFailed("model: rename failed".into())
                 })
             }
+            ReceiverOutput::Settle => {
+                self.assert_verified("Settle");
+                None
+            }
             ReceiverOutput::DiscardStaging => None,
             ReceiverOutput::Finished(result) => {
                 assert!(!self.finished, "finished twice");

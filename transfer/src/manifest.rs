@@ -12,7 +12,7 @@
 //! Chunking is fixed-size: file `f` has `ceil(size / chunk_size)` chunks; chunk `c` covers
 //! `[c * chunk_size, min(size, (c + 1) * chunk_size))`.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 
 use thiserror::Error;
 
@@ -360,9 +360,9 @@ impl ManifestBuilder {
             external_links: hello.external_links.clone(),
             // Capacity is not taken from the peer's claim: it could be huge.
             entries: Vec::new(),
-            seen: HashSet::new(),
-            dirs: HashSet::new(),
-            files: HashSet::new(),
+            seen: HashSet::default(),
+            dirs: HashSet::default(),
+            files: HashSet::default(),
             bytes: 0,
             held_bytes: 0,
             held_bytes_limit: MAX_MANIFEST_BYTES,

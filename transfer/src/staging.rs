@@ -9,6 +9,8 @@
 //!                               of the current attempt, then one 48-byte record per verified
 //!                               chunk
 //! ROOT/.shardrecv/KEY/tree      the staged tree (or file)
+//! ROOT/.shardrecv/KEY/settled   after a pre-copy: the manifest hash and owner rules whose
+//!                               metadata every staged file already has ([`Staging::settle`])
 //! ```
 //! (Format 1 kept the manifest in a separate `state` file; a resume still reads it.)
 //!
@@ -31,13 +33,19 @@
 //!   ([`same_source_version`]); other files are re-sent whole, never spliced;
 //! - install never deletes or overwrites: an existing target is renamed to
 //!   `NAME.replaced-<unix-time>` first;
+//! - a pre-copy's end gives every staged file its final metadata (mode, mtime, xattrs,
+//!   owner), outside the read-only window, and says so in `settled`; the next prepare trusts
+//!   that only for files it carries over whose metadata in the new manifest is the same, and
+//!   removes `settled` before it changes anything, so the install (inside the window) applies
+//!   metadata only to what changed (a 200k-entry repository: every inode re-written and
+//!   synced otherwise);
 //! - a `kill -9` at any point of [`Staging::prepare`] loses no staged file: the journal
 //!   (manifest and records together) switches to the new attempt in one rename, naming only
 //!   carried files, before the tree is fixed up in place around them; carried files are
 //!   never moved or written (format 1 moved them into a `tree.new` that the next prepare
 //!   deleted, and could name truncated files in a journal it had not yet replaced).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -133,6 +141,9 @@ pub struct Staging {
     journal: File,
     /// Who gets the installed files; `None`: the receiver's user ([`crate::owner`]).
     owner: Option<Resolved>,
+    /// Per manifest entry: a carried file that already has its final metadata
+    /// ([`Staging::settle`]), which the install leaves alone.
+    settled: Vec<bool>,
     _lock: File,
 }
 
@@ -225,18 +236,36 @@ impl Staging {
         }
         let tree = dir.join("tree");
         // What an earlier attempt verified, by path, if it may be reused.
-        let carried: Carried = if resume {
+        let (previous, carried): (Option<Hash>, Carried) = if resume {
             load_previous(&dir, manifest.chunk_size).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "the earlier attempt's journal is unusable; starting afresh");
-                HashMap::new()
+                (None, HashMap::new())
             })
         } else {
-            HashMap::new()
+            (None, HashMap::new())
+        };
+        // Whether the earlier attempt's files all have that attempt's final metadata.
+        let settled_record = settled_record(previous, &owner);
+        let was_settled = settled_record
+            .as_ref()
+            .is_some_and(|r| fs::read(dir.join("settled")).is_ok_and(|on_disk| on_disk == *r));
+        let mut settled = vec![false; manifest.entries.len()];
+        // What the staged tree holds, read once (one directory walk with an `fstatat` per
+        // file, rather than a walk of every file's whole path): what carries over, what the
+        // fix-up below prunes and which directories exist.
+        let listing = match manifest.root_kind {
+            RootKind::Dir if fs::symlink_metadata(&tree).is_ok_and(|m| m.is_dir()) => {
+                Listing::of(&tree)?
+            }
+            _ => Listing::default(),
         };
         // Files that carry over: the same source version, and the staged file is there.
-        let staged_path = |e: &Entry| match manifest.root_kind {
-            RootKind::File => tree.clone(),
-            RootKind::Dir => path_of(&tree, &e.path),
+        let staged_size = |e: &Entry| match manifest.root_kind {
+            RootKind::File => fs::symlink_metadata(&tree)
+                .ok()
+                .filter(|m| m.file_type().is_file())
+                .map(|m| m.len()),
+            RootKind::Dir => listing.file_size(&e.path),
         };
         let mut reused: HashMap<usize, &[(u64, Hash)]> = HashMap::new();
         for (i, e) in manifest.entries.iter().enumerate() {
@@ -246,10 +275,10 @@ impl Staging {
             let Some((old, chunks)) = carried.get(&e.path) else {
                 continue;
             };
-            let staged = fs::symlink_metadata(staged_path(e))
-                .is_ok_and(|m| m.file_type().is_file() && m.len() == e.size);
+            let staged = staged_size(e) == Some(e.size);
             if staged && same_source_version(old, e, git) {
                 reused.insert(i, chunks);
+                settled[i] = was_settled && same_metadata(old, e);
             }
         }
         let reused_bytes: u64 = reused.keys().map(|i| manifest.entries[*i].size).sum();
@@ -274,10 +303,17 @@ impl Staging {
             }
         }
 
-        // 1. The new journal (manifest + carried chunks) replaces the old one at once.
+        // 1. The new journal (manifest + carried chunks) replaces the old one at once; the
+        //    settled mark, which names the old manifest, goes first.
+        crash_point()?;
+        remove_any(&dir.join("settled"))?;
         let jpath = dir.join("journal");
         crash_point()?;
-        write_atomically(&jpath, &encode_journal(manifest, &records))?;
+        // Not fsynced: like the records appended to it, the journal is made durable by the
+        // install's syncfs; a process killed keeps it (the page cache), and a machine that
+        // loses it resumes afresh. An fsync of a 200k-entry journal (~20 MB) here would sit
+        // inside a final pass's read-only window.
+        replace_file(&jpath, &encode_journal(manifest, &records), false)?;
         // Left by earlier versions: a separate manifest file, and a tree being rebuilt
         // beside the staged one (whose moved files that version's journal no longer found).
         for legacy in ["state", "tree.new"] {
@@ -311,11 +347,12 @@ impl Staging {
                         _ => {}
                     }
                 }
-                prune(&tree, &[], &keep)?;
+                listing.prune(&tree, &keep)?;
                 for (i, e) in manifest.entries.iter().enumerate().skip(1) {
                     let p = path_of(&tree, &e.path);
                     match e.kind {
-                        EntryKind::Dir if !p.is_dir() => {
+                        // A listed directory the manifest has is kept by the prune.
+                        EntryKind::Dir if !listing.is_dir(&e.path) && !p.is_dir() => {
                             crash_point()?;
                             fs::create_dir(&p).map_err(io_err(&p))?;
                         }
@@ -338,10 +375,40 @@ impl Staging {
                 tree,
                 journal,
                 owner,
+                settled,
                 _lock: lock,
             },
             tracker,
         ))
+    }
+
+    /// A pre-copy's end (the tree verified and kept staged): gives every staged file its
+    /// final metadata now, while the repository is still live, and records for which manifest
+    /// and owner rules ([`settled_record`]), so that the final pass's install touches only
+    /// the files that changed. Directories and links are left to the install (their entries
+    /// and times change as the final pass fixes the tree up).
+    pub fn settle(&mut self, manifest: &Manifest) -> Result<(), Error> {
+        let mark = self.dir.join("settled");
+        remove_any(&mark)?;
+        for (i, e) in manifest.entries.iter().enumerate() {
+            if e.kind == EntryKind::File && !self.settled.get(i).copied().unwrap_or(false) {
+                self.apply_metadata(&self.entry_path(manifest, i), e)?;
+            }
+        }
+        if let Some(record) = settled_record(Some(manifest.manifest_hash), &self.owner) {
+            write_atomically(&mark, &record)?;
+        }
+        self.settled = manifest
+            .entries
+            .iter()
+            .map(|e| e.kind == EntryKind::File)
+            .collect();
+        Ok(())
+    }
+
+    /// How many files the install will leave alone (settled by a pre-copy and unchanged).
+    pub fn settled_files(&self) -> u64 {
+        self.settled.iter().filter(|s| **s).count() as u64
     }
 
     /// Path of entry `entry` inside the staged tree.
@@ -398,11 +465,15 @@ impl Staging {
     /// Makes the staged tree durable and applies final metadata, then installs it as
     /// `ROOT/DEST`, moving an existing target aside. Returns (installed, replaced) paths.
     pub fn install(self, manifest: &Manifest) -> Result<(PathBuf, Option<PathBuf>), Error> {
-        // Symlinks, then file metadata, then directories deepest-first (creating entries
-        // inside a directory changes its mtime).
-        // Links first; then each entry's metadata ([`Staging::apply_metadata`]), directories
-        // deepest-first and last (creating entries inside a directory changes its mtime). A
-        // hardlink shares its first path's inode, and so everything but its name.
+        // Links first; then each entry's metadata ([`Staging::apply_metadata`]) but for files
+        // a pre-copy settled, directories deepest-first and last (creating entries inside a
+        // directory changes its mtime). A hardlink shares its first path's inode, and so
+        // everything but its name.
+        tracing::debug!(
+            settled = self.settled_files(),
+            entries = manifest.entries.len(),
+            "install: files whose metadata a pre-copy already applied are left alone"
+        );
         for (i, e) in manifest.entries.iter().enumerate() {
             let p = self.entry_path(manifest, i);
             match e.kind {
@@ -416,6 +487,7 @@ impl Staging {
                     let first = path_of(&self.tree, &e.link_target);
                     fs::hard_link(&first, &p).map_err(io_err(&p))?;
                 }
+                EntryKind::File if self.settled.get(i).copied().unwrap_or(false) => {}
                 EntryKind::File => self.apply_metadata(&p, e)?,
                 EntryKind::Dir => {}
             }
@@ -628,10 +700,16 @@ fn remove_any(p: &Path) -> Result<(), Error> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    replace_file(path, bytes, true)
+}
+
+/// Replaces `path` with `bytes` in one rename (a reader sees the old or the new content),
+/// fsynced first when `durable`.
+fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), Error> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| if durable { f.sync_all() } else { Ok(()) })
         .map_err(io_err(&tmp))?;
     crash_point()?;
     fs::rename(&tmp, path).map_err(io_err(path))
@@ -652,26 +730,97 @@ fn create_sized(path: &Path, size: u64) -> Result<(), Error> {
 /// Removes from the staged directory `dir` (at relative path `rel`) everything the new
 /// manifest does not keep: `keep` maps a path to `true` for a directory (kept, and pruned
 /// in turn) or `false` for a carried file (kept as it is).
-fn prune(dir: &Path, rel: &[u8], keep: &HashMap<&[u8], bool>) -> Result<(), Error> {
-    for d in fs::read_dir(dir).map_err(io_err(dir))? {
-        let d = d.map_err(io_err(dir))?;
-        let mut child = rel.to_vec();
-        if !child.is_empty() {
-            child.push(b'/');
-        }
-        child.extend_from_slice(d.file_name().as_bytes());
-        let path = d.path();
-        let file_type = d.file_type().map_err(io_err(&path))?;
-        match keep.get(child.as_slice()) {
-            Some(true) if file_type.is_dir() => prune(&path, &child, keep)?,
-            Some(false) if file_type.is_file() => {}
-            _ => {
-                crash_point()?;
-                remove_any(&path)?;
+/// What a staged tree holds: every path under it (relative, as in the manifest), parents
+/// before their children, with its kind and, for a regular file, its size.
+#[derive(Default)]
+struct Listing {
+    entries: Vec<(Vec<u8>, ListedKind)>,
+    index: HashMap<Vec<u8>, usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ListedKind {
+    Dir,
+    File(u64),
+    Other,
+}
+
+impl Listing {
+    /// Walks `tree`: the kinds come from the directory entries, a file's size from an
+    /// `fstatat` on its open directory.
+    fn of(tree: &Path) -> Result<Listing, Error> {
+        let mut listing = Listing::default();
+        listing.walk(tree, &[])?;
+        listing.index = listing
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (path, _))| (path.clone(), i))
+            .collect();
+        Ok(listing)
+    }
+
+    fn walk(&mut self, dir: &Path, rel: &[u8]) -> Result<(), Error> {
+        for d in fs::read_dir(dir).map_err(io_err(dir))? {
+            let d = d.map_err(io_err(dir))?;
+            let mut child = rel.to_vec();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(d.file_name().as_bytes());
+            let file_type = d.file_type().map_err(io_err(&d.path()))?;
+            if file_type.is_dir() {
+                self.entries.push((child.clone(), ListedKind::Dir));
+                self.walk(&d.path(), &child)?;
+            } else if file_type.is_file() {
+                let len = d.metadata().map_err(io_err(&d.path()))?.len();
+                self.entries.push((child, ListedKind::File(len)));
+            } else {
+                self.entries.push((child, ListedKind::Other));
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    fn kind(&self, rel: &[u8]) -> Option<ListedKind> {
+        self.index.get(rel).map(|i| self.entries[*i].1)
+    }
+
+    /// The size of the regular file at `rel`, if that is one.
+    fn file_size(&self, rel: &[u8]) -> Option<u64> {
+        match self.kind(rel) {
+            Some(ListedKind::File(len)) => Some(len),
+            _ => None,
+        }
+    }
+
+    fn is_dir(&self, rel: &[u8]) -> bool {
+        self.kind(rel) == Some(ListedKind::Dir)
+    }
+
+    /// Removes from `tree` everything listed that `keep` does not keep: a directory it maps
+    /// to true, a regular file it maps to false (a carried file).
+    fn prune(&self, tree: &Path, keep: &HashMap<&[u8], bool>) -> Result<(), Error> {
+        // The last directory removed: its subtree follows it in the listing, and went with it.
+        let mut removed: Option<&[u8]> = None;
+        for (path, kind) in &self.entries {
+            if removed.is_some_and(|r| path.starts_with(r) && path.get(r.len()) == Some(&b'/')) {
+                continue;
+            }
+            let kept = matches!(
+                (keep.get(path.as_slice()), kind),
+                (Some(true), ListedKind::Dir) | (Some(false), ListedKind::File(_))
+            );
+            if !kept {
+                crash_point()?;
+                remove_any(&path_of(tree, path))?;
+                if *kind == ListedKind::Dir {
+                    removed = Some(path);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// In unit tests, a simulated `kill -9` between two of prepare's changes to the disk
@@ -686,6 +835,26 @@ fn crash_point() -> Result<(), Error> {
         return Err(Error::Other("simulated crash".into()));
     }
     Ok(())
+}
+
+/// What `settled` holds: the manifest whose metadata the staged files have, and the owner
+/// rules it was applied with (a change of either makes it void). `None`: nothing to record.
+fn settled_record(manifest_hash: Option<Hash>, owner: &Option<Resolved>) -> Option<Vec<u8>> {
+    let hash = manifest_hash?;
+    let mut record = b"SXSETL01".to_vec();
+    record.extend_from_slice(&hash);
+    record.extend_from_slice(blake3::hash(format!("{owner:?}").as_bytes()).as_bytes());
+    Some(record)
+}
+
+/// Whether two versions of an entry ask for the same metadata (what [`Staging::settle`]
+/// applied for the first holds for the second).
+fn same_metadata(old: &Entry, new: &Entry) -> bool {
+    old.kind == new.kind
+        && old.mode == new.mode
+        && old.mtime_sec == new.mtime_sec
+        && old.mtime_nsec == new.mtime_nsec
+        && old.attrs == new.attrs
 }
 
 /// The journal: `JOURNAL_MAGIC`, the manifest hash, the manifest's length and frames (its
@@ -795,13 +964,14 @@ fn split_journal(journal: &[u8]) -> Result<(Hash, &[u8], &[u8]), String> {
 /// Per path: the earlier attempt's entry and the chunks it verified.
 type Carried = HashMap<Vec<u8>, (Entry, Vec<(u64, Hash)>)>;
 
-/// Reads the previous attempt's manifest and journal: verified chunks per path. Reads the
-/// current format and the legacy one (`state` + a journal of records only).
-fn load_previous(dir: &Path, chunk_size: u64) -> Result<Carried, String> {
+/// Reads the previous attempt's manifest and journal: its manifest hash (`None`: no earlier
+/// attempt) and the verified chunks per path. Reads the current format and the legacy one
+/// (`state` + a journal of records only).
+fn load_previous(dir: &Path, chunk_size: u64) -> Result<(Option<Hash>, Carried), String> {
     let mut journal = Vec::new();
     match File::open(dir.join("journal")) {
         // No earlier attempt: nothing to carry, nothing to warn about.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, HashMap::new())),
         file => file
             .and_then(|mut f| f.read_to_end(&mut journal))
             .map_err(|e| format!("journal: {e}"))?,
@@ -843,11 +1013,12 @@ fn load_previous(dir: &Path, chunk_size: u64) -> Result<Carried, String> {
             v.push((chunk, hash));
         }
     }
-    Ok(entries
+    let carried = entries
         .into_iter()
         .zip(per_file)
         .map(|(e, chunks)| (e.path.clone(), (e, chunks)))
-        .collect())
+        .collect();
+    Ok((Some(manifest_hash), carried))
 }
 
 #[cfg(test)]
@@ -1087,6 +1258,89 @@ pub(crate) mod tests {
         let empty = tempfile::tempdir().unwrap();
         assert!(load_previous(empty.path(), first.chunk_size)
             .unwrap()
+            .1
             .is_empty());
+    }
+
+    #[test]
+    fn a_settled_precopy_leaves_the_install_only_what_changed() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let (first, _) = manifests();
+        stage_fully(t.path(), &first);
+        // The pre-copy ends: its files get their metadata now.
+        let (mut s, tracker) =
+            Staging::prepare(t.path(), b"r.git", &first, &resumed(true)).unwrap();
+        assert_eq!(tracker.verified_bytes(), first.total_bytes);
+        assert_eq!(s.settled_files(), 0, "nothing was settled before");
+        s.settle(&first).unwrap();
+        let dir = staging_dir(t.path(), b"r.git");
+        assert!(dir.join("settled").exists());
+        let keep = s.entry_path(&first, 3);
+        assert_eq!(fs::metadata(&keep).unwrap().mtime(), 1);
+        drop(s);
+
+        // The final pass: "changed" has new metadata (mode), the rest is as settled.
+        let mut entries = first.entries.clone();
+        entries[5].mode = 0o600;
+        let second = Manifest::from_scan(RootKind::Dir, CHUNK, entries);
+        let (s, _) = Staging::prepare(t.path(), b"r.git", &second, &resumed(true)).unwrap();
+        assert!(
+            !dir.join("settled").exists(),
+            "the mark goes before the journal changes"
+        );
+        let files = second.entries.iter().filter(|e| e.kind == EntryKind::File);
+        assert_eq!(s.settled_files(), files.count() as u64 - 1);
+        // Proof that the install leaves settled files alone: a settled file's time changed
+        // behind its back stays changed; the changed file gets its new mode.
+        let keep = s.entry_path(&second, 3);
+        let stamp =
+            fs::FileTimes::new().set_modified(UNIX_EPOCH + std::time::Duration::from_secs(77));
+        File::options()
+            .write(true)
+            .open(&keep)
+            .unwrap()
+            .set_times(stamp)
+            .unwrap();
+        let (installed, _) = s.install(&second).unwrap();
+        assert_eq!(
+            fs::metadata(installed.join("a/b/keep")).unwrap().mtime(),
+            77
+        );
+        let changed = fs::metadata(installed.join("changed")).unwrap();
+        assert_eq!(changed.mode() & 0o777, 0o600);
+        assert_eq!(changed.mtime(), 1);
+
+        // Without a settle (or for other owner rules, or another manifest) nothing is trusted.
+        let t = tempfile::tempdir().unwrap();
+        stage_fully(t.path(), &first);
+        let (s, _) = Staging::prepare(t.path(), b"r.git", &first, &resumed(true)).unwrap();
+        assert_eq!(s.settled_files(), 0);
+        let owner = Some(Resolved::default());
+        assert_ne!(
+            settled_record(Some(first.manifest_hash), &owner),
+            settled_record(Some(first.manifest_hash), &None)
+        );
+        assert_eq!(settled_record(None, &None), None);
+    }
+
+    #[test]
+    fn a_fresh_prepare_over_an_earlier_attempt_leaves_only_the_new_manifest() {
+        let t = tempfile::tempdir().unwrap();
+        let (first, second) = manifests();
+        stage_fully(t.path(), &first);
+        for resume in [false, true] {
+            let (s, _) = Staging::prepare(t.path(), b"r.git", &second, &resumed(resume)).unwrap();
+            let tree = s.entry_path(&second, 0);
+            assert!(
+                !tree.join("gone").exists(),
+                "resume {resume}: a file of no manifest stays"
+            );
+            assert!(
+                tree.join("a/x").is_dir(),
+                "resume {resume}: a file became a directory"
+            );
+            assert!(tree.join("new").is_file());
+        }
     }
 }

@@ -44,7 +44,9 @@ use crate::handshake_limit::{HandshakeLimiter, Verdict};
 use crate::identity::{
     server_crypto, AllowList, Fingerprint, IdentitySet, LiveAllowList, LiveIdentities,
 };
-use crate::io::{read_chunk_header, read_control, read_payload_counting, write_control};
+use crate::io::{
+    read_chunk_header, read_control, read_payload_counting, write_control, write_controls,
+};
 use crate::manifest::Manifest;
 use crate::space::{PromiseId, SpaceLedger};
 use crate::staging::{PrepareError, Request, Staging};
@@ -543,28 +545,19 @@ async fn handle_connection(
         if let Some(output) = pending.pop_front() {
             match output {
                 ReceiverOutput::Send(msg) => {
-                    if let ControlMsg::Fail { code, message } = &msg {
-                        tracing::warn!(?code, %message, "refusing transfer");
-                        let accepted = t
-                            .session
-                            .lock()
-                            .map(|s| s.verified().is_some())
-                            .unwrap_or(true);
-                        let reason = metrics::reason_of(*code);
-                        if accepted {
-                            shared.metrics.fail(reason);
-                        } else {
-                            shared.metrics.refuse(reason);
+                    // This message and the ones queued right behind it go out in one write: a
+                    // resume answers with a `Have` per file (200k for a big repository), and
+                    // as many small writes cost quinn far more than their bytes.
+                    let mut batch = vec![msg];
+                    while let Some(ReceiverOutput::Send(_)) = pending.front() {
+                        if let Some(ReceiverOutput::Send(next)) = pending.pop_front() {
+                            batch.push(next);
                         }
-                        fail_sent = true;
                     }
-                    if let ControlMsg::Retry { .. } = &msg {
-                        shared.metrics.chunk_retries.inc();
+                    for msg in &batch {
+                        fail_sent |= note_sent(&shared, &t, msg);
                     }
-                    if let ControlMsg::Accept { verified_bytes } = &msg {
-                        tracing::info!(resumed_bytes = verified_bytes, "accepted");
-                    }
-                    if let Err(e) = write_control(&mut send, &msg).await {
+                    if let Err(e) = write_controls(&mut send, &batch).await {
                         pending.extend(t.handle(ReceiverInput::ConnectionLost(e.to_string())));
                     }
                 }
@@ -610,6 +603,7 @@ async fn handle_connection(
                         s.discard();
                     }
                 }
+                ReceiverOutput::Settle => settle(&t).await,
                 // Only a data stream acts on these, for the frame it read.
                 ReceiverOutput::StoreChunk(_) | ReceiverOutput::SkipChunk => {}
                 ReceiverOutput::Finished(result) => break result,
@@ -969,6 +963,70 @@ fn promise_space(shared: &Arc<Shared>, needed: u64) -> Result<SpacePromise, Stri
         shared: shared.clone(),
         id,
     })
+}
+
+/// Counts and logs a control message the receiver is about to send; true for a `Fail`.
+fn note_sent(shared: &Shared, t: &Transfer, msg: &ControlMsg) -> bool {
+    match msg {
+        ControlMsg::Fail { code, message } => {
+            tracing::warn!(?code, %message, "refusing transfer");
+            let accepted = t
+                .session
+                .lock()
+                .map(|s| s.verified().is_some())
+                .unwrap_or(true);
+            let reason = metrics::reason_of(*code);
+            if accepted {
+                shared.metrics.fail(reason);
+            } else {
+                shared.metrics.refuse(reason);
+            }
+            return true;
+        }
+        ControlMsg::Retry { .. } => {
+            shared.metrics.chunk_retries.inc();
+        }
+        ControlMsg::Accept { verified_bytes } => {
+            tracing::info!(resumed_bytes = verified_bytes, "accepted");
+        }
+        _ => {}
+    }
+    false
+}
+
+/// A verified pre-copy's staged files get their final metadata, on a blocking thread, before
+/// the sender hears `Staged` (so the final pass finds the staging settled and unlocked). A
+/// failure is only logged: the install then applies what is missing.
+async fn settle(t: &Arc<Transfer>) {
+    let staging = t.staging.lock().ok().and_then(|mut s| s.take());
+    let manifest = t.manifest.lock().ok().and_then(|m| m.clone());
+    let (Some(mut staging), Some(manifest)) = (staging, manifest) else {
+        return;
+    };
+    let started = Instant::now();
+    let done = tokio::task::spawn_blocking(move || {
+        let result = staging.settle(&manifest);
+        (staging, result)
+    })
+    .await;
+    match done {
+        Ok((staging, result)) => {
+            match result {
+                Ok(()) => tracing::info!(
+                    files = staging.settled_files(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "staged files given their final metadata (pre-copy)"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot settle the staged files' metadata; the install will")
+                }
+            }
+            if let Ok(mut slot) = t.staging.lock() {
+                *slot = Some(staging);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "settling the staged files' metadata panicked"),
+    }
 }
 
 /// Installs the verified staging on a blocking thread; the answer for the session.

@@ -148,6 +148,10 @@ pub enum ReceiverOutput {
     SkipChunk,
     /// Apply metadata, `syncfs`, install; answer `Installed` or `InstallFailed`.
     Install,
+    /// A pre-copy verified: give the staged files their final metadata now, outside the
+    /// read-only window ([`crate::staging::Staging::settle`]); no answer (a failure only
+    /// leaves the work to the install).
+    Settle,
     /// Remove the staging area (disk full: give the space back).
     DiscardStaging,
     /// The transfer is over.
@@ -631,6 +635,7 @@ impl ReceiverSession {
                     self.state = State::Installing;
                     out.push(ReceiverOutput::Install);
                 } else {
+                    out.push(ReceiverOutput::Settle);
                     out.push(ReceiverOutput::Send(ControlMsg::Staged { root_hash: ours }));
                     self.finish(Ok(Outcome::Staged { root_hash: ours }), out);
                 }
@@ -905,6 +910,12 @@ mod tests {
                         if let Some(s) = self.staging.take() {
                             s.discard();
                         }
+                        continue;
+                    }
+                    ReceiverOutput::Settle => {
+                        let manifest = self.session.manifest().cloned().expect("manifest");
+                        let staging = self.staging.as_mut().expect("staging to settle");
+                        staging.settle(&manifest).expect("settle");
                         continue;
                     }
                     ReceiverOutput::Finished(r) => {
