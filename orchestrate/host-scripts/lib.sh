@@ -208,11 +208,13 @@ fsck_connectivity() {
   git -C "$1" for-each-ref --format='%(objectname)' || exit "$EX_GIT"
 }
 
-# refs_and_connected_since REPO: prints REPO's refs, then walks every object reachable from
-# them but not from the ^TIP lines on stdin (git's push-time connectivity check).
+# refs_and_connected_since REPO walk|refs-only: prints REPO's refs, then (walk) walks every
+# object reachable from the TIP lines on stdin but not from the ^TIP ones (git's push-time
+# connectivity check); refs-only: no ref points anywhere new, nothing to walk.
 refs_and_connected_since() {
   git -C "$1" for-each-ref --format='%(objectname) %(refname)' || exit "$EX_GIT"
-  git -C "$1" rev-list --objects --quiet --all --stdin || exit "$EX_OBJECTS_MISSING"
+  [ "$2" = refs-only ] && return 0
+  git -C "$1" rev-list --objects --quiet --stdin || exit "$EX_OBJECTS_MISSING"
 }
 
 # create_bare REPO: a new bare repository at REPO (refused if anything is there).

@@ -1,2 +1,2 @@
 set -u
-refs_and_connected_since "$1"
+refs_and_connected_since "$1" "${2:-walk}"

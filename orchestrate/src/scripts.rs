@@ -31,7 +31,8 @@ pub enum Script {
     DiscardCopy,
     /// `REPO`: full connectivity check; prints the refs' object ids.
     FsckConnectivity,
-    /// `REPO` (stdin: `^TIP` lines): prints the refs, then walks what is new since the tips.
+    /// `REPO walk|refs-only` (stdin: new `TIP` and verified `^TIP` lines): prints the refs,
+    /// then walks what is new since the verified tips (refs-only: nothing is new).
     VerifySince,
     /// `REPO`: a new bare repository.
     CreateBare,

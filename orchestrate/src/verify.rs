@@ -10,8 +10,10 @@
 //!   the repository is still live, and returns the object ids its refs pointed to ("tips");
 //! - in the frozen window, [`refs_and_connected_since`] checks that B's refs equal A's
 //!   [`refs_digest`] (taken while the final pass runs: A is frozen and idle by then) and
-//!   walks only the objects reachable from B's final refs but not from those tips (`git rev-list --objects --quiet --all --stdin` with `^TIP` lines), which is
-//!   the check git's receive-pack runs on every push (`check_connected`). A tip that no
+//!   walks only the objects reachable from B's final refs but not from those tips (`git
+//!   rev-list --objects --quiet --stdin` with the new tips and `^TIP` lines), which is the
+//!   check git's receive-pack runs on every push (`check_connected`); when no ref points
+//!   anywhere new, there is nothing to walk and only the refs are compared. A tip that no
 //!   final ref points to is left out, since git gc may have pruned its history meanwhile.
 //!
 //! With no recorded tips (pre-copy staging not found, or `--full-verify`), the window runs
@@ -68,13 +70,25 @@ pub async fn refs_and_connected_since(
     verified_tips: &[String],
 ) -> Result<()> {
     let known: BTreeSet<&str> = verified_tips.iter().map(String::as_str).collect();
-    let input: String = tips(expected_refs)
+    let (kept, new): (Vec<String>, Vec<String>) = tips(expected_refs)
+        .into_iter()
+        .partition(|tip| known.contains(tip.as_str()));
+    // Only new tips need a walk (bounded by the verified ones); with none, the refs alone are
+    // compared: a walk would only parse every verified tip (0.55 s for 20k tips).
+    let input: String = new
         .iter()
-        .filter(|tip| known.contains(tip.as_str()))
-        .map(|tip| format!("^{tip}\n"))
+        .map(|tip| format!("{tip}\n"))
+        .chain(kept.iter().map(|tip| format!("^{tip}\n")))
         .collect();
     let script = Script::VerifySince;
-    let out = script.run(exec, &[path], Some(input.as_bytes())).await?;
+    let out = match new.is_empty() {
+        true => script.run(exec, &[path, "refs-only"], None).await?,
+        false => {
+            script
+                .run(exec, &[path, "walk"], Some(input.as_bytes()))
+                .await?
+        }
+    };
     match out.status {
         0 | exit::OBJECTS_MISSING if out.stdout != expected_refs => Err(refs_differ(path)),
         0 => Ok(()),

@@ -21,6 +21,17 @@ impl FakeGit {
             .current_dir(repo)
             .spawn()
             .expect("start perl");
+        // Perl names itself only once it runs: wait for that, or a loaded machine lets
+        // migrate look at /proc first and see no git at all.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"git ")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stand-in never named itself git {args}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         FakeGit(child)
     }
 }
