@@ -417,6 +417,9 @@ fn not_a_git_dir(src: &Path) -> Error {
 }
 
 /// A directory's child: its name and path.
+/// Subdirectories from which a directory's walk is split across threads ([`Walker::walk`]).
+const PARALLEL_WALK_MIN_SUBDIRS: usize = 16;
+
 /// A listed name: its path, and its directory entry, whose `metadata()` is an `fstatat` on
 /// the open directory (no walk of the whole path again: a large share of a 200k-entry scan).
 struct Child {
@@ -481,13 +484,77 @@ impl Walker {
             return Ok(());
         };
         children.sort_by(|a, b| a.name.cmp(&b.name));
-        for c in children {
+        let rel_of = |c: &Child| {
             let mut rel = prefix.to_vec();
             rel.push(b'/');
             rel.extend_from_slice(&c.name);
-            self.child(&c.path, rel, Some(&c.dirent), out)?;
+            rel
+        };
+        let subdirs = children
+            .iter()
+            .filter(|c| c.dirent.file_type().is_ok_and(|t| t.is_dir()))
+            .count();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        // A fan-out directory (git's objects/00..ff) is walked by several threads: the scan
+        // is a stat per entry, and 200k loose objects take a second on one core inside a
+        // final pass's read-only window. Refs are never split (their capture budget is one).
+        if subdirs < PARALLEL_WALK_MIN_SUBDIRS || threads < 2 || gitdir::is_ref_path(prefix) {
+            for c in children {
+                let rel = rel_of(&c);
+                self.child(&c.path, rel, Some(&c.dirent), out)?;
+            }
+            return Ok(());
+        }
+        let per_thread = children.len().div_ceil(threads);
+        let results: Vec<Result<(Walker, Vec<Item>), Error>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = children
+                .chunks(per_thread)
+                .map(|part| {
+                    let mut walker = self.helper();
+                    scope.spawn(move || {
+                        let mut items = Vec::new();
+                        for c in part {
+                            walker.child(&c.path, rel_of(c), Some(&c.dirent), &mut items)?;
+                        }
+                        Ok((walker, items))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Other("a scan thread panicked".into())))
+                })
+                .collect()
+        });
+        for result in results {
+            let (walker, items) = result?;
+            self.absorb(walker);
+            out.extend(items);
         }
         Ok(())
+    }
+
+    /// A walker for part of a directory, on another thread: same rules, its own findings
+    /// (merged back by [`Walker::absorb`]), no budget for capturing refs.
+    fn helper(&self) -> Walker {
+        Walker {
+            git: self.git,
+            skipped: Vec::new(),
+            vanished: Vec::new(),
+            transient_skipped: 0,
+            capture_budget: 0,
+            allowed_external: self.allowed_external.clone(),
+            external_links: 0,
+        }
+    }
+
+    fn absorb(&mut self, other: Walker) {
+        self.skipped.extend(other.skipped);
+        self.vanished.extend(other.vanished);
+        self.transient_skipped += other.transient_skipped;
+        self.external_links += other.external_links;
     }
 
     /// Adds `path` (at relative path `rel`, listed as `dirent`) and, for a directory, its
@@ -718,6 +785,56 @@ mod tests {
         ] {
             fs::write(dir.join(f), text).unwrap();
         }
+    }
+
+    #[test]
+    fn a_fan_out_directory_walked_by_several_threads_scans_as_one_walk_would() {
+        let t = tempfile::tempdir().unwrap();
+        busy_git_dir(t.path());
+        // 40 fan-out directories (more than PARALLEL_WALK_MIN_SUBDIRS), each with two loose
+        // objects, a subdirectory, and every fifth a push's quarantine to be left out.
+        let mut expected = Vec::new();
+        for i in 0..40u8 {
+            let fan = format!("objects/{i:02x}");
+            fs::create_dir_all(t.path().join(&fan).join("sub")).unwrap();
+            for name in ["aa", "bb"] {
+                let object = format!("{fan}/{name}{}", "0".repeat(36));
+                fs::write(t.path().join(&object), &object).unwrap();
+            }
+            fs::write(t.path().join(&fan).join("sub/x"), "x").unwrap();
+            if i % 5 == 0 {
+                fs::create_dir_all(t.path().join(format!("{fan}/tmp_objdir-incoming-{i}")))
+                    .unwrap();
+            }
+            expected.push(fan);
+        }
+        let git = scan(t.path(), opts(GitMode::On)).unwrap();
+        let listed = paths(&git);
+        // Manifest order, every fan-out directory with its whole subtree, nothing transient.
+        let mut sorted = listed.clone();
+        sorted.sort_by(|a, b| manifest_order(a.as_bytes(), b.as_bytes()));
+        assert_eq!(listed, sorted);
+        for fan in &expected {
+            let inside: Vec<_> = listed
+                .iter()
+                .filter(|p| p.starts_with(fan.as_str()))
+                .collect();
+            assert_eq!(inside.len(), 5, "{fan}: {inside:?}");
+        }
+        assert!(
+            !listed.iter().any(|p| p.contains("tmp_objdir")),
+            "{listed:?}"
+        );
+        // 8 quarantines in the fan-out, plus busy_git_dir's own transient files.
+        let single = {
+            let u = tempfile::tempdir().unwrap();
+            busy_git_dir(u.path());
+            scan(u.path(), opts(GitMode::On)).unwrap().transient_skipped
+        };
+        assert_eq!(git.transient_skipped, single + 8);
+        // The same tree scans to the same manifest every time.
+        let again = scan(t.path(), opts(GitMode::On)).unwrap();
+        assert_eq!(again.manifest.manifest_hash, git.manifest.manifest_hash);
     }
 
     #[test]
