@@ -658,17 +658,6 @@ async fn handle_connection(
             path,
             replaced,
         }) => {
-            let dest = t.claimed_dest();
-            // With tickets on, what a `replace` ticket names. (Forgotten before every install,
-            // tickets or not, so a record never outlives its tree.)
-            let recorded = match shared.tickets {
-                Some(_) => crate::staging::record_installed_root(&shared.root, &dest, &root_hash),
-                None => Ok(()),
-            };
-            if let Err(e) = recorded {
-                // Installed all the same; only a `replace` ticket for it is refused.
-                tracing::warn!(error = %e, "cannot record the installed tree's root hash");
-            }
             tracing::info!(path = %String::from_utf8_lossy(&path),
                 replaced = ?replaced.map(|r| String::from_utf8_lossy(&r).into_owned()),
                 root = %hex(&root_hash), "installed");
@@ -1042,10 +1031,23 @@ async fn install(t: &Arc<Transfer>) -> ReceiverInput {
         return ReceiverInput::InstallFailed(e.to_string());
     }
     match tokio::task::spawn_blocking(move || staging.install(&manifest)).await {
-        Ok(Ok((path, replaced))) => ReceiverInput::Installed {
-            path: path.as_os_str().as_bytes().to_vec(),
-            replaced: replaced.map(|p| p.as_os_str().as_bytes().to_vec()),
-        },
+        Ok(Ok((path, replaced))) => {
+            // With tickets on, what a `replace` ticket names, recorded before the sender hears
+            // `Installed` (its next transfer may name it at once). Forgotten before every
+            // install, tickets or not, so a record never outlives its tree.
+            let root = t.session.lock().ok().and_then(|s| s.sender_root());
+            if let (Some(_), Some(root)) = (&t.shared.tickets, root) {
+                if let Err(e) = crate::staging::record_installed_root(&t.shared.root, &dest, &root)
+                {
+                    // Installed all the same; only a `replace` ticket for it is refused.
+                    tracing::warn!(error = %e, "cannot record the installed tree's root hash");
+                }
+            }
+            ReceiverInput::Installed {
+                path: path.as_os_str().as_bytes().to_vec(),
+                replaced: replaced.map(|p| p.as_os_str().as_bytes().to_vec()),
+            }
+        }
         Ok(Err(e)) => ReceiverInput::InstallFailed(e.to_string()),
         Err(e) => ReceiverInput::InstallFailed(e.to_string()),
     }

@@ -281,6 +281,11 @@ impl ReceiverSession {
     }
 
     /// (verified chunks, verified bytes, total chunks), once staging is prepared.
+    /// The root hash the sender announced (equal to ours once `Install` was asked for).
+    pub fn sender_root(&self) -> Option<Hash> {
+        self.sender_root
+    }
+
     pub fn verified(&self) -> Option<(u64, u64, u64)> {
         self.tracker
             .as_ref()

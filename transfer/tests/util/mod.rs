@@ -84,18 +84,27 @@ impl Daemon {
         wrapper: &[&str],
         extra: &[&str],
     ) -> Daemon {
-        Daemon::spawn(keys, root, listen, wrapper, extra, &[])
+        Daemon::spawn(
+            Path::new(shardrecv()),
+            keys,
+            root,
+            listen,
+            wrapper,
+            extra,
+            &[],
+        )
     }
 
     /// Starts another build's daemon (`exe`, e.g. the previous release's) with this one's
     /// arguments, which every release since 0.1.0 understands.
     pub fn start_exe(exe: &Path, keys: &Keys, root: &Path) -> Daemon {
-        Daemon::spawn_exe(exe, keys, root, "127.0.0.1:0", &[], &[], &[])
+        Daemon::spawn(exe, keys, root, "127.0.0.1:0", &[], &[], &[])
     }
 
     /// Starts the daemon with `SHARDMOVE_FAILPOINTS=spec` (see `transfer::failpoint`).
     pub fn start_with_failpoints(keys: &Keys, root: &Path, listen: &str, spec: &str) -> Daemon {
         Daemon::spawn(
+            Path::new(shardrecv()),
             keys,
             root,
             listen,
@@ -105,26 +114,8 @@ impl Daemon {
         )
     }
 
+    /// `exe serve` (this build's shardrecv unless another build's is named) on `listen`.
     fn spawn(
-        keys: &Keys,
-        root: &Path,
-        listen: &str,
-        wrapper: &[&str],
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Daemon {
-        Daemon::spawn_exe(
-            Path::new(shardrecv()),
-            keys,
-            root,
-            listen,
-            wrapper,
-            extra,
-            env,
-        )
-    }
-
-    fn spawn_exe(
         exe: &Path,
         keys: &Keys,
         root: &Path,
