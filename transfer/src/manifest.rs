@@ -45,7 +45,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 /// Why a manifest (or one entry of it) was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ManifestError {
-    #[error("unsupported protocol version {0} (this receiver speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade receivers before senders)")]
+    #[error("unsupported protocol version {0} (this receiver speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; hosts more than one release apart cannot talk: upgrade the older one)")]
     Version(u16),
     #[error("invalid destination name {name:?}: {reason}")]
     Destination { name: String, reason: &'static str },
