@@ -288,3 +288,45 @@ fn a_receiver_without_cap_chown_refuses_an_owner_it_cannot_give_before_any_data(
     }
     assert_same_tree(&bare, &installed);
 }
+
+/// A pre-copy settles the staged files' metadata (git's read-only modes included); a file of
+/// mode 0444 that changes before the final pass must still be replaced by a receiver that is
+/// not root (it cannot open such a file for writing).
+#[test]
+fn a_read_only_file_changed_after_a_precopy_is_replaced_by_a_receiver_that_is_not_root() {
+    let Some(daemon) = TestUser::create("s") else {
+        return;
+    };
+    let keys = Keys::new();
+    open_up(&keys);
+    daemon.owns(&keys.recv_key);
+    daemon.owns(&keys.allow);
+    let root = keys.path("root");
+    std::fs::create_dir(&root).unwrap();
+    daemon.owns(&root);
+    let d = daemon.run_shardrecv(&keys, &root, "");
+    let src = keys.path("src");
+    std::fs::create_dir_all(src.join("objects/info")).unwrap();
+    let graph = src.join("objects/info/commit-graph");
+    std::fs::write(&graph, "graph one").unwrap();
+    std::fs::set_permissions(&graph, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::write(src.join("packed-refs"), "refs\n").unwrap();
+    assert_ok(&send(&keys, &src, &d.addr, "r.git", &["--stage-only"]));
+    // The staged copy is settled: read-only, and not root's to write.
+    let staged =
+        transfer::staging::staging_dir(&root, b"r.git").join("tree/objects/info/commit-graph");
+    assert_eq!(
+        std::fs::metadata(&staged).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+    // A gc rewrites the commit-graph (same mode, other bytes and size) before the freeze.
+    std::fs::set_permissions(&graph, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&graph, "graph two, longer").unwrap();
+    std::fs::set_permissions(&graph, std::fs::Permissions::from_mode(0o444)).unwrap();
+    assert_ok(&send(&keys, &src, &d.addr, "r.git", &["--resume"]));
+    assert_same_tree(&src, &root.join("r.git"));
+    assert_eq!(
+        std::fs::read(root.join("r.git/objects/info/commit-graph")).unwrap(),
+        b"graph two, longer"
+    );
+}
