@@ -565,10 +565,12 @@ impl Signatures {
     }
 }
 
-/// Verifies the receiver's certificate by its pinned key fingerprints: any of them will do.
+/// Checks the receiver's key: a sender's pins it (any of `pinned` will do); a probe
+/// (`pinned` none) takes any key and records in `proven` the one the receiver proved it holds.
 #[derive(Debug)]
-struct PinnedServerVerifier {
-    pinned: Vec<Fingerprint>,
+struct ServerKeyVerifier {
+    pinned: Option<Vec<Fingerprint>>,
+    proven: Option<Arc<ProbeResult>>,
     signatures: Signatures,
 }
 
@@ -580,7 +582,7 @@ fn list(fps: &[Fingerprint]) -> String {
         .join(", ")
 }
 
-impl ServerCertVerifier for PinnedServerVerifier {
+impl ServerCertVerifier for ServerKeyVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -589,13 +591,16 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(pinned) = &self.pinned else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let got = Fingerprint::of_certificate(end_entity)?;
-        if self.pinned.contains(&got) {
+        if pinned.contains(&got) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
                 "receiver key fingerprint {got} is not pinned (pinned: {})",
-                list(&self.pinned)
+                list(pinned)
             )))
         }
     }
@@ -615,7 +620,15 @@ impl ServerCertVerifier for PinnedServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.signatures.tls13(message, cert, dss)
+        let valid = self.signatures.tls13(message, cert, dss)?;
+        if let Some(proven) = &self.proven {
+            let fp = Fingerprint::of_certificate(cert)?;
+            match proven.proven.lock() {
+                Ok(mut p) => *p = Some(fp),
+                Err(poisoned) => *poisoned.into_inner() = Some(fp),
+            }
+        }
+        Ok(valid)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -687,19 +700,31 @@ pub fn client_crypto(
             "no receiver fingerprint pinned (--peer)".into(),
         ));
     }
-    let provider = provider();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Identity(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
-            pinned: pins.to_vec(),
-            signatures: Signatures(provider),
-        }))
+    let mut cfg = client_builder(Some(pins.to_vec()), None)?
         .with_client_auth_cert(vec![identity.cert.clone()], identity.private_key())
         .map_err(|e| Error::Identity(e.to_string()))?;
     cfg.alpn_protocols = offered_alpn_ids();
     Ok(cfg)
+}
+
+/// A TLS 1.3 client configuration checking the receiver's key with [`ServerKeyVerifier`],
+/// up to the choice of a client certificate.
+fn client_builder(
+    pinned: Option<Vec<Fingerprint>>,
+    proven: Option<Arc<ProbeResult>>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, Error> {
+    let provider = provider();
+    Ok(
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Identity(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ServerKeyVerifier {
+                pinned,
+                proven,
+                signatures: Signatures(provider),
+            })),
+    )
 }
 
 /// What a probe learnt: the key the receiver proved it holds (its handshake signature
@@ -719,69 +744,11 @@ impl ProbeResult {
     }
 }
 
-/// Accepts whatever key the receiver presents, and records it once the receiver has proved
-/// it holds the private key. Used only to ask a receiver which key it serves.
-#[derive(Debug)]
-struct ProbeVerifier {
-    result: Arc<ProbeResult>,
-    signatures: Signatures,
-}
-
-impl ServerCertVerifier for ProbeVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not spoken".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let valid = self.signatures.tls13(message, cert, dss)?;
-        let fp = Fingerprint::of_certificate(cert)?;
-        match self.result.proven.lock() {
-            Ok(mut p) => *p = Some(fp),
-            Err(poisoned) => *poisoned.into_inner() = Some(fp),
-        }
-        Ok(valid)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.signatures.schemes()
-    }
-}
-
 /// rustls client config for asking a receiver which key it serves ([`crate::quic::probe`]):
 /// no client certificate (the receiver refuses the connection once it has presented and
 /// proved its own key, which is all the probe wants), any server key recorded in `result`.
 pub fn probe_crypto(result: Arc<ProbeResult>) -> Result<rustls::ClientConfig, Error> {
-    let provider = provider();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Identity(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ProbeVerifier {
-            result,
-            signatures: Signatures(provider),
-        }))
-        .with_no_client_auth();
+    let mut cfg = client_builder(None, Some(result))?.with_no_client_auth();
     cfg.alpn_protocols = offered_alpn_ids();
     Ok(cfg)
 }
