@@ -24,18 +24,7 @@ fn send_pinning(
     dest: &str,
     extra: &[&str],
 ) -> Command {
-    let mut c = Command::new(shardsend());
-    c.arg(src)
-        .arg(addr)
-        .arg(dest)
-        .arg("--identity")
-        .arg(&keys.send_key)
-        .args(["--json", "--no-progress", "--connect-timeout", "5"]);
-    for fp in pins {
-        c.arg("--peer").arg(fp.to_string());
-    }
-    c.args(extra);
-    c
+    send_keyed(&keys.send_key, pins, src, addr, dest, extra)
 }
 
 /// A receiver whose identities come from its config file, changed and reloaded by the test.

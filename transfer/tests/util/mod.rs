@@ -213,17 +213,15 @@ pub fn send_cmd_in(
     dest: &str,
     extra: &[&str],
 ) -> Command {
-    let mut c = match wrapper.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(shardsend());
-            c
-        }
-        None => Command::new(shardsend()),
-    };
-    send_args(&mut c, keys, src, addr, dest);
-    c.arg("--no-progress").args(extra);
-    c
+    send_via(
+        wrapper,
+        Path::new(shardsend()),
+        keys,
+        src,
+        addr,
+        dest,
+        extra,
+    )
 }
 
 /// [`send_cmd`] of another build's `shardsend` (`exe`, e.g. the previous release's).
@@ -235,7 +233,27 @@ pub fn send_cmd_exe(
     dest: &str,
     extra: &[&str],
 ) -> Command {
-    let mut c = Command::new(exe);
+    send_via(&[], exe, keys, src, addr, dest, extra)
+}
+
+/// `exe` (through `wrapper`, if any) with [`send_args`], `--no-progress` and `extra`.
+fn send_via(
+    wrapper: &[&str],
+    exe: &Path,
+    keys: &Keys,
+    src: &Path,
+    addr: &str,
+    dest: &str,
+    extra: &[&str],
+) -> Command {
+    let mut c = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     send_args(&mut c, keys, src, addr, dest);
     c.arg("--no-progress").args(extra);
     c
@@ -713,16 +731,30 @@ pub fn send_as(
     dest: &str,
     extra: &[&str],
 ) -> Command {
+    send_keyed(key, &[keys.recv_fp], src, addr, dest, extra)
+}
+
+/// `shardsend` with the key at `key`, pinning `pins` in this order, giving up a connection
+/// after 5 s.
+pub fn send_keyed(
+    key: &Path,
+    pins: &[Fingerprint],
+    src: &Path,
+    addr: &str,
+    dest: &str,
+    extra: &[&str],
+) -> Command {
     let mut c = Command::new(shardsend());
     c.arg(src)
         .arg(addr)
         .arg(dest)
         .arg("--identity")
         .arg(key)
-        .arg("--peer")
-        .arg(keys.recv_fp.to_string())
-        .args(["--json", "--no-progress", "--connect-timeout", "5"])
-        .args(extra);
+        .args(["--json", "--no-progress", "--connect-timeout", "5"]);
+    for fp in pins {
+        c.arg("--peer").arg(fp.to_string());
+    }
+    c.args(extra);
     c
 }
 
