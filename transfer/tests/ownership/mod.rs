@@ -98,6 +98,19 @@ impl TestUser {
         Daemon::start_in(keys, root, "127.0.0.1:0", &wrapper)
     }
 
+    /// `keys`' receiver run as this user (no capabilities) on a root it owns, its key and
+    /// allow-list its own: (root, daemon).
+    fn receiver_with_its_own_root(&self, keys: &Keys) -> (PathBuf, Daemon) {
+        open_up(keys);
+        self.owns(&keys.recv_key);
+        self.owns(&keys.allow);
+        let root = keys.path("root");
+        std::fs::create_dir(&root).unwrap();
+        self.owns(&root);
+        let d = self.run_shardrecv(keys, &root, "");
+        (root, d)
+    }
+
     fn owns(&self, p: &Path) {
         std::os::unix::fs::lchown(p, Some(self.uid), Some(self.gid)).unwrap();
     }
@@ -239,14 +252,8 @@ fn a_receiver_without_cap_chown_refuses_an_owner_it_cannot_give_before_any_data(
         return;
     };
     let keys = Keys::new();
-    open_up(&keys);
-    daemon.owns(&keys.recv_key);
-    daemon.owns(&keys.allow);
-    let root = keys.path("root");
-    std::fs::create_dir(&root).unwrap();
-    daemon.owns(&root);
     // shardrecv as the daemon user, as systemd would run it.
-    let d = daemon.run_shardrecv(&keys, &root, "");
+    let (root, d) = daemon.receiver_with_its_own_root(&keys);
     let bare = root_owned_repo(keys.dir.path());
 
     let out = send(&keys, &bare, &d.addr, "r.git", &["--preserve-owner"]);
@@ -298,13 +305,7 @@ fn a_read_only_file_changed_after_a_precopy_is_replaced_by_a_receiver_that_is_no
         return;
     };
     let keys = Keys::new();
-    open_up(&keys);
-    daemon.owns(&keys.recv_key);
-    daemon.owns(&keys.allow);
-    let root = keys.path("root");
-    std::fs::create_dir(&root).unwrap();
-    daemon.owns(&root);
-    let d = daemon.run_shardrecv(&keys, &root, "");
+    let (root, d) = daemon.receiver_with_its_own_root(&keys);
     let src = keys.path("src");
     std::fs::create_dir_all(src.join("objects/info")).unwrap();
     let graph = src.join("objects/info/commit-graph");
