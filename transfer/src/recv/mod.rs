@@ -583,6 +583,10 @@ async fn handle_connection(
                     }
                 }
                 ReceiverOutput::Prepare { manifest, request } => {
+                    tracing::debug!(
+                        entries = manifest.entries.len(),
+                        "manifest received; preparing staging"
+                    );
                     let input = prepare(&shared, &t, manifest, request).await;
                     pending.extend(t.handle(input));
                 }
