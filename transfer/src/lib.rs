@@ -37,6 +37,7 @@ pub mod owner;
 pub mod quic;
 pub mod recv;
 pub mod scan;
+pub mod scan_cache;
 pub mod send;
 pub mod space;
 pub mod staging;

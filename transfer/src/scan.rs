@@ -38,10 +38,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::time::SystemTime;
+
 use crate::dissociate::BorrowedPack;
 use crate::error::Error;
 use crate::gitdir::{self, GitMode};
 use crate::manifest::{external_link_allowed, symlink_stays_inside, Manifest};
+use crate::scan_cache::{self, DirStamp, ScanCache};
 use crate::wire::{Attrs, Entry, EntryKind, RootKind};
 
 /// Most bytes of ref files held in memory per scan; larger `packed-refs` are read at send
@@ -57,6 +61,12 @@ pub struct ScanOptions {
     pub external_links: Vec<Vec<u8>>,
     /// Make a repository that borrows objects self-contained ([`crate::dissociate`]).
     pub dissociate: bool,
+    /// In git mode: the file remembering loose-object directories between passes
+    /// ([`crate::scan_cache`]); `None`: read every directory.
+    pub cache_file: Option<PathBuf>,
+    /// Write what this scan listed to `cache_file` for the next pass (a pre-copy does; the
+    /// final pass, inside the read-only window, only reads it).
+    pub save_cache: bool,
 }
 
 /// A scanned source: the manifest plus where each entry lives locally.
@@ -80,6 +90,9 @@ pub struct Scan {
     /// The objects a borrowing repository lacked, packed for the transfer (`--dissociate`);
     /// the pack's files live as long as this scan.
     pub borrowed: Option<BorrowedPack>,
+    /// Loose-object directories whose earlier listing was reused, not read
+    /// ([`crate::scan_cache`]).
+    pub cached_dirs: u64,
 }
 
 /// Builds the entry describing `meta` at relative path `rel` (owner and group included; the
@@ -192,6 +205,7 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
             hardlinks: 0,
             external_links: 0,
             borrowed: None,
+            cached_dirs: 0,
         });
     }
     if !ft.is_dir() {
@@ -206,15 +220,14 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         GitMode::On if gitdir::looks_like_git_dir(src) => true,
         GitMode::On => return Err(not_a_git_dir(src)),
     };
-    let mut walker = Walker {
+    // Borrowed objects are added after the walk; such a scan keeps no cache.
+    let cache_file = opts.cache_file.as_ref().filter(|_| git && !opts.dissociate);
+    let mut walker = Walker::new(
         git,
-        skipped: Vec::new(),
-        vanished: Vec::new(),
-        transient_skipped: 0,
-        capture_budget: MAX_CAPTURED_BYTES,
-        allowed_external: opts.external_links.clone(),
-        external_links: 0,
-    };
+        opts.external_links.clone(),
+        cache_file.map(|f| ScanCache::load(f)),
+        opts.save_cache,
+    );
     // The root directory itself is entry 0 (empty path): its mode and mtime travel too.
     let mut root = entry_from_metadata(Vec::new(), &meta, Vec::new());
     add_xattrs(&mut root, src)?;
@@ -245,6 +258,12 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
             walker.child(&c.path, c.name, Some(&c.dirent), &mut items)?;
         }
     }
+    if let (Some(file), Some(kept)) = (cache_file, walker.kept.take()) {
+        // A cache that cannot be written costs the next pass a full scan, nothing else.
+        if let Err(e) = kept.save(file) {
+            tracing::warn!(path = %file.display(), error = %e, "could not write the scan cache; the next pass reads every directory");
+        }
+    }
     let borrowed = if git {
         take_in_borrowed_objects(src, &mut items, opts.dissociate)?
     } else {
@@ -272,6 +291,7 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         hardlinks,
         external_links: walker.external_links,
         borrowed,
+        cached_dirs: walker.cached_dirs,
     })
 }
 
@@ -447,9 +467,44 @@ struct Walker {
     allowed_external: Vec<Vec<u8>>,
     /// Symlinks leaving the tree that they allowed.
     external_links: u64,
+    /// Listings of loose-object directories from the previous pass ([`crate::scan_cache`]).
+    cache: Arc<ScanCache>,
+    /// Whether to use `cache` (git mode with a cache file).
+    caching: bool,
+    /// The listings this scan may leave for the next pass; `None`: it leaves none.
+    kept: Option<ScanCache>,
+    /// Directories taken from `cache`.
+    cached_dirs: u64,
+    /// When the scan began: a directory changed less than [`scan_cache::SETTLED_FOR`]
+    /// before it is not kept.
+    now: SystemTime,
 }
 
 impl Walker {
+    /// A walker with git's rules or not, the `--allow-external-link` prefixes, and the
+    /// previous pass's listings (`None`: no cache), leaving its own when `save`.
+    fn new(
+        git: bool,
+        allowed_external: Vec<Vec<u8>>,
+        cache: Option<ScanCache>,
+        save: bool,
+    ) -> Walker {
+        Walker {
+            git,
+            skipped: Vec::new(),
+            vanished: Vec::new(),
+            transient_skipped: 0,
+            capture_budget: MAX_CAPTURED_BYTES,
+            allowed_external,
+            external_links: 0,
+            caching: cache.is_some(),
+            kept: (cache.is_some() && save).then(ScanCache::default),
+            cache: Arc::new(cache.unwrap_or_default()),
+            cached_dirs: 0,
+            now: SystemTime::now(),
+        }
+    }
+
     /// The children of `dir`, or `None` when `dir` vanished.
     fn list(&mut self, dir: &Path) -> Result<Option<Vec<Child>>, Error> {
         let listing = match fs::read_dir(dir) {
@@ -547,6 +602,11 @@ impl Walker {
             capture_budget: 0,
             allowed_external: self.allowed_external.clone(),
             external_links: 0,
+            cache: self.cache.clone(),
+            caching: self.caching,
+            kept: self.kept.as_ref().map(|_| ScanCache::default()),
+            cached_dirs: 0,
+            now: self.now,
         }
     }
 
@@ -555,6 +615,48 @@ impl Walker {
         self.vanished.extend(other.vanished);
         self.transient_skipped += other.transient_skipped;
         self.external_links += other.external_links;
+        self.cached_dirs += other.cached_dirs;
+        if let (Some(kept), Some(theirs)) = (self.kept.as_mut(), other.kept) {
+            kept.absorb(theirs);
+        }
+    }
+
+    /// Walks the loose-object directory `dir` (at `rel`, described by `meta`, taken before
+    /// it is read), or reuses its listing from the previous pass when it did not change
+    /// since ([`crate::scan_cache`]).
+    fn walk_loose_objects(
+        &mut self,
+        dir: &Path,
+        rel: &[u8],
+        meta: &fs::Metadata,
+        out: &mut Vec<Item>,
+    ) -> Result<(), Error> {
+        let stamp = DirStamp::of(meta);
+        if let Some(entries) = self.cache.reuse(rel, &stamp) {
+            for e in entries {
+                let name = e.path.rsplit(|b| *b == b'/').next().unwrap_or(&e.path);
+                out.push(Item {
+                    entry: e.clone(),
+                    source: dir.join(std::ffi::OsStr::from_bytes(name)),
+                    content: None,
+                    inode: None,
+                });
+            }
+            self.cached_dirs += 1;
+            if let Some(kept) = self.kept.as_mut() {
+                kept.keep(rel, stamp, entries.to_vec(), self.now);
+            }
+            return Ok(());
+        }
+        let (first, vanished) = (out.len(), self.vanished.len());
+        self.walk(dir, rel, out)?;
+        let complete = self.vanished.len() == vanished;
+        let single_names = out[first..].iter().all(|i| i.inode.is_none());
+        if let Some(kept) = self.kept.as_mut().filter(|_| complete && single_names) {
+            let entries = out[first..].iter().map(|i| i.entry.clone()).collect();
+            kept.keep(rel, stamp, entries, self.now);
+        }
+        Ok(())
     }
 
     /// Adds `path` (at relative path `rel`, listed as `dirent`) and, for a directory, its
@@ -605,7 +707,11 @@ impl Walker {
         } else if ft.is_dir() {
             let entry = entry_from_metadata(rel.clone(), &meta, Vec::new());
             if self.push(out, entry, path, None, &meta)? {
-                self.walk(path, &rel, out)?;
+                if self.caching && scan_cache::is_loose_object_dir(&rel) {
+                    self.walk_loose_objects(path, &rel, &meta, out)?;
+                } else {
+                    self.walk(path, &rel, out)?;
+                }
             }
         } else if ft.is_file() {
             let captured = if self.git && gitdir::is_ref_path(&rel) {
@@ -1018,15 +1124,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         fs::create_dir(t.path().join("d")).unwrap();
         fs::write(t.path().join("d/f"), "x").unwrap();
-        let mut w = Walker {
-            git: false,
-            skipped: Vec::new(),
-            vanished: Vec::new(),
-            transient_skipped: 0,
-            capture_budget: MAX_CAPTURED_BYTES,
-            allowed_external: Vec::new(),
-            external_links: 0,
-        };
+        let mut w = Walker::new(false, Vec::new(), None, false);
         let mut out = Vec::new();
         // Listed, then gone before its stat; a directory gone before its listing.
         w.child(&t.path().join("gone"), b"gone".to_vec(), None, &mut out)
@@ -1038,5 +1136,90 @@ mod tests {
             .unwrap();
         assert!(out.is_empty());
         assert_eq!(w.vanished.len(), 3, "{:?}", w.vanished);
+    }
+
+    /// Writes loose object `objects/XX/REST` (any content: the scan does not hash it).
+    fn loose_object(dir: &Path, id: &str, content: &str) {
+        let (fan, rest) = id.split_at(2);
+        fs::create_dir_all(dir.join("objects").join(fan)).unwrap();
+        fs::write(dir.join("objects").join(fan).join(rest), content).unwrap();
+    }
+
+    #[test]
+    fn a_cached_scan_lists_what_a_full_scan_lists_and_reads_only_changed_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("r.git");
+        busy_git_dir(&repo);
+        let id = |fan: &str, n: usize| format!("{fan}{n:038x}");
+        for fan in ["00", "4c", "ab", "ff"] {
+            for n in 0..5 {
+                loose_object(&repo, &id(fan, n), fan);
+            }
+        }
+        let cache = t.path().join("cache/r.scan");
+        let cached = |save: bool| {
+            scan(
+                &repo,
+                ScanOptions {
+                    cache_file: Some(cache.clone()),
+                    save_cache: save,
+                    ..opts(GitMode::On)
+                },
+            )
+            .unwrap()
+        };
+        // Just written: too fresh to be trusted, nothing kept.
+        let first = cached(true);
+        assert_eq!(first.cached_dirs, 0);
+        assert!(ScanCache::load(&cache).is_empty());
+        // Settled: every loose-object directory is kept, then reused as it is.
+        std::thread::sleep(scan_cache::SETTLED_FOR + std::time::Duration::from_millis(100));
+        assert_eq!(cached(true).cached_dirs, 0);
+        assert_eq!(ScanCache::load(&cache).len(), 5, "00, 4b, 4c, ab, ff");
+        let again = cached(false);
+        assert_eq!(again.cached_dirs, 5);
+        assert_eq!(again.manifest.manifest_hash, first.manifest.manifest_hash);
+        assert_eq!(again.sources, first.sources);
+
+        // A push adds an object to one directory, a prune removes one from another, a refs
+        // update: only those directories are read, and the manifest is a full scan's.
+        loose_object(&repo, &id("4c", 9), "new");
+        fs::remove_file(repo.join("objects/ab").join(&id("ab", 3)[2..])).unwrap();
+        fs::write(repo.join("refs/heads/main"), format!("{}\n", id("4c", 9))).unwrap();
+        let after = cached(false);
+        assert_eq!(after.cached_dirs, 3, "00, 4b and ff are unchanged");
+        let full = scan(&repo, opts(GitMode::On)).unwrap();
+        assert_eq!(after.manifest.manifest_hash, full.manifest.manifest_hash);
+        assert_eq!(after.sources, full.sources);
+        assert_eq!(after.manifest.entries, full.manifest.entries);
+
+        // What the cache trusts: git never changes a loose object in place, so a chmod by
+        // hand (the directory untouched) is not seen; --no-scan-cache sees it.
+        let f = repo.join("objects/00").join(&id("00", 1)[2..]);
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        let mode_of = |s: &Scan| {
+            let i = s.sources.iter().position(|p| *p == f).unwrap();
+            s.manifest.entries[i].mode
+        };
+        assert_eq!(mode_of(&cached(false)), 0o644);
+        assert_eq!(mode_of(&scan(&repo, opts(GitMode::On)).unwrap()), 0o600);
+
+        // A damaged cache is no cache.
+        let mut bytes = fs::read(&cache).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&cache, bytes).unwrap();
+        assert_eq!(cached(false).cached_dirs, 0);
+        // Off in plain mode, and with --dissociate.
+        let plain = scan(
+            &repo,
+            ScanOptions {
+                cache_file: Some(cache.clone()),
+                ..opts(GitMode::Off)
+            },
+        )
+        .unwrap();
+        assert_eq!(plain.cached_dirs, 0);
     }
 }

@@ -128,6 +128,9 @@ pub struct SendConfig {
     /// In git mode, wait up to this long before sending while git's gc/repack rewrites the
     /// repository ([`crate::git_maintenance`]); `None`: do not look.
     pub repack_wait: Option<Duration>,
+    /// In git mode, where to remember loose-object directories between passes
+    /// ([`crate::scan_cache`]); `None`: every pass reads every directory.
+    pub scan_cache: Option<PathBuf>,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -245,6 +248,10 @@ pub struct SendSummary {
     /// the previous one ([`crate::wire::PREVIOUS_PROTOCOL_VERSION`]) with an older receiver.
     #[serde(default)]
     pub protocol_version: u16,
+    /// In git mode: loose-object directories whose listing from the previous pass was
+    /// reused instead of read ([`crate::scan_cache`]).
+    #[serde(default)]
+    pub scan_cached_dirs: u64,
 }
 
 /// What quinn saw of the path.
@@ -564,15 +571,29 @@ async fn attempt_once(
     totals: &mut Totals,
 ) -> Result<SendSummary, Error> {
     let src = cfg.src.clone();
+    let cache_file = cfg
+        .scan_cache
+        .as_ref()
+        .filter(|_| cfg.git != GitMode::Off)
+        .map(|dir| crate::scan_cache::cache_file(dir, &cfg.src));
     let opts = ScanOptions {
         chunk_size: cfg.chunk_size,
         git: cfg.git,
         external_links: cfg.external_links.clone(),
         dissociate: cfg.dissociate,
+        cache_file: cache_file.clone(),
+        save_cache: cfg.stage_only,
     };
+    let scan_started = Instant::now();
     let scanned = tokio::task::spawn_blocking(move || scan(&src, opts))
         .await
         .map_err(|e| Error::Other(e.to_string()))??;
+    tracing::debug!(
+        entries = scanned.manifest.entries.len(),
+        cached_dirs = scanned.cached_dirs,
+        seconds = scan_started.elapsed().as_secs_f64(),
+        "source scanned"
+    );
     // An installing pass needs a frozen source: something vanishing while we list it means
     // it is not. A pre-copy just leaves the vanished entries out.
     if !scanned.vanished.is_empty() && !cfg.stage_only {
@@ -652,6 +673,10 @@ async fn attempt_once(
         } => (Some(root_hash), path, replaced),
         Ending::Partial => (None, Vec::new(), None),
     };
+    // Installed: no later pass needs what this source's directories held.
+    if let Some(file) = cache_file.filter(|_| root.is_some() && !cfg.stage_only) {
+        let _ = std::fs::remove_file(file);
+    }
     let m = &scan.manifest;
     Ok(SendSummary {
         source: cfg.src.display().to_string(),
@@ -698,6 +723,7 @@ async fn attempt_once(
         waited_seconds: 0.0,
         receiver_key,
         protocol_version: negotiated.version,
+        scan_cached_dirs: scan.cached_dirs,
     })
 }
 
