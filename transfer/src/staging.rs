@@ -51,6 +51,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
@@ -213,6 +214,19 @@ impl Staging {
         manifest: &Manifest,
         request: &Request,
     ) -> Result<(Staging, ChunkTracker), PrepareError> {
+        Self::prepare_after(root, dest, manifest, request, None)
+    }
+
+    /// [`Staging::prepare`], given what this process remembers of the destination's
+    /// previous attempt ([`Previous::remember`]): used instead of reading the journal back
+    /// when the journal is still the one that attempt left ([`Previous::still_on_disk`]).
+    pub fn prepare_after(
+        root: &Path,
+        dest: &[u8],
+        manifest: &Manifest,
+        request: &Request,
+        remembered: Option<Arc<Previous>>,
+    ) -> Result<(Staging, ChunkTracker), PrepareError> {
         let Request { resume, git, .. } = *request;
         let mut phases = Phases::start();
         // Refused before anything is written, let alone sent.
@@ -236,19 +250,22 @@ impl Staging {
             Err(fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e).into()),
         }
         let tree = dir.join("tree");
-        // What an earlier attempt verified, by path, if it may be reused.
-        let Previous {
-            manifest_hash: previous,
-            carried,
-            staged,
-        } = if resume {
-            load_previous(&dir, manifest.chunk_size).unwrap_or_else(|e| {
+        // What an earlier attempt verified, if it may be reused: remembered, or read back.
+        let earlier: Arc<Previous> = match remembered {
+            _ if !resume => Arc::default(),
+            Some(p) if p.chunk_size == manifest.chunk_size && p.still_on_disk(&dir) => p,
+            _ => Arc::new(load_previous(&dir, manifest.chunk_size).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "the earlier attempt's journal is unusable; starting afresh");
                 Previous::default()
-            })
-        } else {
-            Previous::default()
+            })),
         };
+        let previous = earlier.manifest_hash;
+        let carried: HashMap<&[u8], usize> = earlier
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.as_slice(), i))
+            .collect();
         phases.mark("previous journal");
         // Whether the earlier attempt's files all have that attempt's final metadata.
         let settled_record = settled_record(previous, &owner);
@@ -264,7 +281,7 @@ impl Staging {
         // (one directory walk with an `fstatat` per file).
         let tree_is_dir = fs::symlink_metadata(&tree).is_ok_and(|m| m.is_dir());
         let listing = match manifest.root_kind {
-            RootKind::Dir if tree_is_dir && was_settled => Listing::of_entries(staged),
+            RootKind::Dir if tree_is_dir && was_settled => Listing::of_entries(earlier.staged()),
             RootKind::Dir if tree_is_dir => Listing::of(&tree)?,
             _ => Listing::default(),
         };
@@ -282,9 +299,10 @@ impl Staging {
             if e.kind != EntryKind::File {
                 continue;
             }
-            let Some((old, chunks)) = carried.get(&e.path) else {
+            let Some(&old) = carried.get(e.path.as_slice()) else {
                 continue;
             };
+            let (old, chunks) = (&earlier.entries[old], &earlier.chunks[old]);
             let staged = staged_size(e) == Some(e.size);
             if staged && same_source_version(old, e, git) {
                 reused.insert(i, chunks);
@@ -1014,18 +1032,96 @@ fn split_journal(journal: &[u8]) -> Result<(Hash, &[u8], &[u8]), String> {
     Ok((hash, &journal[48..end], &journal[end..]))
 }
 
-/// Per path: the earlier attempt's entry and the chunks it verified.
-type Carried = HashMap<Vec<u8>, (Entry, Vec<(u64, Hash)>)>;
-
-/// What [`load_previous`] found of an earlier attempt.
-#[derive(Default)]
-struct Previous {
+/// An earlier attempt at a destination: its manifest and the chunks it verified, read back
+/// from its journal ([`load_previous`]) or remembered by the process that staged it
+/// ([`Previous::remember`]).
+#[derive(Default, Debug)]
+pub struct Previous {
     /// Its manifest hash; `None`: no earlier attempt.
     manifest_hash: Option<Hash>,
-    carried: Carried,
-    /// The staged tree that attempt's fix-up made (directories and files, parents first),
-    /// which is what the tree holds when `settled` names that manifest.
-    staged: Vec<(Vec<u8>, ListedKind)>,
+    chunk_size: u64,
+    /// Its manifest's entries, in manifest order.
+    entries: Vec<Entry>,
+    /// Per entry, the (chunk, hash) pairs verified.
+    chunks: Vec<Vec<(u64, Hash)>>,
+    /// For a remembered attempt: the journal as it left it.
+    journal: Option<FileStamp>,
+}
+
+/// What identifies one version of a file (a journal left by an attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_sec: i64,
+    mtime_nsec: i64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_sec: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
+}
+
+impl Previous {
+    /// What a receiver keeps in memory of a pre-copy it just staged and settled in `root`
+    /// for `dest`: its manifest and verified chunks (from `tracker`), and the journal's
+    /// stamp. The final pass's prepare then need not read a 200k-entry journal back (~0.2 s
+    /// inside the read-only window); it trusts the memory only while the journal is
+    /// unchanged ([`Previous::still_on_disk`]).
+    pub fn remember(
+        root: &Path,
+        dest: &[u8],
+        manifest: &Manifest,
+        tracker: &ChunkTracker,
+    ) -> Previous {
+        Previous {
+            manifest_hash: Some(manifest.manifest_hash),
+            chunk_size: manifest.chunk_size,
+            entries: manifest.entries.clone(),
+            chunks: (0..manifest.entries.len())
+                .map(|i| tracker.verified_of(i))
+                .collect(),
+            journal: FileStamp::of(&staging_dir(root, dest).join("journal")),
+        }
+    }
+
+    /// Entries held (the memory it takes is about proportional).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether the journal in staging directory `dir` is still the one this attempt left
+    /// (same file, length and time): no other attempt ran since.
+    fn still_on_disk(&self, dir: &Path) -> bool {
+        self.journal.is_some() && FileStamp::of(&dir.join("journal")) == self.journal
+    }
+
+    /// What the staged tree holds if the attempt was settled: its directories and files,
+    /// parents first (links are made at install time, never staged).
+    fn staged(&self) -> Vec<(Vec<u8>, ListedKind)> {
+        self.entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                EntryKind::Dir if !e.path.is_empty() => Some((e.path.clone(), ListedKind::Dir)),
+                EntryKind::File => Some((e.path.clone(), ListedKind::File(e.size))),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Reads the previous attempt's manifest and journal: its manifest hash (`None`: no earlier
@@ -1077,25 +1173,12 @@ fn load_previous(dir: &Path, chunk_size: u64) -> Result<Previous, String> {
             v.push((chunk, hash));
         }
     }
-    // What the tree holds if the attempt was settled: its directories and files, in manifest
-    // order (links are made at install time, never staged).
-    let staged = entries
-        .iter()
-        .filter_map(|e| match e.kind {
-            EntryKind::Dir if !e.path.is_empty() => Some((e.path.clone(), ListedKind::Dir)),
-            EntryKind::File => Some((e.path.clone(), ListedKind::File(e.size))),
-            _ => None,
-        })
-        .collect();
-    let carried = entries
-        .into_iter()
-        .zip(per_file)
-        .map(|(e, chunks)| (e.path.clone(), (e, chunks)))
-        .collect();
     Ok(Previous {
         manifest_hash: Some(manifest_hash),
-        carried,
-        staged,
+        chunk_size,
+        entries,
+        chunks: per_file,
+        journal: None,
     })
 }
 
@@ -1338,7 +1421,7 @@ pub(crate) mod tests {
         let empty = tempfile::tempdir().unwrap();
         assert!(load_previous(empty.path(), first.chunk_size)
             .unwrap()
-            .carried
+            .entries
             .is_empty());
     }
 
@@ -1477,5 +1560,67 @@ pub(crate) mod tests {
         let mut expected = expected;
         expected.sort();
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_remembered_attempt_stands_for_its_journal_only_while_the_journal_is_unchanged() {
+        let (first, second) = manifests();
+        // A settled pre-copy of `first`, remembered as the receiver does.
+        let staged = |root: &Path| {
+            stage_fully(root, &first);
+            let (mut s, tracker) =
+                Staging::prepare(root, b"r.git", &first, &resumed(true)).unwrap();
+            s.settle(&first).unwrap();
+            drop(s);
+            Arc::new(Previous::remember(root, b"r.git", &first, &tracker))
+        };
+        let journal = |root: &Path| staging_dir(root, b"r.git").join("journal");
+        // Damages the journal's manifest bytes but keeps its length and times.
+        let damage_in_place = |root: &Path| {
+            let path = journal(root);
+            let times = fs::metadata(&path).unwrap().modified().unwrap();
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[60] ^= 0xff;
+            fs::write(&path, &bytes).unwrap();
+            File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_times(fs::FileTimes::new().set_modified(times))
+                .unwrap();
+        };
+        let carried = |root: &Path, memory: Option<Arc<Previous>>| {
+            let (s, tracker) =
+                Staging::prepare_after(root, b"r.git", &second, &resumed(true), memory).unwrap();
+            assert_vouched_chunks_are_on_disk(&s, &tracker, &second);
+            tracker.verified_bytes()
+        };
+        let kept = first.entries[3].size; // a/b/keep: the one file of `first` that carries over
+
+        // Remembered: the journal is not read back (a damaged one would say nothing).
+        let t = tempfile::tempdir().unwrap();
+        let memory = staged(t.path());
+        damage_in_place(t.path());
+        assert_eq!(carried(t.path(), Some(memory)), kept);
+
+        // Not remembered: the same damage is found and nothing carries over.
+        let t = tempfile::tempdir().unwrap();
+        staged(t.path());
+        damage_in_place(t.path());
+        assert_eq!(carried(t.path(), None), 0);
+
+        // The journal changed since (another attempt ran): the memory is not trusted.
+        let t = tempfile::tempdir().unwrap();
+        let memory = staged(t.path());
+        let mut other = first.entries.clone();
+        other.truncate(4);
+        let other = Manifest::from_scan(RootKind::Dir, CHUNK, other);
+        drop(Staging::prepare(t.path(), b"r.git", &other, &resumed(false)).unwrap());
+        assert!(!memory.still_on_disk(&staging_dir(t.path(), b"r.git")));
+        assert_eq!(
+            carried(t.path(), Some(memory)),
+            0,
+            "nothing of `other` is verified"
+        );
     }
 }

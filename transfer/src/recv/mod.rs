@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod remembered;
 pub mod session;
 pub mod store;
 
@@ -49,7 +50,7 @@ use crate::io::{
 };
 use crate::manifest::Manifest;
 use crate::space::{PromiseId, SpaceLedger};
-use crate::staging::{PrepareError, Request, Staging};
+use crate::staging::{PrepareError, Previous, Request, Staging};
 use crate::wire::{hex, ChunkHeader, ControlMsg, FailCode};
 
 use session::{Outcome, ReceiverInput, ReceiverOutput, ReceiverSession};
@@ -115,6 +116,8 @@ struct Shared {
     space: Mutex<SpaceLedger>,
     /// Handshakes per address and at once, before any cryptography.
     handshakes: Mutex<HandshakeLimiter>,
+    /// The pre-copies staged lately, for the final passes that follow ([`remembered`]).
+    remembered: Mutex<remembered::RememberedAttempts>,
 }
 
 /// A receiver's ticket rules: whose signatures count, and what installs have spent.
@@ -160,6 +163,7 @@ impl Receiver {
                     spent: Arc::new(Mutex::new(crate::ticket::SpentNonces::default())),
                 }),
                 space: Mutex::new(SpaceLedger::new(cfg.keep_free)),
+                remembered: Mutex::new(remembered::RememberedAttempts::default()),
                 handshakes: Mutex::new(HandshakeLimiter::new(
                     cfg.handshake_rate,
                     cfg.max_handshakes,
@@ -880,10 +884,16 @@ async fn prepare(
     let dest_text = String::from_utf8_lossy(&dest).into_owned();
     let root = shared.root.clone();
     let m = manifest.clone();
-    let prepared =
-        tokio::task::spawn_blocking(move || Staging::prepare(&root, &dest, &m, &request))
-            .await
-            .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
+    let remembered = shared
+        .remembered
+        .lock()
+        .ok()
+        .and_then(|mut r| r.take(&dest, Instant::now()));
+    let prepared = tokio::task::spawn_blocking(move || {
+        Staging::prepare_after(&root, &dest, &m, &request, remembered)
+    })
+    .await
+    .map_err(|e| PrepareError::Io(Error::Other(e.to_string())));
     let failed = |code, message| ReceiverInput::PrepareFailed { code, message };
     match prepared.and_then(|r| r) {
         Ok((staging, tracker)) => {
@@ -996,14 +1006,25 @@ async fn settle(t: &Arc<Transfer>) {
     let (Some(mut staging), Some(manifest)) = (staging, manifest) else {
         return;
     };
+    // The verified chunks, for the final pass's prepare (see `remembered`).
+    let Some(tracker) = t.session.lock().ok().and_then(|s| s.tracker().cloned()) else {
+        return;
+    };
+    let (root, dest) = (t.shared.root.clone(), t.claimed_dest());
     let started = Instant::now();
     let done = tokio::task::spawn_blocking(move || {
         let result = staging.settle(&manifest);
-        (staging, result)
+        let attempt = result
+            .is_ok()
+            .then(|| Previous::remember(&root, &dest, &manifest, &tracker));
+        (staging, result, attempt, dest)
     })
     .await;
     match done {
-        Ok((staging, result)) => {
+        Ok((staging, result, attempt, dest)) => {
+            if let (Some(attempt), Ok(mut r)) = (attempt, t.shared.remembered.lock()) {
+                r.remember(&dest, attempt, Instant::now());
+            }
             match result {
                 Ok(()) => tracing::info!(
                     files = staging.settled_files(),

@@ -280,12 +280,17 @@ impl ReceiverSession {
         self.manifest.as_ref()
     }
 
-    /// (verified chunks, verified bytes, total chunks), once staging is prepared.
     /// The root hash the sender announced (equal to ours once `Install` was asked for).
     pub fn sender_root(&self) -> Option<Hash> {
         self.sender_root
     }
 
+    /// What is verified of each file, once staging is prepared.
+    pub fn tracker(&self) -> Option<&ChunkTracker> {
+        self.tracker.as_ref()
+    }
+
+    /// (verified chunks, verified bytes, total chunks), once staging is prepared.
     pub fn verified(&self) -> Option<(u64, u64, u64)> {
         self.tracker
             .as_ref()
