@@ -81,6 +81,10 @@ async fn read_counting<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
+/// Buffer of a control stream's reader: many small frames are read with one call into the
+/// stream (whose every read takes the connection's lock).
+pub const CONTROL_READ_BUFFER: usize = 64 * 1024;
+
 /// Reads one control message; `Ok(None)` when the peer finished the stream cleanly.
 pub async fn read_control<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<ControlMsg>, Error> {
     let mut prefix = [0u8; 4];

@@ -279,37 +279,52 @@ impl Staging {
         // removes the mark before it changes anything), so it is not walked: a 200k-file walk
         // is ~0.45 s of a final pass inside the read-only window. Any other tree is read once
         // (one directory walk with an `fstatat` per file).
+        // The earlier entry at each new entry's path.
+        let old_of_new: Vec<Option<usize>> = manifest
+            .entries
+            .iter()
+            .map(|e| carried.get(e.path.as_slice()).copied())
+            .collect();
         let tree_is_dir = fs::symlink_metadata(&tree).is_ok_and(|m| m.is_dir());
-        let listing = match manifest.root_kind {
-            RootKind::Dir if tree_is_dir && was_settled => Listing::of_entries(earlier.staged()),
-            RootKind::Dir if tree_is_dir => Listing::of(&tree)?,
-            _ => Listing::default(),
+        let staged_tree = match manifest.root_kind {
+            RootKind::Dir if tree_is_dir && was_settled => StagedTree::Settled {
+                earlier: &earlier.entries,
+                old_of_new: &old_of_new,
+            },
+            RootKind::Dir if tree_is_dir => StagedTree::Walked(Listing::of(&tree)?),
+            _ => StagedTree::Walked(Listing::default()),
         };
         phases.mark("staged tree listed");
         // Files that carry over: the same source version, and the staged file is there.
-        let staged_size = |e: &Entry| match manifest.root_kind {
+        let staged_size = |i: usize, e: &Entry| match manifest.root_kind {
             RootKind::File => fs::symlink_metadata(&tree)
                 .ok()
                 .filter(|m| m.file_type().is_file())
                 .map(|m| m.len()),
-            RootKind::Dir => listing.file_size(&e.path),
+            RootKind::Dir => staged_tree.file_size(i, e),
         };
-        let mut reused: HashMap<usize, &[(u64, Hash)]> = HashMap::new();
+        let mut reused: Vec<Option<&[(u64, Hash)]>> = vec![None; manifest.entries.len()];
         for (i, e) in manifest.entries.iter().enumerate() {
             if e.kind != EntryKind::File {
                 continue;
             }
-            let Some(&old) = carried.get(e.path.as_slice()) else {
+            let Some(old) = old_of_new[i] else {
                 continue;
             };
             let (old, chunks) = (&earlier.entries[old], &earlier.chunks[old]);
-            let staged = staged_size(e) == Some(e.size);
+            let staged = staged_size(i, e) == Some(e.size);
             if staged && same_source_version(old, e, git) {
-                reused.insert(i, chunks);
+                reused[i] = Some(chunks);
                 settled[i] = was_settled && same_metadata(old, e);
             }
         }
-        let reused_bytes: u64 = reused.keys().map(|i| manifest.entries[*i].size).sum();
+        let reused_bytes: u64 = manifest
+            .entries
+            .iter()
+            .zip(&reused)
+            .filter(|(_, r)| r.is_some())
+            .map(|(e, _)| e.size)
+            .sum();
         phases.mark("carried files matched");
         // Space: what is not already staged must fit. Checked before any allocation sized
         // by the (untrusted) manifest, which therefore cannot exceed the disk.
@@ -322,10 +337,8 @@ impl Staging {
         }
         let mut tracker = ChunkTracker::new(manifest);
         let mut records: Vec<(u64, u64, Hash)> = Vec::new();
-        let mut reused_files: Vec<usize> = reused.keys().copied().collect();
-        reused_files.sort_unstable();
-        for i in reused_files {
-            for (chunk, hash) in reused[&i] {
+        for (i, chunks) in reused.iter().enumerate() {
+            for (chunk, hash) in chunks.unwrap_or_default() {
                 if tracker.mark_verified(i as u64, *chunk, *hash) {
                     records.push((i as u64, *chunk, *hash));
                 }
@@ -354,7 +367,7 @@ impl Staging {
         // 2. The tree, fixed up in place around the carried files.
         match manifest.root_kind {
             RootKind::File => {
-                if !reused.contains_key(&0) {
+                if reused.first().is_none_or(|r| r.is_none()) {
                     crash_point()?;
                     remove_any(&tree)?;
                     create_sized(&tree, manifest.entries.first().map_or(0, |e| e.size))?;
@@ -366,28 +379,26 @@ impl Staging {
                     remove_any(&tree)?;
                     fs::create_dir(&tree).map_err(io_err(&tree))?;
                 }
-                let mut keep: HashMap<&[u8], bool> = HashMap::new();
-                for (i, e) in manifest.entries.iter().enumerate() {
-                    match e.kind {
-                        EntryKind::Dir => {
-                            keep.insert(&e.path, true);
-                        }
-                        EntryKind::File if reused.contains_key(&i) => {
-                            keep.insert(&e.path, false);
-                        }
-                        _ => {}
-                    }
-                }
-                listing.prune(&tree, &keep)?;
+                // Kept: the new manifest's directories, and the files that carry over.
+                let kept = |i: usize| match manifest.entries[i].kind {
+                    EntryKind::Dir => true,
+                    EntryKind::File => reused[i].is_some(),
+                    _ => false,
+                };
+                staged_tree.prune(&tree, &manifest.entries, kept)?;
                 for (i, e) in manifest.entries.iter().enumerate().skip(1) {
-                    let p = path_of(&tree, &e.path);
                     match e.kind {
-                        // A listed directory the manifest has is kept by the prune.
-                        EntryKind::Dir if !listing.is_dir(&e.path) && !p.is_dir() => {
-                            crash_point()?;
-                            fs::create_dir(&p).map_err(io_err(&p))?;
+                        // A staged directory the manifest has is kept by the prune.
+                        EntryKind::Dir if !staged_tree.is_dir(i, e) => {
+                            let p = path_of(&tree, &e.path);
+                            if !p.is_dir() {
+                                crash_point()?;
+                                fs::create_dir(&p).map_err(io_err(&p))?;
+                            }
                         }
-                        EntryKind::File if !reused.contains_key(&i) => create_sized(&p, e.size)?,
+                        EntryKind::File if reused[i].is_none() => {
+                            create_sized(&path_of(&tree, &e.path), e.size)?
+                        }
                         // Links are made at install time.
                         _ => {}
                     }
@@ -763,6 +774,102 @@ fn create_sized(path: &Path, size: u64) -> Result<(), Error> {
 /// Removes from the staged directory `dir` (at relative path `rel`) everything the new
 /// manifest does not keep: `keep` maps a path to `true` for a directory (kept, and pruned
 /// in turn) or `false` for a carried file (kept as it is).
+/// What the staged tree holds, as prepare's carry-over and fix-up ask it of each entry `i` of
+/// the new manifest.
+enum StagedTree<'a> {
+    /// Read from disk.
+    Walked(Listing),
+    /// A settled tree: exactly the earlier manifest's directories and files (links are made
+    /// at install time), so nothing is read; `old_of_new[i]` is the earlier entry at new
+    /// entry `i`'s path.
+    Settled {
+        earlier: &'a [Entry],
+        old_of_new: &'a [Option<usize>],
+    },
+}
+
+impl StagedTree<'_> {
+    /// The size of the regular file staged at new entry `i`'s path (`e`), if that is one.
+    fn file_size(&self, i: usize, e: &Entry) -> Option<u64> {
+        match self {
+            StagedTree::Walked(listing) => listing.file_size(&e.path),
+            StagedTree::Settled {
+                earlier,
+                old_of_new,
+            } => old_of_new[i]
+                .map(|j| &earlier[j])
+                .filter(|old| old.kind == EntryKind::File)
+                .map(|old| old.size),
+        }
+    }
+
+    /// Whether a directory is staged at new entry `i`'s path (`e`).
+    fn is_dir(&self, i: usize, e: &Entry) -> bool {
+        match self {
+            StagedTree::Walked(listing) => listing.is_dir(&e.path),
+            StagedTree::Settled {
+                earlier,
+                old_of_new,
+            } => old_of_new[i].is_some_and(|j| j > 0 && earlier[j].kind == EntryKind::Dir),
+        }
+    }
+
+    /// Removes from `tree` everything staged that the new manifest (`entries`) does not
+    /// keep: `kept(i)` says whether new entry `i`'s path stays (a directory, pruned in turn,
+    /// or a carried file), provided the same kind is staged there.
+    fn prune(
+        &self,
+        tree: &Path,
+        entries: &[Entry],
+        kept: impl Fn(usize) -> bool,
+    ) -> Result<(), Error> {
+        match self {
+            StagedTree::Walked(listing) => {
+                let mut keep: HashMap<&[u8], bool> = HashMap::new();
+                for (i, e) in entries.iter().enumerate() {
+                    if kept(i) {
+                        keep.insert(&e.path, e.kind == EntryKind::Dir);
+                    }
+                }
+                listing.prune(tree, &keep)
+            }
+            StagedTree::Settled {
+                earlier,
+                old_of_new,
+            } => {
+                let mut new_of_old: Vec<Option<usize>> = vec![None; earlier.len()];
+                for (i, old) in old_of_new.iter().enumerate() {
+                    if let Some(j) = old {
+                        new_of_old[*j] = Some(i);
+                    }
+                }
+                let mut removed: Option<&[u8]> = None;
+                for (j, old) in earlier.iter().enumerate().skip(1) {
+                    if !matches!(old.kind, EntryKind::Dir | EntryKind::File) {
+                        continue;
+                    }
+                    let path = old.path.as_slice();
+                    if removed
+                        .is_some_and(|r| path.starts_with(r) && path.get(r.len()) == Some(&b'/'))
+                    {
+                        continue;
+                    }
+                    let stays =
+                        new_of_old[j].is_some_and(|i| kept(i) && entries[i].kind == old.kind);
+                    if !stays {
+                        crash_point()?;
+                        remove_any(&path_of(tree, path))?;
+                        if old.kind == EntryKind::Dir {
+                            removed = Some(path);
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// What a staged tree holds: every path under it (relative, as in the manifest), parents
 /// before their children, with its kind and, for a regular file, its size.
 #[derive(Default)]
@@ -782,19 +889,15 @@ impl Listing {
     /// Walks `tree`: the kinds come from the directory entries, a file's size from an
     /// `fstatat` on its open directory.
     fn of(tree: &Path) -> Result<Listing, Error> {
-        let mut walked = Listing::default();
-        walked.walk(tree, &[])?;
-        Ok(Listing::of_entries(walked.entries))
-    }
-
-    /// A listing known without reading the tree: `entries` in parents-first order.
-    fn of_entries(entries: Vec<(Vec<u8>, ListedKind)>) -> Listing {
-        let index = entries
+        let mut listing = Listing::default();
+        listing.walk(tree, &[])?;
+        listing.index = listing
+            .entries
             .iter()
             .enumerate()
             .map(|(i, (path, _))| (path.clone(), i))
             .collect();
-        Listing { entries, index }
+        Ok(listing)
     }
 
     fn walk(&mut self, dir: &Path, rel: &[u8]) -> Result<(), Error> {
@@ -1108,19 +1211,6 @@ impl Previous {
     /// (same file, length and time): no other attempt ran since.
     fn still_on_disk(&self, dir: &Path) -> bool {
         self.journal.is_some() && FileStamp::of(&dir.join("journal")) == self.journal
-    }
-
-    /// What the staged tree holds if the attempt was settled: its directories and files,
-    /// parents first (links are made at install time, never staged).
-    fn staged(&self) -> Vec<(Vec<u8>, ListedKind)> {
-        self.entries
-            .iter()
-            .filter_map(|e| match e.kind {
-                EntryKind::Dir if !e.path.is_empty() => Some((e.path.clone(), ListedKind::Dir)),
-                EntryKind::File => Some((e.path.clone(), ListedKind::File(e.size))),
-                _ => None,
-            })
-            .collect()
     }
 }
 

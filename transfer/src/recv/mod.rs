@@ -700,7 +700,10 @@ fn control_input(read: Result<Option<ControlMsg>, Error>) -> ReceiverInput {
 }
 
 /// Reads the control stream into the control loop until it ends.
-async fn read_controls(mut recv: quinn::RecvStream, tx: mpsc::UnboundedSender<Event>) {
+async fn read_controls(recv: quinn::RecvStream, tx: mpsc::UnboundedSender<Event>) {
+    // Buffered: a manifest is one frame per entry (200k in a busy repository), and each
+    // unbuffered read locks the connection.
+    let mut recv = tokio::io::BufReader::with_capacity(crate::io::CONTROL_READ_BUFFER, recv);
     loop {
         let input = control_input(read_control(&mut recv).await);
         let last = !matches!(input, ReceiverInput::Control(_));

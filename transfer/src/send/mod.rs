@@ -919,7 +919,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Reads the control stream into the control loop until it ends.
-async fn read_controls(mut recv: quinn::RecvStream, tx: mpsc::UnboundedSender<DriverEvent>) {
+async fn read_controls(recv: quinn::RecvStream, tx: mpsc::UnboundedSender<DriverEvent>) {
+    // Buffered: a resumed pass reads one `Have` per file (200k in a busy repository), and
+    // each unbuffered read locks the connection.
+    let mut recv = tokio::io::BufReader::with_capacity(crate::io::CONTROL_READ_BUFFER, recv);
     loop {
         let event = match read_control(&mut recv).await {
             Ok(Some(msg)) => DriverEvent::Input(SenderInput::Control(msg)),
