@@ -12,7 +12,7 @@
 //! Chunking is fixed-size: file `f` has `ceil(size / chunk_size)` chunks; chunk `c` covers
 //! `[c * chunk_size, min(size, (c + 1) * chunk_size))`.
 
-use foldhash::HashSet;
+use foldhash::HashMap;
 
 use thiserror::Error;
 
@@ -318,10 +318,10 @@ pub struct ManifestBuilder {
     /// Where symlinks leaving the tree may point (`Hello::external_links`).
     external_links: Vec<Vec<u8>>,
     entries: Vec<Entry>,
-    seen: HashSet<Vec<u8>>,
-    dirs: HashSet<Vec<u8>>,
-    /// Regular files so far: what a hardlink may name.
-    files: HashSet<Vec<u8>>,
+    /// Every path accepted so far and its kind: duplicates are refused, a parent must be a
+    /// directory (not the root), a hardlink must name a regular file. One map, one copy of
+    /// each path (200k entries in a busy repository's final pass).
+    kinds: HashMap<Vec<u8>, EntryKind>,
     bytes: u64,
     /// Variable-length bytes held so far, bounded by `held_bytes_limit`
     /// ([`MAX_MANIFEST_BYTES`]; lower in unit tests).
@@ -360,9 +360,7 @@ impl ManifestBuilder {
             external_links: hello.external_links.clone(),
             // Capacity is not taken from the peer's claim: it could be huge.
             entries: Vec::new(),
-            seen: HashSet::default(),
-            dirs: HashSet::default(),
-            files: HashSet::default(),
+            kinds: HashMap::default(),
             bytes: 0,
             held_bytes: 0,
             held_bytes_limit: MAX_MANIFEST_BYTES,
@@ -399,11 +397,11 @@ impl ManifestBuilder {
                     reason,
                 })?;
                 if let Some(pos) = entry.path.iter().rposition(|b| *b == b'/') {
-                    if !self.dirs.contains(&entry.path[..pos]) {
+                    if self.kinds.get(&entry.path[..pos]) != Some(&EntryKind::Dir) {
                         return Err(ManifestError::MissingParent(lossy(&entry.path)));
                     }
                 }
-                if self.seen.contains(&entry.path) {
+                if self.kinds.contains_key(&entry.path) {
                     return Err(ManifestError::Duplicate(lossy(&entry.path)));
                 }
             }
@@ -416,7 +414,6 @@ impl ManifestBuilder {
         }
         // Sets are updated only once every check passed: a refused entry leaves no trace (a
         // refused file must not become a hardlink target).
-        let mut is_dir = false;
         match entry.kind {
             EntryKind::File => {}
             EntryKind::Dir | EntryKind::Symlink | EntryKind::Hardlink if entry.size != 0 => {
@@ -432,14 +429,14 @@ impl ManifestBuilder {
             EntryKind::Hardlink => {
                 // Only a file of this tree, already declared: the link is made inside
                 // staging, to bytes that were verified.
-                if !self.files.contains(&entry.link_target) {
+                if self.kinds.get(&entry.link_target) != Some(&EntryKind::File) {
                     return Err(ManifestError::BadHardlink {
                         path: lossy(&entry.path),
                         target: lossy(&entry.link_target),
                     });
                 }
             }
-            EntryKind::Dir => is_dir = !entry.path.is_empty(),
+            EntryKind::Dir => {}
             EntryKind::Symlink => {
                 if !symlink_stays_inside(&entry.path, &entry.link_target)
                     && !external_link_allowed(&entry.link_target, &self.external_links)
@@ -461,14 +458,11 @@ impl ManifestBuilder {
         }
         self.bytes = bytes;
         self.held_bytes = held_bytes;
-        if entry.kind == EntryKind::File {
-            self.files.insert(entry.path.clone());
-        }
-        if is_dir {
-            self.dirs.insert(entry.path.clone());
-        }
         self.hasher.add(&entry);
-        self.seen.insert(entry.path.clone());
+        // The root (empty path) is no parent: top-level entries have no '/'.
+        if !entry.path.is_empty() {
+            self.kinds.insert(entry.path.clone(), entry.kind);
+        }
         self.entries.push(entry);
         Ok(())
     }

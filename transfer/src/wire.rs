@@ -549,37 +549,7 @@ impl ControlMsg {
                     put_bytes(out, &h.ticket);
                 }
             }
-            ControlMsg::Entry(e) => {
-                out.push(if e.attrs.is_some() {
-                    T_ENTRY_ATTRS
-                } else {
-                    T_ENTRY
-                });
-                put_bytes(out, &e.path);
-                out.push(match e.kind {
-                    EntryKind::File => 0,
-                    EntryKind::Dir => 1,
-                    EntryKind::Symlink => 2,
-                    EntryKind::Hardlink => 3,
-                });
-                out.extend_from_slice(&e.mode.to_le_bytes());
-                out.extend_from_slice(&e.mtime_sec.to_le_bytes());
-                out.extend_from_slice(&e.mtime_nsec.to_le_bytes());
-                put_u64(out, e.size);
-                put_bytes(out, &e.link_target);
-                put_u64(out, e.ino);
-                out.extend_from_slice(&e.ctime_sec.to_le_bytes());
-                out.extend_from_slice(&e.ctime_nsec.to_le_bytes());
-                if let Some(a) = &e.attrs {
-                    out.extend_from_slice(&a.uid.to_le_bytes());
-                    out.extend_from_slice(&a.gid.to_le_bytes());
-                    out.extend_from_slice(&(a.xattrs.len() as u32).to_le_bytes());
-                    for (name, value) in &a.xattrs {
-                        put_bytes(out, name);
-                        put_bytes(out, value);
-                    }
-                }
-            }
+            ControlMsg::Entry(e) => encode_entry_body(e, out),
             ControlMsg::ManifestEnd { manifest_hash } => {
                 out.push(T_MANIFEST_END);
                 out.extend_from_slice(manifest_hash);
@@ -927,22 +897,30 @@ pub fn control_frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
 
 /// Hash over the manifest entries, in order, as both sides encode them.
 #[derive(Default)]
-pub struct ManifestHasher(blake3::Hasher);
+pub struct ManifestHasher {
+    hasher: blake3::Hasher,
+    /// The entry being hashed, encoded (reused from entry to entry).
+    scratch: Vec<u8>,
+}
 
 impl ManifestHasher {
     pub fn new() -> Self {
-        let mut h = blake3::Hasher::new();
-        h.update(b"shardxfer/1 manifest");
-        ManifestHasher(h)
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"shardxfer/1 manifest");
+        ManifestHasher {
+            hasher,
+            scratch: Vec::with_capacity(256),
+        }
     }
     pub fn add(&mut self, entry: &Entry) {
-        let mut body = Vec::with_capacity(64 + entry.path.len());
-        ControlMsg::Entry(entry.clone()).encode_body(&mut body);
-        self.0.update(&(body.len() as u64).to_le_bytes());
-        self.0.update(&body);
+        self.scratch.clear();
+        encode_entry_body(entry, &mut self.scratch);
+        self.hasher
+            .update(&(self.scratch.len() as u64).to_le_bytes());
+        self.hasher.update(&self.scratch);
     }
     pub fn finish(&self) -> Hash {
-        *self.0.finalize().as_bytes()
+        *self.hasher.finalize().as_bytes()
     }
 }
 
@@ -963,6 +941,49 @@ impl RootHasher {
     pub fn finish(&self) -> Hash {
         *self.0.finalize().as_bytes()
     }
+}
+
+/// The body of an [`ControlMsg::Entry`] frame (type byte included), from a borrowed entry:
+/// the manifest of a 200k-entry tree is encoded and hashed without copying its entries.
+fn encode_entry_body(e: &Entry, out: &mut Vec<u8>) {
+    out.push(if e.attrs.is_some() {
+        T_ENTRY_ATTRS
+    } else {
+        T_ENTRY
+    });
+    put_bytes(out, &e.path);
+    out.push(match e.kind {
+        EntryKind::File => 0,
+        EntryKind::Dir => 1,
+        EntryKind::Symlink => 2,
+        EntryKind::Hardlink => 3,
+    });
+    out.extend_from_slice(&e.mode.to_le_bytes());
+    out.extend_from_slice(&e.mtime_sec.to_le_bytes());
+    out.extend_from_slice(&e.mtime_nsec.to_le_bytes());
+    put_u64(out, e.size);
+    put_bytes(out, &e.link_target);
+    put_u64(out, e.ino);
+    out.extend_from_slice(&e.ctime_sec.to_le_bytes());
+    out.extend_from_slice(&e.ctime_nsec.to_le_bytes());
+    if let Some(a) = &e.attrs {
+        out.extend_from_slice(&a.uid.to_le_bytes());
+        out.extend_from_slice(&a.gid.to_le_bytes());
+        out.extend_from_slice(&(a.xattrs.len() as u32).to_le_bytes());
+        for (name, value) in &a.xattrs {
+            put_bytes(out, name);
+            put_bytes(out, value);
+        }
+    }
+}
+
+/// One [`ControlMsg::Entry`] frame of a borrowed entry, appended to `out`.
+pub fn encode_entry_frame(e: &Entry, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 4]);
+    encode_entry_body(e, out);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Lowercase hex of a hash, for logs and summaries.

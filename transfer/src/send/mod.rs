@@ -52,7 +52,7 @@ use crate::compress::{AutoDecider, CompressPolicy, Decision, Handed};
 use crate::error::Error;
 use crate::gitdir::{GitFormats, GitMode};
 use crate::identity::{client_crypto, Fingerprint, Identity};
-use crate::io::{read_control, write_control, write_controls, BufferPool, RateLimiter};
+use crate::io::{read_control, write_control, BufferPool, RateLimiter};
 use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
 use crate::wire::{hex, ChunkHeader, Codec, ControlMsg, EntryKind, OwnerPolicy};
 
@@ -745,7 +745,9 @@ async fn attempt_on(
         .open_bi()
         .await
         .map_err(|e| crate::io::connection_error(&e))?;
-    write_controls(&mut ctl_send, &session.start(&scan.manifest)).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut ctl_send, &session.start_frames(&scan.manifest))
+        .await
+        .map_err(crate::io::stream_error)?;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // The control stream has its own reader: a read is not cancel-safe, and the loop below
