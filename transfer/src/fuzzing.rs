@@ -1084,6 +1084,11 @@ impl Model<'_> {
                     ControlMsg::Have { chunks, .. } => {
                         assert!(!self.accepted && chunks.len() <= MAX_HAVE_PER_FRAME)
                     }
+                    ControlMsg::Haves { files } => {
+                        let in_all: usize = files.iter().map(|(_, c)| c.len()).sum();
+                        assert!(!self.accepted && in_all <= MAX_HAVE_PER_FRAME);
+                        assert!(files.len() <= MAX_HAVE_PER_FRAME);
+                    }
                     ControlMsg::Accept { .. } => {
                         assert!(!self.accepted, "Accept twice");
                         self.accepted = true;

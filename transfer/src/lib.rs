@@ -34,6 +34,7 @@ pub mod io;
 pub mod manifest;
 pub mod notify;
 pub mod owner;
+mod phases;
 pub mod quic;
 pub mod recv;
 pub mod scan;

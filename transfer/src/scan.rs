@@ -38,13 +38,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::dissociate::BorrowedPack;
 use crate::error::Error;
 use crate::gitdir::{self, GitMode};
 use crate::manifest::{external_link_allowed, symlink_stays_inside, Manifest};
+use crate::phases::Phases;
 use crate::scan_cache::{self, DirStamp, ScanCache};
 use crate::wire::{Attrs, Entry, EntryKind, RootKind};
 
@@ -222,12 +223,10 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
     };
     // Borrowed objects are added after the walk; such a scan keeps no cache.
     let cache_file = opts.cache_file.as_ref().filter(|_| git && !opts.dissociate);
-    let mut walker = Walker::new(
-        git,
-        opts.external_links.clone(),
-        cache_file.map(|f| ScanCache::load(f)),
-        opts.save_cache,
-    );
+    let mut phases = Phases::start();
+    let cache = cache_file.map(|f| ScanCache::load(f));
+    phases.mark("cache read");
+    let mut walker = Walker::new(git, opts.external_links.clone(), cache, opts.save_cache);
     // The root directory itself is entry 0 (empty path): its mode and mtime travel too.
     let mut root = entry_from_metadata(Vec::new(), &meta, Vec::new());
     add_xattrs(&mut root, src)?;
@@ -258,6 +257,7 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
             walker.child(&c.path, c.name, Some(&c.dirent), &mut items)?;
         }
     }
+    phases.mark("tree walked");
     if let (Some(file), Some(kept)) = (cache_file, walker.kept.take()) {
         // A cache that cannot be written costs the next pass a full scan, nothing else.
         if let Err(e) = kept.save(file) {
@@ -269,6 +269,7 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
     } else {
         None
     };
+    phases.mark("cache written, borrowed objects");
     let hardlinks = link_later_names(&mut items);
     let mut entries = Vec::with_capacity(items.len());
     let mut sources = Vec::with_capacity(items.len());
@@ -280,8 +281,12 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
         entries.push(item.entry);
         sources.push(item.source);
     }
+    phases.mark("hardlinks, entries");
+    let manifest = Manifest::from_scan(RootKind::Dir, opts.chunk_size, entries);
+    phases.mark("manifest hashed");
+    phases.log("scanned", manifest.entries.len());
     Ok(Scan {
-        manifest: Manifest::from_scan(RootKind::Dir, opts.chunk_size, entries),
+        manifest,
         sources,
         skipped: walker.skipped,
         captured,
@@ -467,8 +472,9 @@ struct Walker {
     allowed_external: Vec<Vec<u8>>,
     /// Symlinks leaving the tree that they allowed.
     external_links: u64,
-    /// Listings of loose-object directories from the previous pass ([`crate::scan_cache`]).
-    cache: Arc<ScanCache>,
+    /// Listings of loose-object directories from the previous pass ([`crate::scan_cache`]),
+    /// shared with the helper threads (each directory is taken once).
+    cache: Arc<Mutex<ScanCache>>,
     /// Whether to use `cache` (git mode with a cache file).
     caching: bool,
     /// The listings this scan may leave for the next pass; `None`: it leaves none.
@@ -499,7 +505,7 @@ impl Walker {
             external_links: 0,
             caching: cache.is_some(),
             kept: (cache.is_some() && save).then(ScanCache::default),
-            cache: Arc::new(cache.unwrap_or_default()),
+            cache: Arc::new(Mutex::new(cache.unwrap_or_default())),
             cached_dirs: 0,
             now: SystemTime::now(),
         }
@@ -632,20 +638,27 @@ impl Walker {
         out: &mut Vec<Item>,
     ) -> Result<(), Error> {
         let stamp = DirStamp::of(meta);
-        if let Some(entries) = self.cache.reuse(rel, &stamp) {
-            for e in entries {
-                let name = e.path.rsplit(|b| *b == b'/').next().unwrap_or(&e.path);
+        let earlier = self.cache.lock().ok().and_then(|mut c| c.take(rel, &stamp));
+        if let Some(entries) = earlier {
+            if let Some(kept) = self.kept.as_mut() {
+                kept.keep(rel, stamp, entries.clone(), self.now);
+            }
+            out.reserve(entries.len());
+            for entry in entries {
+                let name = entry
+                    .path
+                    .rsplit(|b| *b == b'/')
+                    .next()
+                    .unwrap_or(&entry.path);
+                let source = dir.join(std::ffi::OsStr::from_bytes(name));
                 out.push(Item {
-                    entry: e.clone(),
-                    source: dir.join(std::ffi::OsStr::from_bytes(name)),
+                    entry,
+                    source,
                     content: None,
                     inode: None,
                 });
             }
             self.cached_dirs += 1;
-            if let Some(kept) = self.kept.as_mut() {
-                kept.keep(rel, stamp, entries.to_vec(), self.now);
-            }
             return Ok(());
         }
         let (first, vanished) = (out.len(), self.vanished.len());

@@ -11,7 +11,7 @@
 //! its directory, then renames (or links) it into place, and removes it only by unlinking:
 //! every change to what a loose-object directory holds changes the directory's mtime and
 //! ctime. So a pass that finds a directory with the same device, inode, mtime and ctime as
-//! when it was listed before reuses that listing ([`ScanCache::reuse`]) instead of reading it.
+//! when it was listed before reuses that listing ([`ScanCache::take`]) instead of reading it.
 //! Two guards:
 //! - *Timestamp granularity.* The kernel stamps times from a coarse clock, so a change in
 //!   the same tick as an earlier one can leave the mtime equal. A listing is kept only for a
@@ -128,13 +128,15 @@ impl ScanCache {
         self.dirs.len()
     }
 
-    /// The earlier listing of the directory at `rel`, if it was kept and the directory is
-    /// still the version `stamp` says.
-    pub fn reuse(&self, rel: &[u8], stamp: &DirStamp) -> Option<&[Entry]> {
-        self.dirs
-            .get(rel)
-            .filter(|(kept, _)| kept == stamp)
-            .map(|(_, entries)| entries.as_slice())
+    /// Takes the earlier listing of the directory at `rel`, if it was kept and the directory
+    /// is still the version `stamp` says (taken, not copied: 200k entries in a busy
+    /// repository).
+    pub fn take(&mut self, rel: &[u8], stamp: &DirStamp) -> Option<Vec<Entry>> {
+        if self.dirs.get(rel).is_some_and(|(kept, _)| kept == stamp) {
+            self.dirs.remove(rel).map(|(_, entries)| entries)
+        } else {
+            None
+        }
     }
 
     /// Keeps the listing `entries` of the loose-object directory at `rel`, stamped `stamp`
@@ -350,11 +352,12 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let file = t.path().join("sub/x.scan");
         c.save(&file).unwrap();
-        let back = ScanCache::load(&file);
+        let mut back = ScanCache::load(&file);
         assert_eq!(back.len(), 2);
-        assert_eq!(back.reuse(b"objects/ab", &old), Some(&[obj("ab")][..]));
-        assert_eq!(back.reuse(b"objects/ab", &fresh), None, "another version");
-        assert_eq!(back.reuse(b"objects/cd", &old), None);
+        assert_eq!(back.take(b"objects/ab", &fresh), None, "another version");
+        assert_eq!(back.take(b"objects/ab", &old), Some(vec![obj("ab")]));
+        assert_eq!(back.take(b"objects/ab", &old), None, "taken");
+        assert_eq!(back.take(b"objects/cd", &old), None);
 
         // Truncated, damaged or of another format: empty, never an error.
         let bytes = fs::read(&file).unwrap();

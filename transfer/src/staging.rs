@@ -52,12 +52,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
 use crate::gitdir::same_source_version;
 use crate::manifest::{Manifest, STAGING_DIR_NAME};
 use crate::owner::{check_can_give, Me, Resolved};
+use crate::phases::Phases;
 use crate::tracker::ChunkTracker;
 use crate::wire::{
     ControlMsg, Entry, EntryKind, Hash, Hello, ManifestHasher, OwnerPolicy, RootKind,
@@ -410,7 +411,7 @@ impl Staging {
             .open(&jpath)
             .map_err(io_err(&jpath))?;
         phases.mark("tree fixed up");
-        phases.log(manifest.entries.len());
+        phases.log("staging prepared", manifest.entries.len());
         Ok((
             Staging {
                 dir,
@@ -518,6 +519,7 @@ impl Staging {
             entries = manifest.entries.len(),
             "install: files whose metadata a pre-copy already applied are left alone"
         );
+        let mut phases = Phases::start();
         for (i, e) in manifest.entries.iter().enumerate() {
             let p = self.entry_path(manifest, i);
             match e.kind {
@@ -541,9 +543,11 @@ impl Staging {
                 self.apply_metadata(&self.entry_path(manifest, i), e)?;
             }
         }
+        phases.mark("metadata applied");
         // One syncfs makes every staged byte and inode durable: far cheaper than an fsync
         // per file on trees of 100k loose objects.
         syncfs(&self.dir).map_err(io_err(&self.dir))?;
+        phases.mark("synced");
 
         let target = self.root.join(&self.dest);
         let parent = target
@@ -566,9 +570,12 @@ impl Staging {
         };
         fs::rename(&self.tree, &target).map_err(io_err(&target))?;
         fsync_dir(&parent).map_err(io_err(&parent))?;
+        phases.mark("renamed into place");
         let dir = self.dir.clone();
         drop(self);
         let _ = fs::remove_dir_all(&dir);
+        phases.mark("staging removed");
+        phases.log("installed", manifest.entries.len());
         Ok((target, replaced))
     }
 
@@ -960,40 +967,6 @@ impl Listing {
             }
         }
         Ok(())
-    }
-}
-
-/// Where a prepare's time went, logged at debug level: the final pass of a migration runs
-/// inside the repository's read-only window, and these phases are what it is made of.
-struct Phases {
-    last: Instant,
-    spent: Vec<(&'static str, Duration)>,
-}
-
-impl Phases {
-    fn start() -> Phases {
-        Phases {
-            last: Instant::now(),
-            spent: Vec::new(),
-        }
-    }
-
-    /// Ends the phase called `name`.
-    fn mark(&mut self, name: &'static str) {
-        let now = Instant::now();
-        self.spent.push((name, now - self.last));
-        self.last = now;
-    }
-
-    fn log(&self, entries: usize) {
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let parts: Vec<String> = self
-                .spent
-                .iter()
-                .map(|(name, d)| format!("{name} {:.3} s", d.as_secs_f64()))
-                .collect();
-            tracing::debug!(entries, phases = %parts.join(", "), "staging prepared");
-        }
     }
 }
 

@@ -37,8 +37,9 @@
 //! - 7: the version is negotiated in the TLS handshake, by ALPN ([`Negotiated`]): from this
 //!   version on each one has its own id, `shardxfer/7`, and a `Hello` must carry the version
 //!   its connection negotiated. Versions 1 to 6 share the id `shardxfer/1` (they had no
-//!   negotiation: a receiver read the `Hello`'s version). The messages are those of 6.
-//!   Release 0.2.0.
+//!   negotiation: a receiver read the `Hello`'s version). The receiver tells what it holds
+//!   in [`ControlMsg::Haves`] frames, many files each (a resumed pass of a 200k-file tree
+//!   was 200k `Have` frames); the other messages are those of 6. Release 0.2.0.
 //!
 //! # The upgrade rule
 //! A build speaks its own version and the one before ([`PREVIOUS_PROTOCOL_VERSION`]): a
@@ -71,6 +72,8 @@ pub const EXTERNAL_LINKS_SINCE_VERSION: u16 = 5;
 /// First version whose `Hello` carries [`Hello::ticket`] and whose senders know
 /// [`FailCode::Unauthorized`].
 pub const TICKET_SINCE_VERSION: u16 = 6;
+/// First version whose senders read [`ControlMsg::Haves`].
+pub const HAVES_SINCE_VERSION: u16 = 7;
 
 /// The ALPN id of protocol `version`: `shardxfer/V` from [`ALPN_NEGOTIATED_SINCE_VERSION`]
 /// on, [`LEGACY_ALPN`] before.
@@ -360,6 +363,10 @@ pub enum ControlMsg {
     ManifestEnd { manifest_hash: Hash },
     /// R->S: chunks of `file` already verified in staging (resume), with their hashes.
     Have { file: u64, chunks: Vec<(u64, Hash)> },
+    /// R->S (version 7): what [`ControlMsg::Have`] says, for many files in one frame: at
+    /// most [`MAX_HAVE_PER_FRAME`] files and as many chunks in all. A file's chunks may
+    /// continue in the next frame.
+    Haves { files: Vec<(u64, Vec<(u64, Hash)>)> },
     /// R->S: the receiver accepted the manifest; all `Have` frames were sent before it.
     Accept { verified_bytes: u64 },
     /// R->S (version 2): the receiver is running `active` transfers, its `limit`; this one
@@ -412,6 +419,7 @@ const T_STAGED: u8 = 11;
 const T_QUEUED: u8 = 12;
 /// An [`Entry`] with [`Attrs`] (version 4); [`T_ENTRY`] stays the attribute-less layout.
 pub const T_ENTRY_ATTRS: u8 = 13;
+const T_HAVES: u8 = 14;
 
 /// How a chunk's payload is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -561,6 +569,18 @@ impl ControlMsg {
                 for (chunk, hash) in chunks {
                     put_u64(out, *chunk);
                     out.extend_from_slice(hash);
+                }
+            }
+            ControlMsg::Haves { files } => {
+                out.push(T_HAVES);
+                out.extend_from_slice(&(files.len() as u32).to_le_bytes());
+                for (file, chunks) in files {
+                    put_u64(out, *file);
+                    out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+                    for (chunk, hash) in chunks {
+                        put_u64(out, *chunk);
+                        out.extend_from_slice(hash);
+                    }
                 }
             }
             ControlMsg::Accept { verified_bytes } => {
@@ -739,6 +759,34 @@ impl ControlMsg {
                     chunks.push((r.u64()?, r.hash()?));
                 }
                 ControlMsg::Have { file, chunks }
+            }
+            T_HAVES => {
+                let n = r.u32()? as usize;
+                if n > MAX_HAVE_PER_FRAME {
+                    return Err(WireError::InvalidValue {
+                        field: "haves file count",
+                        value: n as u64,
+                    });
+                }
+                let mut files = Vec::with_capacity(n);
+                let mut in_all = 0usize;
+                for _ in 0..n {
+                    let file = r.u64()?;
+                    let count = r.u32()? as usize;
+                    in_all = in_all.saturating_add(count);
+                    if in_all > MAX_HAVE_PER_FRAME {
+                        return Err(WireError::InvalidValue {
+                            field: "haves chunk count",
+                            value: in_all as u64,
+                        });
+                    }
+                    let mut chunks = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        chunks.push((r.u64()?, r.hash()?));
+                    }
+                    files.push((file, chunks));
+                }
+                ControlMsg::Haves { files }
             }
             T_ACCEPT => ControlMsg::Accept {
                 verified_bytes: r.u64()?,
@@ -1192,6 +1240,14 @@ mod tests {
                 proptest::collection::vec((any::<u64>(), arb_hash()), 0..20)
             )
                 .prop_map(|(file, chunks)| ControlMsg::Have { file, chunks }),
+            proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    proptest::collection::vec((any::<u64>(), arb_hash()), 0..5)
+                ),
+                0..6
+            )
+            .prop_map(|files| ControlMsg::Haves { files }),
             any::<u64>().prop_map(|v| ControlMsg::Accept { verified_bytes: v }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| {
                 ControlMsg::Progress {
@@ -1424,5 +1480,23 @@ mod tests {
         let mut frame = Vec::new();
         msg.encode_frame(&mut frame);
         assert!(frame.len() - 4 <= MAX_CONTROL_FRAME as usize);
+        // The batched form at its limits: as many files as chunks, one chunk each.
+        let msg = ControlMsg::Haves {
+            files: vec![(u64::MAX, vec![(u64::MAX, [0xff; 32])]); MAX_HAVE_PER_FRAME],
+        };
+        let mut frame = Vec::new();
+        msg.encode_frame(&mut frame);
+        assert!(frame.len() - 4 <= MAX_CONTROL_FRAME as usize);
+        assert_eq!(ControlMsg::decode_body(&frame[4..]).unwrap(), msg);
+        // One chunk more in all is refused.
+        let msg = ControlMsg::Haves {
+            files: vec![
+                (1, vec![(0, [1; 32]); MAX_HAVE_PER_FRAME]),
+                (2, vec![(0, [1; 32])]),
+            ],
+        };
+        let mut frame = Vec::new();
+        msg.encode_frame(&mut frame);
+        assert!(ControlMsg::decode_body(&frame[4..]).is_err());
     }
 }

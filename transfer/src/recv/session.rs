@@ -34,8 +34,8 @@ use crate::staging::Request;
 use crate::ticket::{self, Refusal, SpentNonces, Ticket};
 use crate::tracker::{ChunkState, ChunkTracker, Mismatch};
 use crate::wire::{
-    hex, ChunkHeader, ControlMsg, FailCode, Hash, MAX_HAVE_PER_FRAME, QUEUED_SINCE_VERSION,
-    TICKET_SINCE_VERSION,
+    hex, ChunkHeader, ControlMsg, FailCode, Hash, HAVES_SINCE_VERSION, MAX_HAVE_PER_FRAME,
+    QUEUED_SINCE_VERSION, TICKET_SINCE_VERSION,
 };
 
 /// What a receiver with tickets on checks each transfer against (see [`crate::ticket`]).
@@ -566,12 +566,34 @@ impl ReceiverSession {
                 out,
             );
         }
-        for i in 0..manifest.entries.len() {
-            for part in tracker.verified_of(i).chunks(MAX_HAVE_PER_FRAME) {
-                out.push(ReceiverOutput::Send(ControlMsg::Have {
-                    file: i as u64,
-                    chunks: part.to_vec(),
-                }));
+        if self.version >= HAVES_SINCE_VERSION {
+            // Many files a frame, at most MAX_HAVE_PER_FRAME files and chunks in all.
+            let mut files: Vec<(u64, Vec<(u64, Hash)>)> = Vec::new();
+            let mut in_frame = 0;
+            for i in 0..manifest.entries.len() {
+                for part in tracker.verified_of(i).chunks(MAX_HAVE_PER_FRAME) {
+                    if in_frame + part.len() > MAX_HAVE_PER_FRAME
+                        || files.len() == MAX_HAVE_PER_FRAME
+                    {
+                        let full = std::mem::take(&mut files);
+                        out.push(ReceiverOutput::Send(ControlMsg::Haves { files: full }));
+                        in_frame = 0;
+                    }
+                    in_frame += part.len();
+                    files.push((i as u64, part.to_vec()));
+                }
+            }
+            if !files.is_empty() {
+                out.push(ReceiverOutput::Send(ControlMsg::Haves { files }));
+            }
+        } else {
+            for i in 0..manifest.entries.len() {
+                for part in tracker.verified_of(i).chunks(MAX_HAVE_PER_FRAME) {
+                    out.push(ReceiverOutput::Send(ControlMsg::Have {
+                        file: i as u64,
+                        chunks: part.to_vec(),
+                    }));
+                }
             }
         }
         out.push(ReceiverOutput::Send(ControlMsg::Accept {
@@ -1016,6 +1038,49 @@ mod tests {
                 d.sent[0],
                 ControlMsg::Accept { verified_bytes: 0 }
             ));
+        }
+    }
+
+    #[test]
+    fn what_staging_holds_goes_as_haves_to_new_senders_and_as_have_to_old_ones() {
+        let h = honest(3);
+        for version in [PROTOCOL_VERSION, HAVES_SINCE_VERSION - 1] {
+            let t = tempfile::tempdir().unwrap();
+            // A pre-copy, then the final pass of the same tree, resumed.
+            Driver::new(t.path(), 0).run(&honest_script(&h, false));
+            let mut d = Driver::new(t.path(), 0);
+            let mut script = honest_script(&h, true);
+            let ControlMsg::Hello(mut hello) = hello(&h, version, true) else {
+                unreachable!()
+            };
+            hello.resume = true;
+            script[0] = Step::Msg(ControlMsg::Hello(hello));
+            d.run(&script);
+            assert!(matches!(d.result, Some(Ok(Outcome::Installed { .. }))));
+            assert_eq!(d.stores, 0, "everything was held");
+            let accept = d
+                .sent
+                .iter()
+                .position(|m| matches!(m, ControlMsg::Accept { .. }))
+                .unwrap();
+            let held: Vec<(u64, usize)> = d.sent[..accept]
+                .iter()
+                .flat_map(|m| match m {
+                    ControlMsg::Haves { files } => {
+                        assert!(version >= HAVES_SINCE_VERSION);
+                        files.iter().map(|(f, c)| (*f, c.len())).collect()
+                    }
+                    ControlMsg::Have { file, chunks } => {
+                        assert!(version < HAVES_SINCE_VERSION);
+                        vec![(*file, chunks.len())]
+                    }
+                    other => panic!("{other:?} before Accept"),
+                })
+                .collect();
+            // b: 2 chunks, d/a: 3, d/z: 1.
+            assert_eq!(held, [(1, 2), (3, 3), (4, 1)], "version {version}");
+            let frames = if version >= HAVES_SINCE_VERSION { 1 } else { 3 };
+            assert_eq!(accept, frames);
         }
     }
 

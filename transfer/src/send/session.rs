@@ -358,6 +358,19 @@ impl SenderSession {
         }
     }
 
+    /// The receiver holds these chunks of `file` verified (`Have`, `Haves`).
+    fn have(&mut self, file: u64, chunks: &[(u64, Hash)]) -> Result<(), Error> {
+        for &(chunk, hash) in chunks {
+            if !self.chunk_exists(file, chunk) {
+                return Err(Error::Other(format!(
+                    "receiver reported chunk {chunk} of entry {file}, which does not exist"
+                )));
+            }
+            self.hashes[file as usize][chunk as usize] = Some(hash);
+        }
+        Ok(())
+    }
+
     fn handshake(
         &mut self,
         queued: Option<Instant>,
@@ -392,17 +405,10 @@ impl SenderSession {
                 }));
                 Ok(())
             }
-            ControlMsg::Have { file, chunks } => {
-                for (chunk, hash) in chunks {
-                    if !self.chunk_exists(file, chunk) {
-                        return Err(Error::Other(format!(
-                            "receiver reported chunk {chunk} of entry {file}, which does not exist"
-                        )));
-                    }
-                    self.hashes[file as usize][chunk as usize] = Some(hash);
-                }
-                Ok(())
-            }
+            ControlMsg::Have { file, chunks } => self.have(file, &chunks),
+            ControlMsg::Haves { files } => files
+                .iter()
+                .try_for_each(|(file, chunks)| self.have(*file, chunks)),
             ControlMsg::Accept { verified_bytes } => {
                 if let Some(since) = queued {
                     let waited_seconds = now.saturating_duration_since(since).as_secs_f64();
@@ -897,6 +903,14 @@ mod tests {
         prop_oneof![
             (0u64..4, proptest::collection::vec((0u64..3, hash), 0..3))
                 .prop_map(|(file, chunks)| ControlMsg::Have { file, chunks }),
+            proptest::collection::vec(
+                (
+                    0u64..5,
+                    proptest::collection::vec((0u64..4, hash.clone()), 0..3)
+                ),
+                0..3
+            )
+            .prop_map(|files| ControlMsg::Haves { files }),
             any::<u64>().prop_map(|v| ControlMsg::Accept { verified_bytes: v }),
             (0u64..5, 0u64..40, 0u64..40).prop_map(|(position, active, limit)| {
                 ControlMsg::Queued {
