@@ -904,10 +904,7 @@ mod tests {
             (0u64..4, proptest::collection::vec((0u64..3, hash), 0..3))
                 .prop_map(|(file, chunks)| ControlMsg::Have { file, chunks }),
             proptest::collection::vec(
-                (
-                    0u64..5,
-                    proptest::collection::vec((0u64..4, hash.clone()), 0..3)
-                ),
+                (0u64..5, proptest::collection::vec((0u64..4, hash), 0..3)),
                 0..3
             )
             .prop_map(|files| ControlMsg::Haves { files }),
