@@ -240,17 +240,22 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
     if git {
         // Refs first (captured), then the rest: see the module doc. Each top-level child's
         // subtree is a contiguous run of items, so the runs are put back in name order.
-        let (refs, rest): (Vec<_>, Vec<_>) = children
-            .into_iter()
-            .partition(|c| gitdir::is_ref_path(&c.name));
-        let mut runs: Vec<(Vec<u8>, Vec<Item>)> = Vec::new();
-        for c in refs.into_iter().chain(rest) {
+        // The other children are walked straight into `items`, in name order, the refs' runs
+        // put in between: the big run (`objects`, 200k entries in a busy repository) is never
+        // moved again.
+        children.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut ref_runs: HashMap<Vec<u8>, Vec<Item>> = HashMap::new();
+        for c in children.iter().filter(|c| gitdir::is_ref_path(&c.name)) {
             let mut run = Vec::new();
             walker.child(&c.path, c.name.clone(), Some(&c.dirent), &mut run)?;
-            runs.push((c.name, run));
+            ref_runs.insert(c.name.clone(), run);
         }
-        runs.sort_by(|a, b| a.0.cmp(&b.0));
-        items.extend(runs.into_iter().flat_map(|(_, run)| run));
+        for c in children {
+            match ref_runs.remove(&c.name) {
+                Some(run) => items.extend(run),
+                None => walker.child(&c.path, c.name, Some(&c.dirent), &mut items)?,
+            }
+        }
     } else {
         children.sort_by(|a, b| a.name.cmp(&b.name));
         for c in children {
@@ -559,7 +564,14 @@ impl Walker {
         // A fan-out directory (git's objects/00..ff) is walked by several threads: the scan
         // is a stat per entry, and 200k loose objects take a second on one core inside a
         // final pass's read-only window. Refs are never split (their capture budget is one).
-        if subdirs < PARALLEL_WALK_MIN_SUBDIRS || threads < 2 || gitdir::is_ref_path(prefix) {
+        // With a scan cache the fan-out's directories are mostly not read at all: threads
+        // would only add the copy of their results.
+        let cached = self.caching && self.cache.lock().is_ok_and(|c| !c.is_empty());
+        if subdirs < PARALLEL_WALK_MIN_SUBDIRS
+            || threads < 2
+            || gitdir::is_ref_path(prefix)
+            || cached
+        {
             for c in children {
                 let rel = rel_of(&c);
                 self.child(&c.path, rel, Some(&c.dirent), out)?;

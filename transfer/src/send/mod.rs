@@ -585,9 +585,27 @@ async fn attempt_once(
         save_cache: cfg.stage_only,
     };
     let scan_started = Instant::now();
-    let scanned = tokio::task::spawn_blocking(move || scan(&src, opts))
+    let scanning = async {
+        tokio::task::spawn_blocking(move || scan(&src, opts))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))?
+    };
+    // The handshake runs while the source is scanned: a round trip or two less inside a
+    // final pass's read-only window. Whichever fails first ends the attempt.
+    let connecting = async {
+        let addr = resolve(&cfg.addr).await?;
+        let crypto = client_crypto(&cfg.identity, &cfg.peers)?;
+        let server_name = crate::identity::server_name_for(&cfg.peers);
+        crate::quic::connect(
+            addr,
+            crypto,
+            &server_name,
+            link.connect_timeout,
+            &cfg.transport,
+        )
         .await
-        .map_err(|e| Error::Other(e.to_string()))??;
+    };
+    let (scanned, (endpoint, conn)) = tokio::try_join!(scanning, connecting)?;
     tracing::debug!(
         entries = scanned.manifest.entries.len(),
         cached_dirs = scanned.cached_dirs,
@@ -597,22 +615,13 @@ async fn attempt_once(
     // An installing pass needs a frozen source: something vanishing while we list it means
     // it is not. A pre-copy just leaves the vanished entries out.
     if !scanned.vanished.is_empty() && !cfg.stage_only {
+        conn.close(1u32.into(), b"source changed");
+        let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
         return Err(Error::SourceChanged(format!(
             "{} vanished during the scan",
             scanned.vanished.join(", ")
         )));
     }
-    let addr = resolve(&cfg.addr).await?;
-    let crypto = client_crypto(&cfg.identity, &cfg.peers)?;
-    let server_name = crate::identity::server_name_for(&cfg.peers);
-    let (endpoint, conn) = crate::quic::connect(
-        addr,
-        crypto,
-        &server_name,
-        link.connect_timeout,
-        &cfg.transport,
-    )
-    .await?;
     let receiver_key = crate::quic::peer_fingerprint(&conn)
         .map(|fp| fp.to_string())
         .unwrap_or_default();
