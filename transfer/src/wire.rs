@@ -565,22 +565,14 @@ impl ControlMsg {
             ControlMsg::Have { file, chunks } => {
                 out.push(T_HAVE);
                 put_u64(out, *file);
-                out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
-                for (chunk, hash) in chunks {
-                    put_u64(out, *chunk);
-                    out.extend_from_slice(hash);
-                }
+                put_chunk_hashes(out, chunks);
             }
             ControlMsg::Haves { files } => {
                 out.push(T_HAVES);
                 out.extend_from_slice(&(files.len() as u32).to_le_bytes());
                 for (file, chunks) in files {
                     put_u64(out, *file);
-                    out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
-                    for (chunk, hash) in chunks {
-                        put_u64(out, *chunk);
-                        out.extend_from_slice(hash);
-                    }
+                    put_chunk_hashes(out, chunks);
                 }
             }
             ControlMsg::Accept { verified_bytes } => {
@@ -745,21 +737,10 @@ impl ControlMsg {
             T_MANIFEST_END => ControlMsg::ManifestEnd {
                 manifest_hash: r.hash()?,
             },
-            T_HAVE => {
-                let file = r.u64()?;
-                let n = r.u32()? as usize;
-                if n > MAX_HAVE_PER_FRAME {
-                    return Err(WireError::InvalidValue {
-                        field: "have count",
-                        value: n as u64,
-                    });
-                }
-                let mut chunks = Vec::with_capacity(n);
-                for _ in 0..n {
-                    chunks.push((r.u64()?, r.hash()?));
-                }
-                ControlMsg::Have { file, chunks }
-            }
+            T_HAVE => ControlMsg::Have {
+                file: r.u64()?,
+                chunks: r.chunk_hashes(MAX_HAVE_PER_FRAME, "have count")?,
+            },
             T_HAVES => {
                 let n = r.u32()? as usize;
                 if n > MAX_HAVE_PER_FRAME {
@@ -772,18 +753,9 @@ impl ControlMsg {
                 let mut in_all = 0usize;
                 for _ in 0..n {
                     let file = r.u64()?;
-                    let count = r.u32()? as usize;
-                    in_all = in_all.saturating_add(count);
-                    if in_all > MAX_HAVE_PER_FRAME {
-                        return Err(WireError::InvalidValue {
-                            field: "haves chunk count",
-                            value: in_all as u64,
-                        });
-                    }
-                    let mut chunks = Vec::with_capacity(count);
-                    for _ in 0..count {
-                        chunks.push((r.u64()?, r.hash()?));
-                    }
+                    let left = MAX_HAVE_PER_FRAME - in_all;
+                    let chunks = r.chunk_hashes(left, "haves chunk count")?;
+                    in_all += chunks.len();
                     files.push((file, chunks));
                 }
                 ControlMsg::Haves { files }
@@ -1043,6 +1015,15 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+/// A `u32` count, then each (chunk, hash) pair (`Have`, `Haves`).
+fn put_chunk_hashes(out: &mut Vec<u8>, chunks: &[(u64, Hash)]) {
+    out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    for (chunk, hash) in chunks {
+        put_u64(out, *chunk);
+        out.extend_from_slice(hash);
+    }
+}
+
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
@@ -1083,6 +1064,26 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> Result<i64, WireError> {
         Ok(i64::from_le_bytes(self.array()?))
     }
+    /// A `u32` count (at most `limit`, else `field` is invalid) of (chunk, hash) pairs.
+    fn chunk_hashes(
+        &mut self,
+        limit: usize,
+        field: &'static str,
+    ) -> Result<Vec<(u64, Hash)>, WireError> {
+        let n = self.u32()? as usize;
+        if n > limit {
+            return Err(WireError::InvalidValue {
+                field,
+                value: n as u64,
+            });
+        }
+        let mut chunks = Vec::with_capacity(n);
+        for _ in 0..n {
+            chunks.push((self.u64()?, self.hash()?));
+        }
+        Ok(chunks)
+    }
+
     fn hash(&mut self) -> Result<Hash, WireError> {
         self.array()
     }
