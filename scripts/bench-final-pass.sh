@@ -49,13 +49,13 @@ for round in $(seq "$rounds"); do
   for b in "${bins[@]}"; do
     run="$work/r$round-$(echo "$b" | tr / _)"
     mkdir -p "$run"
-    "$b/shardrecv" keygen --out "$run/recv.key" >/dev/null
-    "$b/shardsend" keygen --out "$run/send.key" >/dev/null
+    "$b/shardrecv" keygen --out "$run/recv.key" >/dev/null 2>&1
+    "$b/shardsend" keygen --out "$run/send.key" >/dev/null 2>&1
     recv_fp=$("$b/shardrecv" fingerprint --identity "$run/recv.key" | awk '{print $NF}' | tail -1)
     "$b/shardsend" fingerprint --identity "$run/send.key" | awk '{print $NF}' | tail -1 >"$run/allow"
     rm -rf "$work/root" "$work/cache"; mkdir -p "$work/root"
     RUST_LOG=transfer=debug XDG_CACHE_HOME="$work/cache" "$b/shardrecv" serve --listen 127.0.0.1:$port \
-      --root "$work/root" --identity "$run/recv.key" --allow "$run/allow" 2>"$run/recv.log" &
+      --root "$work/root" --identity "$run/recv.key" --allow "$run/allow" >/dev/null 2>"$run/recv.log" &
     recv_pid=$!
     sleep 0.5
     send=("$b/shardsend" "$fixture" 127.0.0.1:$port busy.git --identity "$run/send.key"
