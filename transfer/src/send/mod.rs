@@ -584,7 +584,6 @@ async fn attempt_once(
         cache_file: cache_file.clone(),
         save_cache: cfg.stage_only,
     };
-    let scan_started = Instant::now();
     let scanning = async {
         tokio::task::spawn_blocking(move || scan(&src, opts))
             .await
@@ -606,12 +605,6 @@ async fn attempt_once(
         .await
     };
     let (scanned, (endpoint, conn)) = tokio::try_join!(scanning, connecting)?;
-    tracing::debug!(
-        entries = scanned.manifest.entries.len(),
-        cached_dirs = scanned.cached_dirs,
-        seconds = scan_started.elapsed().as_secs_f64(),
-        "source scanned"
-    );
     // An installing pass needs a frozen source: something vanishing while we list it means
     // it is not. A pre-copy just leaves the vanished entries out.
     if !scanned.vanished.is_empty() && !cfg.stage_only {
