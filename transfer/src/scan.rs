@@ -290,9 +290,6 @@ pub fn scan(src: &Path, opts: ScanOptions) -> Result<Scan, Error> {
     let manifest = Manifest::from_scan(RootKind::Dir, opts.chunk_size, entries);
     phases.mark("manifest hashed");
     phases.log("scanned", manifest.entries.len());
-    tracing::debug!(
-        cached_dirs = walker.cached_dirs,
-    );
     Ok(Scan {
         manifest,
         sources,
