@@ -44,9 +44,11 @@
 //!   [`LOOPBACK_MTU`]; elsewhere we start at QUIC's safe 1200 and let MTU discovery climb to
 //!   what a 1500-byte Ethernet carries: 1472 over IPv4 ([`ETHERNET_MTU_V4`]), 1452 over IPv6
 //!   ([`ETHERNET_MTU_V6`]). quinn's one default (1452) fits both, but over IPv4 it leaves 20
-//!   bytes of every full packet unused: ~1.4% of a WAN link, where the per-packet overhead
-//!   (IP, UDP, QUIC header, frame header, AEAD tag: ~70 bytes) already caps the payload at
-//!   ~95% of the link. A path with a smaller MTU (tunnels, PPPoE) loses the probes and
+//!   bytes of every full packet unused: ~1.4% of a WAN link in theory, where the per-packet
+//!   overhead (IP, UDP, QUIC header, frame header, AEAD tag: ~70 bytes) already caps the
+//!   payload at ~95% of the link. Measured over linkemu (100 Mbit/s, 50 ms): no change yet
+//!   (93% of the link before and after, bench/RESULTS.md); whether discovery reaches 1472
+//!   there is unchecked. A path with a smaller MTU (tunnels, PPPoE) loses the probes and
 //!   discovery settles lower, as it would from 1452. `tests::mtu_choice_is_guarded` pins this.
 //! - **UDP socket buffers.** Linux caps `SO_RCVBUF`/`SO_SNDBUF` at `net.core.rmem_max`
 //!   (212992 bytes by default); at GB/s a burst overflows that and every drop costs a
