@@ -3,7 +3,8 @@
 #
 #   scripts/bench-busy.sh [--size 5G] [--loose N] [--refs N] [--runs 5]
 #                         [--repack-during-precopy both|yes|no] [--repack-delay 1]
-#                         [--pushes] [--cache DIR] [--work DIR] [--bench [--out bench/RESULTS.md]]
+#                         [--pushes] [--cache DIR] [--work DIR [--keep-trees]]
+#                         [--bench [--out bench/RESULTS.md]]
 #
 # Makes (or reuses from --cache) a `mkfixture busy` repository: a packed history plus many loose
 # objects and refs (defaults scale with --size: 5G gives 200000 loose objects and 100000 refs).
@@ -17,6 +18,8 @@
 # migrate's progress lines; B's refs are checked equal to A's. Prints per-run figures and the
 # median/max per variant; with --bench writes the section "Busy repository window (issue 11)"
 # of bench/RESULTS.md. Nothing leaves 127.0.0.1; the fixture cache is kept for later runs.
+# --keep-trees (with --work) keeps the last run's copies of the repository on A and B (2 x the
+# fixture's size), to time git on them afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +32,7 @@ repack_delay=1
 pushes=0
 cache=/tmp/shardmove-busy-cache
 keep=""
+keep_trees=0
 bench=0
 out=bench/RESULTS.md
 while [ $# -gt 0 ]; do
@@ -42,9 +46,10 @@ while [ $# -gt 0 ]; do
     --pushes) pushes=1; shift ;;
     --cache) cache=$2; shift 2 ;;
     --work) keep=$2; shift 2 ;;
+    --keep-trees) keep_trees=1; shift ;;
     --bench) bench=1; shift ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -54,6 +59,7 @@ case "$variants" in
   *) echo "--repack-during-precopy: both, yes or no (not $variants)" >&2; exit 2 ;;
 esac
 [ "$runs" -ge 1 ] 2>/dev/null || { echo "--runs: a positive number (not $runs)" >&2; exit 2; }
+if [ "$keep_trees" = 1 ] && [ -z "$keep" ]; then echo "--keep-trees needs --work DIR" >&2; exit 2; fi
 
 scripts/install-deps.sh >/dev/null
 nice -n 10 cargo build --release -q --workspace
@@ -134,6 +140,9 @@ run_one() {
   local variant=$1 n=$2
   run_dir=$work/$variant-$n
   rm -rf "$run_dir"
+  # --keep-trees keeps only the last run's copies: the earlier run's go before this one starts.
+  [ -z "${kept_trees:-}" ] || rm -rf "$kept_trees/a" "$kept_trees/b"
+  kept_trees=$run_dir
   mkdir -p "$run_dir/a" "$run_dir/b"
   local sm=("$bin/shardmove" --db "$run_dir/registry.db")
   "$bin/shardrecv" serve --listen 127.0.0.1:0 --root "$run_dir/b" --identity "$work/recv.key" \
@@ -233,8 +242,9 @@ print("\t".join(str(x) for x in [variant, n, shown, f"{pre[0]:.1f}", pre[1],
       rounds, f"{waited:.1f}"]))
 PY
   stop_bg
-  # Keep the last run's logs with --work, but not its two copies of the repository.
-  rm -rf "$run_dir/a" "$run_dir/b"
+  # Keep the last run's logs with --work, but not its two copies of the repository (unless
+  # --keep-trees).
+  [ "$keep_trees" = 1 ] || rm -rf "$run_dir/a" "$run_dir/b"
   tail -1 "$work/results.tsv" | awk -F'\t' '{printf "repack=%s run %s: window %s s (final pass %s s, %s bytes; verify %s s), pre-copy %s s %s bytes, repack %s s (into window: %s), load %s\n", $1, $2, $3, $6, $7, $8, $4, $5, $9, $10, $13}' >&2
 }
 
