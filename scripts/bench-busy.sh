@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
     --keep-trees) keep_trees=1; shift ;;
     --bench) bench=1; shift ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -140,9 +140,9 @@ run_one() {
   local variant=$1 n=$2
   run_dir=$work/$variant-$n
   rm -rf "$run_dir"
-  # --keep-trees keeps only the last run's copies: the earlier run's go before this one starts.
-  [ -z "${kept_trees:-}" ] || rm -rf "$kept_trees/a" "$kept_trees/b"
-  kept_trees=$run_dir
+  # --keep-trees keeps only the last run's copies: any earlier run's in $work (this invocation's
+  # or an earlier one's) go before this one starts, so they hold neither disk nor page cache.
+  rm -rf "$work"/{yes,no}-*/{a,b}
   mkdir -p "$run_dir/a" "$run_dir/b"
   local sm=("$bin/shardmove" --db "$run_dir/registry.db")
   "$bin/shardrecv" serve --listen 127.0.0.1:0 --root "$run_dir/b" --identity "$work/recv.key" \
