@@ -142,6 +142,16 @@ stop_link() {
   if [ -n "$lemu_pid" ]; then
     kill -TERM "$lemu_pid" 2>/dev/null || true
     wait "$lemu_pid" 2>/dev/null || true
+    # Packets each way over the link's life (every tool of the cell): the b->a count is
+    # mostly acknowledgements, a per-packet cost on both ends and in linkemu.
+    python3 -c 'import json,sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("event") == "stats":
+        for d in ("a_to_b", "b_to_a"):
+            s = r["stats"][d]
+            print("linkemu %s: %d packets in, %d out, %d bytes out" % (d, s["packets_in"], s["packets_out"], s["bytes_out"]), file=sys.stderr)' \
+      "$work/lemu.out" 2>&1 >/dev/null | sed 's/^/  /' >&2 || true
   fi
   lemu_pid=""
 }
