@@ -150,8 +150,8 @@ for line in open(sys.argv[1]):
     if r.get("event") == "stats":
         for d in ("a_to_b", "b_to_a"):
             s = r["stats"][d]
-            print("linkemu %s: %d packets in, %d out, %d bytes out" % (d, s["packets_in"], s["packets_out"], s["bytes_out"]), file=sys.stderr)' \
-      "$work/lemu.out" 2>&1 >/dev/null | sed 's/^/  /' >&2 || true
+            print("  linkemu %s: %d packets in, %d out, %d bytes out" % (d, s["packets_in"], s["packets_out"], s["bytes_out"]))' \
+      "$work/lemu.out" >&2 || true
   fi
   lemu_pid=""
 }
