@@ -268,9 +268,14 @@ doctor_scan() {
     done
 }
 
-# remove_staging DIR: a transfer's staging directory removed, unless a transfer holds it.
+# remove_staging DIR [WAIT]: a transfer's staging directory removed, unless a transfer still
+# holds it after WAIT seconds (default 0: not at all).
 remove_staging() {
-  if [ -d "$1" ]; then flock -n "$1/lock" rm -rf "$1" || exit "$EX_MISSING"; fi
+  [ -d "$1" ] || return 0
+  if ! flock -w "${2:-0}" "$1/lock" rm -rf "$1"; then
+    echo "$1: a transfer still holds it" >&2
+    exit "$EX_MISSING"
+  fi
 }
 
 # installed_root DEST RECORD: "absent" when nothing is at DEST, else the root hash B's

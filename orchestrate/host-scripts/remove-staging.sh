@@ -1,2 +1,2 @@
 set -eu
-remove_staging "$1"
+remove_staging "$1" "${2:-0}"

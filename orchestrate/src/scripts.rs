@@ -38,7 +38,8 @@ pub enum Script {
     CreateBare,
     /// `ROOT REL...`: what `shardmove doctor` compares with the registry.
     DoctorScan,
-    /// `DIR`: a transfer's staging directory removed unless a transfer holds it.
+    /// `DIR [WAIT]`: a transfer's staging directory removed unless a transfer still holds it
+    /// after WAIT seconds (default 0).
     RemoveStaging,
     /// `PATH`: a `*.replaced-*` / `*.rolled-back-*` copy removed.
     RemoveAside,

@@ -284,6 +284,12 @@ pub enum HostOp {
     UnhookSource,
     /// On B (rollback): move B's copy aside and discard the staging.
     DiscardTarget,
+    /// On B, once the window is over, after a crash inside it: remove the staging of this
+    /// repository, waiting for a transfer that still holds it to end. A final pass the dead
+    /// driver did not hear of may have installed B's copy while its successor's pass, which
+    /// found nothing installed yet, staged the tree again; when that one dies too, the next
+    /// probe finds the copy installed and nothing else would remove what it staged.
+    ClearStaging,
 }
 
 /// Operations on the control plane (the registry, or Phorge).
@@ -348,6 +354,7 @@ impl Action {
                 HostOp::MarkSourceStale { .. } => "host-mark-source-stale",
                 HostOp::UnhookSource => "host-unhook-source",
                 HostOp::DiscardTarget => "host-discard-target",
+                HostOp::ClearStaging => "host-clear-staging",
             },
             Action::Control(op) => match op {
                 ControlOp::Freeze { .. } => "control-freeze",
@@ -442,6 +449,9 @@ pub struct RepoMachine {
     resumed_frozen: bool,
     /// The probe found B's copy installed: no final pass.
     installed: bool,
+    /// Built from the journal between the freeze and done: a dead driver's final pass may
+    /// have left a staging area behind (see [`HostOp::ClearStaging`]).
+    resumed_in_window: bool,
 }
 
 impl RepoMachine {
@@ -465,6 +475,7 @@ impl RepoMachine {
             new_tips: None,
             resumed_frozen: state == RepoState::Frozen,
             installed: false,
+            resumed_in_window: (RepoState::Frozen..=RepoState::Promoted).contains(&state),
         };
         match state {
             RepoState::Done => m.finished = Some(Finish::Done),
@@ -713,6 +724,9 @@ impl RepoMachine {
                     s.push(Action::Host(HostOp::MarkSourceStale {
                         message: self.ctx.stale_message(),
                     }));
+                }
+                if self.resumed_in_window {
+                    s.push(Action::Host(HostOp::ClearStaging));
                 }
                 s.push(Action::Journal(JournalWrite {
                     state: Some(RepoState::Done),

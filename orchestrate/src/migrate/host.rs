@@ -13,7 +13,12 @@ use super::core::{Completion, HostOp};
 use super::ports::{BoxFuture, HostOps, RepoPlan};
 use crate::error::{Error, Result};
 use crate::executor::{self, executor_for_host, Executor};
+use crate::scripts::Script;
 use crate::{maintenance, verify};
+
+/// How much longer than the receiver's idle timeout [`HostOp::ClearStaging`] waits for a
+/// transfer to let go of the staging (a receiver whose sender was killed holds it until then).
+const CLEAR_STAGING_MARGIN: Duration = Duration::from_secs(15);
 
 /// How transfers and the push wait run.
 #[derive(Debug, Clone)]
@@ -251,6 +256,21 @@ impl ExecutorHostOps {
                     crate::registry::now(),
                 )
                 .await?;
+                Completion::Nothing
+            }
+            HostOp::ClearStaging => {
+                let staging = transfer::staging::staging_dir(
+                    Path::new(&repo.target.root),
+                    repo.path.as_bytes(),
+                );
+                // A receiver whose sender died holds the staging until its idle timeout.
+                let wait = (transfer::quic::IDLE_TIMEOUT + CLEAR_STAGING_MARGIN).as_secs();
+                Script::RemoveStaging
+                    .run_ok(
+                        target(repo)?.as_ref(),
+                        &[&staging.to_string_lossy(), &wait.to_string()],
+                    )
+                    .await?;
                 Completion::Nothing
             }
         })

@@ -42,6 +42,11 @@ pub enum Twist {
     Push,
     /// A client with an old remote pushes to A's copy directly, then the action runs.
     PushToA,
+    /// At a final pass: it installs B's copy unheard, the driver's successor, finding
+    /// nothing installed yet, stages the tree again, and dies too (seen in the kill -9
+    /// soak: the receiver was still installing when the successor probed). Elsewhere a
+    /// plain crash.
+    Superseded,
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +209,10 @@ impl World {
                     self.staging = None;
                     Completion::Nothing
                 }
+                HostOp::ClearStaging => {
+                    self.staging = None;
+                    Completion::Nothing
+                }
             },
             Action::Control(op) => match op {
                 ControlOp::Freeze { .. } => {
@@ -350,8 +359,11 @@ pub fn drive(profile: Profile, twists: &[Twist]) -> (World, Vec<String>) {
                     Err(why) => Event::Failed(why),
                 },
             };
+            if twist == Twist::Superseded && action == Action::Host(HostOp::FinalPass) {
+                world.staging = Some((world.a_refs.clone(), world.a_hook));
+            }
             world.check_always(&trace);
-            if twist == Twist::Crash {
+            if matches!(twist, Twist::Crash | Twist::Superseded) {
                 continue 'runs;
             }
             m.handle(event);
@@ -399,6 +411,10 @@ mod tests {
             ];
             assert_eq!(states, expected, "{profile:?}");
             assert_eq!(world.b_aside, 0);
+            assert!(
+                !trace.iter().any(|t| t.contains("host-clear-staging")),
+                "nothing to clear without a crash\n{trace:#?}"
+            );
         }
     }
 
@@ -462,6 +478,29 @@ mod tests {
         );
     }
 
+    /// The soak's case: the final pass installed unheard, the successor's pass staged the
+    /// tree again and died; the next driver finds B installed, skips the final pass, and
+    /// still leaves nothing in B's staging (checked at rest by `drive`).
+    #[test]
+    fn a_final_pass_superseded_after_it_installed_leaves_no_staging() {
+        for profile in profiles() {
+            let (_, happy) = drive(profile.clone(), &[]);
+            let final_pass = happy
+                .iter()
+                .position(|t| t.contains("host-final-pass"))
+                .expect("final pass");
+            let mut twists = vec![Twist::Normal; final_pass];
+            twists.push(Twist::Superseded);
+            let (world, trace) = drive(profile, &twists);
+            assert_eq!(world.record.state, Some(RepoState::Done), "{trace:#?}");
+            assert!(world.staging.is_none(), "{trace:#?}");
+            assert!(
+                trace.iter().any(|t| t.contains("host-clear-staging")),
+                "{trace:#?}"
+            );
+        }
+    }
+
     #[test]
     fn a_rollback_interrupted_by_a_crash_finishes_rolling_back() {
         // Fail the final pass (frozen), then crash inside the rollback after A was unhooked.
@@ -498,6 +537,7 @@ mod tests {
             1 => Just(Twist::FailBefore),
             1 => Just(Twist::FailAfter),
             1 => Just(Twist::Crash),
+            1 => Just(Twist::Superseded),
             2 => Just(Twist::Push),
             2 => Just(Twist::PushToA),
         ]

@@ -311,3 +311,69 @@ pub(super) fn every_failpoint_is_taken_over_with_the_invariants(env: &Env) {
     );
     assert!(!acked.is_empty(), "the client never got a push through");
 }
+
+/// What the kill -9 soak (`scripts/chaos-migrate.sh`) found: a final pass installed B's copy
+/// unheard; the next driver, which probed B while that install was still syncing, sent the
+/// whole tree into B's staging again and was killed too. The driver after it finds B
+/// installed and skips the pass, and must still remove that staging (waiting for the
+/// receiver, which holds it until it notices its sender is gone) once the window is over.
+pub(super) fn a_final_pass_superseded_after_it_installed_leaves_no_staging(env: &Env) {
+    let shards = setup(env, &[("r1", 1)]);
+    let refs_before = refs(&shards.a.join("t/r1.git"));
+    let killed = migrate_with_failpoints(env, &shards, &[], "after-host-final-pass");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        killed.status.signal(),
+        Some(9),
+        "the failpoint kills the driver: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    assert!(
+        shards.b.join("t/r1.git").exists(),
+        "the final pass installed"
+    );
+    // The dead successor's pass: the tree staged again, its lock still held.
+    let staging = transfer::staging::staging_dir(&shards.b, b"t/r1.git");
+    std::fs::create_dir_all(&staging).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(shards.b.join("t/r1.git"))
+        .arg(staging.join("tree"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::write(staging.join("journal"), b"SXJRNL02").unwrap();
+    let lock = staging.join("lock");
+    std::fs::write(&lock, b"").unwrap();
+    let mut holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "2"])
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "flock never took the lock", || {
+        !Command::new("flock")
+            .args(["-n"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+    });
+
+    let run = run_migrate(env, &shards, &["--json"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(holder.wait().unwrap().success());
+    let st = env.json(&["migrate", "status"]);
+    assert_eq!(st["repositories"][0]["state"], "done", "{st}");
+    assert_eq!(
+        std::fs::read_dir(&shards.b)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".replaced-"))
+            .count(),
+        0,
+        "the installed copy was not sent again"
+    );
+    assert_moved(env, &shards, "r1", &refs_before);
+    assert_no_staging(&shards);
+}

@@ -16,7 +16,10 @@ mod formats;
 mod repack;
 mod rotation;
 mod tickets;
-use chaos::every_failpoint_is_taken_over_with_the_invariants;
+use chaos::{
+    a_final_pass_superseded_after_it_installed_leaves_no_staging,
+    every_failpoint_is_taken_over_with_the_invariants,
+};
 use doctor::doctor_finds_every_planted_problem_and_fixes_the_safe_ones;
 use formats::{
     a_target_whose_git_cannot_read_reftable_is_refused_before_the_freeze,
@@ -37,6 +40,7 @@ crate::contract!(
     kill_after_thawed_takeover_left_b_read_only,
     precopy_rolled_back_is_retried_by_the_next_migrate,
     every_failpoint_is_taken_over_with_the_invariants,
+    a_final_pass_superseded_after_it_installed_leaves_no_staging,
     doctor_finds_every_planted_problem_and_fixes_the_safe_ones,
     dry_run_changes_nothing,
     status_page_in_chromium_shows_what_is_read_only_and_why,
