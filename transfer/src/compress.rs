@@ -5,8 +5,9 @@
 //! The **breakpoint** is `bytes saved / extra seconds` (compression *and* decompression time,
 //! as a serial cost): a link slower than it gains from compressing, a faster one loses.
 //! [`AutoDecider`] measures both sides of that inequality on the live transfer:
-//! - the data: zstd ratio and speed on sampled chunks (the first [`SAMPLE_FIRST`] chunks,
-//!   then one in [`SAMPLE_EVERY`], so a tree that turns from packs to text is noticed);
+//! - the data: zstd ratio and speed on sampled chunks (the first [`SAMPLE_FIRST`] chunks and
+//!   any taken before their samples are in, then one in [`SAMPLE_EVERY`], so a tree that
+//!   turns from packs to text is noticed);
 //! - the link: frame bytes the receiver has read, which it reports every
 //!   [`crate::wire::PROGRESS_INTERVAL`] (counted per read, so a chunk still arriving counts
 //!   its part), over windows of at least [`LINK_WINDOW_SECS`]. The estimate is smoothed
@@ -324,9 +325,15 @@ impl AutoDecider {
     }
 
     /// Whether the `n`-th chunk this sender encodes should be sampled (compressed and
-    /// decompressed to measure). Only `auto` samples.
+    /// decompressed to measure). Only `auto` samples: the first [`SAMPLE_FIRST`] chunks, and
+    /// every chunk taken before that many samples are in (several encoders start at once, and
+    /// one that finished its first chunk takes the next before the others' samples arrive:
+    /// decided raw, "not sampled yet", those were 6-9 MB of 22 MB of text sent raw, auto
+    /// 1.6-2.1x the best fixed choice; a sampled chunk goes compressed when that is smaller),
+    /// then one in [`SAMPLE_EVERY`].
     pub fn should_sample(&self, n: u64) -> bool {
-        self.policy == CompressPolicy::Auto && (n < SAMPLE_FIRST || n.is_multiple_of(SAMPLE_EVERY))
+        self.policy == CompressPolicy::Auto
+            && (n < SAMPLE_FIRST || self.samples < SAMPLE_FIRST || n.is_multiple_of(SAMPLE_EVERY))
     }
 
     pub fn add_sample(&mut self, s: CodecSample) {
@@ -784,6 +791,24 @@ mod tests {
         assert!(!d.should_sample(0));
         let d = AutoDecider::new(CompressPolicy::Off, Some(1), 16 << 20);
         assert!(!d.decide().compress);
+    }
+
+    #[test]
+    fn every_chunk_taken_before_the_first_samples_are_in_is_sampled() {
+        // Regression (bench/RESULTS.md, "WAN auto matrix", 2026-11-28): four encoders start
+        // on chunks 0-3; the first to finish took chunk 4, 5, ... while fewer than
+        // SAMPLE_FIRST samples were in, and those went raw ("measuring").
+        let mut d = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20);
+        for n in 0..SAMPLE_FIRST + 5 {
+            assert!(d.should_sample(n), "chunk {n}");
+        }
+        for _ in 0..SAMPLE_FIRST {
+            d.add_sample(sample(0.3, 150.0));
+        }
+        assert!(!d.should_sample(SAMPLE_FIRST + 5));
+        assert!(d.should_sample(SAMPLE_EVERY * 3));
+        let fixed = AutoDecider::new(CompressPolicy::Zstd(3), None, 16 << 20);
+        assert!(!fixed.should_sample(SAMPLE_FIRST + 5));
     }
 
     #[test]
