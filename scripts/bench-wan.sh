@@ -216,6 +216,9 @@ run_tool() {
   echo "$(echo "$t1 - $t0" | bc -l) ${cpu_send:-?} $(echo "$far1 - $far0" | bc -l) $ok"
 }
 
+# Read now: a section is written at the end, when the load is the benchmark's own.
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+started=$(date -u +%Y-%m-%dT%H:%MZ)
 machine="$(nproc) cores, $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}'), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r)"
 ceiling=$("$bin/linkemu" --measure-ceiling --measure-for 3s 2>/dev/null | head -1)
 echo "$ceiling" >&2
@@ -278,7 +281,7 @@ if [ "$do_wan" = 1 ]; then
   python3 scripts/lib/wan_chart.py "$csv" "$chart"
   section="## WAN matrix (issue 12): shardsend vs scp, rsync over linkemu
 
-- date: $(date -u +%Y-%m-%dT%H:%MZ); load before the run: $(cut -d' ' -f1-3 /proc/loadavg)
+- date: $started to $(date -u +%H:%MZ); load before the run: $load_before
 - machine: $machine
 - command: \`scripts/bench-wan.sh $orig_args\`
 - link: linkemu (userspace, TUN in two namespaces), rate per direction, drop-tail queue $queue,
@@ -366,7 +369,7 @@ PY
   done
   section="## WAN fairness (issue 12): shardsend and one TCP flow on a 100 Mbit link
 
-- date: $(date -u +%Y-%m-%dT%H:%MZ); load before the run: $(cut -d' ' -f1-3 /proc/loadavg)
+- date: $started to $(date -u +%H:%MZ); load before the run: $load_before
 - machine: $machine
 - command: \`scripts/bench-wan.sh $orig_args\`
 - link: linkemu 100 Mbit/s, RTT 50 ms, no loss, queue $queue; TCP flow: python sender in A to
@@ -448,7 +451,7 @@ if [ "$do_auto" = 1 ]; then
   done
   section="## WAN auto matrix (issue 12): compression off vs zstd:1 vs zstd:3 vs auto
 
-- date: $(date -u +%Y-%m-%dT%H:%MZ); load before the run: $(cut -d' ' -f1-3 /proc/loadavg)
+- date: $started to $(date -u +%H:%MZ); load before the run: $load_before
 - machine: $machine
 - command: \`AUTO_LINKS=\"$auto_links\" AUTO_TEXT_SIZE=$text_size AUTO_DATA_SIZE=$data_size AUTO_FAST_TEXT_SIZE=$fast_text_size AUTO_FAST_DATA_SIZE=$fast_data_size AUTO_RUNS=$runs scripts/bench-wan.sh $orig_args\`
 - links: linkemu at the given rate, RTT 10 ms, no loss; loopback without linkemu. Data: text =
