@@ -327,10 +327,9 @@ impl AutoDecider {
     /// Whether the `n`-th chunk this sender encodes should be sampled (compressed and
     /// decompressed to measure). Only `auto` samples: the first [`SAMPLE_FIRST`] chunks, and
     /// every chunk taken before that many samples are in (several encoders start at once, and
-    /// one that finished its first chunk takes the next before the others' samples arrive:
-    /// decided raw, "not sampled yet", those were 6-9 MB of 22 MB of text sent raw, auto
-    /// 1.6-2.1x the best fixed choice; a sampled chunk goes compressed when that is smaller),
-    /// then one in [`SAMPLE_EVERY`].
+    /// one that finished its first chunk takes the next before the others' samples arrive;
+    /// decided then, it would go raw, "measuring"; a sampled chunk goes compressed when that
+    /// is smaller), then one in [`SAMPLE_EVERY`].
     pub fn should_sample(&self, n: u64) -> bool {
         self.policy == CompressPolicy::Auto
             && (n < SAMPLE_FIRST || self.samples < SAMPLE_FIRST || n.is_multiple_of(SAMPLE_EVERY))

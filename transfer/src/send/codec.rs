@@ -138,8 +138,9 @@ pub fn encode_chunk(
         });
     }
     // Contexts and buffers are made before the clocks start: a sample times zstd's work on
-    // the chunk, not the one-off setup (on a 30 KB file of source text, creating the
-    // context took longer than compressing, and the breakpoint came out at half its value).
+    // the chunk, not the one-off setup, which on small files of source text weighed enough
+    // to pull the breakpoint under `compress::OPTIMISTIC_LINK` (bench/RESULTS.md, "WAN auto
+    // matrix": the start then went raw until the link was measured).
     compressed.clear();
     compressed.reserve(zstd::zstd_safe::compress_bound(raw.len()));
     if compressor.as_ref().map(|(l, _)| *l) != Some(choice.level) {
