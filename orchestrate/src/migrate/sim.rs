@@ -450,17 +450,22 @@ mod tests {
         }
     }
 
-    /// A driver killed just after its final pass installed B's copy: the next one finds it
-    /// installed and does not send it again (nor move it aside).
-    #[test]
-    fn a_final_pass_that_finished_before_the_crash_is_not_sent_again() {
-        let profile = Profile::builtin();
+    /// `Normal` for every action of the happy path before its final pass.
+    fn up_to_the_final_pass(profile: &Profile) -> Vec<Twist> {
         let (_, happy) = drive(profile.clone(), &[]);
         let final_pass = happy
             .iter()
             .position(|t| t.contains("host-final-pass"))
             .expect("final pass");
-        let mut twists = vec![Twist::Normal; final_pass];
+        vec![Twist::Normal; final_pass]
+    }
+
+    /// A driver killed just after its final pass installed B's copy: the next one finds it
+    /// installed and does not send it again (nor move it aside).
+    #[test]
+    fn a_final_pass_that_finished_before_the_crash_is_not_sent_again() {
+        let profile = Profile::builtin();
+        let mut twists = up_to_the_final_pass(&profile);
         twists.push(Twist::Crash);
         let (world, trace) = drive(profile, &twists);
         assert_eq!(world.record.state, Some(RepoState::Done), "{trace:#?}");
@@ -484,12 +489,7 @@ mod tests {
     #[test]
     fn a_final_pass_superseded_after_it_installed_leaves_no_staging() {
         for profile in profiles() {
-            let (_, happy) = drive(profile.clone(), &[]);
-            let final_pass = happy
-                .iter()
-                .position(|t| t.contains("host-final-pass"))
-                .expect("final pass");
-            let mut twists = vec![Twist::Normal; final_pass];
+            let mut twists = up_to_the_final_pass(&profile);
             twists.push(Twist::Superseded);
             let (world, trace) = drive(profile, &twists);
             assert_eq!(world.record.state, Some(RepoState::Done), "{trace:#?}");
@@ -505,12 +505,7 @@ mod tests {
     fn a_rollback_interrupted_by_a_crash_finishes_rolling_back() {
         // Fail the final pass (frozen), then crash inside the rollback after A was unhooked.
         let profile = Profile::builtin();
-        let (_, happy) = drive(profile.clone(), &[]);
-        let final_pass = happy
-            .iter()
-            .position(|t| t.contains("host-final-pass"))
-            .expect("final pass");
-        let mut twists = vec![Twist::Normal; final_pass];
+        let mut twists = up_to_the_final_pass(&profile);
         // fail, journal rolling_back, revert clusterize, unhook A, then crash after the unfreeze.
         twists.extend([
             Twist::FailBefore,
