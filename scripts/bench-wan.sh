@@ -23,7 +23,12 @@
 #   fixture's checkout), pack (a bare fixture) and random data at 16 Mbit, 100 Mbit, 1 Gbit
 #   (10 ms RTT) and loopback; prints auto's own reason, level and probes. Environment:
 #   AUTO_LINKS, AUTO_TEXT_SIZE/AUTO_DATA_SIZE (below 1 Gbit; 60M/50M),
-#   AUTO_FAST_TEXT_SIZE/AUTO_FAST_DATA_SIZE (1 Gbit, loopback; 1G/400M), AUTO_RUNS (1).
+#   AUTO_FAST_TEXT_SIZE/AUTO_FAST_DATA_SIZE (1 Gbit, loopback; 1G/400M), AUTO_RUNS (1),
+#   AUTO_DATA ("text pack.git random.bin") and AUTO_CHOICES ("off zstd:1 zstd:3 auto"; a
+#   choice left out shows as "-"). Every run prints its seconds, wire bytes and (auto) reason
+#   on stderr: `AUTO_LINKS=16M AUTO_DATA=text AUTO_CHOICES="zstd:3 auto" AUTO_RUNS=5 ... --no-write`
+#   is the diagnosis of one cell; AUTO_TRACE=FILE also appends each auto run's measurement
+#   windows (shardsend's debug log of `transfer::compress`) to FILE.
 # --smoke: a tiny run to check the script (100M link, RTT 2 and 50 ms, loss 0 and 1%, 8M file);
 #   it never writes RESULTS.md.
 # Results: sections of bench/RESULTS.md (scripts/lib/results.sh), CSV under bench/out/, and the
@@ -92,7 +97,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 now() { date +%s.%N; }
-num2() { printf %.2f "$1" 2>/dev/null || echo "?"; }
+num2() { [ "$1" = - ] && { echo -; return; }; printf %.2f "$1" 2>/dev/null || echo "?"; }
 pct0() { awk -v v="$1" 'BEGIN { if (v ~ /^[0-9.]+$/) printf "%.0f", v; else printf "?" }'; }
 # utime+stime+cutime+cstime of PID, in seconds.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15+$16+$17)/hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -422,30 +427,41 @@ if [ "$do_auto" = 1 ]; then
     else
       start_link --rate "$link" --delay 5ms
     fi
-    for data in text pack.git random.bin; do
+    for data in ${AUTO_DATA:-text pack.git random.bin}; do
       src=$set_dir/$data
       bytes=$(du -sb "$src" | cut -f1)
       declare -A tm=()
       rm -rf "$dst_base/dst/$data"
       shardsend_cmd "$ns_a" "$src" "$data" auto ""
       timeout "$timeout_s" "${cmd[@]}" > /dev/null 2>&1 || true
-      for c in off zstd:1 zstd:3 auto; do
+      tm=([off]=- [zstd:1]=- [zstd:3]=- [auto]=-); reason="-"
+      for c in ${AUTO_CHOICES:-off zstd:1 zstd:3 auto}; do
         times=""
         for _ in $(seq "$runs"); do
           rm -rf "$dst_base/dst/$data"
           shardsend_cmd "$ns_a" "$src" "$data" "$c" ""
+          [ -n "${AUTO_TRACE:-}" ] && [ "$c" = auto ] && cmd=(env RUST_LOG=info,transfer::compress=debug "${cmd[@]}")
           t0=$(now)
           timeout "$timeout_s" "${cmd[@]}" > "$work/send.json" 2> "$work/send.err" || echo "shardsend $c failed: $(tail -c 300 "$work/send.err")" >&2
           t1=$(now)
           times+="$(echo "$t1 - $t0" | bc -l)"$'\n'
+          python3 -c 'import json,sys
+s=json.load(open(sys.argv[1])); c=s["compression"]
+print("  run %s: %.2f s, %d wire bytes, %d probes: %s" % (sys.argv[2], float(sys.argv[3]), s["wire_bytes"], c["probes"], c["reason"]))' \
+            "$work/send.json" "$c" "$(echo "$t1 - $t0" | bc -l)" >&2 2>/dev/null || true
+          if [ -n "${AUTO_TRACE:-}" ] && [ "$c" = auto ]; then
+            { echo "== $link $data $c"; cat "$work/send.err"; } >> "$AUTO_TRACE"
+          fi
         done
         tm[$c]=$(printf '%s' "$times" | median)
         [ "$c" = auto ] && reason=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["compression"]; print("%s (level %d, %d probes)" % (c["reason"], c["level"], c["probes"]))' "$work/send.json" 2>/dev/null | tr '|' '/' || echo "?")
         echo "auto matrix $link $data $c: ${tm[$c]}s" >&2
       done
-      best=$(printf '%s\n' "${tm[off]}" "${tm[zstd:1]}" "${tm[zstd:3]}" | sort -g | head -1)
-      table+=$'\n'"$(printf '| %s (%s bytes) | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s |' "${data%%.*}" "$bytes" "$link" \
-        "${tm[off]}" "${tm[zstd:1]}" "${tm[zstd:3]}" "${tm[auto]}" "$(echo "${tm[auto]} / $best" | bc -l)" "$reason")"
+      best=$(printf '%s\n' "${tm[off]}" "${tm[zstd:1]}" "${tm[zstd:3]}" | grep -v '^-$' | sort -g | head -1 || true)
+      ratio=-
+      [ -n "$best" ] && [ "${tm[auto]}" != - ] && ratio=$(num2 "$(echo "${tm[auto]} / $best" | bc -l)")
+      table+=$'\n'"$(printf '| %s (%s bytes) | %s | %s | %s | %s | %s | %s | %s |' "${data%%.*}" "$bytes" "$link" \
+        "$(num2 "${tm[off]}")" "$(num2 "${tm[zstd:1]}")" "$(num2 "${tm[zstd:3]}")" "$(num2 "${tm[auto]}")" "$ratio" "$reason")"
     done
     if [ "$link" = loopback ]; then stop_recv; else stop_link; fi
   done

@@ -26,16 +26,18 @@
 //! [`BACKLOG_FACTOR`] x `link x (RTT + interval)`: enough that the link never waits for the
 //! next report, little enough that a decision applies to data about to leave rather than to
 //! seconds of data already queued, and that the bound, not quinn's window, is what fills up
-//! on a slow link. (Until the first window is measured, about half a second in, only quinn's
-//! send window bounds it: on a slow link the first 16 MiB go out as the starting choice
-//! decided.)
+//! on a slow link. (Until the first window is measured, about 0.6 s in, what quinn has not
+//! yet sent is kept under [`START_QUEUE`]: on a slow link the first few MiB go out as the
+//! starting choice decided, which is why that choice matters.)
 //!
 //! It compresses only while `link < breakpoint`. Three refinements keep that honest:
-//! - before the link is measured, data whose breakpoint exceeds [`OPTIMISTIC_LINK`] (source
-//!   text: zstd saves most of it at hundreds of MB/s) is compressed at once: otherwise a
-//!   small transfer over a slow link would be gone, raw, before the first measurement. Not
-//!   on a loopback path ([`AutoDecider::on_loopback`]): there is no network there, only CPU,
-//!   which compressing can only take;
+//! - before the link is measured, data whose breakpoint times the cores the encoders share
+//!   ([`AutoDecider::with_cores`]) reaches [`OPTIMISTIC_LINK`], and which zstd shrinks by
+//!   at least [`OPTIMISTIC_MIN_SAVING`] (source text: zstd saves most of it at hundreds of
+//!   MB/s), is compressed at once: otherwise a small transfer over
+//!   a slow link would be gone, raw, before the first measurement. Not on a loopback path
+//!   ([`AutoDecider::on_loopback`]): there is no network there, only CPU, which compressing
+//!   can only take;
 //! - while compressing, a window in which the encoders, not the link, were the bottleneck
 //!   (a small backlog) says the link's speed is unknown, only bounded below by what the
 //!   encoders produced: data is sent raw until a window of raw data was measured (at most
@@ -86,8 +88,17 @@ pub const MIN_BACKLOG: f64 = 1.0 * (1 << 20) as f64;
 /// writer held back looks again.
 pub const START_QUEUE: f64 = 4.0 * (1 << 20) as f64;
 const START_QUEUE_POLL: f64 = 0.005;
-/// Before the link is measured, data whose breakpoint is above this is compressed.
+/// Before the link is measured, data whose breakpoint times the encoders' cores is at least
+/// this (bytes saved per second of wall clock) is compressed. A wrong start costs little on a
+/// fast link (compressed text still leaves two cores at 150-250 MB/s of data, at or above a
+/// 1 Gbit link, for the 0.6 s before the first window) and much on a slow one: the
+/// [`START_QUEUE`] sent raw over 16 Mbit is 1.4 s more than compressed (bench/RESULTS.md,
+/// "WAN auto matrix", 2026-11-28: text measured 45-70 MB/s per core and started raw in the
+/// runs that read under 50).
 pub const OPTIMISTIC_LINK: f64 = 50e6;
+/// ... and only if zstd saves at least this fraction of it: with many cores even packs (3%
+/// saved) reach the threshold, and spending cores on 3% is not a start worth gambling on.
+pub const OPTIMISTIC_MIN_SAVING: f64 = 0.25;
 /// Longest raw probe after a window in which compression was the bottleneck (it ends as
 /// soon as a window of raw data was measured).
 pub const MAX_PROBE_SECS: f64 = 1.5;
@@ -239,6 +250,8 @@ pub struct AutoDecider {
     fast_level_link: Option<f64>,
     /// The path is loopback: no link to save bytes on.
     loopback: bool,
+    /// Cores the encoders share (the breakpoint is per core).
+    cores: f64,
     /// Measurement windows ended so far.
     windows: u64,
     /// Set once a report came with nothing left to encode: the windows that follow change
@@ -304,6 +317,7 @@ impl AutoDecider {
             auto_level: FAST_LEVEL,
             fast_level_link: None,
             loopback: false,
+            cores: 1.0,
             windows: 0,
             draining: false,
         }
@@ -313,6 +327,13 @@ impl AutoDecider {
     /// breakpoint (module docs).
     pub fn on_loopback(mut self) -> Self {
         self.loopback = true;
+        self
+    }
+
+    /// The encoders run on `cores` cores at once (at least 1): before the link is measured,
+    /// compressing costs the wall clock the breakpoint's CPU time divided by them.
+    pub fn with_cores(mut self, cores: usize) -> Self {
+        self.cores = cores.max(1) as f64;
         self
     }
 
@@ -421,6 +442,20 @@ impl AutoDecider {
         }
         let mode = self.measure_mode(&ended, handed, rate, dt);
         self.after_window(now_secs, mode, ended.link_bound);
+        tracing::debug!(
+            at = now_secs,
+            secs = dt,
+            ?mode,
+            link_bound = ended.link_bound,
+            received_mb_s = rate / 1e6,
+            link_mb_s = self.link.map(|l| l / 1e6),
+            backlog = handed.wire().saturating_sub(received),
+            compressing_mb_s = self.compressing_rate.map(|r| r / 1e6),
+            raw_mb_s = self.plain_rate.map(|r| r / 1e6),
+            level = self.auto_level,
+            probing = self.probe.is_some(),
+            "auto: measurement window"
+        );
     }
 
     /// How the window's data went, by the way that carried at least 80% of its frame bytes
@@ -612,13 +647,17 @@ impl AutoDecider {
                                 save bytes on)"
                         .into()
                 }
-                (None, Some(b), _) if b >= OPTIMISTIC_LINK => {
+                (None, Some(b), _)
+                    if b * self.cores >= OPTIMISTIC_LINK
+                        && ratio.is_some_and(|r| 1.0 - r >= OPTIMISTIC_MIN_SAVING) =>
+                {
                     d.compress = true;
                     d.reason = format!(
-                        "link not measured yet; zstd:{level} saves {:.1}% (breakpoint {:.0} MB/s), \
-                         so compressing until the link proves faster",
+                        "link not measured yet; zstd:{level} saves {:.1}% (breakpoint {:.0} MB/s \
+                         per core, {} cores), so compressing until the link proves faster",
                         (1.0 - ratio.unwrap_or(1.0)) * 100.0,
-                        b / 1e6
+                        b / 1e6,
+                        self.cores
                     );
                 }
                 (None, Some(_), _) => {
@@ -747,6 +786,34 @@ mod tests {
         }
         let dec = d.decide();
         assert!(!dec.compress, "{dec:?}");
+    }
+
+    #[test]
+    fn the_start_counts_the_cores_the_encoders_share() {
+        // Regression (bench/RESULTS.md, "WAN auto matrix", 2026-11-28): source text of small
+        // files samples at a breakpoint of 45-70 MB/s per core; under 50 the start went raw
+        // until the link was measured, and on 16 Mbit the first START_QUEUE of raw data
+        // cost a second. Breakpoint here: 0.7 x 4 MB / (0.05 + 0.0125) s = 44.8 MB/s.
+        let sampled = |cores| {
+            let mut d = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20).with_cores(cores);
+            for _ in 0..SAMPLE_FIRST {
+                d.add_sample(sample(0.3, 80.0));
+            }
+            d.decide()
+        };
+        let one = sampled(1);
+        assert!(
+            !one.compress && one.reason.contains("not measured"),
+            "{one:?}"
+        );
+        let two = sampled(2);
+        assert!(two.compress && two.reason.contains("2 cores"), "{two:?}");
+        // Pack-like data stays raw on any number of cores: 3% saved.
+        let mut d = AutoDecider::new(CompressPolicy::Auto, None, 16 << 20).with_cores(8);
+        for _ in 0..SAMPLE_FIRST {
+            d.add_sample(sample(0.97, 300.0));
+        }
+        assert!(!d.decide().compress, "{:?}", d.decide());
     }
 
     #[test]
@@ -1114,7 +1181,8 @@ mod tests {
                 wire: u64,
                 compressed: bool,
             }
-            let mut d = AutoDecider::new(policy, None, SEND_WINDOW as u64);
+            let mut d =
+                AutoDecider::new(policy, None, SEND_WINDOW as u64).with_cores(self.cores as usize);
             let mut encoding: Vec<Option<(f64, Frame)>> = vec![None; self.streams];
             let mut ready: Vec<Option<Frame>> = vec![None; self.streams];
             let mut next_chunk = 0;

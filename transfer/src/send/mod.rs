@@ -759,7 +759,9 @@ async fn attempt_on(
         queue: WorkQueue::default(),
         decider: Mutex::new({
             let send_window = cfg.transport.window.unwrap_or(crate::quic::SEND_WINDOW);
-            let d = AutoDecider::new(cfg.compress, cfg.bwlimit, send_window);
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            let d = AutoDecider::new(cfg.compress, cfg.bwlimit, send_window)
+                .with_cores(cores.min(cfg.streams));
             if conn.remote_address().ip().is_loopback() {
                 d.on_loopback()
             } else {
