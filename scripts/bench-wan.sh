@@ -3,7 +3,7 @@
 #
 #   scripts/bench-wan.sh [--rates "100M 1G"] [--rtts "2 50 150"] [--losses "0 0.1 1"] [--no-bursty]
 #                        [--size 100M] [--timeout 300] [--tools "ss-off ss-auto scp rsync"]
-#                        [--congestion "bbr cubic"] [--queue 50ms] [--window 64M]
+#                        [--congestion "bbr cubic"] [--queue 50ms] [--window 64M] [--offload on|off]
 #                        [--fairness] [--auto-matrix] [--no-wan] [--smoke]
 #                        [--out bench/RESULTS.md] [--no-write]
 #
@@ -16,7 +16,11 @@
 # cutime+cstime include the finished session). A copy slower than --timeout is cut and shown as
 # "> T". --congestion LIST runs every shardsend tool once per controller (shardsend and
 # shardrecv --congestion); empty (the default) uses the binaries' default. --window SIZE is
-# given to both shardsend and shardrecv (bytes in flight per connection).
+# given to both shardsend and shardrecv (bytes in flight per connection). --offload is
+# linkemu's segmentation offload: on (the default) lets super-packets cross whole and reach the
+# receiver coalesced, as NICs do (TSO/USO and GRO), off makes every wire packet one read and one
+# write (per-packet costs that real hosts do not pay; the runs before 2026-11-28T18Z had it off).
+# WAN_DST_DIR (default /dev/shm) holds the receiving side's copies.
 # --fairness: one TCP flow (python, kernel TCP: BBR here) and shardsend share a 100 Mbit, 50 ms
 #   link; each one's share while both run (shardsend with each --congestion, or the default).
 # --auto-matrix: compression off vs zstd:1 vs zstd:3 vs auto on text-heavy (a worktree
@@ -47,6 +51,7 @@ timeout_s=300
 tools="ss-off ss-auto scp rsync"
 congestions=""
 queue=50ms
+offload=on
 window=""
 do_wan=1
 do_fair=0
@@ -65,6 +70,7 @@ while [ $# -gt 0 ]; do
     --tools) tools=$2; shift 2 ;;
     --congestion) congestions=$2; shift 2 ;;
     --queue) queue=$2; shift 2 ;;
+    --offload) offload=$2; shift 2 ;;
     --window) window=$2; shift 2 ;;
     --fairness) do_fair=1; shift ;;
     --auto-matrix) do_auto=1; shift ;;
@@ -72,7 +78,7 @@ while [ $# -gt 0 ]; do
     --smoke) smoke=1; rates=100M; rtts="2 50"; losses="0 1"; size=8M; timeout_s=60; shift ;;
     --out) out=$2; shift 2 ;;
     --no-write) write=0; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -82,7 +88,7 @@ scripts/install-deps.sh >/dev/null
 cargo build --release -q -p transfer -p fixtures -p bench
 bin=$PWD/target/release
 work=$(mktemp -d /var/tmp/bench-wan.XXXXXX)
-dst_base=$(mktemp -d /dev/shm/bench-wan-dst.XXXXXX)
+dst_base=$(mktemp -d "${WAN_DST_DIR:-/dev/shm}/bench-wan-dst.XXXXXX")
 mkdir -p bench/out
 lemu_pid=""
 sshd_pid=""
@@ -111,7 +117,7 @@ cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15+$16+$17)/hz}' "/proc/
 # start_link LINKEMU_ARGS...: fresh namespaces; sshd and shardrecv in side B.
 start_link() {
   : > "$work/lemu.out"
-  "$bin/linkemu" --json --name "bw$$" --queue "$queue" "$@" > "$work/lemu.out" 2> "$work/lemu.err" &
+  "$bin/linkemu" --json --name "bw$$" --queue "$queue" --offload "$offload" "$@" > "$work/lemu.out" 2> "$work/lemu.err" &
   lemu_pid=$!
   for _ in $(seq 100); do grep -q '"ready"' "$work/lemu.out" && break; sleep 0.05; done
   grep -q '"ready"' "$work/lemu.out" || { echo "linkemu did not start:" >&2; cat "$work/lemu.err" >&2; exit 1; }
@@ -289,7 +295,7 @@ if [ "$do_wan" = 1 ]; then
 - date: $started to $(date -u +%H:%MZ); load before the run: $load_before
 - machine: $machine
 - command: \`scripts/bench-wan.sh $orig_args\`
-- link: linkemu (userspace, TUN in two namespaces), rate per direction, drop-tail queue $queue,
+- link: linkemu (userspace, TUN in two namespaces, segmentation offload $offload), rate per direction, drop-tail queue $queue,
   RTT = 2 x one-way delay, random loss per packet and direction; bursty = Gilbert-Elliott
   0.25%,25% (~1% in bursts of 4). $ceiling
 - payload: $bytes random bytes (\`$size\`), one copy per tool and cell, verified with cmp;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bench::linkemu::model::{CutSchedule, LinkParams};
-use bench::linkemu::{probe, units, watchdog, Emulator, LinkSpec, LinkStats};
+use bench::linkemu::{probe, units, watchdog, Emulator, Framing, LinkSpec, LinkStats};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -61,6 +61,12 @@ struct Cli {
     /// Seed of the random draws (loss, jitter, reordering)
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Segmentation offload: `on` lets TCP and UDP super-packets (TSO, UDP GSO) cross whole
+    /// and delivers the surviving wire packets of each in coalesced runs, as hosts with real
+    /// NICs do (GSO on send, GRO on receive); the model still judges every wire packet.
+    /// `off`: one read and one write per wire packet, every host pays per-packet costs
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    offload: String,
     /// Namespace name prefix (namespaces PREFIX-a and PREFIX-b)
     #[arg(long)]
     name: Option<String>,
@@ -141,6 +147,11 @@ fn run(cli: Cli) -> Result<i32> {
         cuts: CutSchedule::new(cli.cuts.clone()),
         seed: cli.seed,
         prefix: cli.name.clone(),
+        framing: if cli.offload == "off" {
+            Framing::Plain
+        } else {
+            Framing::Offload
+        },
     };
     // Block the signals before any thread exists, so every thread inherits the mask and only
     // the main thread's sigtimedwait sees them. (Linux keeps a blocked signal pending even

@@ -1,6 +1,8 @@
 //! The forwarder: one thread per direction reads packets from one TUN device, asks the
 //! [`LinkModel`] what happens to each, holds the survivors in a delay line and writes them to
-//! the other TUN device when they are due.
+//! the other TUN device when they are due. With segmentation offload ([`Framing::Offload`],
+//! the default) a read may be a super-packet of many wire packets: the model judges each
+//! wire packet and the survivors travel on in runs ([`super::offload`]).
 //!
 //! Why this shape: per-packet cost is what limits a userspace link at 1 Gbit/s (~85,000
 //! full-size packets a second each way), so the loop does one `read` and one `write` per
@@ -19,6 +21,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::model::{CutSchedule, Drop, LinkModel, Nanos, Verdict};
+use super::offload::{Segmentation, VnetHdr, VNET_HDR_LEN};
 
 /// Most bytes one direction holds in its delay line (1 Gbit/s x 150 ms is ~19 MB).
 pub const DELAY_LINE_LIMIT: u64 = 64 << 20;
@@ -26,8 +29,18 @@ pub const DELAY_LINE_LIMIT: u64 = 64 << 20;
 const READ_BATCH: usize = 64;
 /// Longest sleep, so a stop request is noticed promptly.
 const MAX_SLEEP: Nanos = 50_000_000;
-/// Largest packet a TUN device hands us (MTU 1500; headroom for a larger MTU).
-const PACKET_BUF: usize = 65_536;
+/// Largest read from a TUN device: a 64 KiB super-packet and its `virtio_net_hdr`.
+const PACKET_BUF: usize = 65_536 + VNET_HDR_LEN;
+
+/// How packets are framed on the TUN descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One IP packet per read and write (`IFF_TUN` alone).
+    Plain,
+    /// A `virtio_net_hdr` before each packet, which may be a TSO/USO super-packet
+    /// (`IFF_VNET_HDR` and `TUNSETOFFLOAD`).
+    Offload,
+}
 
 /// Counters of one direction, readable while the link runs.
 #[derive(Debug, Default)]
@@ -113,6 +126,10 @@ struct Held {
     release: Nanos,
     seq: u64,
     data: Vec<u8>,
+    /// Wire packets in `data` (more than one for a super-packet).
+    segments: u64,
+    /// Bytes those wire packets take on the line (IP packets, no `virtio_net_hdr`).
+    wire_bytes: u64,
 }
 
 impl PartialEq for Held {
@@ -132,17 +149,201 @@ impl Ord for Held {
     }
 }
 
-/// Writes one packet to the far side's TUN device and counts it.
-fn deliver(out_fd: libc::c_int, packet: &[u8], counters: &Counters) {
+/// Writes one packet (or super-packet) to the far side's TUN device and counts its wire
+/// packets.
+fn deliver(out_fd: libc::c_int, held: &Held, counters: &Counters) {
     // SAFETY: write(2) from a buffer we own, of its length.
-    let n = unsafe { libc::write(out_fd, packet.as_ptr().cast(), packet.len()) };
+    let n = unsafe { libc::write(out_fd, held.data.as_ptr().cast(), held.data.len()) };
     if n < 0 {
         counters.write_errors.fetch_add(1, Ordering::Relaxed);
     } else {
-        counters.packets_out.fetch_add(1, Ordering::Relaxed);
+        counters
+            .packets_out
+            .fetch_add(held.segments, Ordering::Relaxed);
         counters
             .bytes_out
-            .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            .fetch_add(held.wire_bytes, Ordering::Relaxed);
+    }
+}
+
+/// One direction's delay line and buffers.
+struct Direction<'a> {
+    out_fd: libc::c_int,
+    counters: &'a Counters,
+    line: BinaryHeap<Reverse<Held>>,
+    held_bytes: u64,
+    pool: Vec<Vec<u8>>,
+    seq: u64,
+}
+
+impl Direction<'_> {
+    fn buffer(&mut self) -> Vec<u8> {
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.clear();
+        buf
+    }
+
+    fn count_drop(&self, why: Drop, segments: u64) {
+        let c = match why {
+            Drop::Down => &self.counters.lost_down,
+            Drop::RandomLoss => &self.counters.lost_random,
+            Drop::BurstLoss => &self.counters.lost_burst,
+            Drop::QueueFull => &self.counters.dropped_queue,
+        };
+        c.fetch_add(segments, Ordering::Relaxed);
+    }
+
+    /// Sends `held` now if it is due and nothing is ahead of it, else holds it until its
+    /// release time (dropping it when the delay line is full).
+    fn place(&mut self, held: Held, now: Nanos) {
+        let len = held.data.len() as u64;
+        if self.held_bytes + len > DELAY_LINE_LIMIT {
+            self.counters
+                .dropped_delay_line
+                .fetch_add(held.segments, Ordering::Relaxed);
+            self.pool.push(held.data);
+            return;
+        }
+        if held.release <= now && self.line.is_empty() {
+            // Due now and nothing ahead of it: skip the heap.
+            deliver(self.out_fd, &held, self.counters);
+            self.pool.push(held.data);
+            return;
+        }
+        self.held_bytes += len;
+        self.seq += 1;
+        self.line.push(Reverse(Held {
+            seq: self.seq,
+            ..held
+        }));
+    }
+
+    /// Delivers (or, while the link is down, loses) everything due by `now`.
+    fn release_due(&mut self, now: Nanos, down: bool) {
+        while self.line.peek().is_some_and(|h| h.0.release <= now) {
+            let Some(Reverse(held)) = self.line.pop() else {
+                break;
+            };
+            self.held_bytes -= held.data.len() as u64;
+            if down {
+                self.counters
+                    .lost_down
+                    .fetch_add(held.segments, Ordering::Relaxed);
+            } else {
+                deliver(self.out_fd, &held, self.counters);
+            }
+            self.pool.push(held.data);
+        }
+    }
+
+    /// Judges one wire packet whose bytes (as written to the far side) are `frame`.
+    fn offer_one(
+        &mut self,
+        model: &mut LinkModel,
+        frame: &[u8],
+        wire: u64,
+        now: Nanos,
+        down: bool,
+    ) {
+        self.counters.packets_in.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_in.fetch_add(wire, Ordering::Relaxed);
+        match model.offer(now, wire, down) {
+            Verdict::Drop(why) => self.count_drop(why, 1),
+            Verdict::Deliver { at, reordered } => {
+                if reordered {
+                    self.counters.reordered.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut data = self.buffer();
+                data.extend_from_slice(frame);
+                let held = Held {
+                    release: at,
+                    seq: 0,
+                    data,
+                    segments: 1,
+                    wire_bytes: wire,
+                };
+                self.place(held, now);
+            }
+        }
+    }
+
+    /// Judges each wire packet of a super-packet and sends the survivors on in runs of
+    /// consecutive ones, each released when its last packet is due. A lost or reordered
+    /// packet ends a run (a reordered one travels alone, at its own later time).
+    fn offer_segmented(
+        &mut self,
+        model: &mut LinkModel,
+        seg: &Segmentation,
+        packet: &[u8],
+        now: Nanos,
+        down: bool,
+    ) {
+        struct Run {
+            first: usize,
+            release: Nanos,
+            wire_bytes: u64,
+        }
+        let count = seg.count();
+        let mut run: Option<Run> = None;
+        let emit = |dir: &mut Self, run: Run, end: usize| {
+            let mut data = dir.buffer();
+            seg.build(packet, run.first, end, &mut data);
+            let held = Held {
+                release: run.release,
+                seq: 0,
+                data,
+                segments: (end - run.first) as u64,
+                wire_bytes: run.wire_bytes,
+            };
+            dir.place(held, now);
+        };
+        for i in 0..count {
+            let wire = seg.wire_len(i);
+            self.counters.packets_in.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes_in.fetch_add(wire, Ordering::Relaxed);
+            match model.offer(now, wire, down) {
+                Verdict::Drop(why) => {
+                    self.count_drop(why, 1);
+                    if let Some(r) = run.take() {
+                        emit(self, r, i);
+                    }
+                }
+                Verdict::Deliver {
+                    at,
+                    reordered: true,
+                } => {
+                    self.counters.reordered.fetch_add(1, Ordering::Relaxed);
+                    if let Some(r) = run.take() {
+                        emit(self, r, i);
+                    }
+                    let alone = Run {
+                        first: i,
+                        release: at,
+                        wire_bytes: wire,
+                    };
+                    emit(self, alone, i + 1);
+                }
+                Verdict::Deliver {
+                    at,
+                    reordered: false,
+                } => match &mut run {
+                    Some(r) => {
+                        r.release = r.release.max(at);
+                        r.wire_bytes += wire;
+                    }
+                    None => {
+                        run = Some(Run {
+                            first: i,
+                            release: at,
+                            wire_bytes: wire,
+                        })
+                    }
+                },
+            }
+        }
+        if let Some(r) = run.take() {
+            emit(self, r, count);
+        }
     }
 }
 
@@ -150,36 +351,30 @@ fn deliver(out_fd: libc::c_int, packet: &[u8], counters: &Counters) {
 pub fn run_direction(
     input: &OwnedFd,
     output: &OwnedFd,
+    framing: Framing,
     mut model: LinkModel,
     control: &Control,
     counters: &Counters,
 ) {
     // SAFETY: prctl on the calling thread; 1 us slack makes ppoll wake close to the deadline.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
-    let mut line: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
-    let mut held_bytes: u64 = 0;
-    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut dir = Direction {
+        out_fd: output.as_raw_fd(),
+        counters,
+        line: BinaryHeap::new(),
+        held_bytes: 0,
+        pool: Vec::new(),
+        seq: 0,
+    };
     let mut scratch = vec![0u8; PACKET_BUF];
-    let mut seq: u64 = 0;
     let in_fd = input.as_raw_fd();
-    let out_fd = output.as_raw_fd();
     while !control.stop.load(Ordering::Relaxed) {
         let now = control.now();
         // 1. Deliver what is due (a cut link loses what is still on the wire, too).
-        while line.peek().is_some_and(|h| h.0.release <= now) {
-            let Some(Reverse(held)) = line.pop() else {
-                break;
-            };
-            held_bytes -= held.data.len() as u64;
-            if control.is_down(now) {
-                counters.lost_down.fetch_add(1, Ordering::Relaxed);
-            } else {
-                deliver(out_fd, &held.data, counters);
-            }
-            pool.push(held.data);
-        }
+        dir.release_due(now, control.is_down(now));
         // 2. Sleep until a packet arrives or the next one is due.
-        let wait = line
+        let wait = dir
+            .line
             .peek()
             .map_or(MAX_SLEEP, |h| h.0.release.saturating_sub(now))
             .min(MAX_SLEEP);
@@ -197,61 +392,37 @@ pub fn run_direction(
         if ready <= 0 {
             continue;
         }
-        // 3. Read a batch and judge each packet. Reads land in one scratch buffer and each
-        //    packet is copied into a right-sized pooled buffer: held packets then cost their
-        //    size, not 64 KiB each, and no buffer is zeroed per packet.
+        // 3. Read a batch and judge each packet. Reads land in one scratch buffer and what
+        //    survives is copied into a right-sized pooled buffer: held packets then cost
+        //    their size, not 64 KiB each, and no buffer is zeroed per packet.
         for _ in 0..READ_BATCH {
             // SAFETY: read(2) into a buffer we own, of its length.
             let n = unsafe { libc::read(in_fd, scratch.as_mut_ptr().cast(), scratch.len()) };
             if n <= 0 {
                 break;
             }
-            let mut buf = pool.pop().unwrap_or_default();
-            buf.clear();
-            buf.extend_from_slice(&scratch[..n as usize]);
-            let len = n as u64;
-            counters.packets_in.fetch_add(1, Ordering::Relaxed);
-            counters.bytes_in.fetch_add(len, Ordering::Relaxed);
+            let frame = &scratch[..n as usize];
             let now = control.now();
-            match model.offer(now, len, control.is_down(now)) {
-                Verdict::Drop(why) => {
-                    let c = match why {
-                        Drop::Down => &counters.lost_down,
-                        Drop::RandomLoss => &counters.lost_random,
-                        Drop::BurstLoss => &counters.lost_burst,
-                        Drop::QueueFull => &counters.dropped_queue,
-                    };
-                    c.fetch_add(1, Ordering::Relaxed);
-                    pool.push(buf);
+            let down = control.is_down(now);
+            match framing {
+                Framing::Plain => {
+                    dir.offer_one(&mut model, frame, frame.len() as u64, now, down);
                 }
-                Verdict::Deliver { at, reordered } => {
-                    if held_bytes + len > DELAY_LINE_LIMIT {
-                        counters.dropped_delay_line.fetch_add(1, Ordering::Relaxed);
-                        pool.push(buf);
+                Framing::Offload => {
+                    let Some(hdr) = VnetHdr::parse(frame) else {
                         continue;
+                    };
+                    let packet = &frame[VNET_HDR_LEN..];
+                    match Segmentation::of(&hdr, packet) {
+                        Some(seg) => dir.offer_segmented(&mut model, &seg, packet, now, down),
+                        None => dir.offer_one(&mut model, frame, packet.len() as u64, now, down),
                     }
-                    if reordered {
-                        counters.reordered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if at <= now && line.is_empty() {
-                        // Due now and nothing ahead of it: skip the heap.
-                        deliver(out_fd, &buf, counters);
-                        pool.push(buf);
-                        continue;
-                    }
-                    held_bytes += len;
-                    seq += 1;
-                    line.push(Reverse(Held {
-                        release: at,
-                        seq,
-                        data: buf,
-                    }));
                 }
             }
         }
         // Keep the pool from growing past what a burst needs (a delay line of thousands of
         // packets allocates as it fills and frees as it drains).
-        pool.truncate(16 * READ_BATCH);
+        dir.pool.truncate(16 * READ_BATCH);
     }
 }
 
@@ -268,6 +439,7 @@ impl Link {
     pub fn start(
         tun_a: OwnedFd,
         tun_b: OwnedFd,
+        framing: Framing,
         models: (LinkModel, LinkModel),
         control: Arc<Control>,
     ) -> Link {
@@ -284,7 +456,7 @@ impl Link {
             let shared = control.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("linkemu {name}"))
-                .spawn(move || run_direction(&input, &output, model, &shared, &counters));
+                .spawn(move || run_direction(&input, &output, framing, model, &shared, &counters));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {

@@ -22,6 +22,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::forward::Framing;
+use super::offload::{TUN_OFFLOADS, VNET_HDR_LEN};
+
 /// Side A's address (a /30 that exists only inside the two namespaces).
 pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 250, 88, 1);
 /// Side B's address.
@@ -112,9 +115,11 @@ struct IfReq {
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
 /// Opens a TUN device called [`TUN_NAME`] inside namespace `ns` and configures it as side
-/// `local` talking to `peer`. The returned descriptor is non-blocking.
-pub fn open_tun(ns: &str, local: Ipv4Addr, peer: Ipv4Addr) -> Result<OwnedFd> {
-    let fd = in_namespace(ns, || {
+/// `local` talking to `peer`. The returned descriptor is non-blocking. With
+/// [`Framing::Offload`] every packet carries a `virtio_net_hdr` and the device accepts
+/// TCP and UDP super-packets ([`super::offload`]).
+pub fn open_tun(ns: &str, local: Ipv4Addr, peer: Ipv4Addr, framing: Framing) -> Result<OwnedFd> {
+    let fd = in_namespace(ns, move || {
         // SAFETY: open(2) with a NUL-terminated path.
         let raw = unsafe {
             libc::open(
@@ -129,7 +134,10 @@ pub fn open_tun(ns: &str, local: Ipv4Addr, peer: Ipv4Addr) -> Result<OwnedFd> {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+            flags: match framing {
+                Framing::Plain => libc::IFF_TUN | libc::IFF_NO_PI,
+                Framing::Offload => libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+            } as libc::c_short,
             _pad: [0; 22],
         };
         for (dst, src) in req.name.iter_mut().zip(TUN_NAME.bytes()) {
@@ -138,6 +146,26 @@ pub fn open_tun(ns: &str, local: Ipv4Addr, peer: Ipv4Addr) -> Result<OwnedFd> {
         // SAFETY: TUNSETIFF reads and writes an ifreq-sized struct we own.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(std::io::Error::last_os_error()).context("TUNSETIFF");
+        }
+        if framing == Framing::Offload {
+            let hdr_len = VNET_HDR_LEN as libc::c_int;
+            // SAFETY: TUNSETVNETHDRSZ reads an int we own; TUNSETOFFLOAD takes its argument
+            // by value.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+                return Err(std::io::Error::last_os_error()).context("TUNSETVNETHDRSZ");
+            }
+            // SAFETY: as above.
+            if unsafe {
+                libc::ioctl(
+                    fd.as_raw_fd(),
+                    libc::TUNSETOFFLOAD,
+                    TUN_OFFLOADS as libc::c_ulong,
+                )
+            } < 0
+            {
+                return Err(std::io::Error::last_os_error())
+                    .context("TUNSETOFFLOAD (segmentation offload; --offload off avoids it)");
+            }
         }
         // Router solicitations and other IPv6 chatter would only add noise to the link.
         for f in ["all", "default"] {
