@@ -100,13 +100,27 @@ fn systemd_units_pass_systemd_analyze_verify() {
     }
 }
 
+/// Runs dpkg, waiting (up to ten minutes) while another process holds its lock: the phorge lab's
+/// setup.sh may be installing packages in the same test run, and dpkg itself has no wait option.
+fn dpkg(args: &[&str]) -> std::process::Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let out = Command::new("dpkg").args(args).output().expect("run dpkg");
+        let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+        if out.status.success() || !locked || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
 /// Removes the package when the test ends, passed or not.
 struct Installed;
 
 impl Drop for Installed {
     fn drop(&mut self) {
         // Purge, not just remove: the example config is a conffile and would stay behind.
-        let _ = Command::new("dpkg").args(["--purge", "shardmove"]).output();
+        let _ = dpkg(&["--purge", "shardmove"]);
     }
 }
 
@@ -155,11 +169,7 @@ fn debian_package_installs_and_its_binaries_run() {
     assert!(deb.is_file(), "no {}", deb.display());
 
     let _installed = Installed;
-    let install = Command::new("dpkg")
-        .arg("-i")
-        .arg(&deb)
-        .output()
-        .expect("dpkg -i");
+    let install = dpkg(&["-i", &deb.to_string_lossy()]);
     assert!(install.status.success(), "dpkg -i: {install:?}");
     let run = |program: &str, arg: &str| {
         let out = Command::new(program).arg(arg).output().expect(program);
