@@ -9,8 +9,9 @@
 # durable writes at ~340 MB/s (dd conv=fsync), which would cap every tool at the same figure and
 # hide the transports. Each copy still ends "durable" (shardrecv syncfs's before install, the
 # peers get a `sync` inside the timed command), which on tmpfs costs nothing for anyone.
-# Peak RSS of both ends comes from /usr/bin/time -v; the far ends of scp (sftp-server) and
-# rsync are wrapped through sshd's Subsystem line and --rsync-path.
+# Peak RSS and CPU seconds (user + system, per GiB moved) of both ends come from
+# /usr/bin/time -v; the far ends of scp (sftp-server) and rsync are wrapped through sshd's
+# Subsystem line and --rsync-path (sshd's own share, the decryption, is not counted for them).
 # sshd runs on a loopback port with throwaway keys; nothing leaves 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --no-write) write=0; shift ;;
     --dst) dst_base=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -73,9 +74,13 @@ start_loopback_sshd "$work/ssh" "/usr/bin/time -v -o $far_rss /usr/lib/openssh/s
 "$bin/shardsend" keygen --out "$work/send.key" > "$work/allow" 2>/dev/null
 
 rss_of() { awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
+# CPU seconds (user + system) that /usr/bin/time -v recorded in FILE.
+cpu_of() { [ -s "$1" ] || { echo '?'; return; }; awk -F': ' '/User time|System time/ {s += $2} END {printf "%.2f", s}' "$1"; }
 now() { date +%s.%N; }
+# CPU seconds per GiB moved, or ? when the far end's CPU was not recorded.
+per_gib() { case $1 in ''|'?') echo '?' ;; *) printf '%.2f' "$(echo "$1 * 1073741824 / $2" | bc -l)" ;; esac; }
 
-# Runs one copy; prints "seconds near_rss_mib far_rss_mib".
+# Runs one copy; prints "seconds near_rss_mib far_rss_mib near_cpu_s far_cpu_s".
 run_one() {
   local tool=$1 name=$2 dst=$dst_dir/dst
   rm -rf "$dst" "$work/near.txt" "$far_rss"; mkdir -p "$dst"
@@ -141,33 +146,35 @@ run_one() {
   if ! diff -rq "$work/src/$name" "$dst/$name" > /dev/null; then
     echo "ERROR: $tool produced a different copy of $name" >&2; exit 1
   fi
-  echo "$(echo "$t1 - $t0" | bc -l) $(rss_of "$work/near.txt") $(rss_of "$far_rss" 2>/dev/null || echo '?')"
+  echo "$(echo "$t1 - $t0" | bc -l) $(rss_of "$work/near.txt") $(rss_of "$far_rss" 2>/dev/null || echo '?')" \
+    "$(cpu_of "$work/near.txt") $(cpu_of "$far_rss")"
 }
 
 tools=(shardsend socat scp rsync)
-declare -A best near far
+declare -A best near far near_cpu far_cpu
 table=""
 for name in "${payloads[@]}"; do
   bytes=$(du -sb "$work/src/$name" | cut -f1)
   for tool in "${tools[@]}"; do
     best[$tool]=""
     for r in $(seq "$runs"); do
-      read -r secs n f < <(run_one "$tool" "$name")
-      echo "$name $tool run $r: ${secs}s near ${n}MiB far ${f}MiB" >&2
+      read -r secs n f nc fc < <(run_one "$tool" "$name")
+      echo "$name $tool run $r: ${secs}s near ${n}MiB ${nc} CPU-s, far ${f}MiB ${fc} CPU-s" >&2
       if [ -z "${best[$tool]}" ] || (( $(echo "$secs < ${best[$tool]}" | bc -l) )); then
-        best[$tool]=$secs; near[$tool]=$n; far[$tool]=$f
+        best[$tool]=$secs; near[$tool]=$n; far[$tool]=$f; near_cpu[$tool]=$nc; far_cpu[$tool]=$fc
       fi
     done
   done
   table+=$'\n'"**$name** ($bytes bytes, best of $runs)"$'\n\n'
-  table+="| tool | seconds | MB/s | x scp | x rsync | peak RSS sender (MiB) | peak RSS receiver (MiB) |"$'\n'
-  table+="|---|---|---|---|---|---|---|"$'\n'
+  table+="| tool | seconds | MB/s | x scp | x rsync | peak RSS sender (MiB) | peak RSS receiver (MiB) | CPU s/GiB sender | CPU s/GiB receiver |"$'\n'
+  table+="|---|---|---|---|---|---|---|---|---|"$'\n'
   for tool in "${tools[@]}"; do
     s=${best[$tool]}
-    table+=$(printf "| %s | %.2f | %.0f | %.2f | %.2f | %s | %s |" "$tool" "$s" \
+    table+=$(printf "| %s | %.2f | %.0f | %.2f | %.2f | %s | %s | %s | %s |" "$tool" "$s" \
       "$(echo "$bytes / $s / 1000000" | bc -l)" \
       "$(echo "${best[scp]} / $s" | bc -l)" "$(echo "${best[rsync]} / $s" | bc -l)" \
-      "${near[$tool]}" "${far[$tool]}")$'\n'
+      "${near[$tool]}" "${far[$tool]}" \
+      "$(per_gib "${near_cpu[$tool]}" "$bytes")" "$(per_gib "${far_cpu[$tool]}" "$bytes")")$'\n'
   done
 done
 
