@@ -2,6 +2,8 @@
 # Loopback benchmark: shardsend vs a raw TCP pipe (socat), scp and rsync over ssh, in one run.
 #
 #   scripts/bench-peers.sh [--size 2G] [--runs 3] [--repo PATH] [--out bench/RESULTS.md] [--no-write]
+#                          [--bin DIR]   (shardsend/shardrecv from DIR, e.g. an older build's
+#                                         target/release, instead of this tree's; implies --no-write)
 #
 # For each payload (SIZE of random data, and the tree of a bare repository if --repo is given or
 # `mkfixture` can make one) every tool copies the payload from one directory to another on this
@@ -22,6 +24,7 @@ repo=""
 out=bench/RESULTS.md
 write=1
 dst_base=/dev/shm
+other_bin=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -30,7 +33,8 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --no-write) write=0; shift ;;
     --dst) dst_base=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --bin) other_bin=$2; write=0; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -38,6 +42,13 @@ done
 scripts/install-deps.sh >/dev/null
 cargo build --release -q -p transfer -p fixtures
 bin=$PWD/target/release
+fixture_bin=$bin
+if [ -n "$other_bin" ]; then
+  bin=$(cd "$other_bin" && pwd)
+  for b in shardsend shardrecv; do
+    [ -x "$bin/$b" ] || { echo "no executable $b in $bin" >&2; exit 2; }
+  done
+fi
 work=$(mktemp -d /var/tmp/bench-peers.XXXXXX)
 dst_dir=$(mktemp -d "$dst_base/bench-peers-dst.XXXXXX")
 sshd_pid=""
@@ -53,9 +64,9 @@ mkdir -p "$work/src"
 echo "making $size of random data..." >&2
 head -c "$(numfmt --from=iec "$size")" /dev/urandom > "$work/src/random.bin"
 payloads=("random.bin")
-if [ -z "$repo" ] && [ -x "$bin/mkfixture" ]; then
+if [ -z "$repo" ] && [ -x "$fixture_bin/mkfixture" ]; then
   echo "making a 200M bare repository fixture..." >&2
-  if "$bin/mkfixture" bare --size 200M --out "$work/src/fixture.git" --seed 1 >/dev/null 2>&1; then
+  if "$fixture_bin/mkfixture" bare --size 200M --out "$work/src/fixture.git" --seed 1 >/dev/null 2>&1; then
     payloads+=("fixture.git")
   fi
 elif [ -n "$repo" ]; then
@@ -183,7 +194,7 @@ section="## Loopback peers (issue 3): shardsend vs socat, scp, rsync
 
 - date: $(date -u +%Y-%m-%dT%H:%MZ)
 - machine: $machine
-- command: \`scripts/bench-peers.sh --size $size --runs $runs\`
+- command: \`scripts/bench-peers.sh --size $size --runs $runs${other_bin:+ --bin $other_bin}\`
 - source in the page cache, destination on tmpfs (the VM disk's ~340 MB/s durable write speed
   would cap every tool alike); every copy checked identical with \`diff -r\`;
 - shardsend: defaults (auto compression, 4 streams, 2 MiB chunks), BLAKE3-verified on both sides,
