@@ -84,8 +84,9 @@ start_loopback_sshd "$work/ssh" "/usr/bin/time -v -o $far_rss /usr/lib/openssh/s
 "$bin/shardrecv" keygen --out "$work/recv.key" > "$work/recv.fp" 2>/dev/null
 "$bin/shardsend" keygen --out "$work/send.key" > "$work/allow" 2>/dev/null
 
-rss_of() { awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
-# CPU seconds (user + system) that /usr/bin/time -v recorded in FILE.
+# Peak RSS (MiB) and CPU seconds (user + system) that /usr/bin/time -v recorded in FILE, or ?
+# when it recorded nothing.
+rss_of() { [ -s "$1" ] || { echo '?'; return; }; awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; }
 cpu_of() { [ -s "$1" ] || { echo '?'; return; }; awk -F': ' '/User time|System time/ {s += $2} END {printf "%.2f", s}' "$1"; }
 now() { date +%s.%N; }
 # CPU seconds per GiB moved, or ? when the far end's CPU was not recorded.
@@ -157,7 +158,7 @@ run_one() {
   if ! diff -rq "$work/src/$name" "$dst/$name" > /dev/null; then
     echo "ERROR: $tool produced a different copy of $name" >&2; exit 1
   fi
-  echo "$(echo "$t1 - $t0" | bc -l) $(rss_of "$work/near.txt") $(rss_of "$far_rss" 2>/dev/null || echo '?')" \
+  echo "$(echo "$t1 - $t0" | bc -l) $(rss_of "$work/near.txt") $(rss_of "$far_rss")" \
     "$(cpu_of "$work/near.txt") $(cpu_of "$far_rss")"
 }
 
