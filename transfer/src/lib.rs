@@ -19,6 +19,7 @@
 
 pub mod admission;
 pub mod background;
+pub mod bbr;
 pub mod cli;
 pub mod compress;
 pub mod dissociate;

@@ -290,6 +290,7 @@ fn every_congestion_controller_and_a_larger_window_complete_a_transfer() {
     write_random(&src.join("data"), 6_000_000, 11);
     for (i, extra) in [
         vec!["--congestion", "bbr"],
+        vec!["--congestion", "quinn-bbr"],
         vec!["--congestion", "cubic"],
         vec!["--congestion", "newreno"],
         vec!["--congestion", "background"],
@@ -306,7 +307,7 @@ fn every_congestion_controller_and_a_larger_window_complete_a_transfer() {
     }
     let out = send(&keys, &src, &d.addr, "x.git", &["--congestion", "vegas"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("bbr, cubic, newreno, background"));
+    assert!(stderr(&out).contains("bbr, quinn-bbr, cubic, newreno, background"));
     let out = send(&keys, &src, &d.addr, "x.git", &["--window", "1M"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

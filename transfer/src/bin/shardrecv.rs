@@ -101,8 +101,8 @@ enum Command {
         #[arg(long)]
         max_transfers: Option<usize>,
         /// Congestion controller of our sending side (control messages): auto (bbr, cubic
-        /// on loopback), bbr, cubic or newreno. The data direction follows the sender's
-        /// --congestion [default: auto]
+        /// on loopback), bbr, quinn-bbr, cubic, newreno or background. The data direction
+        /// follows the sender's --congestion [default: auto]
         #[arg(long)]
         congestion: Option<Congestion>,
         /// Connection receive window per transfer, K/M suffixes: the most unread data one

@@ -175,8 +175,10 @@ struct SendArgs {
     connect_timeout: f64,
     /// Congestion controller: auto (default: bbr, except cubic on a loopback path, where
     /// nothing is lost and bbr costs throughput), bbr (keeps the link full under random
-    /// loss, where cubic and newreno collapse), cubic, newreno, or background (delay-based:
-    /// backs off when a queue builds, so users' traffic on a shared link keeps its share)
+    /// loss, where cubic and newreno collapse, with a short queue), quinn-bbr (quinn's own
+    /// BBR, for comparison: it overfills drop-tail queues), cubic, newreno, or background
+    /// (delay-based: backs off when a queue builds, so users' traffic on a shared link keeps
+    /// its share)
     #[arg(long, default_value_t = Congestion::default())]
     congestion: Congestion,
     /// Most bytes in flight (unacknowledged) on the connection, K/M suffixes, 4M-256M
