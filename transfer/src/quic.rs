@@ -16,7 +16,7 @@
 //!   its rate estimate and quinn's window-based pacing do not fit together. So `bbr` is now
 //!   our own model ([`crate::bbr`], whose window is its in-flight target): the same or better
 //!   throughput (100 Mbit/s, 50 ms: 93% at 0, 0.1 and 1% loss; 1 Gbit/s, 50 ms, 0.1%: 79-85%
-//!   against 77-79%) with about 1% of its packets dropped and 10-45% less sender CPU;
+//!   against 77-79%) with about 1% of its packets dropped and 11-48% less sender CPU;
 //!   quinn's stays as `quinn-bbr` for comparison. Next to one kernel TCP flow (BBR) on a
 //!   100 Mbit link, quinn's BBR left that flow 17-24%; ours, whose window stays near the BDP,
 //!   leaves it 81% (RESULTS, "WAN: a BBR whose window is its target"). Yielding is measured,
