@@ -950,7 +950,7 @@ mod tests {
         for pn in 0..5_000u64 {
             m.on_sent(ms(pn));
             // Everything sent up to 100 ms ago, acked every 50 ms.
-            if pn % 50 == 0 && pn >= 100 {
+            if pn % 50 == 0 && pn >= 150 {
                 for acked in (pn - 150)..(pn - 100) {
                     m.on_ack(ms(pn), ms(acked), u64::from(MTU));
                 }
