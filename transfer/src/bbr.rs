@@ -360,8 +360,8 @@ impl BbrModel {
         }
     }
 
-    /// `bytes` sent at `sent` were declared lost; `persistent` when every packet was for a
-    /// PTO period.
+    /// `bytes` were declared lost at `now`; `persistent` when every packet sent over a PTO
+    /// period was (a cut link): the model starts over, keeping only the path's minimum RTT.
     pub fn on_loss(&mut self, now: Instant, bytes: u64, persistent: bool) {
         self.round_lost += bytes;
         if persistent {
