@@ -110,6 +110,34 @@ struct SendRecord {
     first_sent_time: Instant,
 }
 
+/// The largest value of each of the last [`BW_FILTER_ROUNDS`] rounds, and their maximum:
+/// the windowed max filter both the bottleneck rate and the ack aggregation use.
+#[derive(Debug, Clone, Copy, Default)]
+struct RoundMax {
+    /// (round, largest value seen in it), one slot per round modulo the window.
+    slots: [(u64, u64); BW_FILTER_ROUNDS],
+}
+
+impl RoundMax {
+    fn update(&mut self, round: u64, value: u64) {
+        let slot = &mut self.slots[round as usize % BW_FILTER_ROUNDS];
+        if slot.0 != round {
+            *slot = (round, 0);
+        }
+        slot.1 = slot.1.max(value);
+    }
+
+    /// Maximum over the rounds of the window ending at `round`.
+    fn get(&self, round: u64) -> u64 {
+        self.slots
+            .iter()
+            .filter(|(r, _)| r + BW_FILTER_ROUNDS as u64 > round)
+            .map(|&(_, value)| value)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// A rate sample being built from one batch of acks.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -142,7 +170,7 @@ pub struct BbrModel {
     round_delivered: u64,
 
     // Bottleneck rate (bytes/s): the best sample of each of the last rounds.
-    bw_rounds: [(u64, u64); BW_FILTER_ROUNDS],
+    bw_rounds: RoundMax,
     full_bw: u64,
     full_bw_count: u32,
     filled_pipe: bool,
@@ -166,7 +194,7 @@ pub struct BbrModel {
     // began (end hosts batch acks: GRO, scheduling), the most of each of the last rounds.
     ack_epoch_start: Option<Instant>,
     ack_epoch_bytes: u64,
-    extra_acked_rounds: [(u64, u64); BW_FILTER_ROUNDS],
+    extra_acked_rounds: RoundMax,
 }
 
 impl BbrModel {
@@ -189,7 +217,7 @@ impl BbrModel {
             round_start: false,
             round_lost: 0,
             round_delivered: 0,
-            bw_rounds: [(0, 0); BW_FILTER_ROUNDS],
+            bw_rounds: RoundMax::default(),
             full_bw: 0,
             full_bw_count: 0,
             filled_pipe: false,
@@ -203,7 +231,7 @@ impl BbrModel {
             loss_cap: None,
             ack_epoch_start: None,
             ack_epoch_bytes: 0,
-            extra_acked_rounds: [(0, 0); BW_FILTER_ROUNDS],
+            extra_acked_rounds: RoundMax::default(),
         }
     }
 
@@ -218,12 +246,7 @@ impl BbrModel {
 
     /// Estimated bottleneck rate, bytes per second (0 before the first sample).
     pub fn bandwidth(&self) -> u64 {
-        self.bw_rounds
-            .iter()
-            .filter(|(round, _)| round + BW_FILTER_ROUNDS as u64 > self.round)
-            .map(|&(_, bw)| bw)
-            .max()
-            .unwrap_or(0)
+        self.bw_rounds.get(self.round)
     }
 
     pub fn min_rtt(&self) -> Option<Duration> {
@@ -255,12 +278,7 @@ impl BbrModel {
     /// short path the end hosts' batching is a large part of the round trip, and a window
     /// without it leaves the link idle while acks wait in a batch.
     fn extra_acked(&self) -> u64 {
-        self.extra_acked_rounds
-            .iter()
-            .filter(|(round, _)| round + BW_FILTER_ROUNDS as u64 > self.round)
-            .map(|&(_, extra)| extra)
-            .max()
-            .unwrap_or(0)
+        self.extra_acked_rounds.get(self.round)
     }
 
     fn update_ack_aggregation(&mut self, now: Instant, acked: u64) {
@@ -271,25 +289,20 @@ impl BbrModel {
         let expected = self.ack_epoch_start.map_or(0, |start| {
             (bw as f64 * now.saturating_duration_since(start).as_secs_f64()) as u64
         });
-        if self.ack_epoch_start.is_none() || self.ack_epoch_bytes <= expected {
-            // Acks arrived no faster than the rate: a new epoch starts here.
+        let expected = if self.ack_epoch_start.is_none() || self.ack_epoch_bytes <= expected {
+            // Acks arrived no faster than the rate: a new epoch starts here, expecting nothing.
             self.ack_epoch_start = Some(now);
             self.ack_epoch_bytes = 0;
-        }
+            0
+        } else {
+            expected
+        };
         self.ack_epoch_bytes += acked;
-        let expected = (bw as f64
-            * now
-                .saturating_duration_since(self.ack_epoch_start.unwrap_or(now))
-                .as_secs_f64()) as u64;
         let extra = self
             .ack_epoch_bytes
             .saturating_sub(expected)
             .min(self.window);
-        let slot = &mut self.extra_acked_rounds[self.round as usize % BW_FILTER_ROUNDS];
-        if slot.0 != self.round {
-            *slot = (self.round, 0);
-        }
-        slot.1 = slot.1.max(extra);
+        self.extra_acked_rounds.update(self.round, extra);
     }
 
     fn gain(&self) -> f64 {
@@ -422,11 +435,7 @@ impl BbrModel {
             let bw = (delivered as f64 / sample.interval.as_secs_f64()) as u64;
             // A sender short of data measures itself, unless it still beats the estimate.
             if !app_limited || bw > self.bandwidth() {
-                let slot = &mut self.bw_rounds[self.round as usize % BW_FILTER_ROUNDS];
-                if slot.0 != self.round {
-                    *slot = (self.round, 0);
-                }
-                slot.1 = slot.1.max(bw);
+                self.bw_rounds.update(self.round, bw);
             }
         }
         true
