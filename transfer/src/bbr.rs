@@ -373,15 +373,27 @@ impl BbrModel {
         }
     }
 
+    /// The path's datagram size changed (MTU discovery). Windows counted in packets follow it:
+    /// the floor always, the initial window while no rate has been measured.
+    pub fn on_mtu_update(&mut self, mtu: u16) {
+        self.mtu = u64::from(mtu);
+        let floor = if self.mode == Mode::Startup && self.bdp().is_none() {
+            self.initial_window()
+        } else {
+            self.min_window()
+        };
+        self.window = self.window.max(floor);
+    }
+
     /// `bytes` were declared lost at `now`; `persistent` when every packet sent over a PTO
     /// period was (a cut link): the model starts over, keeping only the path's minimum RTT.
     pub fn on_loss(&mut self, now: Instant, bytes: u64, persistent: bool) {
         self.round_lost += bytes;
         if persistent {
-            let min_rtt = (self.min_rtt, self.min_rtt_stamp);
+            let min_rtt = self.min_rtt;
             *self = BbrModel::new(self.config.clone(), self.mtu as u16);
-            (self.min_rtt, self.min_rtt_stamp) = min_rtt;
-            self.min_rtt_stamp = self.min_rtt_stamp.map(|_| now);
+            self.min_rtt = min_rtt;
+            self.min_rtt_stamp = min_rtt.map(|_| now);
         }
     }
 
@@ -391,7 +403,7 @@ impl BbrModel {
         let acked = self.delivered - self.delivered_at_batch_start;
         self.delivered_at_batch_start = self.delivered;
         self.update_ack_aggregation(now, acked);
-        let newly_acked = self.take_sample(app_limited);
+        self.take_sample(app_limited);
         self.update_min_rtt(now);
         let (mode, cap) = (self.mode, self.loss_cap.is_some());
         if std::mem::take(&mut self.round_start) {
@@ -407,7 +419,7 @@ impl BbrModel {
             );
         }
         self.advance_mode(now, in_flight);
-        self.set_window(newly_acked);
+        self.set_window();
         if (mode, cap) != (self.mode, self.loss_cap.is_some()) {
             tracing::debug!(
                 mode = ?self.mode,
@@ -422,11 +434,10 @@ impl BbrModel {
         }
     }
 
-    /// Turns the batch's sample into a rate and feeds the filter; returns whether anything
-    /// was acknowledged.
-    fn take_sample(&mut self, app_limited: bool) -> bool {
+    /// Turns the batch's sample into a rate and feeds the filter.
+    fn take_sample(&mut self, app_limited: bool) {
         let Some(sample) = self.sample.take() else {
-            return self.batch_min_rtt.is_some();
+            return;
         };
         let delivered = self.delivered - sample.prior_delivered;
         // Shorter than the minimum RTT: ack compression, not the path (the draft's rule).
@@ -438,7 +449,6 @@ impl BbrModel {
                 self.bw_rounds.update(self.round, bw);
             }
         }
-        true
     }
 
     fn update_min_rtt(&mut self, now: Instant) {
@@ -554,13 +564,9 @@ impl BbrModel {
             .max(self.min_window())
     }
 
-    fn set_window(&mut self, acked: bool) {
+    fn set_window(&mut self) {
         let Some(bdp) = self.bdp() else {
-            // No rate yet: slow start from the initial window.
-            if acked && self.mode == Mode::Startup {
-                self.window = self.window.max(self.initial_window());
-            }
-            return;
+            return; // no rate yet: the initial window stands
         };
         let headroom = self.headroom(bdp);
         let target = match self.mode {
@@ -641,9 +647,7 @@ impl Controller for Bbr {
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.model.mtu = u64::from(new_mtu);
-        let floor = self.model.min_window();
-        self.model.window = self.model.window.max(floor);
+        self.model.on_mtu_update(new_mtu);
     }
 
     fn window(&self) -> u64 {
@@ -991,6 +995,23 @@ mod tests {
         assert_eq!(m.mode(), Mode::Startup);
         assert_eq!(m.min_rtt(), Some(Duration::from_millis(50)));
         assert_eq!(m.bandwidth(), 0);
+    }
+
+    #[test]
+    fn a_larger_mtu_raises_the_initial_window_only_before_a_rate_is_known() {
+        let mut m = BbrModel::new(BbrConfig::default(), 1200);
+        assert_eq!(m.window(), 12_000);
+        m.on_mtu_update(MTU);
+        assert_eq!(m.window(), 10 * u64::from(MTU));
+        // Once measured, the window is the model's; a new MTU only moves its floor.
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        m.on_sent(ms(0));
+        m.on_ack(ms(50), ms(0), 2 * u64::from(MTU));
+        m.on_end_acks(ms(50), 0, false);
+        let measured = m.window();
+        m.on_mtu_update(9000);
+        assert_eq!(m.window(), measured.max(4 * 9000));
     }
 
     #[test]
