@@ -2,7 +2,7 @@
 # WAN benchmark over linkemu: shardsend vs scp and rsync over ssh on emulated links, in one run.
 #
 #   scripts/bench-wan.sh [--rates "100M 1G"] [--rtts "2 50 150"] [--losses "0 0.1 1"] [--no-bursty]
-#                        [--size 100M] [--timeout 300] [--tools "ss-off ss-auto scp rsync"]
+#                        [--size 100M] [--timeout 300] [--tools "ss-off ss-auto scp rsync tcp"]
 #                        [--congestion "bbr cubic"] [--queue 50ms] [--window 64M] [--offload on|off]
 #                        [--fairness] [--auto-matrix] [--no-wan] [--smoke]
 #                        [--out bench/RESULTS.md] [--no-write]
@@ -10,7 +10,9 @@
 # WAN matrix (default): for each rate x RTT x random loss (%), plus one bursty-loss cell per rate
 # and RTT 50 ms (Gilbert-Elliott 0.25%,25%: ~1% loss in bursts of 4), linkemu joins two fresh
 # namespaces; sshd and shardrecv run in side B, every client in side A, and each tool copies a
-# SIZE random file once: shardsend --compress off (ss-off) and auto (ss-auto), scp, rsync.
+# SIZE random file once: shardsend --compress off (ss-off) and auto (ss-auto), scp, rsync, and
+# tcp: one bare kernel TCP socket (socat, no encryption, no verification), the link's own
+# reference: what the host's TCP (BBR here) gets from that link with no application around it.
 # Per cell: seconds, Mbit/s, % of link, ratio to scp, CPU seconds of each end (sender from
 # /usr/bin/time; receiver from /proc/PID/stat of shardrecv or of the sshd master, whose
 # cutime+cstime include the finished session). A copy slower than --timeout is cut and shown as
@@ -48,7 +50,7 @@ losses="0 0.1 1"
 bursty=1
 size=100M
 timeout_s=300
-tools="ss-off ss-auto scp rsync"
+tools="ss-off ss-auto scp rsync tcp"
 congestions=""
 queue=50ms
 offload=on
@@ -197,7 +199,14 @@ run_tool() {
   name=$(basename "$src")
   dst=$dst_base/dst
   rm -rf "${dst:?}/$name"
-  case $tool in ss-*) far_pid=$recv_pid ;; *) far_pid=$sshd_pid ;; esac
+  case $tool in ss-*) far_pid=$recv_pid ;; tcp) far_pid="" ;; *) far_pid=$sshd_pid ;; esac
+  if [ "$tool" = tcp ]; then
+    # The far end is a socat of its own, timed by /usr/bin/time; the sender retries until it
+    # listens.
+    ip netns exec "$ns_b" /usr/bin/time -f '%U %S' -o "$work/far.txt" \
+      socat -u TCP-LISTEN:7501,reuseaddr OPEN:"$dst/$name",creat,trunc 2> "$work/far.err" &
+    far_pid=$!
+  fi
   far0=$(cpu_of "$far_pid")
   t0=$(now)
   case $tool in
@@ -213,10 +222,24 @@ run_tool() {
       timeout "$timeout_s" /usr/bin/time -f '%U %S' -o "$work/near.txt" ip netns exec "$ns_a" \
         rsync -a --whole-file -e "ssh ${ssh_opts[*]} -p $ssh_port" "$src" root@"$addr_b":"$dst/" 2> "$work/send.err" || rc=$?
       ;;
+    tcp)
+      timeout "$timeout_s" /usr/bin/time -f '%U %S' -o "$work/near.txt" ip netns exec "$ns_a" \
+        socat -u OPEN:"$src" TCP:"$addr_b":7501,retry=100,interval=0.02 2> "$work/send.err" || rc=$?
+      # The copy is done when the far end has written and closed the file.
+      [ "$rc" = 0 ] || kill "$far_pid" 2>/dev/null || true
+      local far_rc=0
+      wait "$far_pid" 2>/dev/null || far_rc=$?
+      [ "$rc" = 0 ] && rc=$far_rc
+      ;;
   esac
   t1=$(now)
   sleep 0.3 # let sshd reap the session so its CPU shows in cutime
-  far1=$(cpu_of "$far_pid")
+  if [ "$tool" = tcp ]; then
+    far0=0
+    far1=$(awk '/^[0-9.]+ [0-9.]+$/ {print $1+$2}' "$work/far.txt" 2>/dev/null || echo 0)
+  else
+    far1=$(cpu_of "$far_pid")
+  fi
   local ok=1
   if [ "$rc" != 0 ] || ! cmp -s "$src" "$dst/$name"; then
     ok=0
@@ -300,8 +323,9 @@ if [ "$do_wan" = 1 ]; then
   0.25%,25% (~1% in bursts of 4). $ceiling
 - payload: $bytes random bytes (\`$size\`), one copy per tool and cell, verified with cmp;
   shardsend: ss-off = \`--compress off\`, ss-auto = \`--compress auto\`; scp and rsync over
-  sshd in side B; kernel TCP congestion control: $(sysctl -n net.ipv4.tcp_congestion_control)
-- CPU s: user+system seconds of the sending process / of shardrecv or sshd (with its session)
+  sshd in side B; tcp = one bare kernel TCP socket (socat to socat: no encryption, no
+  verification), the link's reference; kernel TCP congestion control: $(sysctl -n net.ipv4.tcp_congestion_control)
+- CPU s: user+system seconds of the sending process / of shardrecv, sshd (with its session) or socat
 - chart: [wan-link-share.svg](wan-link-share.svg) (% of link against loss)
 
 $table"
