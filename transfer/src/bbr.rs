@@ -197,7 +197,7 @@ pub struct BbrModel {
     probe_rtt_done: Option<Instant>,
     mode_before_probe_rtt: Mode,
 
-    /// Cap on the window after a congested round; lifted by clean rounds.
+    /// Cap on the window after two congested rounds running; lifted by clean rounds.
     loss_cap: Option<u64>,
     /// Whether the previous round was congested: in probe-bandwidth only the second
     /// congested round running caps the window.
@@ -510,7 +510,7 @@ impl BbrModel {
         self.round_lost = 0;
         self.round_delivered = 0;
         // A queue that overflows does so round after round; bursts of random loss (two bursts
-        // of 4 packets in a round of 400 are 2%) seldom fill two rounds running.
+        // of 5 packets in a round of 400 are 2.5%) seldom fill two rounds running.
         let confirmed = congested && self.last_round_congested;
         self.last_round_congested = congested;
 
