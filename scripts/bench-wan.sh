@@ -199,15 +199,18 @@ run_tool() {
   name=$(basename "$src")
   dst=$dst_base/dst
   rm -rf "${dst:?}/$name"
-  case $tool in ss-*) far_pid=$recv_pid ;; tcp) far_pid="" ;; *) far_pid=$sshd_pid ;; esac
-  if [ "$tool" = tcp ]; then
-    # The far end is a socat of its own, timed by /usr/bin/time; the sender retries until it
-    # listens.
-    ip netns exec "$ns_b" /usr/bin/time -f '%U %S' -o "$work/far.txt" \
-      socat -u TCP-LISTEN:7501,reuseaddr OPEN:"$dst/$name",creat,trunc 2> "$work/far.err" &
-    far_pid=$!
-  fi
-  far0=$(cpu_of "$far_pid")
+  far0=0
+  case $tool in
+    ss-*) far_pid=$recv_pid; far0=$(cpu_of "$far_pid") ;;
+    tcp)
+      # The far end is a socat of its own, timed by /usr/bin/time (its CPU is read from
+      # far.txt at the end); the sender retries until it listens.
+      ip netns exec "$ns_b" /usr/bin/time -f '%U %S' -o "$work/far.txt" \
+        socat -u TCP-LISTEN:7501,reuseaddr OPEN:"$dst/$name",creat,trunc 2> "$work/far.err" &
+      far_pid=$!
+      ;;
+    *) far_pid=$sshd_pid; far0=$(cpu_of "$far_pid") ;;
+  esac
   t0=$(now)
   case $tool in
     ss-*)
@@ -235,7 +238,6 @@ run_tool() {
   t1=$(now)
   sleep 0.3 # let sshd reap the session so its CPU shows in cutime
   if [ "$tool" = tcp ]; then
-    far0=0
     far1=$(awk '/^[0-9.]+ [0-9.]+$/ {print $1+$2}' "$work/far.txt" 2>/dev/null || echo 0)
   else
     far1=$(cpu_of "$far_pid")
