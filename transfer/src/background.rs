@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 
+use crate::path_memory::{Ending, Resume};
+
 /// Window multiplier on a loss event (not persistent congestion).
 pub const LOSS_DECREASE: f64 = 0.9;
 
@@ -41,6 +43,9 @@ pub struct BackgroundConfig {
     pub initial_packets: u64,
     /// Smallest window, in datagrams.
     pub min_packets: u64,
+    /// The path's memory from an earlier transfer ([`crate::path_memory`]): slow start jumps
+    /// to half its window at the first RTT sample, if that sample says it is the same path.
+    pub resume: Option<Resume>,
 }
 
 impl Default for BackgroundConfig {
@@ -50,6 +55,7 @@ impl Default for BackgroundConfig {
             gain: 0.25,
             initial_packets: 10,
             min_packets: 2,
+            resume: None,
         }
     }
 }
@@ -67,6 +73,12 @@ pub struct DelayWindow {
     /// Smallest "latest RTT" of the current and previous filter intervals: one delayed ack
     /// should not count as a queue.
     filter: RttFilter,
+    /// The path's minimum RTT so far.
+    min_rtt: Option<Duration>,
+    /// The path's memory, until the first RTT sample uses or refuses it.
+    resume: Option<Resume>,
+    /// The window slow start jumped to from it.
+    jumped: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +109,7 @@ impl DelayWindow {
         let mtu = u64::from(mtu);
         DelayWindow {
             window: config.initial_packets * mtu,
+            resume: config.resume,
             config,
             mtu,
             slow_start: true,
@@ -106,6 +119,8 @@ impl DelayWindow {
                 current: None,
                 previous: None,
             },
+            min_rtt: None,
+            jumped: None,
         }
     }
 
@@ -119,6 +134,46 @@ impl DelayWindow {
 
     fn min_window(&self) -> u64 {
         self.config.min_packets * self.mtu
+    }
+
+    /// Every RTT sample, `min` the path's minimum so far (even while the sender is short of
+    /// data). The first one decides careful resume's jump ([`crate::path_memory`]): still in
+    /// slow start, the window rises to half the remembered one.
+    pub fn on_rtt_sample(&mut self, min: Duration) {
+        self.min_rtt = Some(min);
+        let Some(resume) = self.resume.take() else {
+            return;
+        };
+        match resume
+            .jump(min)
+            .filter(|&w| self.slow_start && w > self.window)
+        {
+            Some(window) => {
+                self.window = window;
+                self.jumped = Some(window);
+                tracing::debug!(
+                    window,
+                    first_rtt_us = min.as_micros() as u64,
+                    "background: slow start resumes from the path's memory"
+                );
+            }
+            None => tracing::debug!(
+                first_rtt_us = min.as_micros() as u64,
+                remembered_rtt_us = resume.min_rtt.as_micros() as u64,
+                "background: the path's memory does not fit this path; starting cold"
+            ),
+        }
+    }
+
+    /// What the path's memory should keep of this connection: its window (the BDP and the
+    /// queue it tolerates).
+    pub fn ending(&self) -> Option<Ending> {
+        Some(Ending {
+            window: self.window,
+            min_rtt: self.min_rtt?,
+            converged: !self.slow_start,
+            jumped: self.jumped,
+        })
     }
 
     /// `bytes` newly acknowledged; `latest` is the last RTT sample, `min` the path's minimum.
@@ -196,6 +251,13 @@ pub struct Background {
     initial: u64,
 }
 
+impl Background {
+    /// What the path's memory should keep of this connection.
+    pub fn ending(&self) -> Option<Ending> {
+        self.rule.ending()
+    }
+}
+
 impl Controller for Background {
     fn on_ack(
         &mut self,
@@ -205,13 +267,15 @@ impl Controller for Background {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
+        // This packet's own round trip (quinn's estimator keeps only a smoothed value).
+        let sample = now.saturating_duration_since(sent);
+        let min = rtt.min().min(sample);
+        self.rule.on_rtt_sample(min);
         if app_limited {
             // A sender short of data learns nothing about the path's capacity.
             return;
         }
-        // This packet's own round trip (quinn's estimator keeps only a smoothed value).
-        let sample = now.saturating_duration_since(sent);
-        self.rule.on_ack(now, bytes, sample, rtt.min().min(sample));
+        self.rule.on_ack(now, bytes, sample, min);
     }
 
     fn on_congestion_event(
@@ -260,6 +324,49 @@ mod tests {
             *now += rtt / n as u32;
             w.on_ack(*now, per, rtt, base);
         }
+    }
+
+    fn remembering(window: u64, rtt: Duration) -> BackgroundConfig {
+        BackgroundConfig {
+            resume: Some(Resume {
+                window,
+                min_rtt: rtt,
+            }),
+            ..BackgroundConfig::default()
+        }
+    }
+
+    #[test]
+    fn slow_start_jumps_to_half_a_remembered_window_of_the_same_path() {
+        let mut w = DelayWindow::new(remembering(1_000_000, 50 * MS), MTU);
+        w.on_rtt_sample(52 * MS);
+        assert_eq!(w.window(), 500_000);
+        assert_eq!(
+            w.ending().map(|e| (e.jumped, e.converged)),
+            Some((Some(500_000), false))
+        );
+        // Used once: later samples change nothing.
+        w.on_rtt_sample(40 * MS);
+        assert_eq!(w.window(), 500_000);
+        // Then slow start goes on from there while the queue stays short.
+        let mut now = Instant::now();
+        one_round(&mut w, &mut now, 52 * MS, 50 * MS);
+        assert!(w.window() > 900_000, "{}", w.window());
+    }
+
+    #[test]
+    fn a_memory_of_a_longer_path_or_after_slow_start_is_not_used() {
+        let cold = u64::from(MTU) * BackgroundConfig::default().initial_packets;
+        let mut w = DelayWindow::new(remembering(1_000_000, 150 * MS), MTU);
+        w.on_rtt_sample(50 * MS);
+        assert_eq!(w.window(), cold);
+        assert_eq!(w.ending().and_then(|e| e.jumped), None);
+        // A loss ends slow start before any RTT sample (a lost first flight).
+        let mut w = DelayWindow::new(remembering(1_000_000, 50 * MS), MTU);
+        let now = Instant::now();
+        w.on_loss(now, now, false);
+        w.on_rtt_sample(50 * MS);
+        assert!(w.window() < cold, "{}", w.window());
     }
 
     #[test]

@@ -54,6 +54,8 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 
+use crate::path_memory::{Ending, Resume};
+
 /// Startup's gain (2 / ln 2): the window may reach this many BDPs while the rate still grows.
 const STARTUP_GAIN: f64 = 2.885;
 /// Probe-bandwidth gains, one per minimum RTT.
@@ -90,6 +92,9 @@ pub struct BbrConfig {
     pub initial_packets: u64,
     /// Smallest window, in datagrams.
     pub min_packets: u64,
+    /// The path's memory from an earlier transfer ([`crate::path_memory`]): startup jumps to
+    /// half its window at the first RTT sample, if that sample says it is the same path.
+    pub resume: Option<Resume>,
 }
 
 impl Default for BbrConfig {
@@ -97,6 +102,7 @@ impl Default for BbrConfig {
         BbrConfig {
             initial_packets: 10,
             min_packets: 4,
+            resume: None,
         }
     }
 }
@@ -212,6 +218,11 @@ pub struct BbrModel {
     /// [`AGGREGATION_SLOT`] old.
     aggregation_slot: u64,
     aggregation_slot_start: Option<Instant>,
+
+    /// The path's memory, until the first RTT sample uses or refuses it.
+    resume: Option<Resume>,
+    /// The window startup jumped to from it.
+    jumped: Option<u64>,
 }
 
 impl BbrModel {
@@ -219,7 +230,6 @@ impl BbrModel {
         let mtu = u64::from(mtu);
         BbrModel {
             window: config.initial_packets * mtu,
-            config,
             mtu,
             mode: Mode::Startup,
             delivered: 0,
@@ -252,6 +262,9 @@ impl BbrModel {
             extra_acked_rounds: RoundMax::default(),
             aggregation_slot: 0,
             aggregation_slot_start: None,
+            resume: config.resume,
+            jumped: None,
+            config,
         }
     }
 
@@ -271,6 +284,47 @@ impl BbrModel {
 
     pub fn min_rtt(&self) -> Option<Duration> {
         self.min_rtt
+    }
+
+    /// What the path's memory should keep of this connection: the window it cruises at (one
+    /// BDP and the headroom), once a rate has been measured.
+    pub fn ending(&self) -> Option<Ending> {
+        let bdp = self.bdp()?;
+        Some(Ending {
+            window: bdp + self.headroom(bdp),
+            min_rtt: self.min_rtt?,
+            converged: self.filled_pipe,
+            jumped: self.jumped,
+        })
+    }
+
+    /// Careful resume's jump ([`crate::path_memory`]), at the connection's first RTT sample:
+    /// still in startup, the window rises to half the remembered one; startup then measures
+    /// what the path delivers, and a congested round ends it as always.
+    fn jump(&mut self, first_rtt: Duration) {
+        let Some(resume) = self.resume.take() else {
+            return;
+        };
+        if self.mode != Mode::Startup {
+            return;
+        }
+        match resume.jump(first_rtt).filter(|&w| w > self.window) {
+            Some(window) => {
+                self.window = window;
+                self.jumped = Some(window);
+                tracing::debug!(
+                    window,
+                    first_rtt_us = first_rtt.as_micros() as u64,
+                    remembered_rtt_us = resume.min_rtt.as_micros() as u64,
+                    "bbr: startup resumes from the path's memory"
+                );
+            }
+            None => tracing::debug!(
+                first_rtt_us = first_rtt.as_micros() as u64,
+                remembered_rtt_us = resume.min_rtt.as_micros() as u64,
+                "bbr: the path's memory does not fit this path; starting cold"
+            ),
+        }
     }
 
     fn initial_window(&self) -> u64 {
@@ -419,6 +473,8 @@ impl BbrModel {
         if persistent {
             let min_rtt = self.min_rtt;
             *self = BbrModel::new(self.config.clone(), self.mtu as u16);
+            // A cut link starts over from the initial window, never from a memory.
+            self.resume = None;
             self.min_rtt = min_rtt;
             self.min_rtt_stamp = min_rtt.map(|_| now);
         }
@@ -482,6 +538,9 @@ impl BbrModel {
         let Some(rtt) = self.batch_min_rtt.take() else {
             return;
         };
+        if self.min_rtt.is_none() {
+            self.jump(rtt);
+        }
         let expired = self
             .min_rtt_stamp
             .is_some_and(|t| now.saturating_duration_since(t) > MIN_RTT_WINDOW);
@@ -640,6 +699,13 @@ pub struct Bbr {
     model: BbrModel,
 }
 
+impl Bbr {
+    /// What the path's memory should keep of this connection.
+    pub fn ending(&self) -> Option<Ending> {
+        self.model.ending()
+    }
+}
+
 impl Controller for Bbr {
     fn on_sent(&mut self, now: Instant, _bytes: u64, _last_packet_number: u64) {
         self.model.on_sent(now);
@@ -732,6 +798,8 @@ mod tests {
         queue_drops: f64,
         bandwidth: u64,
         mode: Mode,
+        /// The window startup jumped to from a path's memory.
+        jumped: Option<u64>,
     }
 
     #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -764,6 +832,11 @@ mod tests {
     /// acks every second packet or after 25 ms; loss detection by packet (3) and time (9/8
     /// RTT) thresholds; no retransmission (bulk data never runs out).
     fn simulate(link: &Link, seconds: f64, measure_from: f64) -> Outcome {
+        simulate_from(link, seconds, measure_from, BbrConfig::default())
+    }
+
+    /// [`simulate`] with a controller configured by `config` (a path's memory).
+    fn simulate_from(link: &Link, seconds: f64, measure_from: f64, config: BbrConfig) -> Outcome {
         let base = Instant::now();
         let at = |ns: u64| base + Duration::from_nanos(ns);
         let size = u64::from(MTU);
@@ -773,7 +846,7 @@ mod tests {
         let end = (seconds * 1e9) as u64;
         let measure_ns = (measure_from * 1e9) as u64;
 
-        let mut model = BbrModel::new(BbrConfig::default(), MTU);
+        let mut model = BbrModel::new(config, MTU);
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut events: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
         let mut seq = 0u64;
@@ -939,6 +1012,7 @@ mod tests {
             queue_drops: dropped_measured as f64 / sent_measured.max(1) as f64,
             bandwidth: model.bandwidth(),
             mode: model.mode(),
+            jumped: model.ending().and_then(|e| e.jumped),
         }
     }
 
@@ -969,6 +1043,63 @@ mod tests {
             "{o:?}"
         );
         assert_eq!(o.mode, Mode::ProbeBw);
+    }
+
+    fn remembering(window: u64, rtt_ms: u64) -> BbrConfig {
+        BbrConfig {
+            resume: Some(Resume {
+                window,
+                min_rtt: Duration::from_millis(rtt_ms),
+            }),
+            ..BbrConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_remembered_path_is_filled_from_the_first_round_trips() {
+        // What a transfer over 100 Mbit/s, 50 ms leaves behind: one BDP and its headroom.
+        let l = link(M100, 50, 50, 0.0);
+        let memory = M100 / 8 * 50 / 1000 * 3 / 2;
+        let cold = simulate(&l, 0.4, 0.0);
+        let warm = simulate_from(&l, 0.4, 0.0, remembering(memory, 50));
+        assert_eq!(cold.jumped, None);
+        assert_eq!(warm.jumped, Some(memory / 2), "{warm:?}");
+        // The first 0.4 s (eight round trips): startup's ramp from ten packets carries 40%
+        // of the link; half a window from the first RTT sample on, 70%.
+        assert!(cold.utilisation < 0.45, "{cold:?}");
+        assert!(warm.utilisation > 0.65, "{warm:?}");
+        // Both overshoot into the queue at startup's end, as startup does; no more than that.
+        let (cold, warm) = (
+            simulate(&l, 2.0, 0.0),
+            simulate_from(&l, 2.0, 0.0, remembering(memory, 50)),
+        );
+        assert!(
+            warm.queue_drops < cold.queue_drops * 1.5,
+            "{cold:?} {warm:?}"
+        );
+    }
+
+    #[test]
+    fn a_memory_of_a_faster_path_costs_a_round_of_drops_then_the_rate_is_measured() {
+        // Remembered at 1 Gbit/s, used on a 100 Mbit/s path of the same length: half the
+        // window is five BDPs; startup ends on the congested round and BBR cruises at what
+        // it measures.
+        let l = link(M100, 50, 50, 0.0);
+        let memory = G1 / 8 * 50 / 1000 * 3 / 2;
+        let o = simulate_from(&l, 10.0, 2.0, remembering(memory, 50));
+        assert!(o.jumped.is_some(), "{o:?}");
+        assert!(o.utilisation > 0.95, "{o:?}");
+        assert!(o.queue_drops < 0.002, "{o:?}");
+        let rate = M100 / 8;
+        assert!(o.bandwidth < rate * 11 / 10, "{o:?}");
+    }
+
+    #[test]
+    fn a_memory_of_a_longer_path_is_not_used() {
+        // Remembered at 150 ms: on a 50 ms path its window would be three times the rate.
+        let l = link(M100, 50, 50, 0.0);
+        let o = simulate_from(&l, 0.6, 0.0, remembering(2_000_000, 150));
+        assert_eq!(o.jumped, None);
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod io;
 pub mod manifest;
 pub mod notify;
 pub mod owner;
+pub mod path_memory;
 mod phases;
 pub mod quic;
 pub mod recv;

@@ -71,6 +71,8 @@ use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, MtuDiscoveryConfig, TransportConfig, VarInt};
 
+use crate::path_memory::{Ending, Resume};
+
 use crate::error::Error;
 
 /// Initial datagram size on loopback, the best point of the measured curve (DESIGN.md 3).
@@ -135,13 +137,35 @@ impl Congestion {
         }
     }
 
-    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+    /// Whether this controller starts from a path's memory ([`crate::path_memory`]) and
+    /// leaves one: ours do; Cubic, NewReno and quinn's BBR always start cold.
+    pub fn remembers_paths(self) -> bool {
+        matches!(
+            self,
+            Congestion::Auto | Congestion::Bbr | Congestion::Background
+        )
+    }
+
+    fn factory(
+        self,
+        resume: Option<Resume>,
+    ) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
         match self {
-            Congestion::Auto | Congestion::Bbr => Arc::new(crate::bbr::BbrFactory::default()),
+            Congestion::Auto | Congestion::Bbr => Arc::new(crate::bbr::BbrFactory {
+                config: crate::bbr::BbrConfig {
+                    resume,
+                    ..Default::default()
+                },
+            }),
             Congestion::QuinnBbr => Arc::new(BbrConfig::default()),
             Congestion::Cubic => Arc::new(CubicConfig::default()),
             Congestion::NewReno => Arc::new(NewRenoConfig::default()),
-            Congestion::Background => Arc::new(crate::background::BackgroundFactory::default()),
+            Congestion::Background => Arc::new(crate::background::BackgroundFactory {
+                config: crate::background::BackgroundConfig {
+                    resume,
+                    ..Default::default()
+                },
+            }),
         }
     }
 }
@@ -178,6 +202,9 @@ pub struct TransportOptions {
     /// Bytes in flight per connection (send window, and connection receive window on the
     /// receiving side); `None` keeps [`CONNECTION_WINDOW`] / [`SEND_WINDOW`].
     pub window: Option<u64>,
+    /// Where the sender's controller may start from ([`crate::path_memory`]); `None` on a
+    /// receiver, and for a path not remembered.
+    pub resume: Option<Resume>,
 }
 
 /// Smallest and largest `--window`: below 4 MiB a single stream stalls; above 256 MiB one
@@ -204,6 +231,7 @@ pub struct QuicTuning {
     /// Unacknowledged data the sender keeps (each byte of it is sender memory).
     pub send_window: u64,
     pub congestion: Congestion,
+    pub resume: Option<Resume>,
 }
 
 impl QuicTuning {
@@ -223,6 +251,7 @@ impl QuicTuning {
             stream_window: STREAM_WINDOW,
             send_window: options.window.unwrap_or(SEND_WINDOW),
             congestion: options.congestion.for_peer(peer),
+            resume: options.resume,
         }
     }
 
@@ -237,7 +266,7 @@ impl QuicTuning {
             .send_fairness(false)
             .max_concurrent_uni_streams(VarInt::from_u32(MAX_DATA_STREAMS))
             .max_concurrent_bidi_streams(VarInt::from_u32(4))
-            .congestion_controller_factory(self.congestion.factory())
+            .congestion_controller_factory(self.congestion.factory(self.resume))
             // A cut link is noticed within the idle timeout; keep-alives stop a quiet
             // control stream (the receiver fsyncing a large tree) from tripping it.
             .max_idle_timeout(Some(
@@ -248,6 +277,20 @@ impl QuicTuning {
         mtu.upper_bound(self.mtu_upper_bound);
         t.mtu_discovery_config(Some(mtu));
         t
+    }
+}
+
+/// What the path's memory should keep of `conn` ([`crate::path_memory`]): its controller's
+/// window and the path's minimum RTT; `None` for controllers that do not remember, or
+/// before anything was measured.
+pub fn path_ending(conn: &quinn::Connection) -> Option<Ending> {
+    let controller = conn.congestion_state().into_any();
+    match controller.downcast::<crate::bbr::Bbr>() {
+        Ok(bbr) => bbr.ending(),
+        Err(other) => other
+            .downcast::<crate::background::Background>()
+            .ok()
+            .and_then(|b| b.ending()),
     }
 }
 

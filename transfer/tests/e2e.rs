@@ -9,6 +9,7 @@ mod limits;
 mod live_source;
 mod operator;
 mod ownership;
+mod path_memory;
 mod resume_progress;
 mod rotation;
 mod tickets;

@@ -119,6 +119,16 @@ struct SendArgs {
     /// Read every directory on every pass (no scan cache)
     #[arg(long)]
     no_scan_cache: bool,
+    /// Where to remember each receiver's path (its window and minimum RTT at the end of a
+    /// transfer that succeeded, for 15 minutes), so that the next transfer there starts from
+    /// half that window instead of ten packets: careful resume, for the bbr and background
+    /// controllers. Kept only if the new connection's first round trip is at least half the
+    /// remembered one. Default: $XDG_CACHE_HOME/shardsend/paths or ~/.cache/shardsend/paths
+    #[arg(long, value_name = "DIR", conflicts_with = "no_path_memory")]
+    path_memory: Option<PathBuf>,
+    /// Always start cold (no path memory read or written)
+    #[arg(long)]
+    no_path_memory: bool,
     /// Install the files for their numeric owner and group as on this host (the receiver
     /// must run as root, or with CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID, or the
     /// transfer is refused before any data moves).
@@ -361,6 +371,7 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         transport: TransportOptions {
             congestion: a.congestion,
             window: a.window,
+            resume: None,
         },
         wait_for: a.wait_for,
         events: Some(event_printer(a.json, !a.no_progress)),
@@ -380,6 +391,13 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
             a.scan_cache
                 .clone()
                 .or_else(transfer::scan_cache::default_dir)
+        },
+        path_memory: if a.no_path_memory {
+            None
+        } else {
+            a.path_memory
+                .clone()
+                .or_else(transfer::path_memory::default_dir)
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -316,6 +316,7 @@ impl ServeSettings {
             transport: TransportOptions {
                 congestion: flags.congestion.or(file.congestion).unwrap_or_default(),
                 window: flags.window.or(file.window),
+                resume: None,
             },
             metrics: flags.metrics.or(file.metrics),
             keep_free: flags.keep_free.or(file.keep_free).unwrap_or(0),

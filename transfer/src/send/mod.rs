@@ -40,10 +40,11 @@ pub mod session;
 pub mod source;
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -53,6 +54,7 @@ use crate::error::Error;
 use crate::gitdir::{GitFormats, GitMode};
 use crate::identity::{client_crypto, Fingerprint, Identity};
 use crate::io::{read_control, write_control, BufferPool, RateLimiter};
+use crate::path_memory::Ending as PathEnding;
 use crate::scan::{changed_since_scan, scan, Scan, ScanOptions};
 use crate::wire::{hex, ChunkHeader, Codec, ControlMsg, EntryKind, OwnerPolicy};
 
@@ -131,6 +133,9 @@ pub struct SendConfig {
     /// In git mode, where to remember loose-object directories between passes
     /// ([`crate::scan_cache`]); `None`: every pass reads every directory.
     pub scan_cache: Option<PathBuf>,
+    /// Where to remember each receiver's path (window, minimum RTT) so the next transfer
+    /// there starts near that rate ([`crate::path_memory`]); `None`: always start cold.
+    pub path_memory: Option<PathBuf>,
 }
 
 /// Something worth showing while a transfer runs; `shardsend` prints each on stderr (one
@@ -263,10 +268,14 @@ pub struct QuicStats {
     pub sent_packets: u64,
     pub lost_packets: u64,
     pub congestion_events: u64,
+    /// The window the connection started from, remembered from an earlier transfer to this
+    /// receiver ([`crate::path_memory`]); `None`: it started cold.
+    #[serde(default)]
+    pub resumed_window: Option<u64>,
 }
 
 impl QuicStats {
-    fn of(conn: &quinn::Connection) -> Self {
+    fn of(conn: &quinn::Connection, ending: Option<PathEnding>) -> Self {
         let p = conn.stats().path;
         QuicStats {
             mtu: p.current_mtu,
@@ -275,8 +284,19 @@ impl QuicStats {
             sent_packets: p.sent_packets,
             lost_packets: p.lost_packets,
             congestion_events: p.congestion_events,
+            resumed_window: ending.and_then(|e| e.jumped),
         }
     }
+}
+
+/// The file remembering the path to `addr` for the controller the transfer uses there, if
+/// it remembers paths and memory is on.
+fn path_memory_file(cfg: &SendConfig, addr: SocketAddr) -> Option<PathBuf> {
+    let congestion = cfg.transport.congestion.for_peer(addr.ip());
+    let dir = cfg.path_memory.as_ref()?;
+    congestion
+        .remembers_paths()
+        .then(|| crate::path_memory::file_for(dir, addr, congestion.name()))
 }
 
 /// Sends `cfg.src`, retrying (with resume) when the source changes during the send or the
@@ -595,16 +615,19 @@ async fn attempt_once(
         let addr = resolve(&cfg.addr).await?;
         let crypto = client_crypto(&cfg.identity, &cfg.peers)?;
         let server_name = crate::identity::server_name_for(&cfg.peers);
-        crate::quic::connect(
-            addr,
-            crypto,
-            &server_name,
-            link.connect_timeout,
-            &cfg.transport,
-        )
-        .await
+        let memory = path_memory_file(cfg, addr);
+        let transport = crate::quic::TransportOptions {
+            resume: memory
+                .as_deref()
+                .and_then(|file| crate::path_memory::load(file, SystemTime::now())),
+            ..cfg.transport
+        };
+        let (endpoint, conn) =
+            crate::quic::connect(addr, crypto, &server_name, link.connect_timeout, &transport)
+                .await?;
+        Ok::<_, Error>((endpoint, conn, memory))
     };
-    let (scanned, (endpoint, conn)) = tokio::try_join!(scanning, connecting)?;
+    let (scanned, (endpoint, conn, memory)) = tokio::try_join!(scanning, connecting)?;
     // An installing pass needs a frozen source: something vanishing while we list it means
     // it is not. A pre-copy just leaves the vanished entries out.
     if !scanned.vanished.is_empty() && !cfg.stage_only {
@@ -663,9 +686,16 @@ async fn attempt_once(
         Ok(_) => (0, b"done"),
         Err(_) => (1, b"sender stopped"),
     };
-    let quic = QuicStats::of(&conn);
+    let ending = crate::quic::path_ending(&conn);
+    let quic = QuicStats::of(&conn, ending);
     conn.close(code.into(), reason);
     let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+    // Only a transfer that ended well says what the path carries.
+    if let (Ok(_), Some(file), Some(ending)) = (&result, &memory, ending) {
+        if let Err(e) = crate::path_memory::remember(file, ending, SystemTime::now()) {
+            tracing::debug!(file = %file.display(), error = %e, "cannot remember the path");
+        }
+    }
     let (stats, ending, scan) = result?;
     let (root, path, replaced) = match ending.decision {
         Ending::Verified {

@@ -268,7 +268,9 @@ fn send_args(c: &mut Command, keys: &Keys, src: &Path, addr: &str, dest: &str) {
         .arg(&keys.send_key)
         .arg("--peer")
         .arg(keys.recv_fp.to_string())
-        .arg("--json");
+        .arg("--json")
+        // The test's own caches (scan cache, path memory), not the user's.
+        .env("XDG_CACHE_HOME", keys.dir.path().join("cache"));
 }
 
 /// `shardsend SRC ADDR DEST --identity --peer --json EXTRA...`: with the JSON progress events
