@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 
-use crate::path_memory::{Ending, Resume};
+use crate::path_memory::{jump_at_first_sample, Ending, Resume};
 
 /// Window multiplier on a loss event (not persistent congestion).
 pub const LOSS_DECREASE: f64 = 0.9;
@@ -144,24 +144,11 @@ impl DelayWindow {
         let Some(resume) = self.resume.take() else {
             return;
         };
-        match resume
-            .jump(min)
-            .filter(|&w| self.slow_start && w > self.window)
+        if let Some(window) =
+            jump_at_first_sample(resume, min, self.window, self.slow_start, "background")
         {
-            Some(window) => {
-                self.window = window;
-                self.jumped = Some(window);
-                tracing::debug!(
-                    window,
-                    first_rtt_us = min.as_micros() as u64,
-                    "background: slow start resumes from the path's memory"
-                );
-            }
-            None => tracing::debug!(
-                first_rtt_us = min.as_micros() as u64,
-                remembered_rtt_us = resume.min_rtt.as_micros() as u64,
-                "background: the path's memory does not fit this path; starting cold"
-            ),
+            self.window = window;
+            self.jumped = Some(window);
         }
     }
 

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 
-use crate::path_memory::{Ending, Resume};
+use crate::path_memory::{jump_at_first_sample, Ending, Resume};
 
 /// Startup's gain (2 / ln 2): the window may reach this many BDPs while the rate still grows.
 const STARTUP_GAIN: f64 = 2.885;
@@ -305,25 +305,12 @@ impl BbrModel {
         let Some(resume) = self.resume.take() else {
             return;
         };
-        if self.mode != Mode::Startup {
-            return;
-        }
-        match resume.jump(first_rtt).filter(|&w| w > self.window) {
-            Some(window) => {
-                self.window = window;
-                self.jumped = Some(window);
-                tracing::debug!(
-                    window,
-                    first_rtt_us = first_rtt.as_micros() as u64,
-                    remembered_rtt_us = resume.min_rtt.as_micros() as u64,
-                    "bbr: startup resumes from the path's memory"
-                );
-            }
-            None => tracing::debug!(
-                first_rtt_us = first_rtt.as_micros() as u64,
-                remembered_rtt_us = resume.min_rtt.as_micros() as u64,
-                "bbr: the path's memory does not fit this path; starting cold"
-            ),
+        let in_startup = self.mode == Mode::Startup;
+        if let Some(window) =
+            jump_at_first_sample(resume, first_rtt, self.window, in_startup, "bbr")
+        {
+            self.window = window;
+            self.jumped = Some(window);
         }
     }
 

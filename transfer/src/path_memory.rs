@@ -63,6 +63,39 @@ impl Resume {
     }
 }
 
+/// Careful resume's decision at a connection's first RTT sample, logged: the window a
+/// controller whose window is `window` now should jump to, if any. `in_startup`: it is still
+/// in startup / slow start (a controller past it has measured the path already).
+pub fn jump_at_first_sample(
+    resume: Resume,
+    first_rtt: Duration,
+    window: u64,
+    in_startup: bool,
+    controller: &str,
+) -> Option<u64> {
+    let jump = resume.jump(first_rtt).filter(|&w| in_startup && w > window);
+    let (first_rtt_us, remembered_rtt_us) = (
+        first_rtt.as_micros() as u64,
+        resume.min_rtt.as_micros() as u64,
+    );
+    match jump {
+        Some(window) => tracing::debug!(
+            controller,
+            window,
+            first_rtt_us,
+            remembered_rtt_us,
+            "startup resumes from the path's memory"
+        ),
+        None => tracing::debug!(
+            controller,
+            first_rtt_us,
+            remembered_rtt_us,
+            "the path's memory does not fit this connection; starting cold"
+        ),
+    }
+    jump
+}
+
 /// What a controller tells at the end of a transfer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ending {

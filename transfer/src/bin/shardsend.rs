@@ -261,6 +261,19 @@ fn read_ticket(arg: String) -> Result<String, Error> {
     Ok(text)
 }
 
+/// A cache directory option: DIR as given, else the default place, unless turned off.
+fn cache_dir(
+    off: bool,
+    given: &Option<PathBuf>,
+    default: fn() -> Option<PathBuf>,
+) -> Option<PathBuf> {
+    if off {
+        None
+    } else {
+        given.clone().or_else(default)
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging("warn", cli.log_format);
@@ -385,20 +398,16 @@ fn send_main(a: SendArgs) -> Result<(), Error> {
         dissociate: a.dissociate,
         ticket: a.ticket.map(read_ticket).transpose()?,
         repack_wait: a.repack_wait,
-        scan_cache: if a.no_scan_cache {
-            None
-        } else {
-            a.scan_cache
-                .clone()
-                .or_else(transfer::scan_cache::default_dir)
-        },
-        path_memory: if a.no_path_memory {
-            None
-        } else {
-            a.path_memory
-                .clone()
-                .or_else(transfer::path_memory::default_dir)
-        },
+        scan_cache: cache_dir(
+            a.no_scan_cache,
+            &a.scan_cache,
+            transfer::scan_cache::default_dir,
+        ),
+        path_memory: cache_dir(
+            a.no_path_memory,
+            &a.path_memory,
+            transfer::path_memory::default_dir,
+        ),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
