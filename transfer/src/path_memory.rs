@@ -30,7 +30,9 @@
 //!
 //! **Where.** One small JSON file per receiver address and controller, under
 //! `$XDG_CACHE_HOME/shardsend/paths` or `~/.cache/shardsend/paths`, written atomically
-//! (several lanes end at once). A missing, damaged or expired file is no memory.
+//! (several lanes end at once). A missing, damaged or expired file is no memory; each write
+//! removes the files that expired ([`prune`]), so receivers gone (or test ports) leave nothing
+//! behind for long.
 
 use std::fs;
 use std::io;
@@ -188,11 +190,41 @@ pub fn remember(file: &Path, ending: Ending, now: SystemTime) -> io::Result<bool
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     let text = serde_json::to_vec(&memory).map_err(io::Error::other)?;
     fs::write(&tmp, text)?;
-    fs::rename(&tmp, file)
-        .inspect_err(|_| {
-            let _ = fs::remove_file(&tmp);
-        })
-        .map(|()| true)
+    fs::rename(&tmp, file).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })?;
+    if let Some(dir) = file.parent() {
+        prune(dir, now);
+    }
+    Ok(true)
+}
+
+/// Most entries of the memory directory looked at per pruning.
+const PRUNE_MAX_ENTRIES: usize = 4096;
+
+/// Removes memories (and temporary files a killed sender left) untouched for longer than
+/// [`LIFETIME`]: they would never be used again, and every receiver address and port leaves
+/// its own file (tests and demos pick ports at random). Best effort, bounded.
+pub fn prune(dir: &Path, now: SystemTime) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.take(PRUNE_MAX_ENTRIES).flatten() {
+        let expired = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > LIFETIME));
+        let ours = entry.file_name().to_str().is_some_and(|name| {
+            name.ends_with(".json")
+                || name
+                    .rsplit('.')
+                    .next()
+                    .is_some_and(|e| e.starts_with("tmp"))
+        });
+        if expired && ours {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Where memories live by default: `paths` beside the scan cache.
@@ -283,6 +315,37 @@ mod tests {
         // No temporary files left behind.
         let names: Vec<_> = fs::read_dir(file.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn writing_a_memory_removes_the_expired_ones_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let old = now - LIFETIME - Duration::from_secs(60);
+        let set_mtime = |name: &str, t: SystemTime| {
+            let f = fs::File::create(dir.path().join(name)).unwrap();
+            f.set_modified(t).unwrap();
+        };
+        set_mtime("10.0.0.9-7400-bbr.json", old);
+        set_mtime("10.0.0.9-7401-bbr.tmp1234", old);
+        set_mtime("10.0.0.8-7400-bbr.json", now);
+        set_mtime("notes.txt", old);
+        let peer: SocketAddr = "10.0.0.1:7400".parse().unwrap();
+        let file = file_for(dir.path(), peer, "bbr");
+        assert!(remember(&file, ending(500_000, true), now).unwrap());
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "10.0.0.1-7400-bbr.json",
+                "10.0.0.8-7400-bbr.json",
+                "notes.txt"
+            ]
+        );
     }
 
     #[test]
