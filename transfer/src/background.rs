@@ -79,6 +79,9 @@ pub struct DelayWindow {
     resume: Option<Resume>,
     /// The window slow start jumped to from it.
     jumped: Option<u64>,
+    /// Bytes acknowledged while the sender had data: a window that has carried a few of
+    /// itself is the path's, not a start's.
+    acked: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +124,7 @@ impl DelayWindow {
             },
             min_rtt: None,
             jumped: None,
+            acked: 0,
         }
     }
 
@@ -147,24 +151,30 @@ impl DelayWindow {
         if let Some(window) =
             jump_at_first_sample(resume, min, self.window, self.slow_start, "background")
         {
+            // The jump stands for slow start: from half the remembered window the delay rule
+            // grows at most 25% a round trip (doubling from there overfilled the queue another
+            // lane of the migration kept: twice the drops).
             self.window = window;
             self.jumped = Some(window);
+            self.slow_start = false;
         }
     }
 
     /// What the path's memory should keep of this connection: its window (the BDP and the
-    /// queue it tolerates).
+    /// queue it tolerates). Converged once out of slow start with two windows acknowledged
+    /// since: a short transfer that jumped (a final pass) must not halve the memory.
     pub fn ending(&self) -> Option<Ending> {
         Some(Ending {
             window: self.window,
             min_rtt: self.min_rtt?,
-            converged: !self.slow_start,
+            converged: !self.slow_start && self.acked >= 2 * self.window,
             jumped: self.jumped,
         })
     }
 
     /// `bytes` newly acknowledged; `latest` is the last RTT sample, `min` the path's minimum.
     pub fn on_ack(&mut self, now: Instant, bytes: u64, latest: Duration, min: Duration) {
+        self.acked += bytes;
         // Filter over a quarter of the base RTT (at least 2 ms): short enough to follow the
         // queue, long enough that an ack delayed by the peer is outvoted.
         let interval = (min / 4).max(Duration::from_millis(2));
@@ -335,10 +345,22 @@ mod tests {
         // Used once: later samples change nothing.
         w.on_rtt_sample(40 * MS);
         assert_eq!(w.window(), 500_000);
-        // Then slow start goes on from there while the queue stays short.
+        // The jump stands for slow start: from there the delay rule grows at most 25% a
+        // round trip, never doubling into a queue another flow keeps.
+        assert!(!w.in_slow_start());
         let mut now = Instant::now();
         one_round(&mut w, &mut now, 52 * MS, 50 * MS);
-        assert!(w.window() > 900_000, "{}", w.window());
+        assert!(
+            w.window() > 500_000 && w.window() <= 625_000,
+            "{}",
+            w.window()
+        );
+        // Not the path's window yet (a final pass ends about here), until it has carried two
+        // of itself.
+        assert_eq!(w.ending().map(|e| e.converged), Some(false));
+        one_round(&mut w, &mut now, 52 * MS, 50 * MS);
+        one_round(&mut w, &mut now, 52 * MS, 50 * MS);
+        assert_eq!(w.ending().map(|e| e.converged), Some(true));
     }
 
     #[test]
