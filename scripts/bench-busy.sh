@@ -109,6 +109,8 @@ cleanup() {
 }
 trap cleanup EXIT
 now_ms() { date +%s%3N; }
+# shellcheck source=lib/world.sh
+. scripts/lib/world.sh
 
 "$bin/shardrecv" keygen --out "$work/recv.key" > "$work/recv.fp" 2>/dev/null
 "$bin/shardsend" keygen --out "$work/send.key" > "$work/allow" 2>/dev/null
@@ -152,13 +154,7 @@ run_one() {
   local recv_addr
   recv_addr=$(awk '{print $2}' "$run_dir/recv.out")
   [ -n "$recv_addr" ] || { echo "shardrecv did not start: $(cat "$run_dir/recv.log")" >&2; exit 1; }
-  "${sm[@]}" service add a >/dev/null
-  "${sm[@]}" service add b >/dev/null
-  "${sm[@]}" device add a1 --service a --host localhost --transfer 127.0.0.1:9 --root "$run_dir/a" >/dev/null
-  "${sm[@]}" device add b1 --service b --host localhost --transfer "$recv_addr" --root "$run_dir/b" \
-    --fingerprint "$(cat "$work/recv.fp")" >/dev/null
-  "${sm[@]}" instance add t >/dev/null
-  "${sm[@]}" binding add --instance t --service a >/dev/null
+  register_two_shards "$bin" "$run_dir/registry.db" "$run_dir/a" "$run_dir/b" "$recv_addr" "$work/recv.fp"
   "${sm[@]}" repo create --instance t busy >/dev/null
   # repo create made an empty `git init --bare`; the fixture takes its place.
   local repo=$run_dir/a/t/busy.git

@@ -61,31 +61,19 @@ else
   trap 'rm -rf "$work"' EXIT
 fi
 
-# --- fixtures ------------------------------------------------------------------------------------
-total_bytes=$(numfmt --from=iec "$total")
-weights=(1 2 4 8 16)
-sum=0
-for i in $(seq 0 $((repos - 1))); do sum=$((sum + weights[i % 5])); done
-if [ "$(cat "$work/fixtures/made" 2>/dev/null)" != "$repos $total" ]; then
-  echo "generating $repos repositories, ~$total in all..." >&2
-  rm -rf "$work/fixtures"
-  mkdir -p "$work/fixtures"
-  for i in $(seq 0 $((repos - 1))); do
-    size=$((total_bytes * weights[i % 5] / sum))
-    [ "$size" -lt 65536 ] && size=65536
-    kind=bare; [ $((i % 2)) = 1 ] && kind=loose
-    "$bin/mkfixture" "$kind" --size "$size" --seed $((i + 1)) --out "$work/fixtures/r$i.git" >/dev/null
-  done
-  echo "$repos $total" > "$work/fixtures/made"
-  sync
-fi
+# shellcheck source=lib/world.sh
+. scripts/lib/world.sh
+make_mixed_fixtures "$bin" "$work/fixtures" "$repos" "$total"
 
 # --- one run, inside linkemu (called back with --inside) ------------------------------------------
 cat > "$work/run-inside.sh" <<'INSIDE'
 #!/usr/bin/env bash
-# $1 work, $2 bin, $3 repos, $4 variant, then migrate args; linkemu's variables in the env.
+# $1 work, $2 bin, $3 repos, $4 variant, $5 scripts/lib, then migrate args; linkemu's
+# variables in the env.
 set -euo pipefail
-work=$1 bin=$2 repos=$3 variant=$4; shift 4
+work=$1 bin=$2 repos=$3 variant=$4 lib=$5; shift 5
+# shellcheck source=/dev/null
+. "$lib/world.sh"
 w=$work/world
 rm -rf "$w" "$work/cache-$variant"
 mkdir -p "$w/a" "$w/b" "$work/cache-$variant/shardsend"
@@ -99,19 +87,10 @@ ip netns exec "$LINKEMU_NS_B" "$bin/shardrecv" serve --listen "$LINKEMU_ADDR_B:7
 recv=$!
 trap 'kill $recv 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -s "$w/recv.out" ] && break; sleep 0.05; done
-sm=("$bin/shardmove" --db "$w/registry.db")
-"${sm[@]}" service add a >/dev/null
-"${sm[@]}" service add b >/dev/null
-"${sm[@]}" device add a1 --service a --host localhost --transfer 127.0.0.1:9 --root "$w/a" >/dev/null
-"${sm[@]}" device add b1 --service b --host localhost --transfer "$LINKEMU_ADDR_B:7400" --root "$w/b" \
-  --fingerprint "$(cat "$w/recv.fp")" >/dev/null
-"${sm[@]}" instance add t >/dev/null
-"${sm[@]}" binding add --instance t --service a >/dev/null
-for i in $(seq 0 $((repos - 1))); do
-  "${sm[@]}" repo create --instance t "r$i" >/dev/null
-  git -C "$work/fixtures/r$i.git" push -q --mirror "$w/a/t/r$i.git"
-done
+register_two_shards "$bin" "$w/registry.db" "$w/a" "$w/b" "$LINKEMU_ADDR_B:7400" "$w/recv.fp"
+create_fixture_repos "$bin" "$w/registry.db" "$work/fixtures" "$w/a" "$repos"
 sync
+sm=("$bin/shardmove" --db "$w/registry.db")
 t0=$(date +%s.%N)
 ip netns exec "$LINKEMU_NS_A" "${sm[@]}" migrate --instance t --from a --to b --no-restart-daemons \
   --parallel 4 --identity "$w/send.key" --json "$@" > "$w/migrate.json" 2> "$w/migrate.log"
@@ -130,7 +109,7 @@ echo "link: linkemu --rate $rate --delay $delay (RTT twice that) --loss $loss; $
 for r in $(seq "$runs"); do
   for v in $variants; do
     out=$("$bin/linkemu" --rate "$rate" --delay "$delay" --loss "$loss" -- \
-      "$work/run-inside.sh" "$work" "$bin" "$repos" "$v" "$@" 2>&1) || {
+      "$work/run-inside.sh" "$work" "$bin" "$repos" "$v" "$PWD/scripts/lib" "$@" 2>&1) || {
       echo "$v run $r failed:" >&2; echo "$out" >&2; exit 1; }
     line=$(echo "$out" | grep '^seconds ')
     drops=$(echo "$out" | awk '/linkemu a->b/ {for (i = 1; i <= NF; i++) if ($i == "queue") print $(i - 1)}')

@@ -67,24 +67,11 @@ now() { date +%s.%N; }
 # stats FILE: median and max of the numbers in FILE.
 stats() { sort -g "$1" | awk '{a[NR]=$1} END {printf "%.3f %.3f\n", a[int((NR+1)/2)], a[NR]}'; }
 
+# shellcheck source=lib/world.sh
+. scripts/lib/world.sh
+
 # --- fixtures: sizes weighted 1,2,4,8,16 (mixed small and large), summing to ~TOTAL -------------
-total_bytes=$(numfmt --from=iec "$total")
-weights=(1 2 4 8 16)
-sum=0
-for i in $(seq 0 $((repos - 1))); do sum=$((sum + weights[i % 5])); done
-fixtures_id="$repos $total"
-if [ "$(cat "$work/fixtures/made" 2>/dev/null)" != "$fixtures_id" ]; then
-rm -rf "$work/fixtures"
-echo "generating $repos repositories, ~$total in all..." >&2
-mkdir -p "$work/fixtures"
-for i in $(seq 0 $((repos - 1))); do
-  size=$((total_bytes * weights[i % 5] / sum))
-  [ "$size" -lt 65536 ] && size=65536
-  kind=bare; [ $((i % 2)) = 1 ] && kind=loose
-  "$bin/mkfixture" "$kind" --size "$size" --seed "$((i + 1))" --out "$work/fixtures/r$i.git" >/dev/null
-done
-echo "$fixtures_id" > "$work/fixtures/made"
-fi
+make_mixed_fixtures "$bin" "$work/fixtures" "$repos" "$total"
 
 # --- two identical worlds ---------------------------------------------------------------------
 "$bin/shardrecv" keygen --out "$work/recv.key" > "$work/recv.fp" 2>/dev/null
@@ -98,18 +85,8 @@ recv_addr=$(awk '{print $2}' "$work/recv.out")
 make_world() {
   local w=$work/$1
   mkdir -p "$w/a" "$w/b"
-  local sm=("$bin/shardmove" --db "$w/registry.db")
-  "${sm[@]}" service add a >/dev/null
-  "${sm[@]}" service add b >/dev/null
-  "${sm[@]}" device add a1 --service a --host localhost --transfer 127.0.0.1:9 --root "$w/a" >/dev/null
-  "${sm[@]}" device add b1 --service b --host localhost --transfer "$recv_addr" --root "$w/b" \
-    --fingerprint "$(cat "$work/recv.fp")" >/dev/null
-  "${sm[@]}" instance add t >/dev/null
-  "${sm[@]}" binding add --instance t --service a >/dev/null
-  for i in $(seq 0 $((repos - 1))); do
-    "${sm[@]}" repo create --instance t "r$i" >/dev/null
-    git -C "$work/fixtures/r$i.git" push -q --mirror "$w/a/t/r$i.git"
-  done
+  register_two_shards "$bin" "$w/registry.db" "$w/a" "$w/b" "$recv_addr" "$work/recv.fp"
+  create_fixture_repos "$bin" "$w/registry.db" "$work/fixtures" "$w/a" "$repos"
 }
 echo "setting up both worlds..." >&2
 make_world shardmove
